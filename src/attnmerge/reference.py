@@ -1,0 +1,107 @@
+"""The ``torch`` backend: the reference implementation of the merge contract.
+
+Plain PyTorch, float32 math, any device. Every other backend is tested against
+:func:`merge_states_reference`, and the tests check this function itself against
+float64 math. The arithmetic is written in the same order as the GPU kernels
+(weights first, then ``where(w != 0, w * O, 0)`` summed over the partials), so that
+backends agree to the last bit except where the device's ``exp``/``log`` round
+differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .quant import FP8_E4M3_MAX
+
+__all__ = ["merge_states_reference", "quantize_fp8_static"]
+
+
+def merge_states_reference(
+    outputs: Sequence[torch.Tensor],
+    lses: Sequence[torch.Tensor],
+    *,
+    lse_base_2: bool = False,
+    prefill_tokens_with_context: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge K partial attention states in float32.
+
+    Args:
+        outputs: K tensors ``[T, H, D]`` (any float dtype, any strides), each partial
+            output normalised over its own keys.
+        lses: K float32 tensors ``[H, T]`` (any strides): each partial's log-sum-exp,
+            natural log unless ``lse_base_2``. ``+inf`` and ``-inf`` both mean "empty".
+        lse_base_2: the LSEs (inputs and the returned one) are base-2 logarithms.
+        prefill_tokens_with_context: tokens ``t >= P`` take nothing from ``outputs[0]``
+            (the prefix): its rows and LSEs there are not read.
+
+    Returns:
+        ``(output, lse)``: float32 ``[T, H, D]`` and float32 ``[H, T]``. Rows whose
+        partials are all empty are exactly 0 with LSE ``-inf``; a partial with zero
+        weight contributes exactly 0 whatever its row holds; NaN LSEs and NaNs in
+        weighted rows propagate.
+    """
+    lse = torch.stack([x.float() for x in lses])  # [K, H, T]
+    lse = torch.where(lse == float("inf"), float("-inf"), lse)
+    if prefill_tokens_with_context is not None:
+        lse[0, :, prefill_tokens_with_context:] = float("-inf")
+    m = lse.amax(dim=0)  # amax propagates NaN, so a NaN LSE is never mistaken for "empty"
+    empty = m == float("-inf")
+    m = torch.where(empty, 0.0, m)
+    exp, log = (torch.exp2, torch.log2) if lse_base_2 else (torch.exp, torch.log)
+    e = exp(lse - m)
+    total = e[0]
+    for k in range(1, e.shape[0]):
+        total = total + e[k]
+    weights = torch.where(empty, 0.0, e / total)  # [K, H, T]
+    out_lse = torch.where(empty, float("-inf"), m + log(total))
+
+    out = None
+    for k, o in enumerate(outputs):
+        w = weights[k].t().unsqueeze(-1)  # [T, H, 1]
+        # Zero weight (empty partial, rows past P, or an underflowed exp) contributes
+        # exactly 0, even where the partial's row holds NaN or inf.
+        term = torch.where(w != 0, w * o.float(), 0.0)
+        out = term if out is None else out + term
+    return out, out_lse
+
+
+def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``e4m3fn(saturate(x * (1 / scale)))``, NaN preserved, round-to-nearest-even.
+
+    The explicit clamp makes the result independent of how a torch build casts
+    out-of-range values (torch 2.13 saturates, older CUDA builds produce NaN).
+    """
+    y = x.float() * scale.float().reciprocal()
+    return y.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def run(
+    output: torch.Tensor,
+    prefix_output: torch.Tensor,
+    prefix_lse: torch.Tensor,
+    suffix_output: torch.Tensor,
+    suffix_lse: torch.Tensor,
+    output_lse: torch.Tensor | None,
+    prefill_tokens_with_context: int | None,
+    output_scale: torch.Tensor | None,
+    lse_base_2: bool,
+) -> None:
+    """Backend entry point: merge two states and store into the given outputs.
+
+    The whole result is computed before anything is written, so outputs may alias
+    inputs.
+    """
+    out, lse = merge_states_reference(
+        (prefix_output, suffix_output),
+        (prefix_lse, suffix_lse),
+        lse_base_2=lse_base_2,
+        prefill_tokens_with_context=prefill_tokens_with_context,
+    )
+    if output_scale is not None:
+        out = quantize_fp8_static(out, output_scale)
+    output.copy_(out)
+    if output_lse is not None:
+        output_lse.copy_(lse)

@@ -1,0 +1,192 @@
+"""Triton kernel: merge two partial attention states, optionally storing FP8.
+
+One program handles ``BLOCK_ROWS`` consecutive (token, head) rows as a
+``[BLOCK_ROWS, BLOCK_D]`` tile, so a program moves a few KB per input with
+16-byte vector loads, and small batches still spread over several programs.
+Only per-model values are compile-time constants (head size, dtypes, flags);
+token counts and ``prefill_tokens_with_context`` are runtime values that Triton
+is told not to specialise on, so a new batch size never triggers a recompile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import FP8_E4M3_MAX
+
+__all__ = ["merge_two_states"]
+
+# Row offsets are int32 (token = row // heads); every memory offset is int64.
+_MAX_ROWS = 2**31 - 4096
+
+# Elements per program tile. 2048 keeps 16 bytes per thread per input for 16-bit
+# inputs at 4 warps with D = 128 (16 rows); tuned on the GPU benchmark.
+_TILE_ELEMENTS = 2048
+_NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_tokens_with_prefix"])
+def _merge_two_kernel(
+    out_ptr,
+    out_lse_ptr,
+    prefix_ptr,
+    prefix_lse_ptr,
+    suffix_ptr,
+    suffix_lse_ptr,
+    scale_ptr,
+    num_rows,
+    num_heads,
+    num_tokens_with_prefix,
+    out_stride_t,
+    out_stride_h,
+    prefix_stride_t,
+    prefix_stride_h,
+    suffix_stride_t,
+    suffix_stride_h,
+    prefix_lse_stride_h,
+    prefix_lse_stride_t,
+    suffix_lse_stride_h,
+    suffix_lse_stride_t,
+    out_lse_stride_h,
+    out_lse_stride_t,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    LSE_BASE_2: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    FP8_OUT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    NEG_INF: tl.constexpr = float("-inf")
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    tok = (rows // num_heads).to(tl.int64)
+    head = (rows % num_heads).to(tl.int64)
+    # Tokens at or past P have no prefix: neither its row nor its LSE is read.
+    has_prefix = row_ok & (tok < num_tokens_with_prefix)
+
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_SIZE
+    # All four loads are issued before any math, so their latencies overlap.
+    p_lse = tl.load(
+        prefix_lse_ptr + head * prefix_lse_stride_h + tok * prefix_lse_stride_t,
+        mask=has_prefix,
+        other=NEG_INF,
+    )
+    s_lse = tl.load(
+        suffix_lse_ptr + head * suffix_lse_stride_h + tok * suffix_lse_stride_t,
+        mask=row_ok,
+        other=NEG_INF,
+    )
+    p_row = prefix_ptr + tok * prefix_stride_t + head * prefix_stride_h
+    s_row = suffix_ptr + tok * suffix_stride_t + head * suffix_stride_h
+    p_out = tl.load(
+        p_row[:, None] + cols[None, :], mask=has_prefix[:, None] & col_ok[None, :], other=0.0
+    ).to(tl.float32)
+    s_out = tl.load(
+        s_row[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+    ).to(tl.float32)
+
+    # +inf (FlashAttention's empty row) means empty, like -inf.
+    p_lse = tl.where(p_lse == float("inf"), NEG_INF, p_lse)
+    s_lse = tl.where(s_lse == float("inf"), NEG_INF, s_lse)
+    # NaN must win the max: otherwise NaN vs -inf would look like an empty row.
+    m = tl.maximum(p_lse, s_lse, propagate_nan=tl.PropagateNan.ALL)
+    empty = m == NEG_INF
+    m = tl.where(empty, 0.0, m)
+    if LSE_BASE_2:
+        p_e = tl.exp2(p_lse - m)
+        s_e = tl.exp2(s_lse - m)
+    else:
+        p_e = tl.exp(p_lse - m)
+        s_e = tl.exp(s_lse - m)
+    total = p_e + s_e
+    p_w = tl.where(empty, 0.0, tl.math.div_rn(p_e, total))
+    s_w = tl.where(empty, 0.0, tl.math.div_rn(s_e, total))
+
+    # A zero weight contributes exactly 0, whatever the row holds (NaN, inf).
+    acc = tl.where(p_w[:, None] != 0, p_w[:, None] * p_out, 0.0) + tl.where(
+        s_w[:, None] != 0, s_w[:, None] * s_out, 0.0
+    )
+    if FP8_OUT:
+        one = tl.full([], 1.0, tl.float32)
+        inv_scale = tl.math.div_rn(one, tl.load(scale_ptr).to(tl.float32))
+        acc = tl.clamp(acc * inv_scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    o_row = out_ptr + tok * out_stride_t + head * out_stride_h
+    tl.store(
+        o_row[:, None] + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+    if WRITE_LSE:
+        if LSE_BASE_2:
+            lse = m + tl.log2(total)
+        else:
+            lse = m + tl.log(total)
+        lse = tl.where(empty, NEG_INF, lse)
+        tl.store(out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse, mask=row_ok)
+
+
+def block_rows_for(head_size: int) -> int:
+    """Rows per program for a head size: fill ``_TILE_ELEMENTS``, at least one row."""
+    return max(1, _TILE_ELEMENTS // triton.next_power_of_2(head_size))
+
+
+def merge_two_states(
+    output: torch.Tensor,
+    prefix_output: torch.Tensor,
+    prefix_lse: torch.Tensor,
+    suffix_output: torch.Tensor,
+    suffix_lse: torch.Tensor,
+    output_lse: torch.Tensor | None,
+    prefill_tokens_with_context: int | None,
+    output_scale: torch.Tensor | None,
+    lse_base_2: bool,
+    block_rows: int | None = None,
+) -> None:
+    """Launch the merge on the current stream. Arguments must already be validated."""
+    num_tokens, num_heads, head_size = output.shape
+    num_rows = num_tokens * num_heads
+    if num_rows == 0 or head_size == 0:
+        return
+    if num_rows > _MAX_ROWS:
+        raise ValueError(
+            f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows"
+        )
+    rows_per_program = block_rows or block_rows_for(head_size)
+    write_lse = output_lse is not None
+    lse_out = output_lse if write_lse else suffix_lse  # never written when WRITE_LSE=False
+    _merge_two_kernel[(triton.cdiv(num_rows, rows_per_program),)](
+        output,
+        lse_out,
+        prefix_output,
+        prefix_lse,
+        suffix_output,
+        suffix_lse,
+        output_scale if output_scale is not None else suffix_lse,
+        num_rows,
+        num_heads,
+        num_tokens if prefill_tokens_with_context is None else prefill_tokens_with_context,
+        output.stride(0),
+        output.stride(1),
+        prefix_output.stride(0),
+        prefix_output.stride(1),
+        suffix_output.stride(0),
+        suffix_output.stride(1),
+        prefix_lse.stride(0),
+        prefix_lse.stride(1),
+        suffix_lse.stride(0),
+        suffix_lse.stride(1),
+        lse_out.stride(0),
+        lse_out.stride(1),
+        HEAD_SIZE=head_size,
+        BLOCK_D=triton.next_power_of_2(head_size),
+        BLOCK_ROWS=rows_per_program,
+        LSE_BASE_2=lse_base_2,
+        WRITE_LSE=write_lse,
+        FP8_OUT=output_scale is not None,
+        FP8_MAX=FP8_E4M3_MAX,
+        num_warps=_NUM_WARPS,
+    )
