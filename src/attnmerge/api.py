@@ -408,7 +408,9 @@ def merge(
             raise ValueError(f"out_dtype={out_dtype} conflicts with quant dtype {quant.dtype}")
         dtype, scale = quant.dtype, quant.scale
     else:
-        raise TypeError(f"quant must be None or an attnmerge quant spec, got {type(quant).__name__}")
+        raise TypeError(
+            f"quant must be None or an attnmerge quant spec, got {type(quant).__name__}"
+        )
     if not isinstance(dtype, torch.dtype) or dtype not in _OUTPUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {_names(_OUTPUT_DTYPES)}, got {dtype}")
 

@@ -53,6 +53,4 @@ class FP8Static(QuantSpec):
                 f"FP8Static: scale must be a torch.Tensor, got {type(self.scale).__name__}"
             )
         if self.dtype != torch.float8_e4m3fn:
-            raise ValueError(
-                f"FP8Static: dtype must be torch.float8_e4m3fn, got {self.dtype}"
-            )
+            raise ValueError(f"FP8Static: dtype must be torch.float8_e4m3fn, got {self.dtype}")

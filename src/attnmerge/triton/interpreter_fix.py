@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# Same-width integer views used to move raw bits between numpy and torch.
 _INT_VIEW = {8: (np.uint8, torch.uint8), 16: (np.int16, torch.int16), 32: (np.int32, torch.int32)}
 
 
@@ -51,14 +52,12 @@ def install() -> bool:
         if src is None or dst is None or rounding_mode not in (None, rtne):
             return original(input, input_dtype, output_dtype, rounding_mode)
         src_np, src_int = _INT_VIEW[input_dtype.primitive_bitwidth]
-        dst_np, dst_int = _INT_VIEW[output_dtype.primitive_bitwidth]
+        dst_int = _INT_VIEW[output_dtype.primitive_bitwidth][1]
         bits = np.ascontiguousarray(input).view(src_np)
         values = torch.from_numpy(bits).view(src_int).view(src)
         out = values.to(dst).view(dst_int).numpy()
         # The caller views the result with the output's unsigned storage type.
-        return out.view(getattr(np, f"uint{output_dtype.primitive_bitwidth}")).reshape(
-            input.shape
-        )
+        return out.view(getattr(np, f"uint{output_dtype.primitive_bitwidth}")).reshape(input.shape)
 
     convert_float._attnmerge_fixed = True
     interpreter._convert_float = convert_float

@@ -152,9 +152,7 @@ def merge_two_states(
     if num_rows == 0 or head_size == 0:
         return
     if num_rows > _MAX_ROWS:
-        raise ValueError(
-            f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows"
-        )
+        raise ValueError(f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
     rows_per_program = block_rows or block_rows_for(head_size)
     write_lse = output_lse is not None
     lse_out = output_lse if write_lse else suffix_lse  # never written when WRITE_LSE=False
