@@ -5,6 +5,11 @@ implementation has nothing to compute. ``torch.compile`` traces the public funct
 through this op (no graph break); eager calls of the public function skip the
 dispatcher. Calling ``torch.ops.attnmerge.merge_attn_states`` directly is supported
 and runs the same checks.
+
+The op is declared with a plain ``torch.library.Library`` schema rather than
+``torch.library.custom_op``: on a 2-core CPU host the ``custom_op`` wrapper costs
+~59 us per call against ~6 us for a plain schema (host time of a call whose backend does
+nothing), and compiled graphs pay that on every call.
 """
 
 from __future__ import annotations
@@ -15,8 +20,15 @@ from .api import _merge_attn_states_impl
 
 __all__: list[str] = []
 
+_lib = torch.library.Library("attnmerge", "DEF")
+_lib.define(
+    "merge_attn_states(Tensor(a!) output, Tensor prefix_output, Tensor prefix_lse, "
+    "Tensor suffix_output, Tensor suffix_lse, Tensor(b!)? output_lse, "
+    "SymInt? prefill_tokens_with_context, Tensor? output_scale, bool lse_base_2, "
+    "str backend) -> ()"
+)
 
-@torch.library.custom_op("attnmerge::merge_attn_states", mutates_args=("output", "output_lse"))
+
 def _merge_attn_states_op(
     output: torch.Tensor,
     prefix_output: torch.Tensor,
@@ -43,8 +55,11 @@ def _merge_attn_states_op(
     )
 
 
-@_merge_attn_states_op.register_fake
-def _(
+_lib.impl("merge_attn_states", _merge_attn_states_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("attnmerge::merge_attn_states", lib=_lib)
+def _merge_attn_states_fake(
     output,
     prefix_output,
     prefix_lse,
