@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
 from ..quant import FP8_E4M3_MAX
+from . import interpreting
 
 __all__ = ["merge_two_states"]
 
@@ -146,7 +146,7 @@ def block_rows_for(head_size: int, itemsize: int) -> int:
 # integer, whether it is 1, a multiple of 16, and whether it fits in 32 bits.
 
 _compiled: dict[tuple, object] = {}
-_INTERPRETING = knobs.runtime.interpret
+_INTERPRETING = interpreting()
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -209,7 +209,7 @@ def merge_two_states(
         fp8,
         FP8_E4M3_MAX,
     )
-    grid = (triton.cdiv(num_rows, rows_per_program),)
+    grid = (triton.cdiv(num_rows, rows_per_program), 1, 1)
     args = (*pointers, num_rows, num_heads, tokens_with_prefix, *strides)
     device = output.device
     if device.type != "cuda" or _INTERPRETING:  # no compiled kernels to cache
@@ -235,9 +235,10 @@ def merge_two_states(
 
 def _launch(key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int) -> None:
     compiled = _compiled.get(key)
-    if compiled is None or knobs.runtime.launch_enter_hook is not None:
+    if compiled is None:
         # Triton's own path: compiles (or finds) the kernel, then launches it.
         _compiled[key] = _merge_two_kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS)
     else:
+        # The compiled kernel's own launcher (it runs Triton's launch hooks, if any).
         stream = torch._C._cuda_getCurrentRawStream(device_index)
         compiled[grid](*args, *constexprs, stream=stream)
