@@ -1,0 +1,161 @@
+"""The ``attnmerge`` command line: ``attnmerge info`` and ``attnmerge demo``.
+
+Each subcommand is one entry of :data:`_COMMANDS`: a name, a help text, a function
+that adds its options to its subparser and a function that runs it and returns the
+exit code. A new subcommand (``bench``, ``build``) is one more entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+
+import attnmerge
+
+from . import demo, dispatch
+
+__all__ = ["main"]
+
+
+# ---------------------------------------------------------------------------
+# attnmerge info
+
+
+def _torch_line() -> str:
+    if torch.version.cuda:
+        build = f"CUDA {torch.version.cuda}"
+    elif getattr(torch.version, "hip", None):
+        build = f"ROCm {torch.version.hip}"
+    else:
+        build = "CPU build"
+    return f"{torch.__version__} ({build})"
+
+
+def _triton_line() -> str:
+    try:
+        import triton
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        try:
+            return f"{metadata.version('triton')} installed, but not importable: {e}"
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    return getattr(triton, "__version__", "unknown version")
+
+
+def _cuda_devices() -> list[str]:
+    lines = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        lines.append(
+            f"cuda:{i}  {p.name}, compute capability {p.major}.{p.minor}, "
+            f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs"
+        )
+    return lines
+
+
+def _backend_lines(device: torch.device) -> list[str]:
+    try:
+        status = dispatch.backend_status(device)
+    except Exception as e:  # info reports a broken installation, it must not crash on it
+        return [f"cannot query backends: {type(e).__name__}: {e}"]
+    width = max(len(name) for name in status)
+    return [
+        f"{name.ljust(width)}  {'available' if reason is None else 'not available: ' + reason}"
+        for name, reason in status.items()
+    ]
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    """Print versions, devices and which backend can run where."""
+    print(f"attnmerge  {attnmerge.__version__}")
+    print(f"python     {platform.python_version()} ({sys.executable})")
+    print(f"torch      {_torch_line()}")
+    print(f"triton     {_triton_line()}")
+    for var in ("TRITON_INTERPRET", dispatch.ENV_BACKEND):
+        print(f"{var}={os.environ[var]}" if var in os.environ else f"{var} not set")
+    devices = _cuda_devices() if torch.cuda.is_available() else []
+    print("cuda devices:")
+    for line in devices or ["no CUDA device"]:
+        print(f"  {line}")
+    print(f"backends, in auto order ({', '.join(dispatch.AUTO_ORDER)}):")
+    for device in ["cpu", *(f"cuda:{i}" for i in range(len(devices)))]:
+        print(f"  {device}")
+        for line in _backend_lines(torch.device(device)):
+            print(f"    {line}")
+    return 0
+
+
+def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    """``info`` takes no options."""
+
+
+# ---------------------------------------------------------------------------
+# Command table and entry point.
+
+
+@dataclass(frozen=True)
+class _Command:
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+_COMMANDS = (
+    _Command(
+        "info",
+        "show versions, devices and which backends can run",
+        "Print the attnmerge, Python, torch and Triton versions, the CUDA devices, and for "
+        "the CPU and each CUDA device whether each backend can run there (or why not).",
+        _add_info_arguments,
+        _run_info,
+    ),
+    _Command(
+        "demo",
+        "merge a cascade-attention batch with every backend and check the result",
+        "Build a cascade-attention batch (a shared prefix, per-request suffixes, one request "
+        "without prefix at the end of the batch), merge the prefix and suffix partial states "
+        "with every backend that can run on the device, into the partial dtype and into FP8, "
+        "and compare with the attention computed in one piece. Exits with 1 if an error "
+        "exceeds its bound. On a CPU, the Triton backend runs in Triton's interpreter.",
+        demo.add_arguments,
+        demo.run,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``attnmerge`` argument parser, one subparser per entry of ``_COMMANDS``."""
+    parser = argparse.ArgumentParser(
+        prog="attnmerge",
+        description="attnmerge: exact merging of partial attention states (output + LSE), "
+        "with fused FP8 output.",
+    )
+    parser.add_argument("--version", action="version", version=attnmerge.__version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in _COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``attnmerge`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Usage errors return 2, ``--help`` returns 0, as the shell would see them; nothing
+    calls ``sys.exit``, so tests and other programs can call this directly.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help and on usage errors
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    return args.run(args)
