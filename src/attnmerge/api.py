@@ -85,6 +85,8 @@ def _check_lse(name: str, t: object, heads: int, tokens: int, device: torch.devi
 def _check_written(name: str, t: torch.Tensor, reads: Sequence[tuple[str, torch.Tensor]]) -> None:
     """A written tensor must not overlap itself, and may share memory with an input
     only as the very same view (in-place merge)."""
+    if t.numel() == 0:  # nothing is written (and empty tensors may share a null pointer)
+        return
     if torch._debug_has_internal_overlap(t) == 1:
         raise ValueError(f"{name} has overlapping elements (e.g. an expanded view)")
     ptr = t.data_ptr()
@@ -142,10 +144,14 @@ def _validate(
                 f"output_scale was given but output is {output.dtype}; a scaled store needs "
                 f"a float8_e4m3fn output"
             )
-        if output_scale.dtype != torch.float32 or output_scale.numel() != 1:
+        if output_scale.dtype != torch.float32:
+            raise TypeError(
+                f"output_scale must be a 1-element float32 tensor, got {output_scale.dtype}"
+            )
+        if output_scale.numel() != 1:
             raise ValueError(
-                f"output_scale must be a 1-element float32 tensor, got {output_scale.dtype} "
-                f"with {output_scale.numel()} elements"
+                f"output_scale must be a 1-element float32 tensor, got "
+                f"{output_scale.numel()} elements"
             )
         _check_device("output_scale", output_scale, device)
 
