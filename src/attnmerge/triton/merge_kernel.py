@@ -30,6 +30,17 @@ _TILE_BYTES = 4096
 _NUM_WARPS = 4
 
 
+@triton.jit
+def _exp2_keep_subnormals(x):
+    # On the GPU, tl.exp2 flushes subnormal results to zero (seen on an H200 with
+    # Triton 3.6: 2^-130 became 0), which would turn a tiny but non-zero weight into
+    # "zero weight" and hide a NaN in its row, unlike the reference. tl.exp keeps
+    # subnormals (e^-100 survived on the same card), so below 2^-120 the weight is
+    # computed as e^(x ln 2); above, tl.exp2 is the more accurate path.
+    LN2: tl.constexpr = 0.6931471805599453
+    return tl.where(x < -120.0, tl.exp(x * LN2), tl.exp2(x))
+
+
 @triton.jit(do_not_specialize=["num_rows", "num_tokens_with_prefix"])
 def _merge_two_kernel(
     out_ptr,
@@ -100,8 +111,8 @@ def _merge_two_kernel(
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
     if LSE_BASE_2:
-        p_e = tl.exp2(p_lse - m)
-        s_e = tl.exp2(s_lse - m)
+        p_e = _exp2_keep_subnormals(p_lse - m)
+        s_e = _exp2_keep_subnormals(s_lse - m)
     else:
         p_e = tl.exp(p_lse - m)
         s_e = tl.exp(s_lse - m)

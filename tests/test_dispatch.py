@@ -1,0 +1,166 @@
+"""Backend selection: "auto", the ATTNMERGE_BACKEND override, logging of fallbacks.
+
+Which backend ran is observed by wrapping the run functions in ``dispatch._RUNNERS``
+(the table ``select`` picks from); every test starts and ends with
+``dispatch.reset()`` (the ``clean_dispatch`` fixture) so cached decisions and logged
+reasons do not leak between tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pytest
+import torch
+from utils import ON_GPU, make_case, run_and_check
+
+import attnmerge
+from attnmerge import dispatch
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture
+def spies(monkeypatch, clean_dispatch):
+    """Wrap every runner; returns the list of backend names called, in order."""
+    calls: list[str] = []
+    for name, fn in list(dispatch._RUNNERS.items()):
+
+        def spy(*args, _name=name, _fn=fn):
+            calls.append(_name)
+            return _fn(*args)
+
+        monkeypatch.setitem(dispatch._RUNNERS, name, spy)
+    dispatch.reset()
+    return calls
+
+
+def _first_available(device) -> str:
+    status = dispatch.backend_status(torch.device(device))
+    return next(name for name in dispatch.AUTO_ORDER if status[name] is None)
+
+
+def test_auto_picks_the_first_backend_that_can_serve(spies):
+    case = make_case(9, 2, 32, dtype=torch.bfloat16, device=DEVICE, lse_pattern="mixed")
+    run_and_check(case, "auto")
+    expected = _first_available(DEVICE)
+    assert spies == [expected]
+    # the CUDA C++ backend is not in this release: never picked
+    assert expected != "cuda"
+    # with Triton importable (CPU: under the interpreter), auto prefers it to torch
+    if importlib.util.find_spec("triton") is not None:
+        assert expected == "triton"
+
+
+def test_auto_logs_each_skipped_backend_once(spies, caplog):
+    caplog.set_level(logging.INFO, logger="attnmerge")
+    for seed, dtype in enumerate([torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]):
+        case = make_case(3, 2, 16, dtype=dtype, device=DEVICE, seed=seed)
+        run_and_check(case, "auto")
+    skipped = [r for r in caplog.records if r.name == "attnmerge" and "skipped" in r.message]
+    assert len(skipped) == 1, [r.message for r in skipped]
+    assert "'cuda'" in skipped[0].getMessage() and "not part of this release" in (
+        skipped[0].getMessage()
+    )
+    assert skipped[0].levelno == logging.INFO
+    assert len(spies) == 4
+
+
+def test_reset_logs_again(spies, caplog):
+    caplog.set_level(logging.INFO, logger="attnmerge")
+    make_case(2, 1, 8, device=DEVICE).run("auto")
+    dispatch.reset()
+    make_case(2, 1, 8, device=DEVICE).run("auto")
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2
+
+
+@pytest.mark.parametrize("forced", ["torch", "triton"])
+def test_env_forces_backend(spies, monkeypatch, forced):
+    monkeypatch.setenv("ATTNMERGE_BACKEND", forced)
+    dispatch.reset()
+    case = make_case(5, 2, 24, device=DEVICE, lse_pattern="mixed")
+    run_and_check(case, "auto")
+    assert spies == [forced]
+
+
+def test_env_auto_is_auto(spies, monkeypatch):
+    monkeypatch.setenv("ATTNMERGE_BACKEND", "auto")
+    dispatch.reset()
+    make_case(3, 1, 8, device=DEVICE).run("auto")
+    assert spies == [_first_available(DEVICE)]
+
+
+@pytest.mark.parametrize(
+    ("env", "explicit"),
+    [("torch", "triton"), ("triton", "torch"), ("cuda", "torch"), ("nonsense", "torch")],
+)
+def test_explicit_backend_overrides_env(spies, monkeypatch, env, explicit):
+    monkeypatch.setenv("ATTNMERGE_BACKEND", env)
+    dispatch.reset()
+    case = make_case(5, 2, 24, device=DEVICE)
+    run_and_check(case, explicit)
+    assert spies == [explicit]
+
+
+def test_env_naming_cuda_raises_backend_error(spies, monkeypatch):
+    monkeypatch.setenv("ATTNMERGE_BACKEND", "cuda")
+    dispatch.reset()
+    case = make_case(2, 1, 8, device=DEVICE)
+    with pytest.raises(attnmerge.BackendError, match="cuda"):
+        case.run("auto")
+    assert spies == []
+
+
+def test_backend_status_reports_reasons(clean_dispatch):
+    status = dispatch.backend_status(torch.device(DEVICE))
+    assert set(status) == set(dispatch.AUTO_ORDER)
+    assert status["torch"] is None
+    if importlib.util.find_spec("triton") is not None:
+        assert status["triton"] is None  # CPU: under the interpreter the conftest sets
+    else:
+        assert "triton" in status["triton"]
+    assert isinstance(status["cuda"], str) and status["cuda"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU-only: the Triton interpreter switch")
+def test_cpu_without_interpreter_falls_back_to_torch(spies, monkeypatch, caplog):
+    # On a CPU, Triton needs TRITON_INTERPRET=1. Without it, auto takes torch and says
+    # why; naming triton explicitly raises with the reason.
+    caplog.set_level(logging.INFO, logger="attnmerge")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    dispatch.reset()
+    case = make_case(4, 2, 16, device="cpu")
+    run_and_check(case, "auto")
+    assert spies == ["torch"]
+    assert any(
+        "'triton'" in r.getMessage() and "TRITON_INTERPRET" in r.getMessage()
+        for r in caplog.records
+    )
+    with pytest.raises(attnmerge.BackendError, match="TRITON_INTERPRET"):
+        make_case(4, 2, 16, device="cpu").run("triton")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_for_cpu_tensors_uses_torch(spies, monkeypatch):
+    # A GPU machine runs Triton natively (no interpreter): CPU tensors go to torch.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dispatch.reset()
+    case = make_case(4, 2, 16, device="cpu")
+    run_and_check(case, "auto")
+    assert spies == ["torch"]
+
+
+def test_decision_is_cached_per_signature(spies, monkeypatch):
+    # After the first call, a second one with the same signature does not ask the
+    # backends again (the reasons are not re-evaluated).
+    make_case(3, 1, 8, device=DEVICE).run("auto")
+    asked = []
+    for name, fn in list(dispatch._REASONS.items()):
+        monkeypatch.setitem(
+            dispatch._REASONS, name, lambda d, k, _n=name, _f=fn: asked.append(_n) or _f(d, k)
+        )
+    make_case(3, 1, 8, device=DEVICE, seed=1).run("auto")
+    assert asked == []
+    assert len(spies) == 2

@@ -1,0 +1,91 @@
+"""The Triton kernel's machine code, checked without a GPU.
+
+Triton compiles for sm_90 on a machine without a GPU, so CI can look at the PTX the
+GPU would run: 16-byte vector loads and stores, the saturating round-to-nearest FP8
+convert, IEEE division for the weights, and an ``exp`` that keeps subnormal weights
+in base 2 (``ex2.approx.ftz`` flushes them, which would hide a NaN in a row of tiny
+but non-zero weight). The compile runs in a subprocess because this test session
+runs Triton in its interpreter, where kernels cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+_COMPILE_SCRIPT = r"""
+import collections, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from attnmerge.triton import merge_kernel as mk
+
+in_ty, out_ty, head_size, base_2 = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[in_ty]
+fn = mk._merge_two_kernel
+pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "prefix_ptr": in_ty,
+            "prefix_lse_ptr": "fp32", "suffix_ptr": in_ty, "suffix_lse_ptr": "fp32",
+            "scale_ptr": "fp32"}
+block_d = triton.next_power_of_2(head_size)
+const = dict(HEAD_SIZE=head_size, BLOCK_D=block_d,
+             BLOCK_ROWS=mk.block_rows_for(head_size, itemsize), LSE_BASE_2=base_2,
+             WRITE_LSE=True, FP8_OUT=out_ty == "fp8e4nv", FP8_MAX=448.0)
+sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
+       for n in fn.arg_names}
+# What Triton infers for aligned tensors and strides that are multiples of 16.
+aligned = [n for n in fn.arg_names if n in pointers or n.startswith(("out_stride", "prefix_stride",
+           "suffix_stride")) or n == "num_heads"]
+attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+ops = re.findall(r"\b(ld\.global[.\w]*|st\.global[.\w]*|cvt[.\w]*e4m3\w*|ex2\.approx[.\w]*|"
+                 r"div[.\w]*f32)", compiled.asm["ptx"])
+print(json.dumps(collections.Counter(ops)))
+"""
+
+
+def _ptx_ops(in_ty: str, out_ty: str, head_size: int, base_2: bool) -> dict[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, in_ty, out_ty, str(head_size), str(int(base_2))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"compiling the kernel for sm_90 failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bf16_to_fp8_uses_vector_memory_ops_and_saturating_convert():
+    ops = _ptx_ops("bf16", "fp8e4nv", 128, base_2=False)
+    # Two partial rows per thread-tile, read as 16-byte vectors; the FP8 row stored as one.
+    assert ops.get("ld.global.v4.b32", 0) >= 2, ops
+    assert ops.get("st.global.v4.b32", 0) >= 1, ops
+    # RNE with saturation to +-448 (NaN stays NaN); no other FP8 convert.
+    converts = {k: v for k, v in ops.items() if "e4m3" in k}
+    assert converts and all(k.startswith("cvt.rn.satfinite.e4m3x2") for k in converts), ops
+    # Weights and the scale's reciprocal are IEEE divisions, as in the torch reference.
+    assert ops.get("div.rn.f32", 0) >= 3, ops
+
+
+def test_base_2_weights_keep_subnormals():
+    ops = _ptx_ops("fp32", "fp32", 128, base_2=True)
+    # The non-flushing exp is present next to the flushing fast path.
+    assert ops.get("ex2.approx.f32", 0) >= 2, ops
+
+
+@pytest.mark.parametrize("head_size", [72, 80])
+def test_odd_head_sizes_still_vectorise(head_size):
+    # 72 and 80 are multiples of 8 bf16 elements: the masked tail keeps 16-byte loads.
+    ops = _ptx_ops("bf16", "bf16", head_size, base_2=False)
+    assert ops.get("ld.global.v4.b32", 0) >= 2, ops
