@@ -10,6 +10,8 @@ is told not to specialise on, so a new batch size never triggers a recompile.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +20,8 @@ from ..quant import FP8_E4M3_MAX
 from . import interpreting
 
 __all__ = ["merge_two_states"]
+
+logger = logging.getLogger("attnmerge")
 
 # Row offsets are int32 (token = row // heads); every memory offset is int64.
 _MAX_ROWS = 2**31 - 4096
@@ -155,8 +159,13 @@ def block_rows_for(head_size: int, itemsize: int) -> int:
 # directly (~10 us). The key is at least as fine as Triton's own specialisation:
 # dtypes, constexprs, each pointer's 16-byte alignment and, for each specialised
 # integer, whether it is 1, a multiple of 16, and whether it fits in 32 bits.
+# The compiled kernel's runner takes every kernel argument, constexprs included, in
+# Triton 3.4 to 3.7; should a Triton version disagree, the runner rejects the
+# argument list before launching anything, and attnmerge falls back to Triton's own
+# launch path for good (logged once).
 
 _compiled: dict[tuple, object] = {}
+_direct_launch = True
 _INTERPRETING = interpreting()
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -245,11 +254,21 @@ def merge_two_states(
 
 
 def _launch(key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int) -> None:
+    global _direct_launch
     compiled = _compiled.get(key)
-    if compiled is None:
-        # Triton's own path: compiles (or finds) the kernel, then launches it.
-        _compiled[key] = _merge_two_kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS)
-    else:
+    if compiled is not None and _direct_launch:
         # The compiled kernel's own launcher (it runs Triton's launch hooks, if any).
         stream = torch._C._cuda_getCurrentRawStream(device_index)
-        compiled[grid](*args, *constexprs, stream=stream)
+        try:
+            compiled[grid](*args, *constexprs, stream=stream)
+            return
+        except (TypeError, IndexError, AttributeError) as e:
+            _direct_launch = False
+            logger.warning(
+                "attnmerge: direct launch of compiled Triton kernels is not supported by "
+                "triton %s (%s); using Triton's launch path (slower on the host)",
+                triton.__version__,
+                e,
+            )
+    # Triton's own path: compiles (or finds) the kernel, then launches it.
+    _compiled[key] = _merge_two_kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS)
