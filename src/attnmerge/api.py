@@ -385,8 +385,9 @@ def merge(
         :class:`MergeResult` with the new ``output`` (and ``lse``).
 
     Raises:
-        TypeError, ValueError, BackendError: as :func:`merge_attn_states`, plus a wrong
-        number of states or an unknown ``quant``.
+        TypeError, ValueError, BackendError: as :func:`merge_attn_states` (whose messages
+        call ``outputs[0]``/``lses[0]`` the prefix and ``outputs[1]``/``lses[1]`` the
+        suffix), plus a wrong number of states or an unknown ``quant``.
     """
     if isinstance(outputs, torch.Tensor) or isinstance(lses, torch.Tensor):
         raise TypeError("outputs and lses must be sequences of tensors (one per partial state)")
