@@ -1,0 +1,250 @@
+// attnmerge CUDA kernels: merge two partial attention states, optionally storing FP8.
+//
+// Framework-free and header-free: raw pointers, sizes and strides in one parameter
+// struct, no torch, no CUDA runtime or fp16/bf16/fp8 headers (conversions are PTX or
+// plain integer code). The same source therefore compiles with NVRTC at run time and
+// with nvcc ahead of time, and its scalar helpers compile for the host too (tests run
+// them on a CPU). Semantics: see DESIGN.md, "Math and the semantics contract".
+#pragma once
+
+#ifndef __CUDACC__
+#define __host__
+#define __device__
+#define __forceinline__ inline
+#endif
+
+namespace attnmerge {
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+// Kernel parameters, passed by value as one struct. The layout is fixed (7 pointers,
+// 16 int64, 2 int32 = 192 bytes, no padding) because the Python launcher packs it
+// byte by byte; keep it in sync with attnmerge/cuda/launch.py.
+struct MergeParams {
+  void* out;
+  float* out_lse;  // unused unless write_lse
+  const void* prefix;
+  const float* prefix_lse;
+  const void* suffix;
+  const float* suffix_lse;
+  const float* scale;  // FP8 dequantisation scale (1 element); unused otherwise
+  i64 num_rows;        // tokens * heads, < 2^31
+  i64 num_heads;
+  i64 head_size;
+  i64 tokens_with_prefix;  // P: tokens t >= P have no prefix
+  i64 out_stride_t, out_stride_h;
+  i64 prefix_stride_t, prefix_stride_h;
+  i64 suffix_stride_t, suffix_stride_h;
+  i64 prefix_lse_stride_h, prefix_lse_stride_t;
+  i64 suffix_lse_stride_h, suffix_lse_stride_t;
+  i64 out_lse_stride_h, out_lse_stride_t;
+  int lse_base_2;
+  int write_lse;
+};
+static_assert(sizeof(MergeParams) == 192, "MergeParams layout is shared with the launcher");
+
+__host__ __device__ __forceinline__ u32 float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  u32 u;
+  __builtin_memcpy(&u, &x, 4);
+  return u;
+#endif
+}
+
+__host__ __device__ __forceinline__ float bits_float(u32 u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float x;
+  __builtin_memcpy(&x, &u, 4);
+  return x;
+#endif
+}
+
+__host__ __device__ __forceinline__ float round_half_even(float x) {
+#ifdef __CUDA_ARCH__
+  return rintf(x);
+#else
+  return __builtin_rintf(x);  // default rounding mode: to nearest, ties to even
+#endif
+}
+
+// float32 -> float8 e4m3fn, round to nearest even, saturating to +-448; NaN -> 0x7F.
+// The same bits as the GPU's cvt.rn.satfinite.e4m3x2.f32 (used on sm_89+); this integer
+// version serves older GPUs and is tested on the host against torch's cast.
+__host__ __device__ __forceinline__ u8 float_to_e4m3_satfinite(float x) {
+  const u32 bits = float_bits(x);
+  const u8 sign = (u8)((bits >> 24) & 0x80u);
+  const u32 mag = bits & 0x7fffffffu;
+  if (mag > 0x7f800000u) return 0x7f;           // NaN
+  if (mag >= 0x43e00000u) return sign | 0x7e;   // >= 448 (and inf): saturate
+  if (mag < 0x3c800000u) {                      // below 2^-6: e4m3 subnormal (or zero)
+    // Multiples of 2^-9; scaling by 2^9 is exact, so rounding the product is RNE.
+    return sign | (u8)round_half_even(bits_float(mag) * 512.0f);
+  }
+  // Normal: keep 3 of 23 mantissa bits, round half to even on the 20 dropped ones; a
+  // carry out of the mantissa bumps the exponent, which is the right result.
+  const u32 rounded = (mag + 0x7ffffu + ((mag >> 20) & 1u)) >> 20;
+  return sign | (u8)(rounded - (120u << 3));  // rebias the exponent from 127 to 7
+}
+
+#ifdef __CUDACC__
+
+// ---------------------------------------------------------------------------
+// Element types: how a value of each storage type becomes float and back.
+
+struct F32 {
+  typedef float storage;
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float v) { return v; }
+};
+
+struct F16 {
+  typedef u16 storage;
+  static __device__ __forceinline__ float load(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+  }
+  static __device__ __forceinline__ u16 store(float v) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+  }
+};
+
+struct BF16 {
+  typedef u16 storage;
+  static __device__ __forceinline__ float load(u16 v) { return __uint_as_float((u32)v << 16); }
+  static __device__ __forceinline__ u16 store(float v) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+  }
+};
+
+struct FP8E4M3 {
+  typedef u8 storage;
+  static __device__ __forceinline__ u8 store(float v) {
+#if __CUDA_ARCH__ >= 890
+    u16 pair;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(v));
+    return (u8)(pair & 0xffu);
+#else
+    return float_to_e4m3_satfinite(v);
+#endif
+  }
+};
+
+// N elements of T moved as aligned vector accesses (at most 16 bytes each: the launcher
+// guarantees min(16, N * sizeof(T))-byte alignment of every row chunk).
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
+  T v[N];
+};
+
+template <typename E, int N>
+__device__ __forceinline__ void load_row(const void* base, i64 offset, float (&out)[N]) {
+  typedef typename E::storage S;
+  const Vec<S, N> x = *reinterpret_cast<const Vec<S, N>*>(static_cast<const S*>(base) + offset);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = E::load(x.v[i]);
+}
+
+template <typename E, int N>
+__device__ __forceinline__ void store_row(void* base, i64 offset, const float (&in)[N],
+                                          float inv_scale, bool fp8) {
+  typedef typename E::storage S;
+  Vec<S, N> x;
+#pragma unroll
+  for (int i = 0; i < N; ++i) x.v[i] = E::store(fp8 ? __fmul_rn(in[i], inv_scale) : in[i]);
+  *reinterpret_cast<Vec<S, N>*>(static_cast<S*>(base) + offset) = x;
+}
+
+// The weights of one (token, head) row. Identical arithmetic to the Triton kernel and
+// the torch reference: +inf means empty; NaN wins the max; all-empty rows get zero
+// weights and LSE -inf; IEEE division.
+struct RowWeights {
+  float prefix, suffix, lse;
+};
+
+__device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_2) {
+  const float inf = __int_as_float(0x7f800000);
+  if (lp == inf) lp = -inf;
+  if (ls == inf) ls = -inf;
+  float m = (lp != lp || ls != ls) ? __int_as_float(0x7fffffff) : fmaxf(lp, ls);
+  const bool empty = m == -inf;
+  if (empty) m = 0.0f;
+  const float ep = base_2 ? exp2f(__fsub_rn(lp, m)) : expf(__fsub_rn(lp, m));
+  const float es = base_2 ? exp2f(__fsub_rn(ls, m)) : expf(__fsub_rn(ls, m));
+  const float total = __fadd_rn(ep, es);
+  RowWeights w;
+  w.prefix = empty ? 0.0f : __fdiv_rn(ep, total);
+  w.suffix = empty ? 0.0f : __fdiv_rn(es, total);
+  w.lse = empty ? -inf : __fadd_rn(m, base_2 ? log2f(total) : logf(total));
+  return w;
+}
+
+// One block = 128 threads = (128 / TEAM) teams; a team of TEAM threads owns one row and
+// walks it in chunks of VEC elements. A row never spans blocks, so the block barrier
+// before the LSE store orders every read of the row's input LSEs before the write of its
+// output LSE: output_lse may alias prefix_lse or suffix_lse.
+template <typename P, typename S, typename O, int VEC, int TEAM>
+__global__ void __launch_bounds__(128) merge_two_kernel(const MergeParams p) {
+  constexpr int kRowsPerBlock = 128 / TEAM;
+  const int team = threadIdx.x / TEAM;
+  const int lane = threadIdx.x % TEAM;
+  const i64 row = (i64)blockIdx.x * kRowsPerBlock + team;
+  const bool row_ok = row < p.num_rows;
+  const u32 r32 = (u32)(row_ok ? row : 0);
+  const u32 heads = (u32)p.num_heads;
+  const i64 t = r32 / heads;
+  const i64 h = r32 % heads;
+  const bool has_prefix = row_ok && t < p.tokens_with_prefix;
+  const float inf = __int_as_float(0x7f800000);
+
+  const float lp = has_prefix ? p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]
+                              : -inf;
+  const float ls = row_ok ? p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t]
+                          : -inf;
+  const RowWeights w = row_weights(lp, ls, p.lse_base_2 != 0);
+  const bool fp8 = sizeof(typename O::storage) == 1;
+  const float inv_scale = fp8 ? __fdiv_rn(1.0f, *p.scale) : 1.0f;
+
+  if (row_ok) {
+    const i64 p_row = t * p.prefix_stride_t + h * p.prefix_stride_h;
+    const i64 s_row = t * p.suffix_stride_t + h * p.suffix_stride_h;
+    const i64 o_row = t * p.out_stride_t + h * p.out_stride_h;
+    for (i64 col = (i64)lane * VEC; col < p.head_size; col += (i64)TEAM * VEC) {
+      float po[VEC], so[VEC], acc[VEC];
+      if (has_prefix) {
+        load_row<P, VEC>(p.prefix, p_row + col, po);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) po[i] = 0.0f;
+      }
+      load_row<S, VEC>(p.suffix, s_row + col, so);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        // A zero weight contributes exactly 0 whatever the row holds (NaN, inf).
+        const float a = w.prefix != 0.0f ? __fmul_rn(w.prefix, po[i]) : 0.0f;
+        const float b = w.suffix != 0.0f ? __fmul_rn(w.suffix, so[i]) : 0.0f;
+        acc[i] = __fadd_rn(a, b);
+      }
+      store_row<O, VEC>(p.out, o_row + col, acc, inv_scale, fp8);
+    }
+  }
+  if (p.write_lse) {
+    __syncthreads();
+    if (row_ok && lane == 0) p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = w.lse;
+  }
+}
+
+#endif  // __CUDACC__
+
+}  // namespace attnmerge
