@@ -156,3 +156,100 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
     spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
     assert spills and all(n == "0" for n in spills), proc.stderr[-4000:]
     assert (tmp_path / "k.cubin").read_bytes()[:4] == b"\x7fELF"
+
+
+_PARAMS_HARNESS = r"""
+#include <cstdio>
+#include "merge_attn_states.cuh"
+int main() {
+  attnmerge::MergeParams p;
+  if (fread(&p, sizeof(p), 1, stdin) != 1) return 1;
+  const attnmerge::i64 fields[] = {
+      (attnmerge::i64)p.out, (attnmerge::i64)p.out_lse, (attnmerge::i64)p.prefix,
+      (attnmerge::i64)p.prefix_lse, (attnmerge::i64)p.suffix, (attnmerge::i64)p.suffix_lse,
+      (attnmerge::i64)p.scale, p.num_rows, p.num_heads, p.head_size, p.tokens_with_prefix,
+      p.out_stride_t, p.out_stride_h, p.prefix_stride_t, p.prefix_stride_h,
+      p.suffix_stride_t, p.suffix_stride_h, p.prefix_lse_stride_h, p.prefix_lse_stride_t,
+      p.suffix_lse_stride_h, p.suffix_lse_stride_t, p.out_lse_stride_h, p.out_lse_stride_t,
+      p.lse_base_2, p.write_lse};
+  for (attnmerge::i64 f : fields) printf("%lld\n", f);
+  return 0;
+}
+"""
+
+
+def test_params_struct_layout_matches_the_launcher(tmp_path):
+    """The Python launcher packs MergeParams byte by byte: every field must land where the
+    kernel reads it."""
+    from attnmerge.cuda import backend
+
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    (tmp_path / "p.cpp").write_text(_PARAMS_HARNESS)
+    exe = tmp_path / "p"
+    subprocess.run(
+        [cxx, "-std=c++17", f"-I{CSRC}", str(tmp_path / "p.cpp"), "-o", str(exe)], check=True
+    )
+    values = [1000 + i for i in range(7)] + [-(2**40) - i for i in range(16)] + [1, 0]
+    packed = backend._PARAMS.pack(*values)
+    out = subprocess.run([str(exe)], input=packed, capture_output=True, check=True).stdout
+    assert [int(v) for v in out.split()] == values
+
+
+def test_instance_choice():
+    from attnmerge.cuda.backend import common_instances, instance_for
+
+    # 16-byte chunks of the widest input; one row per team of ceil(D / vec) threads (pow2).
+    assert instance_for(torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, 8) == (
+        "BF16",
+        "BF16",
+        "FP8E4M3",
+        8,
+        16,
+    )
+    assert instance_for(torch.float32, torch.float32, torch.float32, 576, 4) == (
+        "F32",
+        "F32",
+        "F32",
+        4,
+        128,
+    )  # 144 chunks: the team of 128 loops
+    assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[-1] == 128
+    insts = common_instances((128,))
+    assert ("BF16", "BF16", "FP8E4M3", 8, 16) in insts and (
+        "BF16",
+        "BF16",
+        "FP8E4M3",
+        1,
+        128,
+    ) in insts
+    assert len(insts) == len(set(insts))
+
+
+def test_vector_width_falls_back_to_scalar_when_misaligned():
+    from attnmerge.cuda.backend import _vector_width
+
+    buf = torch.empty(4 * 8 * 136 + 8, dtype=torch.bfloat16)
+    aligned = buf[: 4 * 8 * 128].view(4, 8, 128)
+    assert _vector_width((aligned,), 128, 2) == 8
+    assert _vector_width((buf[1 : 1 + 4 * 8 * 128].view(4, 8, 128),), 128, 2) == 1  # offset 2 B
+    padded = buf[: 4 * 8 * 136].view(4, 8, 136)[..., :128]  # head stride 272 B: 16 B aligned
+    assert _vector_width((padded,), 128, 2) == 8
+    odd = buf[: 4 * 8 * 132].view(4, 8, 132)[..., :128]  # head stride 264 B: not 16 B aligned
+    assert _vector_width((odd,), 128, 2) == 1
+    assert _vector_width((aligned,), 124, 2) == 1  # head size not a multiple of 8
+
+
+def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch):
+    from attnmerge import cli
+    from attnmerge.cuda import cache, nvrtc
+
+    reason = nvrtc.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
+    assert cli.main(["build", "--arch", "sm_90a", "--head-sizes", "128"]) == 0
+    built = [e for e in cache.entries() if e["path"].endswith(".cubin")]
+    assert len(built) >= 12  # 3 partial dtypes x 4 outputs x (vector, scalar)
+    assert all(Path(e["path"]).read_bytes()[:4] == b"\x7fELF" for e in built)

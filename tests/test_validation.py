@@ -284,7 +284,8 @@ def test_bad_backend_env(monkeypatch, clean_dispatch):
     assert_rejected(good_args(), ValueError, "ATTNMERGE_BACKEND", backend="auto")
 
 
-def test_cuda_backend_not_in_this_release():
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the cuda backend serves the call")
+def test_cuda_backend_rejects_cpu_tensors():
     args = good_args()
     snap = _snapshot(args)
     with pytest.raises(attnmerge.BackendError, match="cuda"):

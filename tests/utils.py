@@ -27,7 +27,7 @@ NAN = float("nan")
 #: (backend, device) pairs every backend test runs on. On a CPU machine the Triton
 #: kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1).
 BACKEND_DEVICES = (
-    [("torch", "cuda"), ("triton", "cuda"), ("torch", "cpu")]
+    [("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda"), ("torch", "cpu")]
     if ON_GPU
     else [("torch", "cpu"), ("triton", "cpu")]
 )

@@ -60,6 +60,19 @@ def _cuda_devices() -> list[str]:
     return lines
 
 
+def _cuda_build_line() -> str:
+    """NVRTC in use and the kernel cache (where, how many kernels built)."""
+    from .cuda import cache, nvrtc
+
+    reason = nvrtc.unavailable_reason()
+    compiler = reason if reason else f"NVRTC {'.'.join(map(str, nvrtc.version()))}"
+    try:
+        n = len(cache.entries())
+    except OSError as e:
+        return f"{compiler}; cache {cache.cache_dir()} unreadable: {e}"
+    return f"{compiler}; cache {cache.cache_dir()} ({n} kernels)"
+
+
 def _backend_lines(device: torch.device) -> list[str]:
     try:
         status = dispatch.backend_status(device)
@@ -84,6 +97,7 @@ def _run_info(args: argparse.Namespace) -> int:
     print("cuda devices:")
     for line in devices or ["no CUDA device"]:
         print(f"  {line}")
+    print(f"cuda build {_cuda_build_line()}")
     print(f"backends, in auto order ({', '.join(dispatch.AUTO_ORDER)}):")
     for device in ["cpu", *(f"cuda:{i}" for i in range(len(devices)))]:
         print(f"  {device}")
@@ -94,6 +108,62 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
     """``info`` takes no options."""
+
+
+# ---------------------------------------------------------------------------
+# attnmerge build
+
+
+def _default_archs() -> list[str]:
+    from .cuda.backend import arch_of
+
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return sorted(arch_of(c) for c in caps)
+    return ["sm_80", "sm_90a"]
+
+
+def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--arch",
+        action="append",
+        help="target architecture, e.g. sm_90a (repeatable; default: the visible GPUs', "
+        "or sm_80 and sm_90a without a GPU)",
+    )
+    parser.add_argument(
+        "--head-sizes",
+        default=",".join(str(d) for d in _common_head_sizes()),
+        help="comma-separated head sizes to prepare kernels for",
+    )
+
+
+def _common_head_sizes() -> tuple[int, ...]:
+    from .cuda.backend import COMMON_HEAD_SIZES
+
+    return COMMON_HEAD_SIZES
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    """Compile the CUDA kernels for the given architectures into the cache."""
+    import time
+
+    from .cuda import backend, cache
+
+    reason = backend.nvrtc.unavailable_reason()
+    if reason is not None:
+        print(f"attnmerge build: cannot compile: {reason}", file=sys.stderr)
+        return 1
+    archs = args.arch or _default_archs()
+    head_sizes = tuple(int(d) for d in args.head_sizes.split(",") if d)
+    instances = backend.common_instances(head_sizes)
+    where = cache.cache_dir()
+    print(f"building {len(instances)} kernel instances for {', '.join(archs)} into {where}")
+    for arch in archs:
+        start = time.perf_counter()
+        for instance in instances:
+            backend.build_instance(instance, arch)
+        print(f"  {arch}: {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -128,6 +198,15 @@ _COMMANDS = (
         "exceeds its bound. On a CPU, the Triton backend runs in Triton's interpreter.",
         demo.add_arguments,
         demo.run,
+    ),
+    _Command(
+        "build",
+        "compile the CUDA kernels ahead of time (no GPU needed)",
+        "Compile the CUDA backend's kernels with NVRTC for the given architectures and "
+        "store them in the build cache (ATTNMERGE_CACHE_DIR, default ~/.cache/attnmerge), "
+        "so that first use does not compile. Works on a machine without a GPU.",
+        _add_build_arguments,
+        _run_build,
     ),
 )
 

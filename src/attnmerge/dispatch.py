@@ -46,7 +46,22 @@ RunFn = Callable[..., None]
 
 
 def _cuda_reason(device: torch.device, key: tuple) -> str | None:
-    return "the CUDA C++ backend is not part of this release yet (use 'triton' or 'torch')"
+    if device.type != "cuda":
+        return f"the CUDA backend runs on NVIDIA GPUs only, not on {device.type!r}"
+    return _cuda_device_reason(device)
+
+
+@functools.cache
+def _cuda_device_reason(device: torch.device) -> str | None:
+    from .cuda import backend as cuda_backend
+
+    reason = cuda_backend.unavailable_reason()
+    if reason is not None:
+        return reason
+    cap = _capability(device)
+    if cap < (8, 0):
+        return f"the CUDA kernels need compute capability >= 8.0 (this GPU has {cap[0]}.{cap[1]})"
+    return None
 
 
 @functools.cache
@@ -88,12 +103,24 @@ def _torch_reason(device: torch.device, key: tuple) -> str | None:
     return None
 
 
+def _cuda_run(*args) -> None:
+    from .cuda import backend as cuda_backend
+
+    cuda_backend.merge_two_states(*args)
+
+
 def _triton_run(*args) -> None:
     triton_backend.load().merge_two_states(*args)
 
 
 _REASONS = {"cuda": _cuda_reason, "triton": _triton_reason, "torch": _torch_reason}
-_RUNNERS: dict[str, RunFn] = {"triton": _triton_run, "torch": reference.run}
+_RUNNERS: dict[str, RunFn] = {"cuda": _cuda_run, "triton": _triton_run, "torch": reference.run}
+
+# Backends that serve explicit requests but that ``auto`` does not pick yet, with why.
+_NOT_AUTO = {
+    "cuda": "experimental in this release (its kernels await validation on a GPU); "
+    "request it explicitly with backend='cuda'",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -130,7 +157,7 @@ def select(backend: str, device: torch.device, key: tuple) -> RunFn:
         return fn
     if name == "auto":
         for candidate in AUTO_ORDER:
-            reason = _REASONS[candidate](device, key)
+            reason = _REASONS[candidate](device, key) or _NOT_AUTO.get(candidate)
             if reason is None:
                 fn = _RUNNERS[candidate]
                 break
@@ -157,3 +184,4 @@ def reset() -> None:
     _selected.clear()
     _logged.clear()
     _triton_device_reason.cache_clear()
+    _cuda_device_reason.cache_clear()

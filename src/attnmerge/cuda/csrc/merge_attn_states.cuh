@@ -95,6 +95,8 @@ __host__ __device__ __forceinline__ u8 float_to_e4m3_satfinite(float x) {
 
 #ifdef __CUDACC__
 
+constexpr int kThreadsPerBlock = 128;
+
 // ---------------------------------------------------------------------------
 // Element types: how a value of each storage type becomes float and back.
 
@@ -190,13 +192,13 @@ __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_
   return w;
 }
 
-// One block = 128 threads = (128 / TEAM) teams; a team of TEAM threads owns one row and
-// walks it in chunks of VEC elements. A row never spans blocks, so the block barrier
-// before the LSE store orders every read of the row's input LSEs before the write of its
-// output LSE: output_lse may alias prefix_lse or suffix_lse.
+// One block = kThreadsPerBlock threads = (kThreadsPerBlock / TEAM) teams; a team of TEAM
+// threads owns one row and walks it in chunks of VEC elements. A row never spans blocks,
+// so the block barrier before the LSE store orders every read of the row's input LSEs
+// before the write of its output LSE: output_lse may alias prefix_lse or suffix_lse.
 template <typename P, typename S, typename O, int VEC, int TEAM>
-__global__ void __launch_bounds__(128) merge_two_kernel(const MergeParams p) {
-  constexpr int kRowsPerBlock = 128 / TEAM;
+__device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
+  constexpr int kRowsPerBlock = kThreadsPerBlock / TEAM;
   const int team = threadIdx.x / TEAM;
   const int lane = threadIdx.x % TEAM;
   const i64 row = (i64)blockIdx.x * kRowsPerBlock + team;
@@ -244,6 +246,20 @@ __global__ void __launch_bounds__(128) merge_two_kernel(const MergeParams p) {
     if (row_ok && lane == 0) p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = w.lse;
   }
 }
+
+template <typename P, typename S, typename O, int VEC, int TEAM>
+__global__ void __launch_bounds__(kThreadsPerBlock) merge_two_kernel(const MergeParams p) {
+  merge_two_rows<P, S, O, VEC, TEAM>(p);
+}
+
+// For run-time compilation: one instantiation under a fixed, unmangled name, so the
+// launcher finds it without name mangling. Defined by the build before including this.
+#ifdef ATTNMERGE_MERGE_TWO_INSTANCE
+extern "C" __global__ void __launch_bounds__(kThreadsPerBlock)
+    attnmerge_merge_two(const MergeParams p) {
+  merge_two_rows<ATTNMERGE_MERGE_TWO_INSTANCE>(p);
+}
+#endif
 
 #endif  // __CUDACC__
 

@@ -1,0 +1,1 @@
+"""CUDA C++ backend: NVRTC compilation, build cache and kernel launches."""
