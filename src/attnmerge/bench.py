@@ -9,7 +9,8 @@ measured in the same run, so every number in one table comes from one card.
 
 Providers:
 
-* ``triton``: attnmerge's Triton backend (fused FP8 store when FP8 is on);
+* ``cuda``: attnmerge's CUDA C++ backend (fused FP8 store when FP8 is on);
+* ``triton``: attnmerge's Triton backend (likewise);
 * ``torch``: attnmerge's reference backend (many small kernels; for scale only);
 * ``unfused``: Triton merge into the partials' dtype, then a separate static FP8
   quantisation kernel (what an engine does without the fusion).
@@ -105,7 +106,7 @@ def bench_case(
     if provider == "triton" and block_rows is not None:
         kernel = load().merge_two_states
         fn = lambda: kernel(out, *args, out_lse, None, scale, False, block_rows)
-    elif provider in ("triton", "torch"):
+    elif provider in ("cuda", "triton", "torch"):
         fn = lambda: attnmerge.merge_attn_states(out, *args, out_lse, None, scale, backend=provider)
     elif provider == "unfused":
         tmp = torch.empty(tokens, heads, head_size, dtype=dtype, device="cuda")
@@ -138,8 +139,14 @@ def host_overhead_us(calls: int = 2000) -> dict[str, float]:
     out = torch.empty(1, 8, 128, dtype=torch.float8_e4m3fn, device="cuda")
     scale = torch.tensor([0.1], device="cuda")
     args = (out, x["prefix_output"], x["prefix_lse"], x["suffix_output"], x["suffix_lse"])
+    from attnmerge.cuda import backend as cuda_backend
+
     kernel = load().merge_two_states
     cases = {
+        "merge_attn_states (cuda, public API)": lambda: attnmerge.merge_attn_states(
+            *args, None, None, scale, backend="cuda"
+        ),
+        "cuda launch only": lambda: cuda_backend.merge_two_states(*args, None, None, scale, False),
         "merge_attn_states (triton, public API)": lambda: attnmerge.merge_attn_states(
             *args, None, None, scale, backend="triton"
         ),
@@ -170,7 +177,7 @@ def host_overhead_us(calls: int = 2000) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnmerge.bench", description=__doc__)
     p.add_argument("--dtypes", default="bf16,fp32", help="partial dtypes: bf16,fp16,fp32")
-    p.add_argument("--providers", default="triton,unfused")
+    p.add_argument("--providers", default="cuda,triton,unfused", help="cuda,triton,unfused,torch")
     p.add_argument("--no-fp8", action="store_true", help="store in the partials' dtype")
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument(

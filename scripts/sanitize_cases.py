@@ -1,0 +1,89 @@
+"""Representative merges for compute-sanitizer (memcheck, racecheck, initcheck).
+
+Run under the sanitizer with PyTorch's caching allocator off, so that every tensor is its
+own allocation and an out-of-bounds access is caught at the tensor's edge:
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        python3 scripts/sanitize_cases.py [backend ...]
+
+Each case is also checked against the reference, so a run that the sanitizer passes but
+that computes garbage still fails (exit code 1).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import attnmerge
+from attnmerge.reference import merge_states_reference, quantize_fp8_static
+
+
+def _lse(H: int, T: int, layout: str, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(H, T, generator=g, device="cuda") * 4
+    x[0, ::5] = float("inf")
+    x[-1, 1::7] = float("-inf")
+    if layout == "TH":
+        return x.t().contiguous().t()  # a [T, H]-stored LSE, seen as [H, T]
+    return x
+
+
+def _states(T, H, D, dtype, head_pad, g):
+    full = torch.randn(T, H, D + head_pad, generator=g, device="cuda").to(dtype)
+    return full[..., :D]  # a padded-V view: head stride D + head_pad
+
+
+CASES = [
+    # T, H, D, dtype, out dtype, head pad, LSE layout, P, alias, base
+    (1, 8, 128, torch.bfloat16, torch.float8_e4m3fn, 0, "HT", None, None, "e"),
+    (37, 5, 72, torch.float16, torch.float16, 8, "TH", 30, None, "e"),
+    (64, 4, 80, torch.float32, torch.bfloat16, 0, "HT", 0, None, 2),
+    (19, 3, 13, torch.bfloat16, torch.float32, 3, "TH", 19, None, "e"),
+    (256, 16, 192, torch.bfloat16, torch.bfloat16, 0, "HT", 200, "output", "e"),
+    (33, 2, 512, torch.float32, torch.float32, 0, "HT", None, "lse", 2),
+    (7, 9, 576, torch.bfloat16, torch.float8_e4m3fn, 64, "TH", 5, None, "e"),
+]
+
+
+def run(backend: str) -> int:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    failures = 0
+    for T, H, D, dtype, out_dtype, pad, layout, P, alias, base in CASES:
+        p, s = _states(T, H, D, dtype, pad, g), _states(T, H, D, dtype, pad, g)
+        lp, ls = _lse(H, T, layout, g), _lse(H, T, layout, g)
+        scale = torch.tensor([0.05], device="cuda") if out_dtype == torch.float8_e4m3fn else None
+        ref, ref_lse = merge_states_reference(
+            (p, s), (lp, ls), lse_base_2=base == 2, prefill_tokens_with_context=P
+        )
+        ref = quantize_fp8_static(ref, scale) if scale is not None else ref.to(out_dtype)
+        if alias == "output":
+            out = p  # in-place into the prefix
+        else:
+            out = torch.empty(T, H, D, dtype=out_dtype, device="cuda")
+        out_lse = lp if alias == "lse" else torch.empty(H, T, device="cuda")
+        attnmerge.merge_attn_states(
+            out, p, lp, s, ls, out_lse, P, scale, lse_base=base, backend=backend
+        )
+        torch.cuda.synchronize()
+        a, b = out.float(), ref.float()
+        same_nan = torch.equal(a.isnan(), b.isnan())
+        diff = (a - b).abs().nan_to_num(0)
+        # FP8: one code apart at most (GPU exp rounding); floats: a few ulps of fp32.
+        tol = b.abs().nan_to_num(0) * (0.13 if scale is not None else 1e-2) + 1e-6
+        ok = same_nan and bool((diff <= tol).all())
+        lse_ok = torch.allclose(out_lse, ref_lse, rtol=1e-5, atol=1e-5, equal_nan=True)
+        status = "ok" if ok and lse_ok else "MISMATCH"
+        failures += status != "ok"
+        print(
+            f"{backend:6} T={T:<4} H={H:<3} D={D:<4} {str(dtype)[6:]:>8} -> "
+            f"{str(out_dtype)[6:]:<14} P={P} alias={alias} base={base}: {status}"
+        )
+    return failures
+
+
+if __name__ == "__main__":
+    backends = sys.argv[1:] or ["cuda", "triton"]
+    bad = sum(run(b) for b in backends)
+    print("sanitize cases:", "all ok" if not bad else f"{bad} mismatches")
+    sys.exit(1 if bad else 0)
