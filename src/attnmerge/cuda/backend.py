@@ -197,4 +197,9 @@ def merge_two_states(
     )
     rows_per_block = THREADS_PER_BLOCK // team
     grid = -(-num_rows // rows_per_block)
-    kernel.launch(grid, torch._C._cuda_getCurrentRawStream(device_index), params)
+    stream = torch._C._cuda_getCurrentRawStream(device_index)
+    if torch.cuda.current_device() == device_index:
+        kernel.launch(grid, stream, params)
+    else:  # the launch uses the current context: make it the tensors' device's
+        with torch.cuda.device(device_index):
+            kernel.launch(grid, stream, params)
