@@ -48,7 +48,20 @@ RunFn = Callable[..., None]
 def _cuda_reason(device: torch.device, key: tuple) -> str | None:
     if device.type != "cuda":
         return f"the CUDA backend runs on NVIDIA GPUs only, not on {device.type!r}"
-    return _cuda_device_reason(device)
+    reason = _cuda_device_reason(device)
+    if reason is not None:
+        return reason
+    from .cuda import backend as cuda_backend
+    from .cuda.driver import DriverError
+    from .cuda.nvrtc import BuildError
+
+    prefix_dtype, suffix_dtype, out_dtype, head_size, _ = key
+    index = torch.cuda.current_device() if device.index is None else device.index
+    try:  # once per call signature: decisions are cached
+        cuda_backend.prepare(index, prefix_dtype, suffix_dtype, out_dtype, head_size)
+    except (BuildError, DriverError) as e:
+        return f"its kernel for this call could not be built or loaded: {e}"
+    return None
 
 
 @functools.cache

@@ -24,6 +24,7 @@ __all__ = [
     "common_instances",
     "instance_for",
     "merge_two_states",
+    "prepare",
     "unavailable_reason",
 ]
 
@@ -132,6 +133,26 @@ def common_instances(head_sizes=COMMON_HEAD_SIZES) -> list[tuple[str, str, str, 
                     if inst not in found:
                         found.append(inst)
     return found
+
+
+def prepare(
+    device_index: int,
+    prefix_dtype: torch.dtype,
+    suffix_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    head_size: int,
+) -> None:
+    """Build (or load) and load both kernel instances a call signature can need (vector
+    and scalar), so that a failing build shows at backend selection, not mid-call.
+
+    Raises:
+        nvrtc.BuildError, driver.DriverError: with the compiler's or driver's message.
+    """
+    if head_size == 0:
+        return
+    vec = 16 // max(prefix_dtype.itemsize, suffix_dtype.itemsize)
+    for v in (vec, 1) if head_size % vec == 0 else (1,):
+        _kernel(device_index, instance_for(prefix_dtype, suffix_dtype, out_dtype, head_size, v))
 
 
 def _vector_width(tensors: tuple[torch.Tensor, ...], head_size: int, widest: int) -> int:
