@@ -8,7 +8,8 @@ Two forms of the same operation:
   a quantisation spec, the form that grows to K-way merges and more output formats.
 
 Eager calls go straight to the backend; only under ``torch.compile`` do they go
-through the registered custom op (the dispatcher costs tens of microseconds).
+through the registered custom op (the dispatcher adds a few microseconds per call,
+see docs/host-overhead.md).
 Every check runs before anything is written: a call that raises leaves its output
 tensors untouched.
 """
