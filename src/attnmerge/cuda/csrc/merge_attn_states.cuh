@@ -93,7 +93,10 @@ __host__ __device__ __forceinline__ u8 float_to_e4m3_satfinite(float x) {
   return sign | (u8)(rounded - (120u << 3));  // rebias the exponent from 127 to 7
 }
 
-#ifdef __CUDACC__
+// The kernels. Besides nvcc and NVRTC, a host build with ATTNMERGE_HOST_EMULATION (the
+// tests' emulator, which supplies threadIdx, blockIdx, __syncthreads and the intrinsics)
+// compiles them too, so their logic is tested on machines without a GPU.
+#if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
 constexpr int kThreadsPerBlock = 128;
 
@@ -109,14 +112,27 @@ struct F32 {
 struct F16 {
   typedef u16 storage;
   static __device__ __forceinline__ float load(u16 v) {
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
     return f;
+#else
+    _Float16 h;
+    __builtin_memcpy(&h, &v, 2);
+    return (float)h;
+#endif
   }
   static __device__ __forceinline__ u16 store(float v) {
+#ifdef __CUDA_ARCH__
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
+#else
+    const _Float16 h = (_Float16)v;  // round to nearest even
+    u16 bits;
+    __builtin_memcpy(&bits, &h, 2);
+    return bits;
+#endif
   }
 };
 
@@ -124,16 +140,22 @@ struct BF16 {
   typedef u16 storage;
   static __device__ __forceinline__ float load(u16 v) { return __uint_as_float((u32)v << 16); }
   static __device__ __forceinline__ u16 store(float v) {
+#ifdef __CUDA_ARCH__
     u16 h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
+#else
+    const u32 bits = float_bits(v);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x40u);  // quiet NaN
+    return (u16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
+#endif
   }
 };
 
 struct FP8E4M3 {
   typedef u8 storage;
   static __device__ __forceinline__ u8 store(float v) {
-#if __CUDA_ARCH__ >= 890
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
     u16 pair;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(v));
     return (u8)(pair & 0xffu);
@@ -261,6 +283,6 @@ extern "C" __global__ void __launch_bounds__(kThreadsPerBlock)
 }
 #endif
 
-#endif  // __CUDACC__
+#endif  // __CUDACC__ || ATTNMERGE_HOST_EMULATION
 
 }  // namespace attnmerge

@@ -1,0 +1,59 @@
+// Host emulation of the CUDA merge kernel, for tests on machines without a GPU.
+//
+// Each CUDA thread of a block runs as an OS thread; __syncthreads is a std::barrier over
+// the block's threads; blocks run one after another. The intrinsics map to plain float
+// operations (built with -ffp-contract=off, so nothing is fused, as on the GPU), and the
+// fp16/bf16/fp8 conversions take the header's host paths. Built once per kernel instance
+// with -DATTNMERGE_MERGE_TWO_INSTANCE=<template arguments>.
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+struct EmulatedDim3 {
+  unsigned x, y, z;
+};
+static thread_local EmulatedDim3 threadIdx, blockIdx;
+static std::barrier<>* block_barrier = nullptr;
+
+static inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+static inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+static inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+// expf, exp2f, logf, log2f, fmaxf: the C library's, from <math.h> via <cmath>.
+#include <math.h>
+
+#define __global__
+#define __launch_bounds__(n)
+#define ATTNMERGE_HOST_EMULATION 1
+#include "merge_attn_states.cuh"
+
+extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid) {
+  for (unsigned b = 0; b < grid; ++b) {
+    std::barrier<> barrier(attnmerge::kThreadsPerBlock);
+    block_barrier = &barrier;
+    std::vector<std::thread> threads;
+    threads.reserve(attnmerge::kThreadsPerBlock);
+    for (unsigned t = 0; t < (unsigned)attnmerge::kThreadsPerBlock; ++t) {
+      threads.emplace_back([params, b, t] {
+        threadIdx = {t, 0, 0};
+        blockIdx = {b, 0, 0};
+        attnmerge::attnmerge_merge_two(*params);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  return 0;
+}

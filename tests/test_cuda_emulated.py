@@ -1,0 +1,155 @@
+"""The CUDA backend end to end on a CPU: host dispatch + the kernel, emulated.
+
+The kernel source is built for the host (tests/cuda_emulation/emulate.cpp: one OS thread
+per CUDA thread, a real barrier for __syncthreads), and the backend's launch is pointed
+at it. Everything else is the production path: instance choice (vector width, threads per
+row), the packed parameter struct, the grid, and the kernel's indexing, weights, special
+values, strides, tail tokens and aliasing. What this cannot show (the GPU's own math
+library, PTX conversions, the driver binding) the GPU test suite covers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from utils import FP8, make_case, padded
+
+from attnmerge.cuda import backend as cuda_backend
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parent / "src" / "attnmerge" / "cuda" / "csrc"
+
+
+@pytest.fixture(scope="module")
+def emulator_dir(tmp_path_factory) -> Path:
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the kernel emulator")
+    return tmp_path_factory.mktemp("cuda_emulation")
+
+
+class _EmulatedKernel:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+
+    def launch(self, grid: int, stream: int, params: bytes) -> None:
+        assert len(params) == 192
+        assert self._lib.emulate_merge(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0
+
+
+@pytest.fixture
+def emulated(emulator_dir, monkeypatch):
+    """Route the cuda backend's launches to host builds of the kernel."""
+
+    @functools.cache
+    def kernel(device_index, instance) -> _EmulatedKernel:
+        p, s, o, vec, team = instance
+        name = f"{p}_{s}_{o}_{vec}_{team}"
+        lib = emulator_dir / f"{name}.so"
+        if not lib.exists():
+            subprocess.run(
+                [
+                    "g++",
+                    "-O1",
+                    "-std=c++20",
+                    "-pthread",
+                    "-shared",
+                    "-fPIC",
+                    "-ffp-contract=off",
+                    f"-I{CSRC}",
+                    f"-DATTNMERGE_MERGE_TWO_INSTANCE=attnmerge::{p}, attnmerge::{s}, "
+                    f"attnmerge::{o}, {vec}, {team}",
+                    str(HERE / "cuda_emulation" / "emulate.cpp"),
+                    "-o",
+                    str(lib),
+                ],
+                check=True,
+            )
+        cdll = ctypes.CDLL(str(lib))
+        cdll.emulate_merge.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+        return _EmulatedKernel(cdll)
+
+    instances = []
+
+    def record(device_index, instance):
+        instances.append(instance)
+        return kernel(device_index, instance)
+
+    monkeypatch.setattr(cuda_backend, "_kernel", record)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    return instances
+
+
+def _run(case) -> None:
+    cuda_backend.merge_two_states(*case.args(), case.lse_base == 2)
+
+
+def _check(case) -> None:
+    expected = case.expected()
+    _run(case)
+    case.check_against(expected)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype", "D"),
+    [
+        (torch.bfloat16, FP8, 128),  # the common case: 16-byte chunks, 16 threads a row
+        (torch.float16, torch.float16, 72),
+        (torch.float32, torch.bfloat16, 80),
+        (torch.bfloat16, torch.float32, 8),
+        (torch.float32, torch.float32, 576),  # 144 chunks: the team of 128 loops
+        (torch.float16, FP8, 13),  # odd head size: scalar path
+    ],
+)
+def test_against_reference(emulated, dtype, out_dtype, D):
+    scale = 0.05 if out_dtype == FP8 else None
+    case = make_case(
+        9, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, lse_pattern="mixed", P=7
+    )
+    _check(case)
+
+
+def test_vector_and_scalar_paths(emulated):
+    # Padded, 16-byte aligned views keep vector accesses; an odd storage offset does not.
+    H, D = 4, 128
+    aligned = make_case(6, H, D, dtype=torch.bfloat16, prefix_strides=padded(H, D, head_pad=64))
+    _check(aligned)
+    assert emulated[-1][3] == 8
+    odd = make_case(6, H, D, dtype=torch.bfloat16, offsets=(1, 0, 0))
+    _check(odd)
+    assert emulated[-1][3] == 1
+
+
+@pytest.mark.parametrize("base", ["e", 2])
+def test_special_values_and_base(emulated, base):
+    case = make_case(
+        12, 5, 40, dtype=torch.float32, lse_pattern="mixed", lse_base=base, nan_frac=0.05
+    )
+    _check(case)
+
+
+@pytest.mark.parametrize("alias", ["prefix", "suffix", "lse_prefix", "lse_suffix"])
+def test_aliasing(emulated, alias):
+    # output_lse aliasing an input LSE needs the kernel's block barrier: without it, a row's
+    # leader would overwrite the LSE that its other threads still have to read.
+    _check(make_case(16, 3, 256, dtype=torch.float32, alias=alias, lse_pattern="mixed"))
+
+
+def test_mixed_partial_dtypes_and_lse_layouts(emulated):
+    case = make_case(
+        7,
+        2,
+        64,
+        dtype=torch.float16,
+        suffix_dtype=torch.float32,
+        out_dtype=torch.bfloat16,
+        lse_layouts=("th", "ht", "th"),
+        lse_pads=(1, 0, 3),
+    )
+    _check(case)
