@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+from test_fuzz import FUZZ, cases
 from utils import FP8, make_case, padded
 
 from attnmerge.cuda import backend as cuda_backend
@@ -153,3 +156,19 @@ def test_mixed_partial_dtypes_and_lse_layouts(emulated):
         lse_pads=(1, 0, 3),
     )
     _check(case)
+
+
+# Each new kernel instance costs a host compile (~0.5 s), so fewer examples than the
+# backends' own fuzz on a CPU.
+EMULATED_FUZZ_EXAMPLES = 40
+
+
+def test_fuzz_against_reference(emulated):
+    @seed(20261128)
+    @settings(FUZZ, max_examples=EMULATED_FUZZ_EXAMPLES)
+    @given(data=st.data())
+    def check(data):
+        _check(make_case(**data.draw(cases("cpu"))))
+
+    check()
+    assert len(emulated) >= EMULATED_FUZZ_EXAMPLES // 2  # most examples reached the kernel

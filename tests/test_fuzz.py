@@ -102,7 +102,7 @@ def cases(draw, device: str):
     [
         pytest.param(b, d, id=f"{b}-{d}")
         for b, d in (
-            [("torch", "cuda"), ("triton", "cuda")]
+            [("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
             if ON_GPU
             else [("torch", "cpu"), ("triton", "cpu")]
         )

@@ -1,63 +1,809 @@
-"""GPU benchmark of the merge: device time per call, bandwidth, host overhead.
+"""``attnmerge bench``: GPU benchmark of the merge (device time, bandwidth, host overhead).
 
-Run as ``python -m attnmerge.bench`` on a machine with a CUDA GPU. Timings are
-CUDA-graph replays (``triton.testing.do_bench_cudagraph``), median with p20/p80, on
-inputs shaped like REFERENCE's baseline: D = 128, FP8 output with scale 0.1, 5% of
-the LSEs +inf. "floor" is the minimal byte count (two partial inputs, two LSEs, the
-output, the output LSE when written) over the device-to-device copy bandwidth
-measured in the same run, so every number in one table comes from one card.
+Run as ``attnmerge bench`` (or ``python -m attnmerge.bench``) on a machine with a CUDA
+GPU; without one it says so and exits with 2.
+
+The default grid is vLLM's benchmark of ``merge_attn_states``: tokens T in {1, 16, 64,
+256, 1024, 4096} x heads H in {128, 64, 32, 16, 8, 4} (128 heads divided by TP 1..32) x
+head size D = 128 x fp32/fp16/bf16 partials, FP8 output with scale 0.1, no output LSE.
+Partial rows are N(0, 1), LSEs N(0, 4^2) with 5% of them +inf (empty rows). Options
+change the shapes, head sizes, dtypes, FP8 on/off, output LSE on/off and providers.
 
 Providers:
 
 * ``cuda``: attnmerge's CUDA C++ backend (fused FP8 store when FP8 is on);
 * ``triton``: attnmerge's Triton backend (likewise);
-* ``torch``: attnmerge's reference backend (many small kernels; for scale only);
-* ``unfused``: Triton merge into the partials' dtype, then a separate static FP8
-  quantisation kernel (what an engine does without the fusion).
+* ``unfused``: the Triton merge into the partials' dtype, then a torch.compile'd static
+  FP8 quantisation (:func:`attnmerge.reference.quantize_fp8_static`) as a separate kernel:
+  what an engine does without the fusion. Only run with FP8 on (without FP8 it is the
+  ``triton`` provider);
+* ``torch``: attnmerge's reference backend (many small kernels; for scale only).
+
+Every provider goes through ``attnmerge.merge_attn_states(..., backend=...)``; a provider
+that cannot serve a case (a missing compiler, an unsupported head size) is reported in
+that case's ``error`` field and the run goes on.
+
+Timing: ``triton.testing.do_bench_cudagraph`` (CUDA-graph replay of many back-to-back
+calls, 10 replays), median with p20/p80 in microseconds. GB/s counts the minimal bytes
+(two partials, two LSEs, the output and the output LSE when written) over the median;
+"% of peak" compares it with the card's datasheet bandwidth (H100 SXM 3.35 TB/s, H100
+PCIe 2.0, H200 4.8, B200 8.0), or for cards not in that table with the device-to-device
+copy bandwidth measured in the same run, labelled as such. The copy bandwidth (read +
+write) is always measured once per run; "floor" is the minimal bytes over it, so every
+number in one table comes from one card. Below the floor is possible: reads are cheaper
+than writes, and small cases sit in L2.
+
+``--cold-l2`` rotates among enough distinct input and output sets that their inputs add
+up to more than twice the L2 cache; one timed call runs every set once, and the time is
+divided by the number of sets. Small shapes then need thousands of sets per timed call,
+so this mode is much slower to run than the default (warm L2: one set, replayed).
+
+The pure parts (option parsing, the case grid, byte counts, the bandwidth table, CSV,
+table and plot writing) are functions of plain values and run on a CPU; :func:`run`
+takes the timer and the device facts as parameters so that its whole flow can be
+driven on CPU tensors with a fake timer.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import functools
+import math
+import re
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 import torch
 
-DEFAULT_SHAPES = ((1, 128), (64, 128), (256, 128), (1024, 128), (4096, 128), (4096, 8))
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+__all__ = [
+    "Case",
+    "Config",
+    "DeviceInfo",
+    "Record",
+    "RunInfo",
+    "add_arguments",
+    "build_cases",
+    "cold_l2_sets",
+    "config_from_args",
+    "datasheet_bandwidth",
+    "format_table",
+    "main",
+    "min_bytes",
+    "parse_args",
+    "run",
+    "write_csv",
+    "write_plot",
+]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP8 = torch.float8_e4m3fn
+PROVIDERS = ("cuda", "triton", "unfused", "torch")
+
+# vLLM's benchmark grid (benchmarks/kernels/benchmark_merge_attn_states.py at PR #36518).
+DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
+DEFAULT_HEADS = (128, 64, 32, 16, 8, 4)
+DEFAULT_HEAD_SIZES = (128,)
+DEFAULT_DTYPES = ("fp32", "fp16", "bf16")
+DEFAULT_PROVIDERS = ("cuda", "triton", "unfused")
+
+FP8_SCALE = 0.1
+EMPTY_FRACTION = 0.05  # share of +inf LSEs (empty partial rows)
+# do_bench_cudagraph captures rep_ms worth of calls (estimated eagerly) and replays that
+# graph 10 times. 100 ms keeps the default grid (324 cases) to a few minutes on an H100;
+# the spread of the 10 replays (p20..p80) stays within ~1% at that length.
+DEFAULT_REP_MS = 100
+# Per-set buffers start on 256-byte boundaries, as separate allocations would, so the
+# rotated views get the same kernel specialisations (16-byte alignment) as one set.
+_SET_ALIGN_BYTES = 256
+
+# Datasheet memory bandwidth, matched on torch.cuda.get_device_name(). Word boundaries
+# keep "GH200" / "GB200" (other memory systems) from matching H200 / B200.
+_DATASHEET = (
+    (r"\bH200\b", "H200", 4.8e12),
+    (r"\bB200\b", "B200", 8.0e12),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 2.0e12),
+    (r"\bH100\b.*(\bSXM|\bHBM3\b)", "H100 SXM", 3.35e12),
+)
 
 
-def make_inputs(
-    tokens: int, heads: int, head_size: int, dtype: torch.dtype, device: str = "cuda"
-) -> dict:
-    """Random partial states: N(0,1) rows, LSEs N(0, 4^2) with 5% +inf (empty rows)."""
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def lse() -> torch.Tensor:
-        x = torch.randn(heads, tokens, device=device, generator=g) * 4
-        empty = torch.rand(heads, tokens, device=device, generator=g) < 0.05
-        return x.masked_fill(empty, float("inf"))
-
-    return {
-        "prefix_output": torch.randn(tokens, heads, head_size, device=device, generator=g).to(
-            dtype
-        ),
-        "prefix_lse": lse(),
-        "suffix_output": torch.randn(tokens, heads, head_size, device=device, generator=g).to(
-            dtype
-        ),
-        "suffix_lse": lse(),
-    }
+# ---------------------------------------------------------------------------
+# Configuration and the case grid
 
 
-def min_bytes(tokens: int, heads: int, head_size: int, in_dtype, out_dtype, with_lse: bool) -> int:
+@dataclass(frozen=True)
+class Config:
+    """What one ``attnmerge bench`` run measures and where it writes."""
+
+    tokens: tuple[int, ...] = DEFAULT_TOKENS
+    heads: tuple[int, ...] = DEFAULT_HEADS
+    # Explicit (T, H) pairs; when set they replace the tokens x heads product.
+    shapes: tuple[tuple[int, int], ...] | None = None
+    head_sizes: tuple[int, ...] = DEFAULT_HEAD_SIZES
+    dtypes: tuple[str, ...] = DEFAULT_DTYPES
+    fp8: tuple[bool, ...] = (True,)
+    output_lse: tuple[bool, ...] = (False,)
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    block_rows: tuple[int, ...] = ()  # extra providers "triton/rN": Triton rows per program
+    cold_l2: bool = False
+    rep_ms: int = DEFAULT_REP_MS
+    host_overhead: bool = False
+    csv: str | None = None
+    plot: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a shape, dtypes, flags and a provider."""
+
+    dtype: str  # partial dtype: "fp32" | "fp16" | "bf16"
+    fp8: bool  # FP8 output (else the output has the partials' dtype)
+    output_lse: bool  # the merge also writes the output LSE
+    head_size: int
+    tokens: int
+    heads: int
+    provider: str  # one of PROVIDERS, or "triton/rN" (N rows per Triton program)
+
+    @property
+    def out_dtype(self) -> str:
+        return "fp8" if self.fp8 else self.dtype
+
+    @property
+    def block_rows(self) -> int | None:
+        m = re.fullmatch(r"triton/r(\d+)", self.provider)
+        return int(m.group(1)) if m else None
+
+    def input_bytes(self) -> int:
+        """Bytes of the two partial outputs and the two LSEs."""
+        rows = self.tokens * self.heads
+        return 2 * rows * self.head_size * DTYPES[self.dtype].itemsize + 2 * rows * 4
+
+    def min_bytes(self) -> int:
+        out = FP8 if self.fp8 else DTYPES[self.dtype]
+        return min_bytes(
+            self.tokens, self.heads, self.head_size, DTYPES[self.dtype], out, self.output_lse
+        )
+
+
+def min_bytes(
+    tokens: int,
+    heads: int,
+    head_size: int,
+    in_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    with_lse: bool,
+) -> int:
+    """Bytes a merge must move: two partials + two float32 LSEs read, output (+ LSE) written."""
     rows = tokens * heads
     in_bytes = 2 * rows * head_size * in_dtype.itemsize + 2 * rows * 4
     out_bytes = rows * head_size * out_dtype.itemsize + (rows * 4 if with_lse else 0)
     return in_bytes + out_bytes
+
+
+def build_cases(config: Config) -> list[Case]:
+    """The grid, in table order: dtype, FP8, output LSE, D, H, T, provider.
+
+    ``unfused`` is left out where FP8 is off: without the quantisation it is the
+    ``triton`` provider.
+    """
+    if config.shapes is not None:
+        shapes = list(config.shapes)
+    else:
+        shapes = [(t, h) for h in config.heads for t in config.tokens]
+    providers = list(config.providers) + [f"triton/r{n}" for n in config.block_rows]
+    cases = []
+    for dtype in config.dtypes:
+        for fp8 in config.fp8:
+            for lse in config.output_lse:
+                for d in config.head_sizes:
+                    for t, h in shapes:
+                        for p in providers:
+                            if p == "unfused" and not fp8:
+                                continue
+                            cases.append(Case(dtype, fp8, lse, d, t, h, p))
+    return cases
+
+
+def cold_l2_sets(input_bytes: int, l2_bytes: int) -> int:
+    """Distinct input sets whose total input size exceeds twice the L2 cache."""
+    return max(1, 2 * l2_bytes // max(1, input_bytes) + 1)
+
+
+def datasheet_bandwidth(gpu_name: str) -> tuple[float, str] | None:
+    """``(bytes/s, card)`` from the datasheet table for a device name, else None."""
+    for pattern, card, bandwidth in _DATASHEET:
+        if re.search(pattern, gpu_name, re.IGNORECASE):
+            return bandwidth, card
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Argument parsing
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _shape_list(text: str) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    for item in (s.strip() for s in text.split(",")):
+        m = re.fullmatch(r"(\d+)x(\d+)", item)
+        if not m or min(int(m.group(1)), int(m.group(2))) < 1:
+            raise argparse.ArgumentTypeError(f"expected TxH pairs like 1024x32, got {item!r}")
+        shapes.append((int(m.group(1)), int(m.group(2))))
+    return tuple(shapes)
+
+
+def _choice_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {','.join(choices)}, got {text!r}"
+            )
+        return tuple(dict.fromkeys(values))  # drop repeats, keep order
+
+    return parse
+
+
+_ON_OFF = {"on": (True,), "off": (False,), "both": (False, True)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to a parser."""
+    c = Config()
+
+    def csv_of(values: Iterable[object]) -> str:
+        return ",".join(str(v) for v in values)
+
+    g = parser.add_argument_group("cases")
+    g.add_argument(
+        "--tokens",
+        type=_int_list,
+        default=c.tokens,
+        metavar="T,...",
+        help=f"token counts ({csv_of(c.tokens)})",
+    )
+    g.add_argument(
+        "--heads",
+        type=_int_list,
+        default=c.heads,
+        metavar="H,...",
+        help=f"head counts ({csv_of(c.heads)})",
+    )
+    g.add_argument(
+        "--shapes",
+        type=_shape_list,
+        default=None,
+        metavar="TxH,...",
+        help="explicit (tokens, heads) pairs, e.g. 1x128,4096x8; replace --tokens x --heads",
+    )
+    g.add_argument(
+        "--head-sizes",
+        type=_int_list,
+        default=c.head_sizes,
+        metavar="D,...",
+        help=f"head sizes, e.g. 64,128,192,256,512 ({csv_of(c.head_sizes)})",
+    )
+    g.add_argument(
+        "--dtypes",
+        type=_choice_list(tuple(DTYPES)),
+        default=c.dtypes,
+        metavar="DTYPE,...",
+        help=f"partial dtypes, of {csv_of(DTYPES)} ({csv_of(c.dtypes)})",
+    )
+    g.add_argument(
+        "--fp8",
+        choices=sorted(_ON_OFF),
+        default="on",
+        help="FP8 output (scale 0.1), or the partials' dtype (off), or both (on)",
+    )
+    g.add_argument(
+        "--output-lse",
+        choices=sorted(_ON_OFF),
+        default="off",
+        help="also write the output LSE (off)",
+    )
+    g.add_argument(
+        "--providers",
+        type=_choice_list(PROVIDERS),
+        default=c.providers,
+        metavar="P,...",
+        help=f"of {csv_of(PROVIDERS)} ({csv_of(c.providers)})",
+    )
+    g.add_argument(
+        "--block-rows",
+        type=_int_list,
+        default=(),
+        metavar="N,...",
+        help="also time the Triton kernel with N rows per program (providers triton/rN)",
+    )
+    g = parser.add_argument_group("timing")
+    g.add_argument(
+        "--cold-l2",
+        action="store_true",
+        help="rotate among input sets totalling over 2x the L2 cache (slow for small shapes)",
+    )
+    g.add_argument(
+        "--rep-ms",
+        type=int,
+        default=c.rep_ms,
+        help=f"milliseconds of calls captured per CUDA graph ({c.rep_ms})",
+    )
+    g.add_argument(
+        "--host-overhead",
+        action="store_true",
+        help="also measure the host time per eager call, by layer",
+    )
+    g = parser.add_argument_group("output")
+    g.add_argument("--csv", metavar="PATH", help="write one row per case to this CSV file")
+    g.add_argument("--plot", metavar="PATH", help="write GB/s vs tokens to this PNG (matplotlib)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The :class:`Config` of parsed ``bench`` options."""
+    return Config(
+        tokens=args.tokens,
+        heads=args.heads,
+        shapes=args.shapes,
+        head_sizes=args.head_sizes,
+        dtypes=args.dtypes,
+        fp8=_ON_OFF[args.fp8],
+        output_lse=_ON_OFF[args.output_lse],
+        providers=args.providers,
+        block_rows=args.block_rows,
+        cold_l2=args.cold_l2,
+        rep_ms=args.rep_ms,
+        host_overhead=args.host_overhead,
+        csv=args.csv,
+        plot=args.plot,
+        progress=not args.no_progress,
+    )
+
+
+def _parser(prog: str = "attnmerge bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring of attnmerge.bench for what is measured and how.",
+    )
+    add_arguments(p)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse ``bench`` options into a :class:`Config` (argparse exits on bad usage)."""
+    return config_from_args(_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------
+# Results: records, CSV, table, plot
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every row of one run shares: the card, versions, reference bandwidths."""
+
+    gpu: str
+    torch_version: str
+    triton_version: str
+    attnmerge_version: str
+    git_sha: str
+    peak_gbps: float  # datasheet, or the measured copy bandwidth (peak_source says which)
+    peak_source: str
+    copy_gbps: float  # measured device-to-device copy, read + write counted
+    cold_l2: bool
+    rep_ms: int
+
+
+@dataclass(frozen=True)
+class Record:
+    """One (shape, dtype, provider) result. Times per merge call, in microseconds."""
+
+    dtype: str
+    out_dtype: str
+    output_lse: bool
+    head_size: int
+    tokens: int
+    heads: int
+    provider: str
+    sets: int  # input sets rotated per timed call (1 unless cold L2)
+    median_us: float
+    p20_us: float
+    p80_us: float
+    bytes: int  # minimal bytes moved
+    gbps: float  # bytes / median
+    pct_of_peak: float
+    floor_us: float  # bytes / measured copy bandwidth
+    error: str = ""  # why the provider could not run this case; times are NaN then
+
+
+def make_record(
+    case: Case, sets: int, times_us: tuple[float, float, float] | None, info: RunInfo, error=""
+) -> Record:
+    """The record of a case from its (median, p20, p80) per call, or of its error."""
+    nbytes = case.min_bytes()
+    med, p20, p80 = times_us if times_us is not None else (math.nan,) * 3
+    gbps = nbytes / (med * 1e-6) / 1e9 if med > 0 else math.nan
+    return Record(
+        dtype=case.dtype,
+        out_dtype=case.out_dtype,
+        output_lse=case.output_lse,
+        head_size=case.head_size,
+        tokens=case.tokens,
+        heads=case.heads,
+        provider=case.provider,
+        sets=sets,
+        median_us=med,
+        p20_us=p20,
+        p80_us=p80,
+        bytes=nbytes,
+        gbps=gbps,
+        pct_of_peak=100 * gbps / info.peak_gbps,
+        floor_us=nbytes / (info.copy_gbps * 1e9) * 1e6,
+        error=error,
+    )
+
+
+def csv_fields() -> list[str]:
+    """CSV header: the run's fields, then the record's."""
+    return [f.name for f in dataclasses.fields(RunInfo)] + [
+        f.name for f in dataclasses.fields(Record)
+    ]
+
+
+def write_csv(path: str | Path, records: Sequence[Record], info: RunInfo) -> None:
+    """One row per record, each with the run's GPU, versions and git sha."""
+    run_row = dataclasses.asdict(info)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=csv_fields())
+        w.writeheader()
+        for r in records:
+            row = {**run_row, **dataclasses.asdict(r)}
+            for k, v in row.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    row[k] = f"{v:.6g}"
+            w.writerow(row)
+
+
+def _variant(r: Record) -> tuple[str, str, bool, int]:
+    return (r.dtype, r.out_dtype, r.output_lse, r.head_size)
+
+
+def _providers(records: Sequence[Record]) -> list[str]:
+    return list(dict.fromkeys(r.provider for r in records))
+
+
+def _cell(r: Record | None) -> str:
+    if r is None:
+        return "-"
+    if r.error:
+        return "error"
+    return f"{r.median_us:.2f} {r.gbps:.0f} {r.pct_of_peak:.0f}%"
+
+
+def header_lines(info: RunInfo) -> list[str]:
+    """The card, bandwidths and versions, as printed above the table."""
+    l2 = "cold L2 (rotated input sets)" if info.cold_l2 else "warm L2"
+    return [
+        f"attnmerge bench on {info.gpu}: peak {info.peak_gbps:.0f} GB/s ({info.peak_source}), "
+        f"copy {info.copy_gbps:.0f} GB/s (measured, read + write); {l2}",
+        f"torch {info.torch_version}, triton {info.triton_version}, "
+        f"attnmerge {info.attnmerge_version} (git {info.git_sha}); "
+        f"do_bench_cudagraph median of 10 replays of {info.rep_ms} ms",
+    ]
+
+
+def format_table(records: Sequence[Record], info: RunInfo) -> str:
+    """A compact table: one row per shape, one ``us GB/s %peak`` column per provider."""
+    providers = _providers(records)
+    show_lse = any(r.output_lse for r in records)
+    key_names = ["dtype", "out", *(["lse"] if show_lse else []), "D", "T", "H"]
+    rows: dict[tuple, dict[str, Record]] = {}
+    floors: dict[tuple, float] = {}
+    for r in records:
+        key = (r.dtype, r.out_dtype, *(["yes" if r.output_lse else "no"] if show_lse else []))
+        key = (*key, r.head_size, r.tokens, r.heads)
+        rows.setdefault(key, {})[r.provider] = r
+        floors[key] = r.floor_us
+    header = [*key_names, *providers, "floor_us"]
+    body = [
+        [*(str(k) for k in key), *(_cell(cells.get(p)) for p in providers), f"{floors[key]:.2f}"]
+        for key, cells in rows.items()
+    ]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    n_keys = len(key_names)
+
+    def fmt(row: list[str]) -> str:
+        parts = [
+            v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))
+        ]
+        return "  ".join(parts[:n_keys]) + "  |  " + "  ".join(parts[n_keys:])
+
+    lines = [
+        *header_lines(info),
+        "cells: median us, GB/s, % of peak; floor_us: minimal bytes / copy bandwidth",
+        fmt(header),
+        "-" * len(fmt(header)),
+        *(fmt(row) for row in body),
+    ]
+    errors = dict.fromkeys(f"{r.provider}: {r.error}" for r in records if r.error)
+    lines += [f"error: {e}" for e in errors]
+    return "\n".join(lines)
+
+
+_MAX_PLOT_ROWS = 12
+
+
+def write_plot(path: str | Path, records: Sequence[Record], info: RunInfo) -> str | None:
+    """GB/s vs tokens per provider, one panel per (dtype/output/D, heads) in a grid.
+
+    Returns None when written, else why not (matplotlib missing, nothing to plot). At
+    most the first 12 dtype/output/D combinations get a row of panels.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    ok = [r for r in records if not r.error and math.isfinite(r.gbps)]
+    if not ok:
+        return "no successful measurement to plot"
+    variants = list(dict.fromkeys(_variant(r) for r in ok))[:_MAX_PLOT_ROWS]
+    heads = list(dict.fromkeys(r.heads for r in ok))
+    providers = _providers(ok)
+    fig = Figure(figsize=(3.2 * len(heads), 2.6 * len(variants) + 0.8), layout="constrained")
+    axes = fig.subplots(len(variants), len(heads), squeeze=False, sharex=True)
+    for i, variant in enumerate(variants):
+        for j, h in enumerate(heads):
+            ax = axes[i][j]
+            for k, p in enumerate(providers):
+                pts = sorted(
+                    (r.tokens, r.gbps)
+                    for r in ok
+                    if _variant(r) == variant and r.heads == h and r.provider == p
+                )
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="o", markersize=3, label=p, color=f"C{k}")
+            ax.axhline(info.peak_gbps, color="0.4", linestyle="--", linewidth=0.8)
+            ax.axhline(info.copy_gbps, color="0.4", linestyle=":", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
+            dtype, out, lse, d = variant
+            ax.set_title(f"{dtype}->{out}{' +lse' if lse else ''} D={d} H={h}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            if i == len(variants) - 1:
+                ax.set_xlabel("tokens", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("GB/s", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(providers), fontsize=8)
+    l2 = "cold L2" if info.cold_l2 else "warm L2"
+    fig.suptitle(
+        f"attnmerge bench on {info.gpu} ({l2}; dashed: peak {info.peak_gbps:.0f} GB/s "
+        f"{info.peak_source}, dotted: copy {info.copy_gbps:.0f} GB/s)",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=100)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Progress
+
+
+class _Progress:
+    """tqdm on a terminal if importable, else a one-line counter; on a log file (not a
+    terminal), a plain line every ~10% so logs stay short."""
+
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled and total > 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.enabled and self.stream.isatty()
+        self.bar = None
+        self._next_line = 0
+        if self.tty:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, file=self.stream, unit="case", dynamic_ncols=True)
+
+    def start(self, label: str) -> None:
+        """Show the case about to run (so a hang names its case)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description_str(label, refresh=True)
+        elif self.tty:
+            text = f"[{self.done + 1}/{self.total}] {label}"
+            self.stream.write(f"\r{text:<70}")
+            self.stream.flush()
+
+    def advance(self) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+        elif not self.tty and (self.done >= self._next_line or self.done == self.total):
+            self.stream.write(f"bench: {self.done}/{self.total} cases\n")
+            self.stream.flush()
+            self._next_line = self.done + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# Inputs and the timed calls
+
+
+def _views(n: int, shape: tuple[int, ...], dtype: torch.dtype, device, fill) -> list:
+    """``n`` tensors of ``shape`` in one buffer, each starting on a 256-byte boundary."""
+    numel = math.prod(shape)
+    per = _SET_ALIGN_BYTES // dtype.itemsize
+    stride = -(-numel // per) * per
+    flat = torch.empty(n * stride, dtype=dtype, device=device)
+    if fill is not None:
+        fill(flat)
+    return [flat[i * stride : i * stride + numel].view(shape) for i in range(n)]
+
+
+def make_input_sets(case: Case, n_sets: int, device: torch.device | str) -> list[dict]:
+    """``n_sets`` independent argument sets for one case (seeded; see the module doc)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = DTYPES[case.dtype]
+    t, h, d = case.tokens, case.heads, case.head_size
+
+    def normal(x: torch.Tensor) -> None:
+        x.copy_(torch.randn(x.numel(), device=device, generator=g))
+
+    def lse(x: torch.Tensor) -> None:
+        v = torch.randn(x.numel(), device=device, generator=g) * 4
+        empty = torch.rand(x.numel(), device=device, generator=g) < EMPTY_FRACTION
+        x.copy_(v.masked_fill(empty, float("inf")))
+
+    def views(shape, dt, fill=None):
+        return _views(n_sets, shape, dt, device, fill)
+
+    out_dtype = FP8 if case.fp8 else dtype
+    columns = {
+        "prefix_output": views((t, h, d), dtype, normal),
+        "prefix_lse": views((h, t), torch.float32, lse),
+        "suffix_output": views((t, h, d), dtype, normal),
+        "suffix_lse": views((h, t), torch.float32, lse),
+        "output": views((t, h, d), out_dtype),
+        "output_lse": views((h, t), torch.float32) if case.output_lse else [None] * n_sets,
+        # unfused: the merge's high-precision result, read back by the quantisation
+        "tmp": views((t, h, d), dtype) if case.provider == "unfused" else [None] * n_sets,
+    }
+    return [{k: v[i] for k, v in columns.items()} for i in range(n_sets)]
+
+
+def _quantize_into(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> None:
+    from .reference import quantize_fp8_static
+
+    out.copy_(quantize_fp8_static(x, scale))
+
+
+@functools.cache
+def _compiled_quantize_into() -> Callable[..., None]:
+    # dynamic=True: one compile per dtype for the whole grid. Static shapes would compile
+    # once per shape and hit dynamo's recompile limit (8) well inside the default grid,
+    # after which calls silently run eagerly (three kernels instead of one).
+    return torch.compile(_quantize_into, dynamic=True)
+
+
+def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> Callable[[], None]:
+    """The timed function: one merge per input set, in order."""
+    import attnmerge
+
+    def args(s: dict) -> tuple:
+        return (s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"])
+
+    if case.block_rows is not None:
+        from .triton import load
+
+        kernel = load().merge_two_states
+        calls = [
+            functools.partial(
+                kernel, s["output"], *args(s), s["output_lse"], None, scale, False, case.block_rows
+            )
+            for s in sets
+        ]
+    elif case.provider in ("cuda", "triton", "torch"):
+        calls = [
+            functools.partial(
+                attnmerge.merge_attn_states,
+                s["output"],
+                *args(s),
+                s["output_lse"],
+                None,
+                scale,
+                backend=case.provider,
+            )
+            for s in sets
+        ]
+    elif case.provider == "unfused":
+        quant = _compiled_quantize_into()
+
+        def unfused(s: dict) -> Callable[[], None]:
+            def call() -> None:
+                attnmerge.merge_attn_states(
+                    s["tmp"], *args(s), s["output_lse"], None, None, backend="triton"
+                )
+                quant(s["output"], s["tmp"], scale)
+
+            return call
+
+        calls = [unfused(s) for s in sets]
+    else:
+        raise ValueError(f"unknown provider {case.provider!r}")
+    if len(calls) == 1:
+        return calls[0]
+
+    def all_sets() -> None:
+        for c in calls:
+            c()
+
+    return all_sets
+
+
+Timer = Callable[[Callable[[], None]], tuple[float, float, float]]
+
+
+def cudagraph_timer(rep_ms: int = DEFAULT_REP_MS) -> Timer:
+    """(median, p20, p80) microseconds of ``fn``, by ``do_bench_cudagraph``.
+
+    ``fn`` runs once eagerly first, so compiles and argument errors happen outside the
+    graph capture.
+    """
+
+    def timer(fn: Callable[[], None]) -> tuple[float, float, float]:
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize()
+        p20, p50, p80 = triton.testing.do_bench_cudagraph(
+            fn, rep=rep_ms, quantiles=[0.2, 0.5, 0.8]
+        )
+        return p50 * 1e3, p20 * 1e3, p80 * 1e3
+
+    return timer
+
+
+# ---------------------------------------------------------------------------
+# Device facts, versions
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    l2_bytes: int
+    copy_bytes_per_s: float  # device-to-device copy, read + write counted
 
 
 def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
@@ -70,186 +816,223 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     return nbytes / (ms * 1e-3)
 
 
-def _quantiles_us(fn) -> tuple[float, float, float]:
-    import triton.testing
+def probe_device(device: torch.device) -> DeviceInfo:
+    """Name, L2 size and measured copy bandwidth of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return DeviceInfo(props.name, props.L2_cache_size, copy_bandwidth(str(device)))
 
-    p20, p50, p80 = triton.testing.do_bench_cudagraph(fn, rep=200, quantiles=[0.2, 0.5, 0.8])
-    return p50 * 1e3, p20 * 1e3, p80 * 1e3
+
+def git_sha() -> str:
+    """``git rev-parse --short HEAD`` of the checkout holding this file, else "unknown"."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else "unknown"
 
 
-def bench_case(
-    tokens: int,
-    heads: int,
-    head_size: int,
-    dtype: torch.dtype,
-    fp8: bool,
-    provider: str,
-    with_lse: bool = False,
-    block_rows: int | None = None,
-) -> tuple[float, float, float]:
-    """(median, p20, p80) microseconds of one merge call, replayed in a CUDA graph."""
+def _triton_version() -> str:
+    try:
+        import triton
+    except Exception:  # a broken install may raise anything; the benchmark still reports
+        return "not importable"
+    return getattr(triton, "__version__", "unknown")
+
+
+def run_info(dev: DeviceInfo, config: Config) -> RunInfo:
     import attnmerge
-    from attnmerge.reference import quantize_fp8_static
-    from attnmerge.triton import load
 
-    x = make_inputs(tokens, heads, head_size, dtype)
-    out_dtype = torch.float8_e4m3fn if fp8 else dtype
-    out = torch.empty(tokens, heads, head_size, dtype=out_dtype, device="cuda")
-    out_lse = torch.empty(heads, tokens, device="cuda") if with_lse else None
-    scale = torch.tensor([0.1], device="cuda") if fp8 else None
-    args = (
-        x["prefix_output"],
-        x["prefix_lse"],
-        x["suffix_output"],
-        x["suffix_lse"],
-    )
-    if provider == "triton" and block_rows is not None:
-        kernel = load().merge_two_states
-        fn = lambda: kernel(out, *args, out_lse, None, scale, False, block_rows)
-    elif provider in ("cuda", "triton", "torch"):
-        fn = lambda: attnmerge.merge_attn_states(out, *args, out_lse, None, scale, backend=provider)
-    elif provider == "unfused":
-        tmp = torch.empty(tokens, heads, head_size, dtype=dtype, device="cuda")
-        quant = torch.compile(quantize_fp8_static) if fp8 else None
-
-        def fn() -> None:
-            attnmerge.merge_attn_states(tmp, *args, out_lse, backend="triton")
-            if quant is not None:
-                out.copy_(quant(tmp, scale))
-
-        fn()
+    sheet = datasheet_bandwidth(dev.name)
+    copy_gbps = dev.copy_bytes_per_s / 1e9
+    if sheet is not None:
+        peak_gbps, source = sheet[0] / 1e9, f"datasheet {sheet[1]}"
     else:
-        raise ValueError(f"unknown provider {provider!r}")
-    fn()
-    torch.cuda.synchronize()
-    return _quantiles_us(fn)
+        peak_gbps, source = copy_gbps, "measured copy (card not in the datasheet table)"
+    return RunInfo(
+        gpu=dev.name,
+        torch_version=torch.__version__,
+        triton_version=_triton_version(),
+        attnmerge_version=attnmerge.__version__,
+        git_sha=git_sha(),
+        peak_gbps=peak_gbps,
+        peak_source=source,
+        copy_gbps=copy_gbps,
+        cold_l2=config.cold_l2,
+        rep_ms=config.rep_ms,
+    )
 
 
-def host_overhead_us(calls: int = 2000) -> dict[str, float]:
+# ---------------------------------------------------------------------------
+# The run
+
+
+def _one_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_writable(path: str | None, what: str) -> str | None:
+    if path and not Path(path).resolve().parent.is_dir():
+        return f"{what}: directory of {path} does not exist"
+    return None
+
+
+def run(
+    config: Config,
+    *,
+    device: torch.device | str = "cuda",
+    timer: Timer | None = None,
+    device_info: DeviceInfo | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Measure every case of ``config``, print the table, write the CSV and plot.
+
+    ``device``, ``timer`` and ``device_info`` are for tests: with a fake timer and
+    device facts, the whole flow runs on CPU tensors. Returns 0, or 2 when no GPU is
+    visible (for a CUDA device) or an output path is unusable.
+    """
+    out = out if out is not None else sys.stdout
+    device = torch.device(device)
+    for problem in (_check_writable(config.csv, "--csv"), _check_writable(config.plot, "--plot")):
+        if problem:
+            print(f"attnmerge bench: {problem}", file=sys.stderr)
+            return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        print(
+            "attnmerge bench: needs a CUDA GPU, and none is visible "
+            f"(torch {torch.__version__}, {build}; torch.cuda.is_available() is False)",
+            file=sys.stderr,
+        )
+        return 2
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    timer = timer if timer is not None else cudagraph_timer(config.rep_ms)
+    dev = device_info if device_info is not None else probe_device(device)
+    info = run_info(dev, config)
+    print(header_lines(info)[0], file=out, flush=True)
+
+    cases = build_cases(config)
+    scale = torch.tensor([FP8_SCALE], device=device)
+    records = []
+    progress = _Progress(len(cases), config.progress)
+    try:
+        for case in cases:
+            progress.start(
+                f"{case.dtype}->{case.out_dtype} D={case.head_size} T={case.tokens} "
+                f"H={case.heads} {case.provider}"
+            )
+            n_sets = cold_l2_sets(case.input_bytes(), dev.l2_bytes) if config.cold_l2 else 1
+            try:
+                sets = make_input_sets(case, n_sets, device)
+                fn = make_call(case, sets, scale if case.fp8 else None)
+                med, p20, p80 = timer(fn)
+                times = (med / n_sets, p20 / n_sets, p80 / n_sets)
+                records.append(make_record(case, n_sets, times, info))
+            except Exception as e:  # one provider failing a case must not end the run
+                records.append(make_record(case, n_sets, None, info, error=_one_line(e)))
+            finally:
+                sets = fn = None  # free this case's buffers before the next one's
+            progress.advance()
+    finally:
+        progress.close()
+
+    print(format_table(records, info), file=out)
+    if config.csv:
+        write_csv(config.csv, records, info)
+        print(f"wrote {config.csv} ({len(records)} rows)", file=out)
+    if config.plot:
+        skipped = write_plot(config.plot, records, info)
+        print(f"plot skipped: {skipped}" if skipped else f"wrote {config.plot}", file=out)
+    if config.host_overhead:
+        print("host overhead per eager call (us), T=1 H=8 D=128 bf16 -> FP8:", file=out)
+        for name, us in host_overhead_us(device).items():
+            value = f"{us:7.2f}" if isinstance(us, float) else us
+            print(f"{name:>45}: {value}", file=out)
+    return 0
+
+
+def host_overhead_us(device: torch.device | str = "cuda", calls: int = 2000) -> dict:
     """Host time per eager call (T=1, H=8, D=128 bf16 -> FP8), by layer.
 
     The kernels are tiny, so with the GPU idle the host is the bottleneck and the
-    wall time per call over many back-to-back calls is the host overhead.
+    wall time per call over many back-to-back calls is the host overhead. A layer
+    that cannot run here gets its error message instead of a number.
     """
     import attnmerge
     from attnmerge import api
-    from attnmerge.triton import load
 
-    x = make_inputs(1, 8, 128, torch.bfloat16)
-    out = torch.empty(1, 8, 128, dtype=torch.float8_e4m3fn, device="cuda")
-    scale = torch.tensor([0.1], device="cuda")
-    args = (out, x["prefix_output"], x["prefix_lse"], x["suffix_output"], x["suffix_lse"])
-    from attnmerge.cuda import backend as cuda_backend
+    case = Case("bf16", True, False, 128, 1, 8, "triton")
+    s = make_input_sets(case, 1, device)[0]
+    scale = torch.tensor([FP8_SCALE], device=device)
+    args = (s["output"], s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"])
 
-    kernel = load().merge_two_states
+    def cuda_launch() -> None:
+        from attnmerge.cuda import backend as cuda_backend
+
+        cuda_backend.merge_two_states(*args, None, None, scale, False)
+
+    def triton_launch() -> None:
+        from attnmerge.triton import load
+
+        load().merge_two_states(*args, None, None, scale, False)
+
     cases = {
         "merge_attn_states (cuda, public API)": lambda: attnmerge.merge_attn_states(
             *args, None, None, scale, backend="cuda"
         ),
-        "cuda launch only": lambda: cuda_backend.merge_two_states(*args, None, None, scale, False),
+        "cuda launch only": cuda_launch,
         "merge_attn_states (triton, public API)": lambda: attnmerge.merge_attn_states(
             *args, None, None, scale, backend="triton"
         ),
         "argument checks only": lambda: api._validate(
             *args, None, None, scale, "e", "triton", True
         ),
-        "Triton launch only": lambda: kernel(*args, None, None, scale, False),
+        "Triton launch only": triton_launch,
         "torch.ops dispatcher path": lambda: torch.ops.attnmerge.merge_attn_states(
             *args, None, None, scale, False, "triton"
         ),
     }
-    result = {}
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    result: dict[str, float | str] = {}
     for name, fn in cases.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
+        try:
+            for _ in range(50):
+                fn()
+        except Exception as e:
+            result[name] = _one_line(e)
+            continue
+        sync()
         samples = []
         for _ in range(5):
             t0 = time.perf_counter()
             for _ in range(calls // 5):
                 fn()
-            torch.cuda.synchronize()
+            sync()
             samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
         result[name] = statistics.median(samples)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m attnmerge.bench", description=__doc__)
-    p.add_argument("--dtypes", default="bf16,fp32", help="partial dtypes: bf16,fp16,fp32")
-    p.add_argument("--providers", default="cuda,triton,unfused", help="cuda,triton,unfused,torch")
-    p.add_argument("--no-fp8", action="store_true", help="store in the partials' dtype")
-    p.add_argument("--head-size", type=int, default=128)
-    p.add_argument(
-        "--shapes", default=",".join(f"{t}x{h}" for t, h in DEFAULT_SHAPES), help="TxH,..."
-    )
-    p.add_argument(
-        "--block-rows", default="", help="also sweep Triton rows per program, e.g. 4,8,16,32"
-    )
-    p.add_argument("--host-overhead", action="store_true")
-    p.add_argument("--csv", default="", help="write results to this CSV file")
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("attnmerge bench needs a CUDA GPU; none is visible", file=sys.stderr)
-        return 2
-    import triton
+def run_args(args: argparse.Namespace) -> int:
+    """Run ``attnmerge bench`` from its parsed options."""
+    return run(config_from_args(args))
 
-    gpu = torch.cuda.get_device_name()
-    bw = copy_bandwidth()
-    print(f"# {gpu}; torch {torch.__version__}; triton {triton.__version__}")
-    print(f"# device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-    fp8 = not a.no_fp8
-    rows = []
-    row_fmt = "{:>5} {:>5} {:>4} {:>12} {:>10} {:>8} {:>8} {:>9} {:>6}"
-    print(
-        row_fmt.format("dtype", "T", "H", "provider", "median_us", "p20", "p80", "floor_us", "TB/s")
-    )
-    providers = [(pv, None) for pv in a.providers.split(",") if pv]
-    providers += [("triton", int(b)) for b in a.block_rows.split(",") if b]
-    for dname in a.dtypes.split(","):
-        dtype = DTYPES[dname]
-        out_dtype = torch.float8_e4m3fn if fp8 else dtype
-        for t, h in shapes:
-            nbytes = min_bytes(t, h, a.head_size, dtype, out_dtype, with_lse=False)
-            floor = nbytes / bw * 1e6
-            for provider, block_rows in providers:
-                med, p20, p80 = bench_case(
-                    t, h, a.head_size, dtype, fp8, provider, block_rows=block_rows
-                )
-                name = provider if block_rows is None else f"triton/r{block_rows}"
-                tbs = nbytes / (med * 1e-6) / 1e12
-                print(
-                    row_fmt.format(
-                        dname, t, h, name, *(f"{v:.2f}" for v in (med, p20, p80, floor, tbs))
-                    )
-                )
-                rows.append([gpu, dname, t, h, a.head_size, fp8, name, med, p20, p80, floor, tbs])
-    if a.csv:
-        with open(a.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(
-                [
-                    "gpu",
-                    "dtype",
-                    "T",
-                    "H",
-                    "D",
-                    "fp8",
-                    "provider",
-                    "median_us",
-                    "p20_us",
-                    "p80_us",
-                    "floor_us",
-                    "TBps",
-                ]
-            )
-            w.writerows(rows)
-    if a.host_overhead:
-        print("# host overhead per eager call (us)")
-        for name, us in host_overhead_us().items():
-            print(f"{name:>45}: {us:7.2f}")
-    return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m attnmerge.bench``: the same as ``attnmerge bench``."""
+    try:
+        args = _parser("python -m attnmerge.bench").parse_args(argv)
+    except SystemExit as e:  # --help, usage errors
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    return run_args(args)
 
 
 if __name__ == "__main__":
