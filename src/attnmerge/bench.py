@@ -239,6 +239,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _shape_list(text: str) -> tuple[tuple[int, int], ...]:
     shapes = []
     for item in (s.strip() for s in text.split(",")):
@@ -342,7 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--rep-ms",
-        type=int,
+        type=_positive_int,
         default=c.rep_ms,
         help=f"milliseconds of calls captured per CUDA graph ({c.rep_ms})",
     )
@@ -436,7 +446,11 @@ class Record:
 
 
 def make_record(
-    case: Case, sets: int, times_us: tuple[float, float, float] | None, info: RunInfo, error=""
+    case: Case,
+    sets: int,
+    times_us: tuple[float, float, float] | None,
+    info: RunInfo,
+    error: str = "",
 ) -> Record:
     """The record of a case from its (median, p20, p80) per call, or of its error."""
     nbytes = case.min_bytes()
@@ -533,7 +547,7 @@ def format_table(records: Sequence[Record], info: RunInfo) -> str:
 
     def fmt(row: list[str]) -> str:
         parts = [
-            v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))
+            v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
         ]
         return "  ".join(parts[:n_keys]) + "  |  " + "  ".join(parts[n_keys:])
 
@@ -818,8 +832,8 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
 
 def probe_device(device: torch.device) -> DeviceInfo:
     """Name, L2 size and measured copy bandwidth of a CUDA device."""
-    props = torch.cuda.get_device_properties(device)
-    return DeviceInfo(props.name, props.L2_cache_size, copy_bandwidth(str(device)))
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    return DeviceInfo(torch.cuda.get_device_name(device), l2_bytes, copy_bandwidth(str(device)))
 
 
 def git_sha() -> str:

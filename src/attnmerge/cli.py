@@ -167,6 +167,23 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# attnmerge bench (options and the run live in bench.py, imported on use)
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import bench
+
+    bench.add_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    """Benchmark the merge on the GPU; 2 without one."""
+    from . import bench
+
+    return bench.run_args(args)
+
+
+# ---------------------------------------------------------------------------
 # Command table and entry point.
 
 
@@ -207,6 +224,17 @@ _COMMANDS = (
         "so that first use does not compile. Works on a machine without a GPU.",
         _add_build_arguments,
         _run_build,
+    ),
+    _Command(
+        "bench",
+        "benchmark the merge on the GPU (time, GB/s, % of peak bandwidth)",
+        "Time every provider (cuda, triton, unfused = merge + separate FP8 quantisation, "
+        "torch) on a grid of shapes (default: vLLM's, T in 1..4096 x H in 128..4 x D = 128 x "
+        "fp32/fp16/bf16 partials, FP8 output) by CUDA-graph replay; print a table with the "
+        "median time, GB/s and % of the card's datasheet bandwidth, and optionally write a "
+        "CSV and a PNG plot. Needs a CUDA GPU: without one it exits with 2.",
+        _add_bench_arguments,
+        _run_bench,
     ),
 )
 
