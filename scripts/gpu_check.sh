@@ -42,8 +42,9 @@ if [ "$mode" = all ] || [ "$mode" = rest ]; then
       compute-sanitizer --tool "$tool" --error-exitcode 9 python3 scripts/sanitize_cases.py
   done
   step demo demo.log python3 -m attnmerge demo
-  step bench bench.log python3 -m attnmerge.bench --dtypes bf16,fp32 \
-    --providers cuda,triton,unfused --host-overhead --csv "$OUT/bench.csv"
+  step bench bench.log python3 -m attnmerge bench --dtypes bf16,fp32 \
+    --shapes 1x128,64x128,256x128,1024x128,4096x128,4096x8 --providers cuda,triton,unfused \
+    --host-overhead --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png"
 fi
 
 echo "=================== summary ==================="

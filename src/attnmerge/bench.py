@@ -63,6 +63,8 @@ from typing import TextIO
 
 import torch
 
+from .reference import quantize_fp8_static
+
 __all__ = [
     "Case",
     "Config",
@@ -233,7 +235,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -322,13 +326,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fp8",
         choices=sorted(_ON_OFF),
         default="on",
-        help="FP8 output (scale 0.1), or the partials' dtype (off), or both (on)",
+        help="on: FP8 output, scale 0.1; off: output in the partials' dtype; both (on)",
     )
     g.add_argument(
         "--output-lse",
         choices=sorted(_ON_OFF),
         default="off",
-        help="also write the output LSE (off)",
+        help="on: the merge also writes the output LSE; off; both (off)",
     )
     g.add_argument(
         "--providers",
@@ -391,7 +395,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _parser(prog: str = "attnmerge bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description=__doc__.split("\n\n")[0],
+        description="Benchmark the merge on a CUDA GPU: time per call (CUDA-graph replay), "
+        "GB/s and % of the card's peak bandwidth, per provider.",
         epilog="See the module docstring of attnmerge.bench for what is measured and how.",
     )
     add_arguments(p)
@@ -547,7 +552,8 @@ def format_table(records: Sequence[Record], info: RunInfo) -> str:
 
     def fmt(row: list[str]) -> str:
         parts = [
-            v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            v.ljust(w) if i < 2 else v.rjust(w)
+            for i, (v, w) in enumerate(zip(row, widths, strict=True))
         ]
         return "  ".join(parts[:n_keys]) + "  |  " + "  ".join(parts[n_keys:])
 
@@ -581,6 +587,7 @@ def write_plot(path: str | Path, records: Sequence[Record], info: RunInfo) -> st
         return "no successful measurement to plot"
     variants = list(dict.fromkeys(_variant(r) for r in ok))[:_MAX_PLOT_ROWS]
     heads = list(dict.fromkeys(r.heads for r in ok))
+    tokens = sorted({r.tokens for r in ok})
     providers = _providers(ok)
     fig = Figure(figsize=(3.2 * len(heads), 2.6 * len(variants) + 0.8), layout="constrained")
     axes = fig.subplots(len(variants), len(heads), squeeze=False, sharex=True)
@@ -594,11 +601,13 @@ def write_plot(path: str | Path, records: Sequence[Record], info: RunInfo) -> st
                     if _variant(r) == variant and r.heads == h and r.provider == p
                 )
                 if pts:
-                    xs, ys = zip(*pts)
+                    xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, marker="o", markersize=3, label=p, color=f"C{k}")
             ax.axhline(info.peak_gbps, color="0.4", linestyle="--", linewidth=0.8)
             ax.axhline(info.copy_gbps, color="0.4", linestyle=":", linewidth=0.8)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(tokens, labels=[str(t) for t in tokens])
+            ax.minorticks_off()
             ax.set_ylim(bottom=0)
             dtype, out, lse, d = variant
             ax.set_title(f"{dtype}->{out}{' +lse' if lse else ''} D={d} H={h}", fontsize=9)
@@ -718,8 +727,6 @@ def make_input_sets(case: Case, n_sets: int, device: torch.device | str) -> list
 
 
 def _quantize_into(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> None:
-    from .reference import quantize_fp8_static
-
     out.copy_(quantize_fp8_static(x, scale))
 
 
@@ -801,9 +808,7 @@ def cudagraph_timer(rep_ms: int = DEFAULT_REP_MS) -> Timer:
 
         fn()
         torch.cuda.synchronize()
-        p20, p50, p80 = triton.testing.do_bench_cudagraph(
-            fn, rep=rep_ms, quantiles=[0.2, 0.5, 0.8]
-        )
+        p20, p50, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
         return p50 * 1e3, p20 * 1e3, p80 * 1e3
 
     return timer
@@ -931,9 +936,13 @@ def run(
     timer = timer if timer is not None else cudagraph_timer(config.rep_ms)
     dev = device_info if device_info is not None else probe_device(device)
     info = run_info(dev, config)
-    print(header_lines(info)[0], file=out, flush=True)
-
     cases = build_cases(config)
+    print(
+        f"attnmerge bench: {len(cases)} cases on {info.gpu} "
+        f"(copy bandwidth {info.copy_gbps:.0f} GB/s)",
+        file=out,
+        flush=True,
+    )
     scale = torch.tensor([FP8_SCALE], device=device)
     records = []
     progress = _Progress(len(cases), config.progress)

@@ -227,7 +227,7 @@ _COMMANDS = (
     ),
     _Command(
         "bench",
-        "benchmark the merge on the GPU (time, GB/s, % of peak bandwidth)",
+        "benchmark the merge on the GPU (time, GB/s, %% of peak bandwidth)",
         "Time every provider (cuda, triton, unfused = merge + separate FP8 quantisation, "
         "torch) on a grid of shapes (default: vLLM's, T in 1..4096 x H in 128..4 x D = 128 x "
         "fp32/fp16/bf16 partials, FP8 output) by CUDA-graph replay; print a table with the "
