@@ -165,7 +165,8 @@ def block_rows_for(head_size: int, itemsize: int) -> int:
 # launch path for good (logged once).
 
 _compiled: dict[tuple, object] = {}
-_direct_launch = True
+# None until the first direct launch succeeds (then True), False once it failed.
+_direct_launch: bool | None = None
 _INTERPRETING = interpreting()
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -256,13 +257,17 @@ def merge_two_states(
 def _launch(key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int) -> None:
     global _direct_launch
     compiled = _compiled.get(key)
-    if compiled is not None and _direct_launch:
+    if compiled is not None and _direct_launch is not False:
         # The compiled kernel's own launcher (it runs Triton's launch hooks, if any).
         stream = torch._C._cuda_getCurrentRawStream(device_index)
-        try:
+        if _direct_launch:
             compiled[grid](*args, *constexprs, stream=stream)
             return
-        except (TypeError, IndexError, AttributeError) as e:
+        try:  # the first time: a runner that rejects the arguments launches nothing
+            compiled[grid](*args, *constexprs, stream=stream)
+            _direct_launch = True
+            return
+        except Exception as e:
             _direct_launch = False
             logger.warning(
                 "attnmerge: direct launch of compiled Triton kernels is not supported by "
