@@ -3,7 +3,7 @@
 # Full logs go to $OUT (or ./gpu_logs); a compact summary is printed last.
 #
 #   scripts/gpu_check.sh          everything (tests, sanitizer, demo, bench)
-#   scripts/gpu_check.sh tests    the test suite only (fuzz: ATTNMERGE_FUZZ_EXAMPLES, 400)
+#   scripts/gpu_check.sh tests    the test suite only (fuzz: ATTNMERGE_FUZZ_EXAMPLES, 200)
 #   scripts/gpu_check.sh rest     sanitizer, demo, bench (no test suite)
 #
 # Each part fits a 10-minute call on an H100/H200; run "tests" and "rest" as two calls
@@ -12,7 +12,7 @@ set -u
 OUT=${OUT:-./gpu_logs}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export ATTNMERGE_FUZZ_EXAMPLES=${ATTNMERGE_FUZZ_EXAMPLES:-400}
+export ATTNMERGE_FUZZ_EXAMPLES=${ATTNMERGE_FUZZ_EXAMPLES:-200}
 export ATTNMERGE_CACHE_DIR=${ATTNMERGE_CACHE_DIR:-/tmp/attnmerge-cache}
 unset TRITON_INTERPRET
 mode=${1:-all}
