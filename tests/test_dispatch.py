@@ -1,7 +1,7 @@
 """Backend selection: "auto", the ATTNMERGE_BACKEND override, logging of fallbacks.
 
-Which backend ran is observed by wrapping the run functions in ``dispatch._RUNNERS``
-(the table ``select`` picks from); every test starts and ends with
+Which backend ran is observed by wrapping the run functions that ``dispatch._RUNNERS``
+(the table ``select`` picks from) hands out; every test starts and ends with
 ``dispatch.reset()`` (the ``clean_dispatch`` fixture) so cached decisions and logged
 reasons do not leak between tests.
 """
@@ -25,13 +25,18 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 def spies(monkeypatch, clean_dispatch):
     """Wrap every runner; returns the list of backend names called, in order."""
     calls: list[str] = []
-    for name, fn in list(dispatch._RUNNERS.items()):
+    for name, runner in list(dispatch._RUNNERS.items()):
 
-        def spy(*args, _name=name, _fn=fn):
-            calls.append(_name)
-            return _fn(*args)
+        def spy_runner(_name=name, _runner=runner):
+            run = _runner()
 
-        monkeypatch.setitem(dispatch._RUNNERS, name, spy)
+            def spy(*args):
+                calls.append(_name)
+                return run(*args)
+
+            return spy
+
+        monkeypatch.setitem(dispatch._RUNNERS, name, spy_runner)
     dispatch.reset()
     return calls
 

@@ -116,18 +116,28 @@ def _torch_reason(device: torch.device, key: tuple) -> str | None:
     return None
 
 
-def _cuda_run(*args) -> None:
+# Runners are looked up once per call signature (select caches them), so the lazy
+# imports below run only on the first call, not on the hot path.
+def _cuda_runner() -> RunFn:
     from .cuda import backend as cuda_backend
 
-    cuda_backend.merge_two_states(*args)
+    return cuda_backend.merge_two_states
 
 
-def _triton_run(*args) -> None:
-    triton_backend.load().merge_two_states(*args)
+def _triton_runner() -> RunFn:
+    return triton_backend.load().merge_two_states
+
+
+def _torch_runner() -> RunFn:
+    return reference.run
 
 
 _REASONS = {"cuda": _cuda_reason, "triton": _triton_reason, "torch": _torch_reason}
-_RUNNERS: dict[str, RunFn] = {"cuda": _cuda_run, "triton": _triton_run, "torch": reference.run}
+_RUNNERS: dict[str, Callable[[], RunFn]] = {
+    "cuda": _cuda_runner,
+    "triton": _triton_runner,
+    "torch": _torch_runner,
+}
 
 # Backends that serve explicit requests but that ``auto`` does not pick yet, with why.
 _NOT_AUTO = {
@@ -172,7 +182,7 @@ def select(backend: str, device: torch.device, key: tuple) -> RunFn:
         for candidate in AUTO_ORDER:
             reason = _REASONS[candidate](device, key) or _NOT_AUTO.get(candidate)
             if reason is None:
-                fn = _RUNNERS[candidate]
+                fn = _RUNNERS[candidate]()
                 break
             if (candidate, reason) not in _logged:
                 _logged.add((candidate, reason))
@@ -181,7 +191,7 @@ def select(backend: str, device: torch.device, key: tuple) -> RunFn:
         reason = _REASONS[name](device, key)
         if reason is not None:
             raise BackendError(f"backend {name!r} cannot serve this call: {reason}")
-        fn = _RUNNERS[name]
+        fn = _RUNNERS[name]()
     _selected[cache_key] = fn
     return fn
 
