@@ -198,7 +198,7 @@ def _merge_attn_states_impl(
 ) -> None:
     """Validate on real tensors, select a backend, run. Shared by the eager path and
     the custom op's implementation."""
-    lse_base_2, key = _validate(
+    args = (
         output,
         prefix_output,
         prefix_lse,
@@ -207,22 +207,9 @@ def _merge_attn_states_impl(
         output_lse,
         prefill_tokens_with_context,
         output_scale,
-        lse_base,
-        backend,
-        real_tensors=True,
     )
-    run = dispatch.select(backend, output.device, key)
-    run(
-        output,
-        prefix_output,
-        prefix_lse,
-        suffix_output,
-        suffix_lse,
-        output_lse,
-        prefill_tokens_with_context,
-        output_scale,
-        lse_base_2,
-    )
+    lse_base_2, key = _validate(*args, lse_base, backend, real_tensors=True)
+    dispatch.select(backend, output.device, key)(*args, lse_base_2)
 
 
 def merge_attn_states(
@@ -297,34 +284,7 @@ def merge_attn_states(
         >>> out = torch.empty(T, H, D)
         >>> attnmerge.merge_attn_states(out, o1, l1, o2, l2)
     """
-    if torch.compiler.is_compiling():
-        _validate(
-            output,
-            prefix_output,
-            prefix_lse,
-            suffix_output,
-            suffix_lse,
-            output_lse,
-            prefill_tokens_with_context,
-            output_scale,
-            lse_base,
-            backend,
-            real_tensors=False,
-        )
-        torch.ops.attnmerge.merge_attn_states(
-            output,
-            prefix_output,
-            prefix_lse,
-            suffix_output,
-            suffix_lse,
-            output_lse,
-            prefill_tokens_with_context,
-            output_scale,
-            lse_base == 2,
-            backend,
-        )
-        return
-    _merge_attn_states_impl(
+    args = (
         output,
         prefix_output,
         prefix_lse,
@@ -333,9 +293,13 @@ def merge_attn_states(
         output_lse,
         prefill_tokens_with_context,
         output_scale,
-        lse_base,
-        backend,
     )
+    if torch.compiler.is_compiling():
+        # Checks at trace time (fake tensors: no aliasing checks), then the opaque op.
+        _validate(*args, lse_base, backend, real_tensors=False)
+        torch.ops.attnmerge.merge_attn_states(*args, lse_base == 2, backend)
+        return
+    _merge_attn_states_impl(*args, lse_base, backend)
 
 
 @dataclass(frozen=True, eq=False)
