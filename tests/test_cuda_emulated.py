@@ -37,22 +37,26 @@ def emulator_dir(tmp_path_factory) -> Path:
 
 
 class _EmulatedKernel:
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, instance: tuple, launched: list) -> None:
         self._lib = lib
+        self._instance = instance
+        self._launched = launched
 
     def launch(self, grid: int, stream: int, params: bytes) -> None:
         assert len(params) == 192
         assert self._lib.emulate_merge(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0
+        self._launched.append(self._instance)
 
 
 @pytest.fixture
 def emulated(emulator_dir, monkeypatch):
     """Route the cuda backend's launches to host builds of the kernel."""
 
+    launched = []  # the instance of every launch, in order
+
     @functools.cache
-    def kernel(device_index, instance) -> _EmulatedKernel:
-        p, s, o, vec, team = instance
-        name = f"{p}_{s}_{o}_{vec}_{team}"
+    def library(instance) -> ctypes.CDLL:
+        name = "_".join(map(str, instance))
         lib = emulator_dir / f"{name}.so"
         if not lib.exists():
             subprocess.run(
@@ -65,8 +69,7 @@ def emulated(emulator_dir, monkeypatch):
                     "-fPIC",
                     "-ffp-contract=off",
                     f"-I{CSRC}",
-                    f"-DATTNMERGE_MERGE_TWO_INSTANCE=attnmerge::{p}, attnmerge::{s}, "
-                    f"attnmerge::{o}, {vec}, {team}",
+                    f"-DATTNMERGE_MERGE_TWO_INSTANCE={cuda_backend.template_arguments(instance)}",
                     str(HERE / "cuda_emulation" / "emulate.cpp"),
                     "-o",
                     str(lib),
@@ -75,18 +78,17 @@ def emulated(emulator_dir, monkeypatch):
             )
         cdll = ctypes.CDLL(str(lib))
         cdll.emulate_merge.argtypes = [ctypes.c_char_p, ctypes.c_uint]
-        return _EmulatedKernel(cdll)
+        return cdll
 
-    instances = []
+    def kernel(device_index, instance) -> _EmulatedKernel:
+        return _EmulatedKernel(library(instance), instance, launched)
 
-    def record(device_index, instance):
-        instances.append(instance)
-        return kernel(device_index, instance)
-
-    monkeypatch.setattr(cuda_backend, "_kernel", record)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
-    return instances
+    monkeypatch.setattr(cuda_backend, "_kernel", kernel)
+    monkeypatch.setattr(cuda_backend, "_current_raw_stream", lambda index: 0)
+    monkeypatch.setattr(cuda_backend, "_current_device", lambda: None)
+    cuda_backend._launcher.cache_clear()  # launchers hold kernels: none real, none emulated
+    yield launched
+    cuda_backend._launcher.cache_clear()
 
 
 def _run(case) -> None:
@@ -172,3 +174,20 @@ def test_fuzz_against_reference(emulated):
 
     check()
     assert len(emulated) >= EMULATED_FUZZ_EXAMPLES // 2  # most examples reached the kernel
+
+
+@pytest.mark.parametrize(
+    ("dtype", "D", "alias"),
+    [
+        (torch.bfloat16, 128, "lse_prefix"),  # the barrier orders every row of the block
+        (torch.float32, 576, None),  # 144 chunks: each of a team's rows loops
+        (torch.float16, 13, "prefix"),  # scalar path, in place
+    ],
+)
+def test_several_rows_per_team(emulated, monkeypatch, dtype, D, alias):
+    # Large grids give each team ROWS_LARGE rows; force that here on a small one whose
+    # row count is not a multiple of the block's, with tail tokens and special LSEs.
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
+    case = make_case(11, 3, D, dtype=dtype, alias=alias, lse_pattern="mixed", P=8)
+    _check(case)
+    assert emulated[-1][5] == cuda_backend.ROWS_LARGE > 1

@@ -120,10 +120,11 @@ def _nvcc_archs() -> list[str]:
 _INSTANTIATIONS = r"""
 #include "merge_attn_states.cuh"
 namespace attnmerge {
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16>(const MergeParams);
-template __global__ void merge_two_kernel<F16, F16, F16, 8, 16>(const MergeParams);
-template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32>(const MergeParams);
-template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128>(const MergeParams);
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 1>(const MergeParams);
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 4>(const MergeParams);
+template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 2>(const MergeParams);
+template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2>(const MergeParams);
+template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128, 4>(const MergeParams);
 }
 """
 
@@ -198,47 +199,44 @@ def test_params_struct_layout_matches_the_launcher(tmp_path):
 
 
 def test_instance_choice():
-    from attnmerge.cuda.backend import common_instances, instance_for
+    from attnmerge.cuda.backend import ROWS_LARGE, ROWS_SMALL, common_instances, instance_for
 
     # 16-byte chunks of the widest input; one row per team of ceil(D / vec) threads (pow2).
-    assert instance_for(torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, 8) == (
-        "BF16",
-        "BF16",
-        "FP8E4M3",
-        8,
-        16,
-    )
-    assert instance_for(torch.float32, torch.float32, torch.float32, 576, 4) == (
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 8) == (
+        "BF16", "BF16", "FP8E4M3", 8, 16, ROWS_SMALL
+    )  # fmt: skip
+    assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE) == (
         "F32",
         "F32",
         "F32",
         4,
         128,
-    )  # 144 chunks: the team of 128 loops
-    assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[-1] == 128
+        ROWS_LARGE,
+    )  # fmt: skip  (144 chunks: the team of 128 loops)
+    assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[4] == 128
     insts = common_instances((128,))
-    assert ("BF16", "BF16", "FP8E4M3", 8, 16) in insts and (
-        "BF16",
-        "BF16",
-        "FP8E4M3",
-        1,
-        128,
-    ) in insts
+    for vec in (8, 1):
+        for rows in (ROWS_SMALL, ROWS_LARGE):
+            assert ("BF16", "BF16", "FP8E4M3", vec, 16 if vec == 8 else 128, rows) in insts
     assert len(insts) == len(set(insts))
 
 
-def test_vector_width_falls_back_to_scalar_when_misaligned():
-    from attnmerge.cuda.backend import _vector_width
+def test_vector_accesses_need_aligned_row_chunks():
+    from attnmerge.cuda.backend import _aligned
+
+    def aligned(t: torch.Tensor) -> bool:
+        return _aligned(t.data_ptr(), t.stride(), t.itemsize, 8)
 
     buf = torch.empty(4 * 8 * 136 + 8, dtype=torch.bfloat16)
-    aligned = buf[: 4 * 8 * 128].view(4, 8, 128)
-    assert _vector_width((aligned,), 128, 2) == 8
-    assert _vector_width((buf[1 : 1 + 4 * 8 * 128].view(4, 8, 128),), 128, 2) == 1  # offset 2 B
+    assert aligned(buf[: 4 * 8 * 128].view(4, 8, 128))
+    assert not aligned(buf[1 : 1 + 4 * 8 * 128].view(4, 8, 128))  # offset 2 B
     padded = buf[: 4 * 8 * 136].view(4, 8, 136)[..., :128]  # head stride 272 B: 16 B aligned
-    assert _vector_width((padded,), 128, 2) == 8
+    assert aligned(padded)
     odd = buf[: 4 * 8 * 132].view(4, 8, 132)[..., :128]  # head stride 264 B: not 16 B aligned
-    assert _vector_width((odd,), 128, 2) == 1
-    assert _vector_width((aligned,), 124, 2) == 1  # head size not a multiple of 8
+    assert not aligned(odd)
+    fp8 = torch.empty(4, 8, 136, dtype=torch.float8_e4m3fn)[..., :128]  # 8 B chunks suffice
+    assert _aligned(fp8.data_ptr(), fp8.stride(), 1, 8)
 
 
 def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch):

@@ -134,6 +134,7 @@ class Config:
     output_lse: tuple[bool, ...] = (False,)
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     block_rows: tuple[int, ...] = ()  # extra providers "triton/rN": Triton rows per program
+    cuda_rows: tuple[int, ...] = ()  # extra providers "cuda/rN": CUDA rows per thread team
     cold_l2: bool = False
     rep_ms: int = DEFAULT_REP_MS
     host_overhead: bool = False
@@ -152,7 +153,7 @@ class Case:
     head_size: int
     tokens: int
     heads: int
-    provider: str  # one of PROVIDERS, or "triton/rN" (N rows per Triton program)
+    provider: str  # one of PROVIDERS, "triton/rN" (N rows per Triton program) or "cuda/rN"
 
     @property
     def out_dtype(self) -> str:
@@ -161,6 +162,11 @@ class Case:
     @property
     def block_rows(self) -> int | None:
         m = re.fullmatch(r"triton/r(\d+)", self.provider)
+        return int(m.group(1)) if m else None
+
+    @property
+    def cuda_rows(self) -> int | None:
+        m = re.fullmatch(r"cuda/r(\d+)", self.provider)
         return int(m.group(1)) if m else None
 
     def input_bytes(self) -> int:
@@ -201,6 +207,7 @@ def build_cases(config: Config) -> list[Case]:
     else:
         shapes = [(t, h) for h in config.heads for t in config.tokens]
     providers = list(config.providers) + [f"triton/r{n}" for n in config.block_rows]
+    providers += [f"cuda/r{n}" for n in config.cuda_rows]
     cases = []
     for dtype in config.dtypes:
         for fp8 in config.fp8:
@@ -348,6 +355,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N,...",
         help="also time the Triton kernel with N rows per program (providers triton/rN)",
     )
+    g.add_argument(
+        "--cuda-rows",
+        type=_int_list,
+        default=(),
+        metavar="N,...",
+        help="also time the CUDA kernel with N rows per thread team (providers cuda/rN)",
+    )
     g = parser.add_argument_group("timing")
     g.add_argument(
         "--cold-l2",
@@ -383,6 +397,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         output_lse=_ON_OFF[args.output_lse],
         providers=args.providers,
         block_rows=args.block_rows,
+        cuda_rows=args.cuda_rows,
         cold_l2=args.cold_l2,
         rep_ms=args.rep_ms,
         host_overhead=args.host_overhead,
@@ -752,6 +767,22 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
         calls = [
             functools.partial(
                 kernel, s["output"], *args(s), s["output_lse"], None, scale, False, case.block_rows
+            )
+            for s in sets
+        ]
+    elif case.cuda_rows is not None:
+        from .cuda import backend as cuda_backend
+
+        calls = [
+            functools.partial(
+                cuda_backend.merge_two_states,
+                s["output"],
+                *args(s),
+                s["output_lse"],
+                None,
+                scale,
+                False,
+                rows=case.cuda_rows,
             )
             for s in sets
         ]

@@ -70,19 +70,24 @@ def unavailable_reason() -> str | None:
     return driver.unavailable_reason()
 
 
-def build_instance(instance: tuple[str, str, str, int, int], arch: str) -> bytes:
+def template_arguments(instance: tuple[str, str, str, int, int, int]) -> str:
+    """The C++ template arguments of merge_two_rows for one kernel instance."""
+    p, s, o, vec, team, rows = instance
+    return f"attnmerge::{p}, attnmerge::{s}, attnmerge::{o}, {vec}, {team}, {rows}"
+
+
+def build_instance(instance: tuple[str, str, str, int, int, int], arch: str) -> bytes:
     """The cubin of one kernel instance for ``arch``, from the cache or built now."""
     from .. import __version__
 
-    p, s, o, vec, team = instance
     key = {
         "attnmerge": __version__,
         "source": _source_hash(),
-        "instance": f"{p},{s},{o},{vec},{team}",
+        "instance": ",".join(map(str, instance)),
         "arch": arch,
         "nvrtc": ".".join(map(str, nvrtc.version())),
     }
-    template_args = f"attnmerge::{p}, attnmerge::{s}, attnmerge::{o}, {vec}, {team}"
+    template_args = template_arguments(instance)
 
     def build() -> bytes:
         text = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {template_args}\n" + source()
@@ -104,32 +109,53 @@ def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
+#: Rows per team: 1 for small grids (more blocks in flight when latency-bound), more for
+#: large ones (more loads in flight per thread, index math amortised); see
+#: docs/performance.md for the measurements behind both numbers.
+ROWS_SMALL, ROWS_LARGE = 1, 2
+#: Grids of at most this many rows take ROWS_SMALL.
+SMALL_GRID_ROWS = 8192
+
+
+def rows_per_team(num_rows: int) -> int:
+    return ROWS_SMALL if num_rows <= SMALL_GRID_ROWS else ROWS_LARGE
+
+
 def instance_for(
     prefix_dtype: torch.dtype,
     suffix_dtype: torch.dtype,
     out_dtype: torch.dtype,
     head_size: int,
     vec: int,
-) -> tuple[str, str, str, int, int]:
-    """The kernel instance serving these dtypes and head size at vector width ``vec``."""
+    rows: int = ROWS_SMALL,
+) -> tuple[str, str, str, int, int, int]:
+    """The kernel instance serving these dtypes and head size at vector width ``vec``
+    with ``rows`` rows per team of threads."""
     team = min(_next_pow2(-(-head_size // vec)), THREADS_PER_BLOCK)
-    return (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype], vec, team)
+    return (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype], vec, team, rows)
 
 
 #: Head sizes ``attnmerge build`` prepares by default (MLA and common attention heads).
 COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
 
-def common_instances(head_sizes=COMMON_HEAD_SIZES) -> list[tuple[str, str, str, int, int]]:
-    """Instances for same-dtype partials (fp32/fp16/bf16) into every output dtype, at the
-    vector width aligned tensors get and at the scalar fallback."""
+def _variants(head_size: int, widest: int) -> list[tuple[int, int]]:
+    """(vector width, rows per team) pairs a call signature can need: 16-byte or scalar
+    accesses (alignment is a property of each call's tensors), small or large grid."""
+    vec = 16 // widest
+    vecs = (vec, 1) if head_size % vec == 0 else (1,)
+    return [(v, r) for v in vecs for r in dict.fromkeys((ROWS_SMALL, ROWS_LARGE))]
+
+
+def common_instances(head_sizes=COMMON_HEAD_SIZES) -> list[tuple[str, str, str, int, int, int]]:
+    """Instances for same-dtype partials (fp32/fp16/bf16) into every output dtype, for
+    every variant a call can need."""
     found = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for out in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn):
             for head_size in head_sizes:
-                vec = 16 // dtype.itemsize
-                for v in (vec, 1) if head_size % vec == 0 else (1,):
-                    inst = instance_for(dtype, dtype, out, head_size, v)
+                for v, r in _variants(head_size, dtype.itemsize):
+                    inst = instance_for(dtype, dtype, out, head_size, v, r)
                     if inst not in found:
                         found.append(inst)
     return found
@@ -142,32 +168,45 @@ def prepare(
     out_dtype: torch.dtype,
     head_size: int,
 ) -> None:
-    """Build (or load) and load both kernel instances a call signature can need (vector
-    and scalar), so that a failing build shows at backend selection, not mid-call.
+    """Build (or load) and load every kernel instance a call signature can need, so
+    that a failing build shows at backend selection, not mid-call.
 
     Raises:
         nvrtc.BuildError, driver.DriverError: with the compiler's or driver's message.
     """
     if head_size == 0:
         return
-    vec = 16 // max(prefix_dtype.itemsize, suffix_dtype.itemsize)
-    for v in (vec, 1) if head_size % vec == 0 else (1,):
-        _kernel(device_index, instance_for(prefix_dtype, suffix_dtype, out_dtype, head_size, v))
+    widest = max(prefix_dtype.itemsize, suffix_dtype.itemsize)
+    for v, r in _variants(head_size, widest):
+        _launcher(device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r)
 
 
-def _vector_width(tensors: tuple[torch.Tensor, ...], head_size: int, widest: int) -> int:
-    """Elements per thread access: 16 bytes of the widest input when every row chunk of
-    every tensor is aligned for it, else 1 (scalar accesses)."""
-    vec = 16 // widest
-    if head_size % vec:
-        return 1
-    for t in tensors:
-        align = min(16, vec * t.itemsize)
-        if t.data_ptr() % align or (t.stride(0) * t.itemsize) % align:
-            return 1
-        if (t.stride(1) * t.itemsize) % align:
-            return 1
-    return vec
+@functools.cache
+def _launcher(
+    device_index: int,
+    prefix_dtype: torch.dtype,
+    suffix_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    head_size: int,
+    vec: int,
+    rows: int,
+) -> tuple[driver.Kernel, int]:
+    """The loaded kernel of one call variant and the rows each of its blocks merges."""
+    instance = instance_for(prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows)
+    team = instance[4]
+    return _kernel(device_index, instance), THREADS_PER_BLOCK // team * rows
+
+
+def _aligned(ptr: int, strides: tuple[int, ...], itemsize: int, vec: int) -> bool:
+    """Whether every row chunk of a tensor is aligned for ``vec``-element accesses."""
+    align = min(16, vec * itemsize)
+    return not (ptr % align or (strides[0] * itemsize) % align or (strides[1] * itemsize) % align)
+
+
+# Resolved once: torch.cuda.current_device() and friends cost a microsecond or more each
+# on the eager path. Absent on CPU-only builds of torch, where this backend never runs.
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def merge_two_states(
@@ -180,46 +219,70 @@ def merge_two_states(
     prefill_tokens_with_context: int | None,
     output_scale: torch.Tensor | None,
     lse_base_2: bool,
+    rows: int | None = None,
 ) -> None:
-    """Launch the merge on the current stream. Arguments must already be validated."""
+    """Launch the merge on the current stream. Arguments must already be validated.
+
+    ``rows`` (rows per thread team) overrides :func:`rows_per_team`, for tuning.
+    """
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0 or head_size == 0:
         return
     if num_rows > _MAX_ROWS:
         raise ValueError(f"cuda backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
-    widest = max(prefix_output.itemsize, suffix_output.itemsize)
-    vec = _vector_width((output, prefix_output, suffix_output), head_size, widest)
-    instance = instance_for(prefix_output.dtype, suffix_output.dtype, output.dtype, head_size, vec)
-    team = instance[-1]
+    out_ptr, pre_ptr, suf_ptr = (
+        output.data_ptr(),
+        prefix_output.data_ptr(),
+        suffix_output.data_ptr(),
+    )
+    out_st, pre_st, suf_st = output.stride(), prefix_output.stride(), suffix_output.stride()
+    pre_size, suf_size = prefix_output.itemsize, suffix_output.itemsize
+    vec = 16 // max(pre_size, suf_size)
+    if head_size % vec or not (
+        _aligned(out_ptr, out_st, output.itemsize, vec)
+        and _aligned(pre_ptr, pre_st, pre_size, vec)
+        and _aligned(suf_ptr, suf_st, suf_size, vec)
+    ):
+        vec = 1  # scalar accesses for misaligned rows
     device_index = output.device.index
-    kernel = _kernel(device_index, instance)
+    kernel, rows_per_block = _launcher(
+        device_index,
+        prefix_output.dtype,
+        suffix_output.dtype,
+        output.dtype,
+        head_size,
+        vec,
+        rows_per_team(num_rows) if rows is None else rows,
+    )
     lse_out = output_lse if output_lse is not None else suffix_lse  # not written then
     params = _PARAMS.pack(
-        output.data_ptr(),
+        out_ptr,
         output_lse.data_ptr() if output_lse is not None else 0,
-        prefix_output.data_ptr(),
+        pre_ptr,
         prefix_lse.data_ptr(),
-        suffix_output.data_ptr(),
+        suf_ptr,
         suffix_lse.data_ptr(),
         output_scale.data_ptr() if output_scale is not None else 0,
         num_rows,
         num_heads,
         head_size,
         num_tokens if prefill_tokens_with_context is None else prefill_tokens_with_context,
-        *output.stride()[:2],
-        *prefix_output.stride()[:2],
-        *suffix_output.stride()[:2],
+        out_st[0],
+        out_st[1],
+        pre_st[0],
+        pre_st[1],
+        suf_st[0],
+        suf_st[1],
         *prefix_lse.stride(),
         *suffix_lse.stride(),
         *lse_out.stride(),
-        int(lse_base_2),
-        int(output_lse is not None),
+        lse_base_2,
+        output_lse is not None,
     )
-    rows_per_block = THREADS_PER_BLOCK // team
     grid = -(-num_rows // rows_per_block)
-    stream = torch._C._cuda_getCurrentRawStream(device_index)
-    if torch.cuda.current_device() == device_index:
+    stream = _current_raw_stream(device_index)
+    if _current_device() == device_index:
         kernel.launch(grid, stream, params)
     else:  # the launch uses the current context: make it the tensors' device's
         with torch.cuda.device(device_index):

@@ -35,7 +35,8 @@ def _lib() -> ctypes.CDLL:
     lib.cuCtxPopCurrent_v2.argtypes = [ctypes.POINTER(vp)]
     lib.cuModuleLoadData.argtypes = [ctypes.POINTER(vp), ctypes.c_char_p]
     lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_char_p]
-    lib.cuLaunchKernel.argtypes = [vp, u32, u32, u32, u32, u32, u32, u32, vp, vp, vp]
+    params = ctypes.POINTER(ctypes.c_char_p)  # kernelParams: one pointer per parameter
+    lib.cuLaunchKernel.argtypes = [vp, u32, u32, u32, u32, u32, u32, u32, vp, params, vp]
     lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     for name in (
         "cuInit",
@@ -102,14 +103,20 @@ class Kernel:
         The driver copies the parameter bytes at launch (and at graph capture), so the
         buffer may be dropped right after.
         """
-        buf = ctypes.create_string_buffer(params, len(params))
-        args = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
-        code = self._launch(self._function, grid, 1, 1, self.block, 1, 1, 0, stream, args, None)
+        # kernelParams is an array of pointers to each parameter's bytes: with one
+        # parameter, a pointer to a single char* holding the address of the bytes
+        # object's own buffer (no copy, no array construction on the hot path).
+        args = ctypes.c_char_p(params)
+        code = self._launch(
+            self._function, grid, 1, 1, self.block, 1, 1, 0, stream, ctypes.byref(args), None
+        )
         if code == _CUDA_ERROR_INVALID_CONTEXT:
             # A thread on which nothing made the device's context current yet.
             lib = _lib()
             _check(lib, lib.cuCtxSetCurrent(_primary_context(self.device_index)), "cuCtxSetCurrent")
-            code = self._launch(self._function, grid, 1, 1, self.block, 1, 1, 0, stream, args, None)
+            code = self._launch(
+                self._function, grid, 1, 1, self.block, 1, 1, 0, stream, ctypes.byref(args), None
+            )
         if code != _CUDA_SUCCESS:
             _check(_lib(), code, f"cuLaunchKernel({self.name}, grid={grid})")
 

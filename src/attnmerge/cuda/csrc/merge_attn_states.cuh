@@ -215,49 +215,76 @@ __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_
 }
 
 // One block = kThreadsPerBlock threads = (kThreadsPerBlock / TEAM) teams; a team of TEAM
-// threads owns one row and walks it in chunks of VEC elements. A row never spans blocks,
-// so the block barrier before the LSE store orders every read of the row's input LSEs
-// before the write of its output LSE: output_lse may alias prefix_lse or suffix_lse.
-template <typename P, typename S, typename O, int VEC, int TEAM>
+// threads owns ROWS rows and walks them in chunks of VEC elements. The rows of a block
+// are consecutive and interleaved over teams (row r of team k is block row
+// r * teams + k), so each of the ROWS passes reads one contiguous stretch of memory.
+// All data loads of the first chunk are issued before the LSE loads and the weights,
+// so a row costs one memory round trip, not two (T = 1 is latency-bound).
+// A row never spans blocks, so the block barrier before the LSE store orders every read
+// of the row's input LSEs before the write of its output LSE: output_lse may alias
+// prefix_lse or suffix_lse.
+template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
-  constexpr int kRowsPerBlock = kThreadsPerBlock / TEAM;
+  constexpr int kTeams = kThreadsPerBlock / TEAM;
   const int team = threadIdx.x / TEAM;
   const int lane = threadIdx.x % TEAM;
-  const i64 row = (i64)blockIdx.x * kRowsPerBlock + team;
-  const bool row_ok = row < p.num_rows;
-  const u32 r32 = (u32)(row_ok ? row : 0);
-  const u32 heads = (u32)p.num_heads;
-  const i64 t = r32 / heads;
-  const i64 h = r32 % heads;
-  const bool has_prefix = row_ok && t < p.tokens_with_prefix;
   const float inf = __int_as_float(0x7f800000);
-
-  const float lp = has_prefix ? p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]
-                              : -inf;
-  const float ls = row_ok ? p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t]
-                          : -inf;
-  const RowWeights w = row_weights(lp, ls, p.lse_base_2 != 0);
   const bool fp8 = sizeof(typename O::storage) == 1;
-  const float inv_scale = fp8 ? __fdiv_rn(1.0f, *p.scale) : 1.0f;
+  const float scale = fp8 ? *p.scale : 1.0f;
+  const u32 heads = (u32)p.num_heads;
+  const i64 col0 = (i64)lane * VEC;
 
-  if (row_ok) {
-    const i64 p_row = t * p.prefix_stride_t + h * p.prefix_stride_h;
-    const i64 s_row = t * p.suffix_stride_t + h * p.suffix_stride_h;
-    const i64 o_row = t * p.out_stride_t + h * p.out_stride_h;
-    for (i64 col = (i64)lane * VEC; col < p.head_size; col += (i64)TEAM * VEC) {
-      float po[VEC], so[VEC], acc[VEC];
-      if (has_prefix) {
-        load_row<P, VEC>(p.prefix, p_row + col, po);
-      } else {
+  bool row_ok[ROWS], has_prefix[ROWS];
+  i64 t[ROWS], h[ROWS];
+  float po[ROWS][VEC], so[ROWS][VEC];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) po[i] = 0.0f;
+  for (int r = 0; r < ROWS; ++r) {
+    const i64 row = ((i64)blockIdx.x * ROWS + r) * kTeams + team;
+    row_ok[r] = row < p.num_rows;
+    const u32 r32 = (u32)(row_ok[r] ? row : 0);
+    t[r] = r32 / heads;
+    h[r] = r32 % heads;
+    has_prefix[r] = row_ok[r] && t[r] < p.tokens_with_prefix;
+    if (row_ok[r] && col0 < p.head_size) {
+      if (has_prefix[r]) {
+        load_row<P, VEC>(p.prefix, t[r] * p.prefix_stride_t + h[r] * p.prefix_stride_h + col0,
+                         po[r]);
       }
-      load_row<S, VEC>(p.suffix, s_row + col, so);
+      load_row<S, VEC>(p.suffix, t[r] * p.suffix_stride_t + h[r] * p.suffix_stride_h + col0,
+                       so[r]);
+    }
+  }
+  RowWeights w[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const float lp = has_prefix[r] ? p.prefix_lse[h[r] * p.prefix_lse_stride_h +
+                                                  t[r] * p.prefix_lse_stride_t]
+                                   : -inf;
+    const float ls = row_ok[r] ? p.suffix_lse[h[r] * p.suffix_lse_stride_h +
+                                              t[r] * p.suffix_lse_stride_t]
+                               : -inf;
+    w[r] = row_weights(lp, ls, p.lse_base_2 != 0);
+  }
+  const float inv_scale = fp8 ? __fdiv_rn(1.0f, scale) : 1.0f;
+
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (!row_ok[r]) continue;
+    const i64 p_row = t[r] * p.prefix_stride_t + h[r] * p.prefix_stride_h;
+    const i64 s_row = t[r] * p.suffix_stride_t + h[r] * p.suffix_stride_h;
+    const i64 o_row = t[r] * p.out_stride_t + h[r] * p.out_stride_h;
+    for (i64 col = col0; col < p.head_size; col += (i64)TEAM * VEC) {
+      if (col != col0) {  // later chunks (head sizes over TEAM * VEC): load them now
+        if (has_prefix[r]) load_row<P, VEC>(p.prefix, p_row + col, po[r]);
+        load_row<S, VEC>(p.suffix, s_row + col, so[r]);
+      }
+      float acc[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        // A zero weight contributes exactly 0 whatever the row holds (NaN, inf).
-        const float a = w.prefix != 0.0f ? __fmul_rn(w.prefix, po[i]) : 0.0f;
-        const float b = w.suffix != 0.0f ? __fmul_rn(w.suffix, so[i]) : 0.0f;
+        // A zero weight contributes exactly 0 whatever the row holds (NaN, inf), and
+        // an absent prefix row (t >= P) is never read.
+        const float a = w[r].prefix != 0.0f ? __fmul_rn(w[r].prefix, po[r][i]) : 0.0f;
+        const float b = w[r].suffix != 0.0f ? __fmul_rn(w[r].suffix, so[r][i]) : 0.0f;
         acc[i] = __fadd_rn(a, b);
       }
       store_row<O, VEC>(p.out, o_row + col, acc, inv_scale, fp8);
@@ -265,13 +292,18 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   }
   if (p.write_lse) {
     __syncthreads();
-    if (row_ok && lane == 0) p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = w.lse;
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        if (row_ok[r]) p.out_lse[h[r] * p.out_lse_stride_h + t[r] * p.out_lse_stride_t] = w[r].lse;
+      }
+    }
   }
 }
 
-template <typename P, typename S, typename O, int VEC, int TEAM>
+template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS>
 __global__ void __launch_bounds__(kThreadsPerBlock) merge_two_kernel(const MergeParams p) {
-  merge_two_rows<P, S, O, VEC, TEAM>(p);
+  merge_two_rows<P, S, O, VEC, TEAM, ROWS>(p);
 }
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the
