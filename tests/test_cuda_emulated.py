@@ -141,8 +141,8 @@ def test_special_values_and_base(emulated, base):
 
 @pytest.mark.parametrize("alias", ["prefix", "suffix", "lse_prefix", "lse_suffix"])
 def test_aliasing(emulated, alias):
-    # output_lse aliasing an input LSE needs the kernel's block barrier: without it, a row's
-    # leader would overwrite the LSE that its other threads still have to read.
+    # In place: a row's input LSEs are read, and its output LSE written, by one thread;
+    # its data by a team whose reads precede its writes.
     _check(make_case(16, 3, 256, dtype=torch.float32, alias=alias, lse_pattern="mixed"))
 
 
@@ -179,7 +179,7 @@ def test_fuzz_against_reference(emulated):
 @pytest.mark.parametrize(
     ("dtype", "D", "alias"),
     [
-        (torch.bfloat16, 128, "lse_prefix"),  # the barrier orders every row of the block
+        (torch.bfloat16, 128, "lse_prefix"),  # output LSE in place, weights shared by rows
         (torch.float32, 576, None),  # 144 chunks: each of a team's rows loops
         (torch.float16, 13, "prefix"),  # scalar path, in place
     ],

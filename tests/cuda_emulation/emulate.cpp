@@ -36,6 +36,7 @@ static inline float __fdiv_rn(float a, float b) { return a / b; }
 #include <math.h>
 
 #define __global__
+#define __shared__ static  // one instance for all threads; blocks run one at a time
 #define __launch_bounds__(n)
 #define ATTNMERGE_HOST_EMULATION 1
 #include "merge_attn_states.cuh"
