@@ -124,7 +124,7 @@ template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 1>(const M
 template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 4>(const MergeParams);
 template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 2>(const MergeParams);
 template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2>(const MergeParams);
-template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128, 4>(const MergeParams);
+template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128, 1>(const MergeParams);
 }
 """
 
@@ -216,9 +216,9 @@ def test_instance_choice():
     )  # fmt: skip  (144 chunks: the team of 128 loops)
     assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[4] == 128
     insts = common_instances((128,))
-    for vec in (8, 1):
-        for rows in (ROWS_SMALL, ROWS_LARGE):
-            assert ("BF16", "BF16", "FP8E4M3", vec, 16 if vec == 8 else 128, rows) in insts
+    for vec, team, rows in ((8, 16, ROWS_SMALL), (8, 16, ROWS_LARGE), (1, 128, 1)):
+        assert ("BF16", "BF16", "FP8E4M3", vec, team, rows) in insts
+    assert instance_for(bf16, bf16, bf16, 13, 1, 4)[5] == 1  # scalar fallback: one row a team
     assert len(insts) == len(set(insts))
 
 

@@ -28,7 +28,10 @@ __all__ = [
     "unavailable_reason",
 ]
 
-THREADS_PER_BLOCK = 128  # kThreadsPerBlock in the kernel source
+# Block shape, as in the kernel source: kDataThreads threads move row data (in teams of
+# up to DATA_THREADS), one more warp computes the weights.
+DATA_THREADS = 128
+THREADS_PER_BLOCK = DATA_THREADS + 32
 KERNEL_NAME = "attnmerge_merge_two"
 _MAX_ROWS = 2**31 - 1
 
@@ -130,8 +133,14 @@ def instance_for(
     rows: int = ROWS_SMALL,
 ) -> tuple[str, str, str, int, int, int]:
     """The kernel instance serving these dtypes and head size at vector width ``vec``
-    with ``rows`` rows per team of threads."""
-    team = min(_next_pow2(-(-head_size // vec)), THREADS_PER_BLOCK)
+    with ``rows`` rows per team of threads.
+
+    The scalar fallback (``vec`` 1: misaligned or odd-sized rows, rare) always takes one
+    row per team: with more, its registers spill on sm_100a.
+    """
+    if vec == 1:
+        rows = 1
+    team = min(_next_pow2(-(-head_size // vec)), DATA_THREADS)
     return (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype], vec, team, rows)
 
 
@@ -193,8 +202,8 @@ def _launcher(
 ) -> tuple[driver.Kernel, int]:
     """The loaded kernel of one call variant and the rows each of its blocks merges."""
     instance = instance_for(prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows)
-    team = instance[4]
-    return _kernel(device_index, instance), THREADS_PER_BLOCK // team * rows
+    team, rows = instance[4], instance[5]
+    return _kernel(device_index, instance), DATA_THREADS // team * rows
 
 
 def _aligned(ptr: int, strides: tuple[int, ...], itemsize: int, vec: int) -> bool:

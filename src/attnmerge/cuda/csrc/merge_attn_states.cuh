@@ -66,6 +66,16 @@ __host__ __device__ __forceinline__ float bits_float(u32 u) {
 #endif
 }
 
+// A 32-bit word as a storage type: float keeps the bits, narrower types truncate.
+template <typename S>
+__host__ __device__ __forceinline__ S bits_as(u32 u) {
+  return (S)u;
+}
+template <>
+__host__ __device__ __forceinline__ float bits_as<float>(u32 u) {
+  return bits_float(u);
+}
+
 __host__ __device__ __forceinline__ float round_half_even(float x) {
 #ifdef __CUDA_ARCH__
   return rintf(x);
@@ -98,7 +108,11 @@ __host__ __device__ __forceinline__ u8 float_to_e4m3_satfinite(float x) {
 // compiles them too, so their logic is tested on machines without a GPU.
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
-constexpr int kThreadsPerBlock = 128;
+// A block is kDataThreads threads that move row data plus one warp that computes the
+// rows' weights (see merge_two_rows).
+constexpr int kDataThreads = 128;
+constexpr int kWeightThreads = 32;
+constexpr int kThreadsPerBlock = kDataThreads + kWeightThreads;
 
 // ---------------------------------------------------------------------------
 // Element types: how a value of each storage type becomes float and back.
@@ -172,12 +186,38 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
   T v[N];
 };
 
+// N elements of storage type S as loaded from memory, kept in registers until used.
+// Held as 32-bit words, not as N separate 16-bit values: split into halves, every
+// element needs a byte permute right after the load, which makes the thread wait for
+// that load before it can issue the next one (measured: loads of a thread's rows went
+// out one after another). Elements are extracted where they are consumed.
+template <typename S, int N, bool kWords = (sizeof(S) * N) % 4 == 0>
+struct Chunk {  // whole 32-bit words
+  static constexpr int kWordsPerChunk = sizeof(S) * N / 4;
+  struct alignas(sizeof(S) * N < 16 ? sizeof(S) * N : 16) Words {
+    u32 w[kWordsPerChunk];
+  };
+  Words words;
+  __device__ __forceinline__ void load(const S* p) { words = *reinterpret_cast<const Words*>(p); }
+  __device__ __forceinline__ S get(int i) const {
+    if (sizeof(S) == 4) return bits_as<S>(words.w[i]);
+    return bits_as<S>(words.w[i / 2] >> (16 * (i % 2)));  // 2-byte elements, little-endian
+  }
+};
+
+template <typename S, int N>
+struct Chunk<S, N, false> {  // scalar 2-byte elements
+  Vec<S, N> vec;
+  __device__ __forceinline__ void load(const S* p) { vec = *reinterpret_cast<const Vec<S, N>*>(p); }
+  __device__ __forceinline__ S get(int i) const { return vec.v[i]; }
+};
+
 template <typename E, int N>
-__device__ __forceinline__ void load_row(const void* base, i64 offset, float (&out)[N]) {
+__device__ __forceinline__ Chunk<typename E::storage, N> load_row(const void* base, i64 offset) {
   typedef typename E::storage S;
-  const Vec<S, N> x = *reinterpret_cast<const Vec<S, N>*>(static_cast<const S*>(base) + offset);
-#pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = E::load(x.v[i]);
+  Chunk<S, N> c;
+  c.load(static_cast<const S*>(base) + offset);
+  return c;
 }
 
 template <typename E, int N>
@@ -216,53 +256,78 @@ __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_
 
 // out[i] = wp * po[i] + ws * so[i], stored as O (FP8: times inv_scale first). A zero
 // weight contributes exactly 0 whatever its row holds (NaN, inf, or nothing read: an
-// absent prefix row, t >= P, has weight 0).
-template <typename O, int VEC>
-__device__ __forceinline__ void combine_store(void* out, i64 offset, float wp, const float (&po)[VEC],
-                                              float ws, const float (&so)[VEC], float inv_scale) {
+// absent prefix row, t >= P, has weight 0). The inputs arrive in their storage type:
+// held that way across the barrier, a bf16 row chunk takes 4 registers, not 8.
+template <typename P, typename S, typename O, int VEC>
+__device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
+                                              const Chunk<typename P::storage, VEC>& po, float ws,
+                                              const Chunk<typename S::storage, VEC>& so,
+                                              float inv_scale) {
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const float a = wp != 0.0f ? __fmul_rn(wp, po[i]) : 0.0f;
-    const float b = ws != 0.0f ? __fmul_rn(ws, so[i]) : 0.0f;
+    const float a = wp != 0.0f ? __fmul_rn(wp, P::load(po.get(i))) : 0.0f;
+    const float b = ws != 0.0f ? __fmul_rn(ws, S::load(so.get(i))) : 0.0f;
     acc[i] = __fadd_rn(a, b);
   }
   store_row<O, VEC>(out, offset, acc, inv_scale, sizeof(typename O::storage) == 1);
 }
 
-// One block = kThreadsPerBlock threads = (kThreadsPerBlock / TEAM) teams; a team of TEAM
-// threads owns ROWS rows and walks them in chunks of VEC elements. The rows of a block
-// are consecutive and interleaved over teams (row r of team k is block row
-// r * teams + k), so each of the ROWS passes reads one contiguous stretch of memory.
+// A block's data threads form kDataThreads / TEAM teams; a team of TEAM threads owns
+// ROWS rows and walks them in chunks of VEC elements. The rows of a block are
+// consecutive and interleaved over teams (row r of team k is block row r * teams + k),
+// so each of the ROWS passes reads one contiguous stretch of memory.
 //
-// The kernel is instruction-bound if every thread derives its row's weights (two
-// exponentials, three IEEE divisions, a logarithm: ~200 instructions against one
-// 16-byte load per input): computed that way, bf16 4096x128 took 140 us on an H200
-// against 79 us for the Triton kernel. So the work is split in three phases:
-//   1. every thread issues the loads of its rows' first chunk;
-//   2. while they are in flight, thread i of the block computes the weights of block
-//      row i (and writes its output LSE) into shared memory;
-//   3. after a block barrier, every thread combines its chunks with those weights.
+// The merge is memory-bound only if enough bytes are in flight per SM, and that is
+// bounded by registers. Computing a row's weights (two exponentials, three IEEE
+// divisions, a logarithm) in every thread that moves its data made the kernel
+// instruction- and register-bound: bf16 4096x128 took 140 us on an H200, against
+// 79 us for the Triton kernel; doing it once per row while the data threads waited
+// still kept the math's registers live next to the loaded data (135 us). So the roles
+// are split between warps, whose registers never overlap:
+//   - the data threads issue the loads of their rows' first chunk, wait at the block
+//     barrier, then combine with the weights from shared memory and store;
+//   - the weight warp reads each block row's LSEs, computes its weights into shared
+//     memory and writes its output LSE, then arrives at the barrier.
 // A row's input LSEs are read and its output LSE written by the same thread, so
 // output_lse may alias prefix_lse or suffix_lse.
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
-  constexpr int kTeams = kThreadsPerBlock / TEAM;
+  constexpr int kTeams = kDataThreads / TEAM;
   constexpr int kBlockRows = kTeams * ROWS;
   __shared__ float weight_prefix[kBlockRows], weight_suffix[kBlockRows];
-  const int team = threadIdx.x / TEAM;
-  const int lane = threadIdx.x % TEAM;
   const i64 first_row = (i64)blockIdx.x * kBlockRows;
   const u32 heads = (u32)p.num_heads;
-  const i64 col0 = (i64)lane * VEC;
 
-  // Phase 1: the first chunk of each of this thread's rows. Only what phase 3 needs
-  // stays live across the barrier (the data, the output offset): registers bound the
-  // blocks an SM holds, and so the bytes in flight.
+  if (threadIdx.x >= kDataThreads) {  // the weight warp
+    for (int i = threadIdx.x - kDataThreads; i < kBlockRows; i += kWeightThreads) {
+      const i64 row = first_row + i;
+      if (row >= p.num_rows) break;
+      const u32 r32 = (u32)row;
+      const i64 t = r32 / heads, h = r32 % heads;
+      const float inf = __int_as_float(0x7f800000);
+      const float lp = t < p.tokens_with_prefix
+                           ? p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]
+                           : -inf;
+      const float ls = p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t];
+      const RowWeights w = row_weights(lp, ls, p.lse_base_2 != 0);
+      weight_prefix[i] = w.prefix;
+      weight_suffix[i] = w.suffix;
+      if (p.write_lse) p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = w.lse;
+    }
+    __syncthreads();
+    return;
+  }
+
+  // Data threads: the first chunk of each of this thread's rows.
+  const int team = threadIdx.x / TEAM;
+  const int lane = threadIdx.x % TEAM;
+  const i64 col0 = (i64)lane * VEC;
   bool row_ok[ROWS], has_prefix[ROWS];
   u32 row32[ROWS];
   i64 o_row[ROWS];
-  float po[ROWS][VEC], so[ROWS][VEC];
+  Chunk<typename P::storage, VEC> po[ROWS];
+  Chunk<typename S::storage, VEC> so[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const i64 row = first_row + r * kTeams + team;
@@ -273,44 +338,28 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     o_row[r] = t * p.out_stride_t + h * p.out_stride_h;
     if (row_ok[r] && col0 < p.head_size) {
       if (has_prefix[r]) {
-        load_row<P, VEC>(p.prefix, t * p.prefix_stride_t + h * p.prefix_stride_h + col0, po[r]);
+        po[r] = load_row<P, VEC>(p.prefix, t * p.prefix_stride_t + h * p.prefix_stride_h + col0);
       }
-      load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col0, so[r]);
+      so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col0);
     }
-  }
-
-  // Phase 2: one thread per block row computes the row's weights and output LSE.
-  for (int i = threadIdx.x; i < kBlockRows; i += kThreadsPerBlock) {
-    const i64 row = first_row + i;
-    if (row >= p.num_rows) break;
-    const u32 r32 = (u32)row;
-    const i64 t = r32 / heads, h = r32 % heads;
-    const float inf = __int_as_float(0x7f800000);
-    const float lp = t < p.tokens_with_prefix
-                         ? p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]
-                         : -inf;
-    const float ls = p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t];
-    const RowWeights w = row_weights(lp, ls, p.lse_base_2 != 0);
-    weight_prefix[i] = w.prefix;
-    weight_suffix[i] = w.suffix;
-    if (p.write_lse) p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = w.lse;
   }
   const bool fp8 = sizeof(typename O::storage) == 1;
   const float inv_scale = fp8 ? __fdiv_rn(1.0f, *p.scale) : 1.0f;
   __syncthreads();
 
-  // Phase 3: combine and store; head sizes over TEAM * VEC take further chunks.
+  // Combine and store; head sizes over TEAM * VEC take further chunks.
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     if (!row_ok[r] || col0 >= p.head_size) continue;
     const float wp = weight_prefix[r * kTeams + team];
     const float ws = weight_suffix[r * kTeams + team];
-    combine_store<O, VEC>(p.out, o_row[r] + col0, wp, po[r], ws, so[r], inv_scale);
+    combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, po[r], ws, so[r], inv_scale);
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
       const i64 t = row32[r] / heads, h = row32[r] % heads;
-      if (has_prefix[r]) load_row<P, VEC>(p.prefix, t * p.prefix_stride_t + h * p.prefix_stride_h + col, po[r]);
-      load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col, so[r]);
-      combine_store<O, VEC>(p.out, o_row[r] + col, wp, po[r], ws, so[r], inv_scale);
+      const i64 p_off = t * p.prefix_stride_t + h * p.prefix_stride_h + col;
+      if (has_prefix[r]) po[r] = load_row<P, VEC>(p.prefix, p_off);
+      so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col);
+      combine_store<P, S, O, VEC>(p.out, o_row[r] + col, wp, po[r], ws, so[r], inv_scale);
     }
   }
 }
