@@ -37,6 +37,8 @@ def emulator_dir(tmp_path_factory) -> Path:
 
 
 class _EmulatedKernel:
+    device_index = None  # as the CPU tensors' device index
+
     def __init__(self, lib: ctypes.CDLL, instance: tuple, launched: list) -> None:
         self._lib = lib
         self._instance = instance
@@ -86,7 +88,8 @@ def emulated(emulator_dir, monkeypatch):
     monkeypatch.setattr(cuda_backend, "_kernel", kernel)
     monkeypatch.setattr(cuda_backend, "_current_raw_stream", lambda index: 0)
     monkeypatch.setattr(cuda_backend, "_current_device", lambda: None)
-    cuda_backend._launcher.cache_clear()  # launchers hold kernels: none real, none emulated
+    # Launchers hold kernels: no real one in an emulated test, and vice versa.
+    cuda_backend._launcher.cache_clear()
     yield launched
     cuda_backend._launcher.cache_clear()
 

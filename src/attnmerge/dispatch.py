@@ -140,10 +140,6 @@ _RUNNERS: dict[str, Callable[[], RunFn]] = {
 }
 
 # Backends that serve explicit requests but that ``auto`` does not pick yet, with why.
-_NOT_AUTO = {
-    "cuda": "experimental in this release (its kernels await validation on a GPU); "
-    "request it explicitly with backend='cuda'",
-}
 
 
 # ---------------------------------------------------------------------------
@@ -180,7 +176,7 @@ def select(backend: str, device: torch.device, key: tuple) -> RunFn:
         return fn
     if name == "auto":
         for candidate in AUTO_ORDER:
-            reason = _REASONS[candidate](device, key) or _NOT_AUTO.get(candidate)
+            reason = _REASONS[candidate](device, key)
             if reason is None:
                 fn = _RUNNERS[candidate]()
                 break

@@ -206,6 +206,12 @@ def _launcher(
     return _kernel(device_index, instance), DATA_THREADS // team * rows
 
 
+def clear_caches() -> None:
+    """Forget loaded kernels and launchers (tests that swap the build or the driver)."""
+    _launcher.cache_clear()
+    _kernel.cache_clear()
+
+
 def _aligned(ptr: int, strides: tuple[int, ...], itemsize: int, vec: int) -> bool:
     """Whether every row chunk of a tensor is aligned for ``vec``-element accesses."""
     align = min(16, vec * itemsize)
@@ -234,10 +240,48 @@ def merge_two_states(
 
     ``rows`` (rows per thread team) overrides :func:`rows_per_team`, for tuning.
     """
+    launch = launch_arguments(
+        output,
+        prefix_output,
+        prefix_lse,
+        suffix_output,
+        suffix_lse,
+        output_lse,
+        prefill_tokens_with_context,
+        output_scale,
+        lse_base_2,
+        rows,
+    )
+    if launch is None:
+        return
+    kernel, grid, params = launch
+    device_index = kernel.device_index
+    stream = _current_raw_stream(device_index)
+    if _current_device() == device_index:
+        kernel.launch(grid, stream, params)
+    else:  # the launch uses the current context: make it the tensors' device's
+        with torch.cuda.device(device_index):
+            kernel.launch(grid, stream, params)
+
+
+def launch_arguments(
+    output: torch.Tensor,
+    prefix_output: torch.Tensor,
+    prefix_lse: torch.Tensor,
+    suffix_output: torch.Tensor,
+    suffix_lse: torch.Tensor,
+    output_lse: torch.Tensor | None,
+    prefill_tokens_with_context: int | None,
+    output_scale: torch.Tensor | None,
+    lse_base_2: bool,
+    rows: int | None = None,
+) -> tuple[driver.Kernel, int, bytes] | None:
+    """The kernel, grid size and packed parameters of one merge (None: nothing to do).
+    Separate from the launch so that ``attnmerge bench`` can time the two apart."""
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0 or head_size == 0:
-        return
+        return None
     if num_rows > _MAX_ROWS:
         raise ValueError(f"cuda backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
     out_ptr, pre_ptr, suf_ptr = (
@@ -289,10 +333,4 @@ def merge_two_states(
         lse_base_2,
         output_lse is not None,
     )
-    grid = -(-num_rows // rows_per_block)
-    stream = _current_raw_stream(device_index)
-    if _current_device() == device_index:
-        kernel.launch(grid, stream, params)
-    else:  # the launch uses the current context: make it the tensors' device's
-        with torch.cuda.device(device_index):
-            kernel.launch(grid, stream, params)
+    return kernel, -(-num_rows // rows_per_block), params
