@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# GPU checks in one call: the test suite, compute-sanitizer, the demo, a short benchmark.
+# GPU checks in one call: tests, fuzz, compute-sanitizer, demo, benchmarks.
 # Full logs go to $OUT (or ./gpu_logs); a compact summary is printed last.
 #
-#   scripts/gpu_check.sh          everything (tests, sanitizer, demo, bench)
-#   scripts/gpu_check.sh tests    the test suite only (fuzz: ATTNMERGE_FUZZ_EXAMPLES, 200)
-#   scripts/gpu_check.sh rest     sanitizer, demo, bench (no test suite)
+#   scripts/gpu_check.sh [STEP[:SECONDS] ...]
 #
-# Each part fits a 10-minute call on an H100/H200; run "tests" and "rest" as two calls
-# when both are needed.
+# Steps (default: tests sanitize demo bench):
+#   tests        the whole test suite except the fuzz (pytest -n 16)
+#   cuda-tests   only the tests that involve the cuda backend or device (faster)
+#   fuzz         the fuzz, every GPU (backend, device); ATTNMERGE_FUZZ_EXAMPLES per pair
+#   fuzz-cuda    the fuzz of the cuda backend only
+#   fuzz-triton  the fuzz of the triton backend only
+#   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
+#   demo         attnmerge demo
+#   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused), CSV
+#   variants     attnmerge bench of the kernel variants (cuda rows per team 1/2/4, triton)
+# A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
+# call of the device tool runs at most 10 minutes: on an H100/H200 "tests" takes ~4,
+# "fuzz" with 10,000 examples several, the other steps one or less.
 set -u
 OUT=${OUT:-./gpu_logs}
 mkdir -p "$OUT"
@@ -15,16 +24,21 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export ATTNMERGE_FUZZ_EXAMPLES=${ATTNMERGE_FUZZ_EXAMPLES:-200}
 export ATTNMERGE_CACHE_DIR=${ATTNMERGE_CACHE_DIR:-/tmp/attnmerge-cache}
 unset TRITON_INTERPRET
-mode=${1:-all}
+[ $# -gt 0 ] || set -- tests sanitize demo bench
+PYTEST=(python3 -m pytest -n 16 -p no:cacheprovider)
 
 summary=()
-step() {  # step NAME LOGFILE CMD...: run, log, record exit code and wall time
-  local name=$1 log=$2; shift 2
-  local t0=$SECONDS
-  "$@" >"$OUT/$log" 2>&1
-  local rc=$?
+step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, record rc and time
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local t0=$SECONDS rc
+  if [ -n "$limit" ]; then
+    timeout "$limit" "$@" >"$OUT/$log" 2>&1
+  else
+    "$@" >"$OUT/$log" 2>&1
+  fi
+  rc=$?
   summary+=("$(printf '%-12s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$log")")
-  return $rc
 }
 
 {
@@ -33,29 +47,54 @@ step() {  # step NAME LOGFILE CMD...: run, log, record exit code and wall time
   python3 -m attnmerge info
 } >"$OUT/env.txt" 2>&1
 
-if [ "$mode" = all ] || [ "$mode" = tests ]; then
-  step tests pytest.log python3 -m pytest -q -n 8 -p no:cacheprovider tests
-fi
-if [ "$mode" = all ] || [ "$mode" = rest ]; then
-  for tool in memcheck racecheck initcheck; do
-    step "$tool" "sanitize_$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      compute-sanitizer --tool "$tool" --error-exitcode 9 python3 scripts/sanitize_cases.py
-  done
-  step demo demo.log python3 -m attnmerge demo
-  step bench bench.log python3 -m attnmerge bench --dtypes bf16,fp32 \
-    --shapes 1x128,64x128,256x128,1024x128,4096x128,4096x8 --providers cuda,triton,unfused \
-    --host-overhead --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png"
-fi
+for arg in "$@"; do  # check every step name before running any
+  case ${arg%%:*} in
+    tests | cuda-tests | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench | variants) ;;
+    *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
+  esac
+done
+
+for arg in "$@"; do
+  name=${arg%%:*}
+  limit=""
+  [ "$name" != "$arg" ] && limit=${arg#*:}
+  case $name in
+    tests) step tests "$limit" pytest.log "${PYTEST[@]}" -q -k "not fuzz" --durations=15 tests ;;
+    cuda-tests)
+      step cuda-tests "$limit" pytest_cuda.log "${PYTEST[@]}" -q -k "cuda and not fuzz" tests ;;
+    fuzz) step fuzz "$limit" fuzz.log "${PYTEST[@]}" -v tests/test_fuzz.py ;;
+    fuzz-cuda) step fuzz-cuda "$limit" fuzz_cuda.log "${PYTEST[@]}" -v -k "cuda-cuda" tests/test_fuzz.py ;;
+    fuzz-triton)
+      step fuzz-triton "$limit" fuzz_triton.log "${PYTEST[@]}" -v -k "triton-cuda" tests/test_fuzz.py ;;
+    sanitize)
+      for tool in memcheck racecheck initcheck; do
+        step "$tool" "$limit" "sanitize_$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+          compute-sanitizer --tool "$tool" --error-exitcode 9 python3 scripts/sanitize_cases.py
+      done ;;
+    demo) step demo "$limit" demo.log python3 -m attnmerge demo ;;
+    bench)
+      step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
+        --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
+    variants)
+      step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
+        --cuda-rows 1,2,4 --rep-ms 25 --host-overhead --no-progress --csv "$OUT/variants.csv" ;;
+  esac
+done
 
 echo "=================== summary ==================="
 head -n 2 "$OUT/env.txt"
-if [ -f "$OUT/pytest.log" ]; then
-  grep -E "FAILED|ERROR" "$OUT/pytest.log" | head -20
-  tail -n 1 "$OUT/pytest.log"
-fi
+for log in pytest.log pytest_cuda.log fuzz.log fuzz_cuda.log fuzz_triton.log; do
+  [ -f "$OUT/$log" ] || continue
+  echo "--- $log"
+  grep -E "FAILED|ERROR" "$OUT/$log" | head -10
+  grep -cE "PASSED" "$OUT/$log" | sed 's/^/tests passed so far: /'
+  tail -n 1 "$OUT/$log"
+done
 for tool in memcheck racecheck initcheck; do
-  [ -f "$OUT/sanitize_$tool.log" ] && grep -E "ERROR SUMMARY|MISMATCH|all ok" "$OUT/sanitize_$tool.log" | tail -n 2
+  [ -f "$OUT/sanitize_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|MISMATCH|all ok" "$OUT/sanitize_$tool.log" | tail -n 2
 done
 [ -f "$OUT/demo.log" ] && tail -n 12 "$OUT/demo.log"
-[ -f "$OUT/bench.log" ] && cat "$OUT/bench.log"
+for log in bench.log variants.log; do
+  [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"
+done
 printf '%s\n' "${summary[@]}"
