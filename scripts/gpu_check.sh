@@ -23,6 +23,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export ATTNMERGE_FUZZ_EXAMPLES=${ATTNMERGE_FUZZ_EXAMPLES:-200}
 export ATTNMERGE_CACHE_DIR=${ATTNMERGE_CACHE_DIR:-/tmp/attnmerge-cache}
+# each fuzz shard records its passed examples here (counted even if a time limit hits)
+export ATTNMERGE_FUZZ_PROGRESS_DIR="$OUT/fuzz_progress"
 unset TRITON_INTERPRET
 [ $# -gt 0 ] || set -- tests sanitize demo bench
 PYTEST=(python3 -m pytest -n 16 -p no:cacheprovider)
@@ -90,6 +92,14 @@ for log in pytest.log pytest_cuda.log fuzz.log fuzz_cuda.log fuzz_triton.log; do
   grep -cE "PASSED" "$OUT/$log" | sed 's/^/tests passed so far: /'
   tail -n 1 "$OUT/$log"
 done
+if [ -d "$ATTNMERGE_FUZZ_PROGRESS_DIR" ]; then
+  for pair in cuda-cuda triton-cuda torch-cuda; do
+    files=("$ATTNMERGE_FUZZ_PROGRESS_DIR/$pair"-*.txt)
+    [ -e "${files[0]}" ] || continue
+    echo "fuzz $pair: $(cat "${files[@]}" | awk '{s += $1} END {print s}') examples passed" \
+      "in ${#files[@]} shards"
+  done
+fi
 for tool in memcheck racecheck initcheck; do
   [ -f "$OUT/sanitize_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|MISMATCH|all ok" "$OUT/sanitize_$tool.log" | tail -n 2
 done

@@ -187,10 +187,14 @@ def test_fuzz_against_reference(emulated):
         (torch.float16, 24, "prefix"),  # three 16-byte chunks a row, in place
     ],
 )
-def test_several_rows_per_team(emulated, monkeypatch, dtype, D, alias):
-    # Large grids give each team ROWS_LARGE rows; force that here on a small one whose
-    # row count is not a multiple of the block's, with tail tokens and special LSEs.
+@pytest.mark.parametrize("grid", ["medium", "large"])
+def test_several_rows_per_team(emulated, monkeypatch, dtype, D, alias, grid):
+    # Larger grids give each team more rows; force that here on a small grid whose row
+    # count is not a multiple of the block's, with tail tokens and special LSEs.
     monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
+    if grid == "large":
+        monkeypatch.setattr(cuda_backend, "LARGE_GRID_ROWS", 0)
     case = make_case(11, 3, D, dtype=dtype, alias=alias, lse_pattern="mixed", P=8)
     _check(case)
-    assert emulated[-1][5] == cuda_backend.ROWS_LARGE > 1
+    expected = {"medium": cuda_backend.ROWS_MEDIUM, "large": cuda_backend.ROWS_LARGE}[grid]
+    assert emulated[-1][5] == expected > 1

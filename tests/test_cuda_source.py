@@ -222,6 +222,20 @@ def test_instance_choice():
     assert len(insts) == len(set(insts))
 
 
+def test_rows_per_team_grows_with_the_grid():
+    from attnmerge.cuda import backend
+
+    small, large = backend.SMALL_GRID_ROWS, backend.LARGE_GRID_ROWS
+    assert [backend.rows_per_team(n) for n in (1, small, small + 1, large, large + 1)] == [
+        backend.ROWS_SMALL,
+        backend.ROWS_SMALL,
+        backend.ROWS_MEDIUM,
+        backend.ROWS_MEDIUM,
+        backend.ROWS_LARGE,
+    ]
+    assert backend.ROWS_SMALL < backend.ROWS_MEDIUM < backend.ROWS_LARGE
+
+
 def test_vector_accesses_need_aligned_row_chunks():
     from attnmerge.cuda.backend import _aligned
 

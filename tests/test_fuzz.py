@@ -12,11 +12,15 @@ costs ~1 ms per program.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from utils import FLOAT_DTYPES, FP8, FUZZ_EXAMPLES, LSE_CATEGORIES, ON_GPU, make_case, run_and_check
+
+from attnmerge.cuda import backend as cuda_backend
 
 MAX_T, MAX_H = (300, 16) if ON_GPU else (12, 4)
 HEAD_SIZES = (
@@ -27,9 +31,9 @@ HEAD_SIZES = (
 )
 
 SHARDS = 16 if ON_GPU else 2
-# The CUDA kernel's rows per thread team, by shard: every variant the backend can pick
-# (1 for small grids, ROWS_LARGE for large ones, 4 as a spare) meets every kind of case.
-CUDA_ROWS = (1, 2, 4)
+# The CUDA kernel's rows per thread team, by shard: every variant the backend picks
+# (by grid size, see attnmerge.cuda.backend.rows_per_team) meets every kind of case.
+CUDA_ROWS = (cuda_backend.ROWS_SMALL, cuda_backend.ROWS_MEDIUM, cuda_backend.ROWS_LARGE)
 
 FUZZ = settings(
     max_examples=math.ceil(FUZZ_EXAMPLES / SHARDS),
@@ -99,6 +103,23 @@ def cases(draw, device: str):
     )
 
 
+def _progress_writer(name: str):
+    """With ATTNMERGE_FUZZ_PROGRESS_DIR set, a function that records how many examples
+    of this shard have passed (every 25, and at the end), so a run stopped by a time
+    limit still tells how many cases were checked; else a no-op."""
+    folder = os.environ.get("ATTNMERGE_FUZZ_PROGRESS_DIR")
+    if not folder:
+        return lambda done, final=False: None
+    path = Path(folder) / f"{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(done: int, final: bool = False) -> None:
+        if final or done % 25 == 0:
+            path.write_text(f"{done}\n")
+
+    return write
+
+
 @pytest.mark.parametrize("shard", range(SHARDS))
 @pytest.mark.parametrize(
     ("backend", "device"),
@@ -113,17 +134,22 @@ def cases(draw, device: str):
 )
 def test_fuzz_against_reference(backend, device, shard, monkeypatch):
     if backend == "cuda":
-        from attnmerge.cuda import backend as cuda_backend
-
         rows = CUDA_ROWS[shard % len(CUDA_ROWS)]
         monkeypatch.setattr(cuda_backend, "rows_per_team", lambda num_rows: rows)
+
+    progress = _progress_writer(f"{backend}-{device}-{shard}")
+    passed = 0
 
     @seed(20261128 + shard)
     @FUZZ
     @given(data=st.data())
     def check(data):
+        nonlocal passed
         params = data.draw(cases(device), label="case")
         case = make_case(**params)
         run_and_check(case, backend)
+        passed += 1
+        progress(passed)
 
     check()
+    progress(passed, final=True)

@@ -112,16 +112,28 @@ def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-#: Rows per team: 1 for small grids (more blocks in flight when latency-bound), more for
-#: large ones (more loads in flight per thread, index math amortised); see
-#: docs/performance.md for the measurements behind both numbers.
-ROWS_SMALL, ROWS_LARGE = 1, 2
-#: Grids of at most this many rows take ROWS_SMALL.
-SMALL_GRID_ROWS = 8192
+#: Rows per thread team, by grid size (tokens x heads). One row keeps the most blocks in
+#: flight where the merge is latency-bound; more rows put more loads in flight per thread
+#: where it is bandwidth-bound, at the cost of registers. Chosen from the variants grid
+#: (``attnmerge bench --cuda-rows 1,2,4``) on an H200, D = 128, FP8 out, median us:
+#:
+#:   rows (T x H)        bf16 r1 / r2 / r4        fp32 r1 / r2 / r4
+#:   8192 (64x128)       3.12 / 3.16 / 3.18       3.83 / 3.48 / 3.52
+#:   32768 (256x128)     6.79 / 6.15 / 6.51       9.73 / 8.90 / 8.98
+#:   131072 (1024x128)  24.39 / 23.15 / 23.48    39.40 / 37.48 / 38.15
+#:   524288 (4096x128)  92.39 / 87.51 / 84.31   152.39 / 145.48 / 143.77
+#:
+#: Up to 8192 rows the three are within 0.1 us for bf16/fp16 (r1 is best below 4096);
+#: see docs/performance.md for the whole grid.
+ROWS_SMALL, ROWS_MEDIUM, ROWS_LARGE = 1, 2, 4
+SMALL_GRID_ROWS = 8192  # at most this many rows: ROWS_SMALL
+LARGE_GRID_ROWS = 262144  # more than this many rows: ROWS_LARGE
 
 
 def rows_per_team(num_rows: int) -> int:
-    return ROWS_SMALL if num_rows <= SMALL_GRID_ROWS else ROWS_LARGE
+    if num_rows <= SMALL_GRID_ROWS:
+        return ROWS_SMALL
+    return ROWS_MEDIUM if num_rows <= LARGE_GRID_ROWS else ROWS_LARGE
 
 
 def instance_for(
@@ -150,10 +162,10 @@ COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
 def _variants(head_size: int, widest: int) -> list[tuple[int, int]]:
     """(vector width, rows per team) pairs a call signature can need: 16-byte or scalar
-    accesses (alignment is a property of each call's tensors), small or large grid."""
+    accesses (alignment is a property of each call's tensors), and every grid size."""
     vec = 16 // widest
     vecs = (vec, 1) if head_size % vec == 0 else (1,)
-    return [(v, r) for v in vecs for r in dict.fromkeys((ROWS_SMALL, ROWS_LARGE))]
+    return [(v, r) for v in vecs for r in (ROWS_SMALL, ROWS_MEDIUM, ROWS_LARGE)]
 
 
 def common_instances(head_sizes=COMMON_HEAD_SIZES) -> list[tuple[str, str, str, int, int, int]]:
