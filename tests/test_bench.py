@@ -491,3 +491,23 @@ def test_module_entry_point_without_gpu() -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "needs a CUDA GPU" in result.stderr
+
+
+def test_csv_round_trip_and_replot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A CSV from a GPU machine can be re-tabled and plotted where there is no GPU.
+    config = bench.Config(tokens=(1, 4096), heads=(128,), dtypes=("bf16", "fp32"))
+    records = _records(bench.build_cases(config))
+    path = tmp_path / "r.csv"
+    bench.write_csv(path, records, H200)
+    back, info = bench.read_csv(path)
+    assert info == H200
+    assert len(back) == len(records)
+    for a, b in zip(back, records, strict=True):
+        assert (a.dtype, a.tokens, a.heads, a.provider, a.bytes) == (
+            b.dtype, b.tokens, b.heads, b.provider, b.bytes
+        )  # fmt: skip
+        assert a.median_us == pytest.approx(b.median_us, rel=1e-5)
+    assert cli.main(["bench", "--from-csv", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == bench.format_table(back, info)
+    assert cli.main(["bench", "--from-csv", str(tmp_path / "missing.csv")]) == 2
+    assert "--from-csv" in capsys.readouterr().err

@@ -383,6 +383,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--csv", metavar="PATH", help="write one row per case to this CSV file")
     g.add_argument("--plot", metavar="PATH", help="write GB/s vs tokens to this PNG (matplotlib)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.add_argument(
+        "--from-csv",
+        metavar="PATH",
+        help="measure nothing: print the table of a CSV written by an earlier run (and "
+        "write --plot from it); needs no GPU",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -515,6 +521,26 @@ def write_csv(path: str | Path, records: Sequence[Record], info: RunInfo) -> Non
                 if isinstance(v, float) and math.isfinite(v):
                     row[k] = f"{v:.6g}"
             w.writerow(row)
+
+
+def read_csv(path: str | Path) -> tuple[list[Record], RunInfo]:
+    """The records and run info of a CSV written by :func:`write_csv` (the run info of
+    its first row; a CSV holds one run)."""
+
+    def typed(cls: type, row: dict) -> dict:
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = row[f.name]
+            kind = {"int": int, "float": float, "bool": lambda v: v == "True"}.get(f.type, str)
+            values[f.name] = kind(raw)
+        return values
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    info = RunInfo(**typed(RunInfo, rows[0]))
+    return [Record(**typed(Record, row)) for row in rows], info
 
 
 def _variant(r: Record) -> tuple[str, str, bool, int]:
@@ -1088,8 +1114,25 @@ def host_overhead_us(device: torch.device | str = "cuda", calls: int = 2000) -> 
     return result
 
 
+def replot(path: str, plot: str | None, out: TextIO | None = None) -> int:
+    """Print the table of a CSV written by an earlier run; write ``plot`` from it."""
+    out = out if out is not None else sys.stdout
+    try:
+        records, info = read_csv(path)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"attnmerge bench: --from-csv {path}: {_one_line(e)}", file=sys.stderr)
+        return 2
+    print(format_table(records, info), file=out)
+    if plot:
+        problem = write_plot(plot, records, info)
+        print(f"plot skipped: {problem}" if problem else f"wrote {plot}", file=out)
+    return 0
+
+
 def run_args(args: argparse.Namespace) -> int:
     """Run ``attnmerge bench`` from its parsed options."""
+    if args.from_csv:
+        return replot(args.from_csv, args.plot)
     return run(config_from_args(args))
 
 
