@@ -242,8 +242,17 @@ def test_cold_l2_sets() -> None:
 
 
 def test_git_sha(monkeypatch: pytest.MonkeyPatch) -> None:
-    sha = bench.git_sha()
+    sha = bench.git_sha().removesuffix("-dirty")
     assert sha == "unknown" or (4 <= len(sha) <= 40 and all(ch in "0123456789abcdef" for ch in sha))
+
+    def fake_git(returncodes):  # rev-parse, then diff --quiet
+        results = iter(returncodes)
+        return lambda *a, **k: subprocess.CompletedProcess(a, next(results), "abc1234\n", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_git([0, 0]))
+    assert bench.git_sha() == "abc1234"
+    monkeypatch.setattr(subprocess, "run", fake_git([0, 1]))
+    assert bench.git_sha() == "abc1234-dirty"
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")

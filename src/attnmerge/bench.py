@@ -899,19 +899,23 @@ def probe_device(device: torch.device) -> DeviceInfo:
 
 
 def git_sha() -> str:
-    """``git rev-parse --short HEAD`` of the checkout holding this file, else "unknown"."""
+    """``git rev-parse --short HEAD`` of the checkout holding this file, with "-dirty"
+    when its tracked files differ from HEAD (the numbers are then of uncommitted code),
+    else "unknown"."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        out = git("rev-parse", "--short", "HEAD")
+        sha = out.stdout.strip()
+        if out.returncode != 0 or not sha:
+            return "unknown"
+        dirty = git("diff", "--quiet", "HEAD", "--").returncode == 1
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else "unknown"
+    return f"{sha}-dirty" if dirty else sha
 
 
 def _triton_version() -> str:
