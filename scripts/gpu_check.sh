@@ -96,8 +96,8 @@ if [ -d "$ATTNMERGE_FUZZ_PROGRESS_DIR" ]; then
   for pair in cuda-cuda triton-cuda torch-cuda; do
     files=("$ATTNMERGE_FUZZ_PROGRESS_DIR/$pair"-*.txt)
     [ -e "${files[0]}" ] || continue
-    echo "fuzz $pair: $(cat "${files[@]}" | awk '{s += $1} END {print s}') examples passed" \
-      "in ${#files[@]} shards"
+    echo "fuzz $pair: $(cat "${files[@]}" | awk '{s += $1; if ($2 > t) t = $2} END {print s " examples passed, longest shard " t " s"}')" \
+      "(${#files[@]} shards)"
   done
 fi
 for tool in memcheck racecheck initcheck; do

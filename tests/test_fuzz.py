@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -105,17 +106,19 @@ def cases(draw, device: str):
 
 def _progress_writer(name: str):
     """With ATTNMERGE_FUZZ_PROGRESS_DIR set, a function that records how many examples
-    of this shard have passed (every 25, and at the end), so a run stopped by a time
-    limit still tells how many cases were checked; else a no-op."""
+    of this shard have passed and the seconds since it started (every 25 examples, and
+    at the end), so a run stopped by a time limit still tells how many cases were
+    checked and at what rate; else a no-op."""
     folder = os.environ.get("ATTNMERGE_FUZZ_PROGRESS_DIR")
     if not folder:
         return lambda done, final=False: None
     path = Path(folder) / f"{name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
 
     def write(done: int, final: bool = False) -> None:
         if final or done % 25 == 0:
-            path.write_text(f"{done}\n")
+            path.write_text(f"{done} {time.monotonic() - start:.1f}\n")
 
     return write
 
