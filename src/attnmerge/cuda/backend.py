@@ -1,6 +1,7 @@
 """The ``cuda`` backend: picks a kernel instance, builds it on first use, launches it.
 
-Each kernel instance (partial dtypes, output dtype, vector width, threads per row) is
+Each kernel instance (partial dtypes, output dtype, vector width, threads per row, rows
+per team of threads) is
 compiled by NVRTC for the device's architecture on first use and kept in the disk cache
 (:mod:`.cache`; key: attnmerge version, source hash, instance, architecture, NVRTC
 version), then loaded through the driver API (:mod:`.driver`). ``attnmerge build``
@@ -21,10 +22,14 @@ from . import cache, driver, nvrtc
 __all__ = [
     "arch_of",
     "build_instance",
+    "clear_caches",
     "common_instances",
     "instance_for",
+    "launch_arguments",
     "merge_two_states",
     "prepare",
+    "rows_per_team",
+    "template_arguments",
     "unavailable_reason",
 ]
 
@@ -131,6 +136,7 @@ LARGE_GRID_ROWS = 262144  # more than this many rows: ROWS_LARGE
 
 
 def rows_per_team(num_rows: int) -> int:
+    """Rows each team of threads merges, for a grid of ``num_rows`` (token, head) rows."""
     if num_rows <= SMALL_GRID_ROWS:
         return ROWS_SMALL
     return ROWS_MEDIUM if num_rows <= LARGE_GRID_ROWS else ROWS_LARGE
@@ -164,8 +170,10 @@ def _variants(head_size: int, widest: int) -> list[tuple[int, int]]:
     """(vector width, rows per team) pairs a call signature can need: 16-byte or scalar
     accesses (alignment is a property of each call's tensors), and every grid size."""
     vec = 16 // widest
-    vecs = (vec, 1) if head_size % vec == 0 else (1,)
-    return [(v, r) for v in vecs for r in (ROWS_SMALL, ROWS_MEDIUM, ROWS_LARGE)]
+    pairs = (
+        [(vec, r) for r in (ROWS_SMALL, ROWS_MEDIUM, ROWS_LARGE)] if head_size % vec == 0 else []
+    )
+    return [*pairs, (1, 1)]  # the scalar fallback takes one row per team
 
 
 def common_instances(head_sizes=COMMON_HEAD_SIZES) -> list[tuple[str, str, str, int, int, int]]:

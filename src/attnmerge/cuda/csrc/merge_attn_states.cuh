@@ -189,8 +189,8 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
 // N elements of storage type S as loaded from memory, kept in registers until used.
 // Held as 32-bit words, not as N separate 16-bit values: split into halves, every
 // element needs a byte permute right after the load, which makes the thread wait for
-// that load before it can issue the next one (measured: loads of a thread's rows went
-// out one after another). Elements are extracted where they are consumed.
+// that load before it can issue the next one (seen in the sm_90a SASS: a thread's
+// loads went out one after another). Elements are extracted where they are consumed.
 template <typename S, int N, bool kWords = (sizeof(S) * N) % 4 == 0>
 struct Chunk {  // whole 32-bit words
   static constexpr int kWordsPerChunk = sizeof(S) * N / 4;
