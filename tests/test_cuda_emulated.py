@@ -145,7 +145,7 @@ def test_special_values_and_base(emulated, base):
 @pytest.mark.parametrize("alias", ["prefix", "suffix", "lse_prefix", "lse_suffix"])
 def test_aliasing(emulated, alias):
     # In place: a row's input LSEs are read, and its output LSE written, by one thread;
-    # its data by a team whose reads precede its writes.
+    # each output chunk by the thread that reads its inputs.
     _check(make_case(16, 3, 256, dtype=torch.float32, alias=alias, lse_pattern="mixed"))
 
 
