@@ -7,6 +7,8 @@
 # Steps (default: tests sanitize demo bench):
 #   tests        the whole test suite except the fuzz (pytest -n 8)
 #   cuda-tests   only the tests that involve the cuda backend or device (faster)
+#   prebuild     compile every CUDA kernel instance the fuzz can ask for (all partial dtype
+#                pairs, the fuzz's head sizes) in parallel, so the fuzz only loads them
 #   fuzz         the fuzz, every GPU (backend, device); ATTNMERGE_FUZZ_EXAMPLES per pair
 #   fuzz-cuda    the fuzz of the cuda backend only
 #   fuzz-triton  the fuzz of the triton backend only
@@ -56,7 +58,7 @@ step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, recor
 
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
-    tests | cuda-tests | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench | variants) ;;
+    tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench | variants) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +71,10 @@ for arg in "$@"; do
     tests) step tests "$limit" pytest.log "${PYTEST[@]}" -q -k "not fuzz" --durations=15 tests ;;
     cuda-tests)
       step cuda-tests "$limit" pytest_cuda.log "${PYTEST[@]}" -q -k "cuda and not fuzz" tests ;;
+    prebuild)
+      sizes=$(cd tests && python3 -c 'import test_fuzz; print(",".join(map(str, test_fuzz.HEAD_SIZES)))')
+      step prebuild "$limit" prebuild.log python3 -m attnmerge build --mixed-dtypes \
+        --head-sizes "$sizes" ;;
     fuzz) step fuzz "$limit" fuzz.log "${FUZZ[@]}" tests/test_fuzz.py ;;
     fuzz-cuda) step fuzz-cuda "$limit" fuzz_cuda.log "${FUZZ[@]}" -k "cuda-cuda" tests/test_fuzz.py ;;
     fuzz-triton)

@@ -255,13 +255,21 @@ def test_vector_accesses_need_aligned_row_chunks():
 
 def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch):
     from attnmerge import cli
-    from attnmerge.cuda import cache, nvrtc
+    from attnmerge.cuda import backend, cache, nvrtc
 
     reason = nvrtc.unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
-    assert cli.main(["build", "--arch", "sm_90a", "--head-sizes", "128"]) == 0
+    assert cli.main(["build", "--arch", "sm_90a", "--head-sizes", "128", "--jobs", "1"]) == 0
     built = [e for e in cache.entries() if e["path"].endswith(".cubin")]
+    assert len(built) == len(backend.common_instances((128,)))
     assert len(built) >= 12  # 3 partial dtypes x 4 outputs x (vector, scalar)
     assert all(Path(e["path"]).read_bytes()[:4] == b"\x7fELF" for e in built)
+    # every pair of partial dtypes, built by two processes at once into the same cache
+    args = ["build", "--arch", "sm_90a", "--head-sizes", "128", "--mixed-dtypes", "--jobs", "2"]
+    assert cli.main(args) == 0
+    mixed = backend.common_instances((128,), mixed_dtypes=True)
+    assert len(mixed) > len(built)
+    assert len([e for e in cache.entries() if e["path"].endswith(".cubin")]) == len(mixed)
+    assert cli.main(["build", "--jobs", "0"]) == 2

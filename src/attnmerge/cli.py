@@ -135,6 +135,18 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(str(d) for d in _common_head_sizes()),
         help="comma-separated head sizes to prepare kernels for",
     )
+    parser.add_argument(
+        "--mixed-dtypes",
+        action="store_true",
+        help="also prefix and suffix partials of different dtypes (9 pairs instead of 3)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="compile this many instances at once, in separate processes (default: the "
+        "number of CPUs)",
+    )
 
 
 def _common_head_sizes() -> tuple[int, ...]:
@@ -153,15 +165,24 @@ def _run_build(args: argparse.Namespace) -> int:
     if reason is not None:
         print(f"attnmerge build: cannot compile: {reason}", file=sys.stderr)
         return 1
+    if args.jobs < 1:
+        print(f"attnmerge build: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
     archs = args.arch or _default_archs()
     head_sizes = tuple(int(d) for d in args.head_sizes.split(",") if d)
-    instances = backend.common_instances(head_sizes)
+    instances = backend.common_instances(head_sizes, mixed_dtypes=args.mixed_dtypes)
     where = cache.cache_dir()
     print(f"building {len(instances)} kernel instances for {', '.join(archs)} into {where}")
     for arch in archs:
         start = time.perf_counter()
-        for instance in instances:
-            backend.build_instance(instance, arch)
+        if args.jobs == 1:
+            for instance in instances:
+                backend.build_instance(instance, arch)
+        else:  # NVRTC runs in the calling thread: processes, each with its own
+            import concurrent.futures
+
+            with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+                list(pool.map(backend.build_instance, instances, [arch] * len(instances)))
         print(f"  {arch}: {time.perf_counter() - start:.1f} s")
     return 0
 

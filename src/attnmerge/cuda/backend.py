@@ -176,18 +176,23 @@ def _variants(head_size: int, widest: int) -> list[tuple[int, int]]:
     return [*pairs, (1, 1)]  # the scalar fallback takes one row per team
 
 
-def common_instances(head_sizes=COMMON_HEAD_SIZES) -> list[tuple[str, str, str, int, int, int]]:
-    """Instances for same-dtype partials (fp32/fp16/bf16) into every output dtype, for
-    every variant a call can need."""
-    found = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for out in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn):
+_PARTIAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OUTPUT_DTYPES = (*_PARTIAL_DTYPES, torch.float8_e4m3fn)
+
+
+def common_instances(
+    head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False
+) -> list[tuple[str, str, str, int, int, int]]:
+    """Instances for fp32/fp16/bf16 partials into every output dtype, for every variant a
+    call can need: same-dtype partials only, or with ``mixed_dtypes`` every pair."""
+    pairs = [(p, s) for p in _PARTIAL_DTYPES for s in _PARTIAL_DTYPES if mixed_dtypes or p == s]
+    found = {}
+    for p, s in pairs:
+        for out in _OUTPUT_DTYPES:
             for head_size in head_sizes:
-                for v, r in _variants(head_size, dtype.itemsize):
-                    inst = instance_for(dtype, dtype, out, head_size, v, r)
-                    if inst not in found:
-                        found.append(inst)
-    return found
+                for v, r in _variants(head_size, max(p.itemsize, s.itemsize)):
+                    found.setdefault(instance_for(p, s, out, head_size, v, r))
+    return list(found)
 
 
 def prepare(
