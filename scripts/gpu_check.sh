@@ -15,7 +15,8 @@
 #   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
 #   demo         attnmerge demo
 #   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused), CSV
-#   variants     attnmerge bench of the kernel variants (cuda rows per team 1/2/4, triton)
+#   variants     attnmerge bench of the kernel variants (cuda rows per team 1/2/4 with 16-
+#                and 32-byte chunks, triton)
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
 # call of the device tool runs at most 10 minutes: on an H100/H200 "tests" takes ~4,
 # "fuzz" with 10,000 examples several, the other steps one or less.
@@ -90,7 +91,8 @@ for arg in "$@"; do
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
     variants)
       step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
-        --cuda-rows 1,2,4 --rep-ms 25 --host-overhead --no-progress --csv "$OUT/variants.csv" ;;
+        --cuda-rows 1,2,4 --cuda-chunk-bytes 32 --rep-ms 25 --host-overhead --no-progress \
+        --csv "$OUT/variants.csv" ;;
   esac
 done
 

@@ -89,6 +89,7 @@ def test_every_option() -> None:
             "--tokens", "1,2", "--heads", "8", "--head-sizes", "64,192,256,512",
             "--dtypes", "bf16", "--fp8", "both", "--output-lse", "on",
             "--providers", "torch,unfused,triton", "--block-rows", "8,16", "--cuda-rows", "2",
+            "--cuda-chunk-bytes", "32",
             "--cold-l2", "--rep-ms", "50", "--host-overhead",
             "--csv", "r.csv", "--plot", "r.png", "--no-progress",
         ]
@@ -103,6 +104,7 @@ def test_every_option() -> None:
         providers=("torch", "unfused", "triton"),
         block_rows=(8, 16),
         cuda_rows=(2,),
+        cuda_chunk_bytes=(32,),
         cold_l2=True,
         rep_ms=50,
         host_overhead=True,
@@ -113,12 +115,30 @@ def test_every_option() -> None:
     cases = bench.build_cases(config)
     # unfused only with FP8 (without the quantisation it is the triton provider)
     assert {c.fp8 for c in cases if c.provider == "unfused"} == {True}
-    per_shape = {False: 5, True: 6}  # torch, triton, triton/r8, triton/r16, cuda/r2 (+ unfused)
+    # torch, triton, triton/r8, triton/r16, cuda/r2, cuda/r2c32 (+ unfused)
+    per_shape = {False: 6, True: 7}
     assert len(cases) == 2 * 1 * 4 * sum(per_shape.values())
-    providers = ["torch", "triton", "triton/r8", "triton/r16", "cuda/r2"]
-    assert [c.provider for c in cases[:5]] == providers
-    assert [c.block_rows for c in cases[:5]] == [None, None, 8, 16, None]
-    assert [c.cuda_rows for c in cases[:5]] == [None, None, None, None, 2]
+    providers = ["torch", "triton", "triton/r8", "triton/r16", "cuda/r2", "cuda/r2c32"]
+    assert [c.provider for c in cases[:6]] == providers
+    assert [c.block_rows for c in cases[:6]] == [None, None, 8, 16, None, None]
+    assert [c.cuda_rows for c in cases[:6]] == [None, None, None, None, 2, 2]
+    assert [c.cuda_chunk_bytes for c in cases[:6]] == [None] * 5 + [32]
+
+
+def test_cuda_variant_names() -> None:
+    def variant(provider: str):
+        c = bench.Case("bf16", True, False, 128, 1, 8, provider)
+        return (c.cuda_variant, c.cuda_rows, c.cuda_chunk_bytes)
+
+    assert variant("cuda") == (False, None, None)
+    assert variant("cuda/r4") == (True, 4, None)
+    assert variant("cuda/c32") == (True, None, 32)
+    assert variant("cuda/r2c32") == (True, 2, 32)
+    assert variant("cuda/") == (False, None, None)
+    assert variant("triton/r8") == (False, None, None)
+    config = bench.Config(tokens=(1,), heads=(8,), dtypes=("bf16",), providers=("cuda",),
+                          cuda_chunk_bytes=(32,))  # fmt: skip
+    assert [c.provider for c in bench.build_cases(config)] == ["cuda", "cuda/c32"]
 
 
 def test_shapes_replace_the_product() -> None:

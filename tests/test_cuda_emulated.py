@@ -198,3 +198,27 @@ def test_several_rows_per_team(emulated, monkeypatch, dtype, D, alias, grid):
     _check(case)
     expected = {"medium": cuda_backend.ROWS_MEDIUM, "large": cuda_backend.ROWS_LARGE}[grid]
     assert emulated[-1][5] == expected > 1
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype", "D", "alias"),
+    [
+        (torch.bfloat16, FP8, 128, None),  # 16 elements a thread, 16-byte FP8 stores
+        (torch.float32, torch.float32, 576, "lse_prefix"),  # 72 chunks of 8: the team loops
+        (torch.float16, torch.float16, 48, "prefix"),  # three chunks a row, in place
+    ],
+)
+def test_32_byte_chunks(emulated, monkeypatch, dtype, out_dtype, D, alias):
+    # The variant `attnmerge bench --cuda-chunk-bytes 32` times: two 16-byte accesses per
+    # thread and row chunk, on one and on several rows per team.
+    monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", 32)
+    scale = 0.05 if out_dtype == FP8 else None
+    for rows_forced in (False, True):
+        if rows_forced:
+            monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
+        case = make_case(
+            11, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, alias=alias,
+            lse_pattern="mixed", P=8,
+        )  # fmt: skip
+        _check(case)
+        assert emulated[-1][3] == 32 // dtype.itemsize

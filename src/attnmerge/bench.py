@@ -135,6 +135,7 @@ class Config:
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     block_rows: tuple[int, ...] = ()  # extra providers "triton/rN": Triton rows per program
     cuda_rows: tuple[int, ...] = ()  # extra providers "cuda/rN": CUDA rows per thread team
+    cuda_chunk_bytes: tuple[int, ...] = ()  # ... "cuda/rNcB" / "cuda/cB": B bytes per access
     cold_l2: bool = False
     rep_ms: int = DEFAULT_REP_MS
     host_overhead: bool = False
@@ -153,7 +154,9 @@ class Case:
     head_size: int
     tokens: int
     heads: int
-    provider: str  # one of PROVIDERS, "triton/rN" (N rows per Triton program) or "cuda/rN"
+    # one of PROVIDERS, "triton/rN" (N rows per Triton program), or a CUDA kernel variant:
+    # "cuda/rN" (N rows per thread team), "cuda/cB" (B-byte chunks), "cuda/rNcB"
+    provider: str
 
     @property
     def out_dtype(self) -> str:
@@ -164,10 +167,25 @@ class Case:
         m = re.fullmatch(r"triton/r(\d+)", self.provider)
         return int(m.group(1)) if m else None
 
+    def _cuda_variant(self) -> tuple[int | None, int | None] | None:
+        m = re.fullmatch(r"cuda/(?:r(\d+))?(?:c(\d+))?", self.provider)
+        if m is None or m.group(1) is m.group(2) is None:
+            return None
+        return tuple(None if g is None else int(g) for g in m.groups())
+
+    @property
+    def cuda_variant(self) -> bool:
+        return self._cuda_variant() is not None
+
     @property
     def cuda_rows(self) -> int | None:
-        m = re.fullmatch(r"cuda/r(\d+)", self.provider)
-        return int(m.group(1)) if m else None
+        v = self._cuda_variant()
+        return v[0] if v else None
+
+    @property
+    def cuda_chunk_bytes(self) -> int | None:
+        v = self._cuda_variant()
+        return v[1] if v else None
 
     def input_bytes(self) -> int:
         """Bytes of the two partial outputs and the two LSEs."""
@@ -207,7 +225,10 @@ def build_cases(config: Config) -> list[Case]:
     else:
         shapes = [(t, h) for h in config.heads for t in config.tokens]
     providers = list(config.providers) + [f"triton/r{n}" for n in config.block_rows]
-    providers += [f"cuda/r{n}" for n in config.cuda_rows]
+    chunks = [""] + [f"c{b}" for b in config.cuda_chunk_bytes]
+    providers += [f"cuda/r{n}{c}" for c in chunks for n in config.cuda_rows]
+    if not config.cuda_rows:
+        providers += [f"cuda/{c}" for c in chunks[1:]]
     cases = []
     for dtype in config.dtypes:
         for fp8 in config.fp8:
@@ -362,6 +383,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N,...",
         help="also time the CUDA kernel with N rows per thread team (providers cuda/rN)",
     )
+    g.add_argument(
+        "--cuda-chunk-bytes",
+        type=_int_list,
+        default=(),
+        metavar="B,...",
+        help="also time the CUDA kernel reading B bytes per thread and row chunk (16 is the "
+        "default; 32 is two accesses): providers cuda/cB, or cuda/rNcB with --cuda-rows",
+    )
     g = parser.add_argument_group("timing")
     g.add_argument(
         "--cold-l2",
@@ -404,6 +433,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         providers=args.providers,
         block_rows=args.block_rows,
         cuda_rows=args.cuda_rows,
+        cuda_chunk_bytes=args.cuda_chunk_bytes,
         cold_l2=args.cold_l2,
         rep_ms=args.rep_ms,
         host_overhead=args.host_overhead,
@@ -796,7 +826,7 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
             )
             for s in sets
         ]
-    elif case.cuda_rows is not None:
+    elif case.cuda_variant:
         from .cuda import backend as cuda_backend
 
         calls = [
@@ -809,6 +839,7 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
                 scale,
                 False,
                 rows=case.cuda_rows,
+                chunk_bytes=case.cuda_chunk_bytes,
             )
             for s in sets
         ]

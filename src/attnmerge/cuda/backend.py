@@ -131,6 +131,10 @@ def _next_pow2(x: int) -> int:
 #: Up to 8192 rows the three are within 0.1 us for bf16/fp16 (r1 is best below 4096);
 #: see docs/performance.md for the whole grid.
 ROWS_SMALL, ROWS_MEDIUM, ROWS_LARGE = 1, 2, 4
+#: Bytes of the widest input a thread reads per row chunk (16: one 16-byte access). 32
+#: (two accesses, and 16-byte FP8 stores, the shape of a Triton program's accesses) is
+#: a variant that ``attnmerge bench --cuda-chunk-bytes`` can time; it is not the default.
+CHUNK_BYTES = 16
 SMALL_GRID_ROWS = 8192  # at most this many rows: ROWS_SMALL
 LARGE_GRID_ROWS = 262144  # more than this many rows: ROWS_LARGE
 
@@ -260,10 +264,12 @@ def merge_two_states(
     output_scale: torch.Tensor | None,
     lse_base_2: bool,
     rows: int | None = None,
+    chunk_bytes: int | None = None,
 ) -> None:
     """Launch the merge on the current stream. Arguments must already be validated.
 
-    ``rows`` (rows per thread team) overrides :func:`rows_per_team`, for tuning.
+    ``rows`` (rows per thread team) overrides :func:`rows_per_team` and ``chunk_bytes``
+    overrides :data:`CHUNK_BYTES`, for tuning.
     """
     launch = launch_arguments(
         output,
@@ -276,6 +282,7 @@ def merge_two_states(
         output_scale,
         lse_base_2,
         rows,
+        chunk_bytes,
     )
     if launch is None:
         return
@@ -300,6 +307,7 @@ def launch_arguments(
     output_scale: torch.Tensor | None,
     lse_base_2: bool,
     rows: int | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[driver.Kernel, int, bytes] | None:
     """The kernel, grid size and packed parameters of one merge (None: nothing to do).
     Separate from the launch so that ``attnmerge bench`` can time the two apart."""
@@ -316,7 +324,7 @@ def launch_arguments(
     )
     out_st, pre_st, suf_st = output.stride(), prefix_output.stride(), suffix_output.stride()
     pre_size, suf_size = prefix_output.itemsize, suffix_output.itemsize
-    vec = 16 // max(pre_size, suf_size)
+    vec = (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(pre_size, suf_size)
     if head_size % vec or not (
         _aligned(out_ptr, out_st, output.itemsize, vec)
         and _aligned(pre_ptr, pre_st, pre_size, vec)
