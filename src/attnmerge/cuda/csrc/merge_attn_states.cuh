@@ -291,6 +291,10 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
 //     memory and writes its output LSE, then arrives at the barrier.
 // A row's input LSEs are read and its output LSE written by the same thread, so
 // output_lse may alias prefix_lse or suffix_lse.
+// The two roles reach the block barrier from different places in the code; that is
+// one barrier (bar.sync 0, which counts arriving threads, whatever their program
+// counter: sm_70 and later, as in warp-specialised attention kernels), reached once by
+// every thread of the block.
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   constexpr int kTeams = kDataThreads / TEAM;
