@@ -15,8 +15,8 @@
 #   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
 #   demo         attnmerge demo
 #   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused), CSV
-#   variants     attnmerge bench of the kernel variants (cuda rows per team 1/2/4 with 16-
-#                and 32-byte chunks, triton)
+#   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 16-
+#                and 32-byte chunks, weight warp or weights per thread; triton)
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
 # call of the device tool runs at most 10 minutes: on an H100/H200 "tests" takes ~4,
 # "fuzz" with 10,000 examples several, the other steps one or less.
@@ -89,10 +89,10 @@ for arg in "$@"; do
     bench)
       step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
-    variants)
+    variants)  # bf16 and fp32 (fp16 times like bf16): ~940 cases, about 100 s
       step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
-        --cuda-rows 1,2,4 --cuda-chunk-bytes 32 --rep-ms 25 --host-overhead --no-progress \
-        --csv "$OUT/variants.csv" ;;
+        --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 32 --cuda-thread-weights \
+        --rep-ms 25 --host-overhead --no-progress --csv "$OUT/variants.csv" ;;
   esac
 done
 

@@ -128,17 +128,28 @@ def test_every_option() -> None:
 def test_cuda_variant_names() -> None:
     def variant(provider: str):
         c = bench.Case("bf16", True, False, 128, 1, 8, provider)
-        return (c.cuda_variant, c.cuda_rows, c.cuda_chunk_bytes)
+        return (c.cuda_variant, c.cuda_rows, c.cuda_chunk_bytes, c.cuda_thread_weights)
 
-    assert variant("cuda") == (False, None, None)
-    assert variant("cuda/r4") == (True, 4, None)
-    assert variant("cuda/c32") == (True, None, 32)
-    assert variant("cuda/r2c32") == (True, 2, 32)
-    assert variant("cuda/") == (False, None, None)
-    assert variant("triton/r8") == (False, None, None)
+    assert variant("cuda") == (False, None, None, False)
+    assert variant("cuda/r4") == (True, 4, None, False)
+    assert variant("cuda/c32") == (True, None, 32, False)
+    assert variant("cuda/r2c32") == (True, 2, 32, False)
+    assert variant("cuda/t") == (True, None, None, True)
+    assert variant("cuda/r1c32t") == (True, 1, 32, True)
+    assert variant("cuda/") == (False, None, None, False)
+    assert variant("triton/r8") == (False, None, None, False)
     config = bench.Config(tokens=(1,), heads=(8,), dtypes=("bf16",), providers=("cuda",),
                           cuda_chunk_bytes=(32,))  # fmt: skip
     assert [c.provider for c in bench.build_cases(config)] == ["cuda", "cuda/c32"]
+    config = dataclasses.replace(config, cuda_rows=(1, 2), cuda_thread_weights=True)
+    assert [c.provider for c in bench.build_cases(config)] == [
+        "cuda", "cuda/r1", "cuda/r2", "cuda/r1c32", "cuda/r2c32",
+        "cuda/r1t", "cuda/r2t", "cuda/r1c32t", "cuda/r2c32t",
+    ]  # fmt: skip
+    args = bench.parse_args(["--cuda-thread-weights"])
+    assert (
+        args.cuda_thread_weights and [c.provider for c in bench.build_cases(args)][-1] == "cuda/t"
+    )
 
 
 def test_shapes_replace_the_product() -> None:

@@ -222,3 +222,31 @@ def test_32_byte_chunks(emulated, monkeypatch, dtype, out_dtype, D, alias):
         )  # fmt: skip
         _check(case)
         assert emulated[-1][3] == 32 // dtype.itemsize
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype", "D", "alias", "chunk_bytes"),
+    [
+        (torch.bfloat16, FP8, 128, "lse_prefix", 16),  # output LSE in place: needs the barrier
+        (torch.bfloat16, FP8, 128, "lse_suffix", 32),
+        (torch.float32, torch.float32, 576, None, 16),  # the team of 128 loops
+        (torch.float16, torch.float16, 48, "prefix", 16),  # in place
+        (torch.float16, torch.float32, 13, None, 16),  # scalar path
+    ],
+)
+@pytest.mark.parametrize("grid", ["small", "large"])
+def test_weights_per_thread(emulated, monkeypatch, dtype, out_dtype, D, alias, chunk_bytes, grid):
+    # The variant `attnmerge bench --cuda-thread-weights` times: no weight warp, every
+    # thread computes its rows' weights (128-thread blocks).
+    monkeypatch.setattr(cuda_backend, "WEIGHTS", cuda_backend.WEIGHTS_PER_THREAD)
+    monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
+    if grid == "large":
+        monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
+        monkeypatch.setattr(cuda_backend, "LARGE_GRID_ROWS", 0)
+    scale = 0.05 if out_dtype == FP8 else None
+    case = make_case(
+        11, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, alias=alias,
+        lse_pattern="mixed", P=8, nan_frac=0.05,
+    )  # fmt: skip
+    _check(case)
+    assert emulated[-1][6] == cuda_backend.WEIGHTS_PER_THREAD

@@ -120,11 +120,14 @@ def _nvcc_archs() -> list[str]:
 _INSTANTIATIONS = r"""
 #include "merge_attn_states.cuh"
 namespace attnmerge {
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 1>(const MergeParams);
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 4>(const MergeParams);
-template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 2>(const MergeParams);
-template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2>(const MergeParams);
-template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128, 1>(const MergeParams);
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 1, 0>(const MergeParams);
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 4, 0>(const MergeParams);
+template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 2, 0>(const MergeParams);
+template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2, 0>(const MergeParams);
+template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128, 1, 0>(const MergeParams);
+// the per-thread-weights variant (WEIGHTS = 1), with 32-byte chunks
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 16, 8, 1, 1>(const MergeParams);
+template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2, 1>(const MergeParams);
 }
 """
 
@@ -204,20 +207,16 @@ def test_instance_choice():
     # 16-byte chunks of the widest input; one row per team of ceil(D / vec) threads (pow2).
     bf16, f32 = torch.bfloat16, torch.float32
     assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 8) == (
-        "BF16", "BF16", "FP8E4M3", 8, 16, ROWS_SMALL
+        "BF16", "BF16", "FP8E4M3", 8, 16, ROWS_SMALL, 0
     )  # fmt: skip
-    assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE) == (
-        "F32",
-        "F32",
-        "F32",
-        4,
-        128,
-        ROWS_LARGE,
-    )  # fmt: skip  (144 chunks: the team of 128 loops)
+    # 144 chunks: the team of 128 loops; weights computed per thread (the tuning variant)
+    assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE, 1) == (
+        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 1
+    )  # fmt: skip
     assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[4] == 128
     insts = common_instances((128,))
     for vec, team, rows in ((8, 16, ROWS_SMALL), (8, 16, ROWS_LARGE), (1, 128, 1)):
-        assert ("BF16", "BF16", "FP8E4M3", vec, team, rows) in insts
+        assert ("BF16", "BF16", "FP8E4M3", vec, team, rows, 0) in insts
     assert instance_for(bf16, bf16, bf16, 13, 1, 4)[5] == 1  # scalar fallback: one row a team
     assert len(insts) == len(set(insts))
 

@@ -136,6 +136,7 @@ class Config:
     block_rows: tuple[int, ...] = ()  # extra providers "triton/rN": Triton rows per program
     cuda_rows: tuple[int, ...] = ()  # extra providers "cuda/rN": CUDA rows per thread team
     cuda_chunk_bytes: tuple[int, ...] = ()  # ... "cuda/rNcB" / "cuda/cB": B bytes per access
+    cuda_thread_weights: bool = False  # each CUDA variant also with weights per thread ("t")
     cold_l2: bool = False
     rep_ms: int = DEFAULT_REP_MS
     host_overhead: bool = False
@@ -154,8 +155,8 @@ class Case:
     head_size: int
     tokens: int
     heads: int
-    # one of PROVIDERS, "triton/rN" (N rows per Triton program), or a CUDA kernel variant:
-    # "cuda/rN" (N rows per thread team), "cuda/cB" (B-byte chunks), "cuda/rNcB"
+    # one of PROVIDERS, "triton/rN" (N rows per Triton program), or a CUDA kernel variant
+    # "cuda/[rN][cB][t]": N rows per thread team, B-byte chunks, weights per thread
     provider: str
 
     @property
@@ -167,11 +168,12 @@ class Case:
         m = re.fullmatch(r"triton/r(\d+)", self.provider)
         return int(m.group(1)) if m else None
 
-    def _cuda_variant(self) -> tuple[int | None, int | None] | None:
-        m = re.fullmatch(r"cuda/(?:r(\d+))?(?:c(\d+))?", self.provider)
-        if m is None or m.group(1) is m.group(2) is None:
+    def _cuda_variant(self) -> tuple[int | None, int | None, bool] | None:
+        m = re.fullmatch(r"cuda/(?:r(\d+))?(?:c(\d+))?(t?)", self.provider)
+        if m is None or (m.group(1) is m.group(2) is None and not m.group(3)):
             return None
-        return tuple(None if g is None else int(g) for g in m.groups())
+        rows, chunk = (None if g is None else int(g) for g in m.groups()[:2])
+        return rows, chunk, m.group(3) == "t"
 
     @property
     def cuda_variant(self) -> bool:
@@ -186,6 +188,11 @@ class Case:
     def cuda_chunk_bytes(self) -> int | None:
         v = self._cuda_variant()
         return v[1] if v else None
+
+    @property
+    def cuda_thread_weights(self) -> bool:
+        v = self._cuda_variant()
+        return bool(v and v[2])
 
     def input_bytes(self) -> int:
         """Bytes of the two partial outputs and the two LSEs."""
@@ -226,9 +233,10 @@ def build_cases(config: Config) -> list[Case]:
         shapes = [(t, h) for h in config.heads for t in config.tokens]
     providers = list(config.providers) + [f"triton/r{n}" for n in config.block_rows]
     chunks = [""] + [f"c{b}" for b in config.cuda_chunk_bytes]
-    providers += [f"cuda/r{n}{c}" for c in chunks for n in config.cuda_rows]
-    if not config.cuda_rows:
-        providers += [f"cuda/{c}" for c in chunks[1:]]
+    weights = ["", "t"] if config.cuda_thread_weights else [""]
+    rows = [f"r{n}" for n in config.cuda_rows] or [""]
+    variants = [f"{r}{c}{w}" for w in weights for c in chunks for r in rows]
+    providers += [f"cuda/{v}" for v in variants if v]
     cases = []
     for dtype in config.dtypes:
         for fp8 in config.fp8:
@@ -391,6 +399,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time the CUDA kernel reading B bytes per thread and row chunk (16 is the "
         "default; 32 is two accesses): providers cuda/cB, or cuda/rNcB with --cuda-rows",
     )
+    g.add_argument(
+        "--cuda-thread-weights",
+        action="store_true",
+        help="also time each CUDA variant with the weights computed by every thread instead "
+        "of a weight warp (providers ending in t: cuda/t, cuda/rNt, cuda/rNcBt)",
+    )
     g = parser.add_argument_group("timing")
     g.add_argument(
         "--cold-l2",
@@ -434,6 +448,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         block_rows=args.block_rows,
         cuda_rows=args.cuda_rows,
         cuda_chunk_bytes=args.cuda_chunk_bytes,
+        cuda_thread_weights=args.cuda_thread_weights,
         cold_l2=args.cold_l2,
         rep_ms=args.rep_ms,
         host_overhead=args.host_overhead,
@@ -840,6 +855,7 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
                 False,
                 rows=case.cuda_rows,
                 chunk_bytes=case.cuda_chunk_bytes,
+                weights=cuda_backend.WEIGHTS_PER_THREAD if case.cuda_thread_weights else None,
             )
             for s in sets
         ]

@@ -42,12 +42,13 @@ static inline float __fdiv_rn(float a, float b) { return a / b; }
 #include "merge_attn_states.cuh"
 
 extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid) {
+  constexpr unsigned kThreads = attnmerge::block_threads<ATTNMERGE_MERGE_TWO_INSTANCE>();
   for (unsigned b = 0; b < grid; ++b) {
-    std::barrier<> barrier(attnmerge::kThreadsPerBlock);
+    std::barrier<> barrier(kThreads);
     block_barrier = &barrier;
     std::vector<std::thread> threads;
-    threads.reserve(attnmerge::kThreadsPerBlock);
-    for (unsigned t = 0; t < (unsigned)attnmerge::kThreadsPerBlock; ++t) {
+    threads.reserve(kThreads);
+    for (unsigned t = 0; t < kThreads; ++t) {
       threads.emplace_back([params, b, t] {
         threadIdx = {t, 0, 0};
         blockIdx = {b, 0, 0};

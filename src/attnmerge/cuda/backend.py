@@ -20,7 +20,9 @@ import torch
 from . import cache, driver, nvrtc
 
 __all__ = [
+    "Instance",
     "arch_of",
+    "block_threads",
     "build_instance",
     "clear_caches",
     "common_instances",
@@ -33,10 +35,22 @@ __all__ = [
     "unavailable_reason",
 ]
 
-# Block shape, as in the kernel source: kDataThreads threads move row data (in teams of
-# up to DATA_THREADS), one more warp computes the weights.
+# Block shape, as in the kernel source: DATA_THREADS threads move row data (in teams of
+# up to DATA_THREADS), and with WEIGHTS_WARP one more warp computes the weights.
 DATA_THREADS = 128
-THREADS_PER_BLOCK = DATA_THREADS + 32
+WEIGHT_THREADS = 32
+#: Where a row's weights are computed (the kernel's WEIGHTS): by a separate warp of the
+#: block (the default), or by every thread of the row's team (a tuning variant that
+#: ``attnmerge bench --cuda-thread-weights`` can time).
+WEIGHTS_WARP, WEIGHTS_PER_THREAD = 0, 1
+WEIGHTS = WEIGHTS_WARP
+
+
+def block_threads(weights: int) -> int:
+    """Threads per block of a kernel instance (block_threads in the kernel source)."""
+    return DATA_THREADS + (WEIGHT_THREADS if weights == WEIGHTS_WARP else 0)
+
+
 KERNEL_NAME = "attnmerge_merge_two"
 _MAX_ROWS = 2**31 - 1
 
@@ -78,13 +92,18 @@ def unavailable_reason() -> str | None:
     return driver.unavailable_reason()
 
 
-def template_arguments(instance: tuple[str, str, str, int, int, int]) -> str:
+#: A kernel instance: prefix, suffix and output element types (names of the kernel's
+#: tag structs), elements per access, threads per row, rows per team, weights mode.
+Instance = tuple[str, str, str, int, int, int, int]
+
+
+def template_arguments(instance: Instance) -> str:
     """The C++ template arguments of merge_two_rows for one kernel instance."""
-    p, s, o, vec, team, rows = instance
-    return f"attnmerge::{p}, attnmerge::{s}, attnmerge::{o}, {vec}, {team}, {rows}"
+    p, s, o, vec, team, rows, weights = instance
+    return f"attnmerge::{p}, attnmerge::{s}, attnmerge::{o}, {vec}, {team}, {rows}, {weights}"
 
 
-def build_instance(instance: tuple[str, str, str, int, int, int], arch: str) -> bytes:
+def build_instance(instance: Instance, arch: str) -> bytes:
     """The cubin of one kernel instance for ``arch``, from the cache or built now."""
     from .. import __version__
 
@@ -110,7 +129,7 @@ def build_instance(instance: tuple[str, str, str, int, int, int], arch: str) -> 
 def _kernel(device_index: int, instance: tuple) -> driver.Kernel:
     arch = arch_of(torch.cuda.get_device_capability(device_index))
     cubin = build_instance(instance, arch)
-    return driver.load_kernel(cubin, KERNEL_NAME, device_index, THREADS_PER_BLOCK)
+    return driver.load_kernel(cubin, KERNEL_NAME, device_index, block_threads(instance[6]))
 
 
 def _next_pow2(x: int) -> int:
@@ -153,9 +172,10 @@ def instance_for(
     head_size: int,
     vec: int,
     rows: int = ROWS_SMALL,
-) -> tuple[str, str, str, int, int, int]:
+    weights: int = WEIGHTS_WARP,
+) -> Instance:
     """The kernel instance serving these dtypes and head size at vector width ``vec``
-    with ``rows`` rows per team of threads.
+    with ``rows`` rows per team of threads and the given weights mode.
 
     The scalar fallback (``vec`` 1: misaligned or odd-sized rows, rare) always takes one
     row per team: with more, its registers spill on sm_100a.
@@ -163,7 +183,8 @@ def instance_for(
     if vec == 1:
         rows = 1
     team = min(_next_pow2(-(-head_size // vec)), DATA_THREADS)
-    return (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype], vec, team, rows)
+    elements = (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype])
+    return (*elements, vec, team, rows, weights)
 
 
 #: Head sizes ``attnmerge build`` prepares by default (MLA and common attention heads).
@@ -184,9 +205,7 @@ _PARTIAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OUTPUT_DTYPES = (*_PARTIAL_DTYPES, torch.float8_e4m3fn)
 
 
-def common_instances(
-    head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False
-) -> list[tuple[str, str, str, int, int, int]]:
+def common_instances(head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False) -> list[Instance]:
     """Instances for fp32/fp16/bf16 partials into every output dtype, for every variant a
     call can need: same-dtype partials only, or with ``mixed_dtypes`` every pair."""
     pairs = [(p, s) for p in _PARTIAL_DTYPES for s in _PARTIAL_DTYPES if mixed_dtypes or p == s]
@@ -195,7 +214,7 @@ def common_instances(
         for out in _OUTPUT_DTYPES:
             for head_size in head_sizes:
                 for v, r in _variants(head_size, max(p.itemsize, s.itemsize)):
-                    found.setdefault(instance_for(p, s, out, head_size, v, r))
+                    found.setdefault(instance_for(p, s, out, head_size, v, r, WEIGHTS))
     return list(found)
 
 
@@ -216,7 +235,7 @@ def prepare(
         return
     widest = max(prefix_dtype.itemsize, suffix_dtype.itemsize)
     for v, r in _variants(head_size, widest):
-        _launcher(device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r)
+        _launcher(device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r, WEIGHTS)
 
 
 @functools.cache
@@ -228,9 +247,10 @@ def _launcher(
     head_size: int,
     vec: int,
     rows: int,
+    weights: int,
 ) -> tuple[driver.Kernel, int]:
     """The loaded kernel of one call variant and the rows each of its blocks merges."""
-    instance = instance_for(prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows)
+    instance = instance_for(prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows, weights)
     team, rows = instance[4], instance[5]
     return _kernel(device_index, instance), DATA_THREADS // team * rows
 
@@ -265,11 +285,12 @@ def merge_two_states(
     lse_base_2: bool,
     rows: int | None = None,
     chunk_bytes: int | None = None,
+    weights: int | None = None,
 ) -> None:
     """Launch the merge on the current stream. Arguments must already be validated.
 
-    ``rows`` (rows per thread team) overrides :func:`rows_per_team` and ``chunk_bytes``
-    overrides :data:`CHUNK_BYTES`, for tuning.
+    For tuning, ``rows`` (rows per thread team) overrides :func:`rows_per_team`,
+    ``chunk_bytes`` :data:`CHUNK_BYTES` and ``weights`` :data:`WEIGHTS`.
     """
     launch = launch_arguments(
         output,
@@ -283,6 +304,7 @@ def merge_two_states(
         lse_base_2,
         rows,
         chunk_bytes,
+        weights,
     )
     if launch is None:
         return
@@ -308,6 +330,7 @@ def launch_arguments(
     lse_base_2: bool,
     rows: int | None = None,
     chunk_bytes: int | None = None,
+    weights: int | None = None,
 ) -> tuple[driver.Kernel, int, bytes] | None:
     """The kernel, grid size and packed parameters of one merge (None: nothing to do).
     Separate from the launch so that ``attnmerge bench`` can time the two apart."""
@@ -340,6 +363,7 @@ def launch_arguments(
         head_size,
         vec,
         rows_per_team(num_rows) if rows is None else rows,
+        WEIGHTS if weights is None else weights,
     )
     lse_out = output_lse if output_lse is not None else suffix_lse  # not written then
     params = _PARAMS.pack(

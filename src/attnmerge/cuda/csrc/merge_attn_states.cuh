@@ -108,11 +108,17 @@ __host__ __device__ __forceinline__ u8 float_to_e4m3_satfinite(float x) {
 // compiles them too, so their logic is tested on machines without a GPU.
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
-// A block is kDataThreads threads that move row data plus one warp that computes the
-// rows' weights (see merge_two_rows).
+// A block is kDataThreads threads that move row data, plus (WEIGHTS == kWeightWarp)
+// one warp that computes the rows' weights (see merge_two_rows).
 constexpr int kDataThreads = 128;
 constexpr int kWeightThreads = 32;
 constexpr int kThreadsPerBlock = kDataThreads + kWeightThreads;
+
+// Where a row's weights are computed: by a separate warp of the block, shared through
+// shared memory (the default), or by every thread of the row's team (a tuning variant,
+// the way a Triton program works).
+constexpr int kWeightWarp = 0;
+constexpr int kWeightPerThread = 1;
 
 // ---------------------------------------------------------------------------
 // Element types: how a value of each storage type becomes float and back.
@@ -283,8 +289,9 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
 // divisions, a logarithm) in every thread that moves its data made the kernel
 // instruction- and register-bound: bf16 4096x128 took 140 us on an H200, against
 // 79 us for the Triton kernel; doing it once per row while the data threads waited
-// still kept the math's registers live next to the loaded data (135 us). So the roles
-// are split between warps, whose registers never overlap:
+// still kept the math's registers live next to the loaded data (135 us). So by default
+// (WEIGHTS == kWeightWarp) the roles are split between warps, whose registers never
+// overlap:
 //   - the data threads issue the loads of their rows' first chunk, wait at the block
 //     barrier, then combine with the weights from shared memory and store;
 //   - the weight warp reads each block row's LSEs, computes its weights into shared
@@ -295,15 +302,21 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
 // one barrier (bar.sync 0, which counts arriving threads, whatever their program
 // counter: sm_70 and later, as in warp-specialised attention kernels), reached once by
 // every thread of the block.
-template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS>
+//
+// WEIGHTS == kWeightPerThread: no weight warp; every thread loads its rows' LSEs with
+// their data and computes the weights itself. A row's output LSE is written by its
+// team's first thread after a block barrier that follows every read of an input LSE.
+template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
+  static_assert(WEIGHTS == kWeightWarp || WEIGHTS == kWeightPerThread, "weights mode");
+  constexpr bool kWarp = WEIGHTS == kWeightWarp;
   constexpr int kTeams = kDataThreads / TEAM;
   constexpr int kBlockRows = kTeams * ROWS;
-  __shared__ float weight_prefix[kBlockRows], weight_suffix[kBlockRows];
+  __shared__ float weight_prefix[kWarp ? kBlockRows : 1], weight_suffix[kWarp ? kBlockRows : 1];
   const i64 first_row = (i64)blockIdx.x * kBlockRows;
   const u32 heads = (u32)p.num_heads;
 
-  if (threadIdx.x >= kDataThreads) {  // the weight warp
+  if (kWarp && threadIdx.x >= kDataThreads) {  // the weight warp
     for (int i = threadIdx.x - kDataThreads; i < kBlockRows; i += kWeightThreads) {
       const i64 row = first_row + i;
       if (row >= p.num_rows) break;
@@ -323,13 +336,15 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     return;
   }
 
-  // Data threads: the first chunk of each of this thread's rows.
+  // Data threads: the first chunk of each of this thread's rows (and, weights per
+  // thread, the rows' LSEs).
   const int team = threadIdx.x / TEAM;
   const int lane = threadIdx.x % TEAM;
   const i64 col0 = (i64)lane * VEC;
   bool row_ok[ROWS], has_prefix[ROWS];
   u32 row32[ROWS];
   i64 o_row[ROWS];
+  float lp[ROWS], ls[ROWS];
   Chunk<typename P::storage, VEC> po[ROWS];
   Chunk<typename S::storage, VEC> so[ROWS];
 #pragma unroll
@@ -346,17 +361,34 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       }
       so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col0);
     }
+    if (!kWarp) {
+      const float inf = __int_as_float(0x7f800000);
+      lp[r] = row_ok[r] && has_prefix[r]
+                  ? p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]
+                  : -inf;
+      ls[r] = row_ok[r] ? p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t]
+                        : -inf;
+    }
   }
   const bool fp8 = sizeof(typename O::storage) == 1;
   const float inv_scale = fp8 ? __fdiv_rn(1.0f, *p.scale) : 1.0f;
-  __syncthreads();
+  float lse[ROWS];  // weights per thread: each row's output LSE
+  if (kWarp) __syncthreads();
 
   // Combine and store; head sizes over TEAM * VEC take further chunks.
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     if (!row_ok[r] || col0 >= p.head_size) continue;
-    const float wp = weight_prefix[r * kTeams + team];
-    const float ws = weight_suffix[r * kTeams + team];
+    float wp, ws;
+    if (kWarp) {
+      wp = weight_prefix[r * kTeams + team];
+      ws = weight_suffix[r * kTeams + team];
+    } else {
+      const RowWeights w = row_weights(lp[r], ls[r], p.lse_base_2 != 0);
+      wp = w.prefix;
+      ws = w.suffix;
+      lse[r] = w.lse;  // lane 0 (col0 = 0) always gets here for a valid row
+    }
     combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, po[r], ws, so[r], inv_scale);
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
       const i64 t = row32[r] / heads, h = row32[r] % heads;
@@ -366,11 +398,29 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       combine_store<P, S, O, VEC>(p.out, o_row[r] + col, wp, po[r], ws, so[r], inv_scale);
     }
   }
+
+  if (!kWarp && p.write_lse) {  // every input LSE of the block has been read by now
+    __syncthreads();
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        if (!row_ok[r]) continue;
+        const i64 t = row32[r] / heads, h = row32[r] % heads;
+        p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = lse[r];
+      }
+    }
+  }
 }
 
-template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS>
+// Threads per block of an instance: the data threads, plus the weight warp if any.
+template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS>
+__host__ __device__ constexpr int block_threads() {
+  return WEIGHTS == kWeightWarp ? kDataThreads + kWeightThreads : kDataThreads;
+}
+
+template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS>
 __global__ void __launch_bounds__(kThreadsPerBlock) merge_two_kernel(const MergeParams p) {
-  merge_two_rows<P, S, O, VEC, TEAM, ROWS>(p);
+  merge_two_rows<P, S, O, VEC, TEAM, ROWS, WEIGHTS>(p);
 }
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the
