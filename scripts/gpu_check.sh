@@ -15,6 +15,8 @@
 #   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
 #   demo         attnmerge demo
 #   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused), CSV
+#   profile      Nsight Compute on the CUDA and Triton kernels and the CUDA tuning variants
+#                (scripts/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 16-
 #                and 32-byte chunks, weight warp or weights per thread; triton)
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
@@ -59,7 +61,8 @@ step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, recor
 
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
-    tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench | variants) ;;
+    tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
+    variants | profile) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +92,10 @@ for arg in "$@"; do
     bench)
       step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
+    profile)
+      step profile "$limit" profile.log ncu --profile-from-start off --clock-control none \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats python3 scripts/profile_cases.py ;;
     variants)  # bf16 and fp32 (fp16 times like bf16): ~940 cases, about 100 s
       step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
         --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 32 --cuda-thread-weights \
@@ -120,4 +127,5 @@ done
 for log in bench.log variants.log; do
   [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"
 done
+[ -f "$OUT/profile.log" ] && grep -E "^profiled:|merge_two|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread" "$OUT/profile.log" | head -80
 printf '%s\n' "${summary[@]}"
