@@ -18,7 +18,8 @@
 #   profile      Nsight Compute on the CUDA and Triton kernels and the CUDA tuning variants
 #                (scripts/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 16-
-#                and 32-byte chunks, weight warp or weights per thread; triton)
+#                and 32-byte chunks, weight warp or weights per thread; triton: its tile
+#                rule and 4 or 8 rows per program)
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
 # call of the device tool runs at most 10 minutes: on an H100/H200 "tests" takes ~4,
 # "fuzz" with 10,000 examples several, the other steps one or less.
@@ -96,9 +97,10 @@ for arg in "$@"; do
       step profile "$limit" profile.log ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats python3 scripts/profile_cases.py ;;
-    variants)  # bf16 and fp32 (fp16 times like bf16): ~940 cases, about 100 s
+    variants)  # bf16 and fp32 (fp16 times like bf16): ~1080 cases, about 2 minutes
       step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
-        --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 32 --cuda-thread-weights \
+        --block-rows 4,8 --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 32 \
+        --cuda-thread-weights \
         --rep-ms 25 --host-overhead --no-progress --csv "$OUT/variants.csv" ;;
   esac
 done
