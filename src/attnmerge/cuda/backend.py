@@ -1,7 +1,7 @@
 """The ``cuda`` backend: picks a kernel instance, builds it on first use, launches it.
 
 Each kernel instance (partial dtypes, output dtype, vector width, threads per row, rows
-per team of threads) is
+per team of threads, weights mode: :data:`Instance`) is
 compiled by NVRTC for the device's architecture on first use and kept in the disk cache
 (:mod:`.cache`; key: attnmerge version, source hash, instance, architecture, NVRTC
 version), then loaded through the driver API (:mod:`.driver`). ``attnmerge build``
@@ -44,6 +44,10 @@ WEIGHT_THREADS = 32
 #: ``attnmerge bench --cuda-thread-weights`` can time).
 WEIGHTS_WARP, WEIGHTS_PER_THREAD = 0, 1
 WEIGHTS = WEIGHTS_WARP
+#: Bytes of the widest input a thread reads per row chunk (16: one 16-byte access). 32
+#: (two accesses, and 16-byte FP8 stores, the shape of a Triton program's accesses) is
+#: a variant that ``attnmerge bench --cuda-chunk-bytes`` can time; it is not the default.
+CHUNK_BYTES = 16
 
 
 def block_threads(weights: int) -> int:
@@ -126,7 +130,7 @@ def build_instance(instance: Instance, arch: str) -> bytes:
 
 
 @functools.cache
-def _kernel(device_index: int, instance: tuple) -> driver.Kernel:
+def _kernel(device_index: int, instance: Instance) -> driver.Kernel:
     arch = arch_of(torch.cuda.get_device_capability(device_index))
     cubin = build_instance(instance, arch)
     return driver.load_kernel(cubin, KERNEL_NAME, device_index, block_threads(instance[6]))
@@ -150,10 +154,6 @@ def _next_pow2(x: int) -> int:
 #: Up to 8192 rows the three are within 0.1 us for bf16/fp16 (r1 is best below 4096);
 #: see docs/performance.md for the whole grid.
 ROWS_SMALL, ROWS_MEDIUM, ROWS_LARGE = 1, 2, 4
-#: Bytes of the widest input a thread reads per row chunk (16: one 16-byte access). 32
-#: (two accesses, and 16-byte FP8 stores, the shape of a Triton program's accesses) is
-#: a variant that ``attnmerge bench --cuda-chunk-bytes`` can time; it is not the default.
-CHUNK_BYTES = 16
 SMALL_GRID_ROWS = 8192  # at most this many rows: ROWS_SMALL
 LARGE_GRID_ROWS = 262144  # more than this many rows: ROWS_LARGE
 
