@@ -7,17 +7,49 @@ own allocation and an out-of-bounds access is caught at the tensor's edge:
         python3 scripts/sanitize_cases.py [backend ...]
 
 Each case is also checked against the reference, so a run that the sanitizer passes but
-that computes garbage still fails (exit code 1).
+that computes garbage still fails (exit code 1). The cuda backend runs every case in each
+of its kernel layouts: 1, 2 and 4 rows per thread team (the cases are small, so the
+larger ones are forced), and the two tuning variants (32-byte chunks; weights computed
+per thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 
 import attnmerge
+from attnmerge.cuda import backend as cuda_backend
 from attnmerge.reference import merge_states_reference, quantize_fp8_static
+
+# cuda backend settings per layout: (SMALL_GRID_ROWS, LARGE_GRID_ROWS, CHUNK_BYTES, WEIGHTS)
+_DEFAULT = (
+    cuda_backend.SMALL_GRID_ROWS,
+    cuda_backend.LARGE_GRID_ROWS,
+    cuda_backend.CHUNK_BYTES,
+    cuda_backend.WEIGHTS,
+)
+CUDA_LAYOUTS = {
+    "rows 1": _DEFAULT,
+    "rows 2": (0, _DEFAULT[1], *_DEFAULT[2:]),
+    "rows 4": (0, 0, *_DEFAULT[2:]),
+    "32-byte chunks": (*_DEFAULT[:2], 32, _DEFAULT[3]),
+    "weights per thread": (*_DEFAULT[:3], cuda_backend.WEIGHTS_PER_THREAD),
+}
+
+
+@contextlib.contextmanager
+def cuda_layout(settings: tuple):
+    names = ("SMALL_GRID_ROWS", "LARGE_GRID_ROWS", "CHUNK_BYTES", "WEIGHTS")
+    for name, value in zip(names, settings, strict=True):
+        setattr(cuda_backend, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, _DEFAULT, strict=True):
+            setattr(cuda_backend, name, value)
 
 
 def _lse(H: int, T: int, layout: str, g: torch.Generator) -> torch.Tensor:
@@ -46,7 +78,7 @@ CASES = [
 ]
 
 
-def run(backend: str) -> int:
+def run(backend: str, layout_name: str = "") -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     failures = 0
     for T, H, D, dtype, out_dtype, pad, layout, P, alias, base in CASES:
@@ -76,14 +108,24 @@ def run(backend: str) -> int:
         status = "ok" if ok and lse_ok else "MISMATCH"
         failures += status != "ok"
         print(
-            f"{backend:6} T={T:<4} H={H:<3} D={D:<4} {str(dtype)[6:]:>8} -> "
+            f"{backend:6} {layout_name:18} T={T:<4} H={H:<3} D={D:<4} {str(dtype)[6:]:>8} -> "
             f"{str(out_dtype)[6:]:<14} P={P} alias={alias} base={base}: {status}"
         )
     return failures
 
 
+def run_all(backend: str) -> int:
+    if backend != "cuda":
+        return run(backend)
+    bad = 0
+    for name, settings in CUDA_LAYOUTS.items():
+        with cuda_layout(settings):
+            bad += run(backend, name)
+    return bad
+
+
 if __name__ == "__main__":
     backends = sys.argv[1:] or ["cuda", "triton"]
-    bad = sum(run(b) for b in backends)
+    bad = sum(run_all(b) for b in backends)
     print("sanitize cases:", "all ok" if not bad else f"{bad} mismatches")
     sys.exit(1 if bad else 0)
