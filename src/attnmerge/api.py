@@ -184,32 +184,12 @@ def _validate(
     return lse_base == 2, key
 
 
-def _merge_attn_states_impl(
-    output: torch.Tensor,
-    prefix_output: torch.Tensor,
-    prefix_lse: torch.Tensor,
-    suffix_output: torch.Tensor,
-    suffix_lse: torch.Tensor,
-    output_lse: torch.Tensor | None,
-    prefill_tokens_with_context: int | None,
-    output_scale: torch.Tensor | None,
-    lse_base: str | int,
-    backend: str,
-) -> None:
-    """Validate on real tensors, select a backend, run. Shared by the eager path and
-    the custom op's implementation."""
-    args = (
-        output,
-        prefix_output,
-        prefix_lse,
-        suffix_output,
-        suffix_lse,
-        output_lse,
-        prefill_tokens_with_context,
-        output_scale,
-    )
+def _merge_attn_states_impl(args: tuple, lse_base: str | int, backend: str) -> None:
+    """Validate on real tensors, select a backend, run. ``args`` are the op's tensor and
+    size arguments in vLLM's order (output ... output_scale). Shared by the eager path
+    and the custom op's implementation."""
     lse_base_2, key = _validate(*args, lse_base, backend, real_tensors=True)
-    dispatch.select(backend, output.device, key)(*args, lse_base_2)
+    dispatch.select(backend, args[0].device, key)(*args, lse_base_2)
 
 
 def merge_attn_states(
@@ -299,7 +279,7 @@ def merge_attn_states(
         _validate(*args, lse_base, backend, real_tensors=False)
         torch.ops.attnmerge.merge_attn_states(*args, lse_base == 2, backend)
         return
-    _merge_attn_states_impl(*args, lse_base, backend)
+    _merge_attn_states_impl(args, lse_base, backend)
 
 
 @dataclass(frozen=True, eq=False)

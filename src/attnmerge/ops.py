@@ -29,46 +29,15 @@ _lib.define(
 )
 
 
-def _merge_attn_states_op(
-    output: torch.Tensor,
-    prefix_output: torch.Tensor,
-    prefix_lse: torch.Tensor,
-    suffix_output: torch.Tensor,
-    suffix_lse: torch.Tensor,
-    output_lse: torch.Tensor | None,
-    prefill_tokens_with_context: int | None,
-    output_scale: torch.Tensor | None,
-    lse_base_2: bool,
-    backend: str,
-) -> None:
-    _merge_attn_states_impl(
-        output,
-        prefix_output,
-        prefix_lse,
-        suffix_output,
-        suffix_lse,
-        output_lse,
-        prefill_tokens_with_context,
-        output_scale,
-        2 if lse_base_2 else "e",
-        backend,
-    )
+def _merge_attn_states_op(*args) -> None:
+    """The op's arguments: vLLM's eight (output ... output_scale), lse_base_2, backend."""
+    *merge_args, lse_base_2, backend = args
+    _merge_attn_states_impl(tuple(merge_args), 2 if lse_base_2 else "e", backend)
 
 
 _lib.impl("merge_attn_states", _merge_attn_states_op, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("attnmerge::merge_attn_states", lib=_lib)
-def _merge_attn_states_fake(
-    output,
-    prefix_output,
-    prefix_lse,
-    suffix_output,
-    suffix_lse,
-    output_lse,
-    prefill_tokens_with_context,
-    output_scale,
-    lse_base_2,
-    backend,
-) -> None:
-    return None
+def _merge_attn_states_fake(*args) -> None:
+    return None  # the op only writes into its outputs

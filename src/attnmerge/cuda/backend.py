@@ -14,6 +14,7 @@ import functools
 import hashlib
 import struct
 from importlib import resources
+from typing import Any
 
 import torch
 
@@ -273,39 +274,11 @@ _current_device = getattr(torch._C, "_cuda_getDevice", None)
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def merge_two_states(
-    output: torch.Tensor,
-    prefix_output: torch.Tensor,
-    prefix_lse: torch.Tensor,
-    suffix_output: torch.Tensor,
-    suffix_lse: torch.Tensor,
-    output_lse: torch.Tensor | None,
-    prefill_tokens_with_context: int | None,
-    output_scale: torch.Tensor | None,
-    lse_base_2: bool,
-    rows: int | None = None,
-    chunk_bytes: int | None = None,
-    weights: int | None = None,
-) -> None:
-    """Launch the merge on the current stream. Arguments must already be validated.
-
-    For tuning, ``rows`` (rows per thread team) overrides :func:`rows_per_team`,
-    ``chunk_bytes`` :data:`CHUNK_BYTES` and ``weights`` :data:`WEIGHTS`.
-    """
-    launch = launch_arguments(
-        output,
-        prefix_output,
-        prefix_lse,
-        suffix_output,
-        suffix_lse,
-        output_lse,
-        prefill_tokens_with_context,
-        output_scale,
-        lse_base_2,
-        rows,
-        chunk_bytes,
-        weights,
-    )
+def merge_two_states(*args: Any, **tuning: int | None) -> None:
+    """Launch the merge on the current stream. Arguments must already be validated; they
+    are those of :func:`launch_arguments` (the tuning keywords override
+    :func:`rows_per_team`, :data:`CHUNK_BYTES` and :data:`WEIGHTS`)."""
+    launch = launch_arguments(*args, **tuning)
     if launch is None:
         return
     kernel, grid, params = launch
@@ -333,7 +306,11 @@ def launch_arguments(
     weights: int | None = None,
 ) -> tuple[driver.Kernel, int, bytes] | None:
     """The kernel, grid size and packed parameters of one merge (None: nothing to do).
-    Separate from the launch so that ``attnmerge bench`` can time the two apart."""
+    Separate from the launch so that ``attnmerge bench`` can time the two apart.
+
+    For tuning, ``rows`` (rows per thread team) overrides :func:`rows_per_team`,
+    ``chunk_bytes`` :data:`CHUNK_BYTES` and ``weights`` :data:`WEIGHTS`.
+    """
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0 or head_size == 0:
