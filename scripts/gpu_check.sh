@@ -9,7 +9,7 @@
 #   cuda-tests   only the tests that involve the cuda backend or device (faster)
 #   prebuild     compile every CUDA kernel instance the fuzz can ask for (all partial dtype
 #                pairs, the fuzz's head sizes) in parallel, so the fuzz only loads them
-#   fuzz         the fuzz, every GPU (backend, device); ATTNMERGE_FUZZ_EXAMPLES per pair
+#   fuzz         the fuzz, every GPU (backend, device); ATTNMERGE_FUZZ_EXAMPLES cases each
 #   fuzz-cuda    the fuzz of the cuda backend only
 #   fuzz-triton  the fuzz of the triton backend only
 #   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
@@ -22,23 +22,24 @@
 #                rule and 4 or 8 rows per program)
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
 # call of the device tool runs at most 10 minutes: on an H100/H200 "tests" takes ~4,
-# "fuzz" with 10,000 examples several, the other steps one or less.
+# the other steps one or two.
 set -u
 OUT=${OUT:-./gpu_logs}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export ATTNMERGE_FUZZ_EXAMPLES=${ATTNMERGE_FUZZ_EXAMPLES:-200}
 export ATTNMERGE_CACHE_DIR=${ATTNMERGE_CACHE_DIR:-/tmp/attnmerge-cache}
-# each fuzz shard records its passed examples here (counted even if a time limit hits)
+# each fuzz shard records its passed cases here (counted even if a time limit hits)
 export ATTNMERGE_FUZZ_PROGRESS_DIR="$OUT/fuzz_progress"
 unset TRITON_INTERPRET
 [ $# -gt 0 ] || set -- tests sanitize demo bench
 # Every pytest worker is a process with its own CUDA context, and contexts take turns on
-# the GPU; the fuzz synchronises several times per example, so many workers mostly wait
-# for each other (16 workers did not finish 625 examples each in 110 s). The suite runs on
-# 8 workers, the fuzz on FUZZ_WORKERS (4).
+# the GPU, so a test that synchronises often waits for the other workers. The suite runs
+# on 8 workers. The fuzz builds and checks its cases on the CPU and meets the GPU twice
+# per batch of 25 (tests/test_fuzz.py), so it runs on FUZZ_WORKERS (12) workers of one
+# CPU thread each; Triton compiles of its many specialisations are spread over them too.
 PYTEST=(python3 -m pytest -n 8 -p no:cacheprovider)
-FUZZ=(python3 -m pytest -n "${FUZZ_WORKERS:-4}" -p no:cacheprovider -v)
+FUZZ=(env OMP_NUM_THREADS=1 python3 -m pytest -n "${FUZZ_WORKERS:-12}" -p no:cacheprovider -v)
 
 summary=()
 step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, record rc and time
@@ -118,7 +119,7 @@ if [ -d "$ATTNMERGE_FUZZ_PROGRESS_DIR" ]; then
   for pair in cuda-cuda triton-cuda torch-cuda; do
     files=("$ATTNMERGE_FUZZ_PROGRESS_DIR/$pair"-*.txt)
     [ -e "${files[0]}" ] || continue
-    echo "fuzz $pair: $(cat "${files[@]}" | awk '{s += $1; if ($2 > t) t = $2} END {print s " examples passed, longest shard " t " s"}')" \
+    echo "fuzz $pair: $(cat "${files[@]}" | awk '{s += $1; if ($2 > t) t = $2} END {print s " cases passed, longest shard " t " s"}')" \
       "(${#files[@]} shards)"
   done
 fi

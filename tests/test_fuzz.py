@@ -1,25 +1,44 @@
 """Hypothesis fuzzing: random shapes, dtypes, strides, layouts, special LSE values and
 aliasing, every (backend, device) against the reference through the shared tolerance.
 
-ATTNMERGE_FUZZ_EXAMPLES sets the number of examples per (backend, device) (default 100;
-the GPU script runs thousands). They are split into shards, one test each, so that
-``pytest -n`` spreads them over its workers (on a GPU most of the time goes to
-compiling the kernel variants the examples ask for). Every shard runs from a fixed
-seed, so CI is reproducible. Shapes stay tiny on a CPU, where the Triton interpreter
-costs ~1 ms per program.
+ATTNMERGE_FUZZ_EXAMPLES sets the number of cases per (backend, device) (default 100;
+the GPU script runs 10,000). They are split into shards, one test each, so that
+``pytest -n`` spreads them over its workers. Every shard runs from a fixed seed, so CI
+is reproducible. Shapes stay tiny on a CPU, where the Triton interpreter costs ~1 ms
+per program.
+
+On a GPU a hypothesis example is a batch of ``GPU_BATCH`` cases, built and checked on
+the CPU against the CPU reference and run on the GPU with two copies per batch
+(:func:`utils.run_batch_and_check`): per-case checks on the GPU synchronise dozens of
+times, and with several test workers every synchronisation waits for the other
+workers' CUDA contexts (a 10,000-case run of that kind did not finish 625 cases per
+worker in 110 s). What remains is CPU work and, for Triton, compiling the kernel
+specialisations the cases ask for: about one case in two needs a new one (dtypes, head
+size, flags, and the 16-byte alignment class of every pointer and stride).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
-from utils import FLOAT_DTYPES, FP8, FUZZ_EXAMPLES, LSE_CATEGORIES, ON_GPU, make_case, run_and_check
+from utils import (
+    FLOAT_DTYPES,
+    FP8,
+    FUZZ_EXAMPLES,
+    LSE_CATEGORIES,
+    ON_GPU,
+    make_case,
+    run_and_check,
+    run_batch_and_check,
+)
 
 from attnmerge.cuda import backend as cuda_backend
 
@@ -32,12 +51,15 @@ HEAD_SIZES = (
 )
 
 SHARDS = 16 if ON_GPU else 2
+# Cases per hypothesis example on a GPU (one host-device round trip each).
+GPU_BATCH = 25
+CASES_PER_EXAMPLE = GPU_BATCH if ON_GPU else 1
 # The CUDA kernel's rows per thread team, by shard: every variant the backend picks
 # (by grid size, see attnmerge.cuda.backend.rows_per_team) meets every kind of case.
 CUDA_ROWS = (cuda_backend.ROWS_SMALL, cuda_backend.ROWS_MEDIUM, cuda_backend.ROWS_LARGE)
 
 FUZZ = settings(
-    max_examples=math.ceil(FUZZ_EXAMPLES / SHARDS),
+    max_examples=math.ceil(FUZZ_EXAMPLES / (SHARDS * CASES_PER_EXAMPLE)),
     deadline=None,
     # On a GPU every shrinking step may compile a new kernel variant (seconds each):
     # report the first failing example as drawn instead.
@@ -105,8 +127,8 @@ def cases(draw, device: str):
 
 
 def _progress_writer(name: str):
-    """With ATTNMERGE_FUZZ_PROGRESS_DIR set, a function that records how many examples
-    of this shard have passed and the seconds since it started (every 25 examples, and
+    """With ATTNMERGE_FUZZ_PROGRESS_DIR set, a function that records how many cases
+    of this shard have passed and the seconds since it started (every 25 cases, and
     at the end), so a run stopped by a time limit still tells how many cases were
     checked and at what rate; else a no-op."""
     folder = os.environ.get("ATTNMERGE_FUZZ_PROGRESS_DIR")
@@ -148,11 +170,72 @@ def test_fuzz_against_reference(backend, device, shard, monkeypatch):
     @given(data=st.data())
     def check(data):
         nonlocal passed
-        params = data.draw(cases(device), label="case")
-        case = make_case(**params)
-        run_and_check(case, backend)
-        passed += 1
+        if device == "cpu":
+            run_and_check(make_case(**data.draw(cases(device), label="case")), backend)
+        else:  # built on the CPU, run on the device in one batch
+            batch = data.draw(st.lists(cases("cpu"), min_size=GPU_BATCH, max_size=GPU_BATCH))
+            run_batch_and_check([make_case(**p) for p in batch], backend, device)
+        passed += CASES_PER_EXAMPLE
         progress(passed)
 
     check()
     progress(passed, final=True)
+
+
+# The GPU fuzz's batch runner, exercised on the CPU so that CI covers its packing.
+
+
+def _batch() -> list:
+    shapes = [(3, 2, 8), (5, 1, 13), (2, 3, 40), (4, 2, 8), (1, 4, 3), (6, 1, 16)]
+    aliases = [None, "prefix", "lse_suffix", "suffix", None, "lse_prefix"]
+    return [
+        make_case(
+            T,
+            H,
+            D,
+            dtype=torch.float16 if i % 2 else torch.float32,
+            out_dtype=FP8 if aliases[i] is None and i % 3 == 0 else None,
+            scale=0.05 if aliases[i] is None and i % 3 == 0 else None,
+            prefix_strides=(H * (D + 8) + 3, D + 8) if i % 2 else None,
+            offsets=(1, 5, i % 2),
+            lse_layouts=("th", "ht", "th"),
+            lse_pattern="mixed",
+            alias=aliases[i],
+            seed=i,
+        )
+        for i, (T, H, D) in enumerate(shapes)
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batch_runner_checks_every_case(backend):
+    run_batch_and_check(_batch(), backend, "cpu")
+
+
+def test_batch_runner_fails_when_nothing_is_written(monkeypatch):
+    import utils
+
+    monkeypatch.setattr(utils.attnmerge, "merge_attn_states", lambda *a, **k: None)
+    with pytest.raises(AssertionError, match="in a batch of 6"):
+        run_batch_and_check(_batch(), "torch", "cpu")
+
+
+def test_batch_runner_views_keep_alignment_and_aliasing():
+    from utils import _DeviceCopy, as_int
+
+    cases = _batch()
+    copy = _DeviceCopy(cases)
+    flat = copy.to(torch.device("cpu"))
+    aliased = 0
+    for case in cases:
+        originals = [t for t in case.args() if isinstance(t, torch.Tensor)]
+        views = [copy.view(t, flat) for t in originals]
+        for v, t in zip(views, originals, strict=True):
+            assert v.data_ptr() % 16 == t.data_ptr() % 16
+            assert (v.shape, v.stride(), v.dtype) == (t.shape, t.stride(), t.dtype)
+            assert torch.equal(as_int(v), as_int(t))
+        for i, j in itertools.combinations(range(len(originals)), 2):
+            if originals[i].data_ptr() == originals[j].data_ptr():  # still one memory
+                assert views[i].data_ptr() == views[j].data_ptr()
+                aliased += 1
+    assert aliased == 4  # the batch's four aliasing cases

@@ -32,8 +32,8 @@ BACKEND_DEVICES = (
     else [("torch", "cpu"), ("triton", "cpu")]
 )
 
-#: Hypothesis examples per fuzz test and (backend, device): ATTNMERGE_FUZZ_EXAMPLES (the
-#: GPU script sets thousands). Default 100: on a CPU 100 examples take about a second.
+#: Fuzz cases per fuzz test and (backend, device): ATTNMERGE_FUZZ_EXAMPLES (the GPU
+#: script runs 10,000). Default 100: on a CPU 100 cases take about a second.
 FUZZ_EXAMPLES = int(os.environ.get("ATTNMERGE_FUZZ_EXAMPLES", "100"))
 
 
@@ -401,6 +401,86 @@ def run_and_check(case: Case, backend: str) -> None:
     exp = case.expected()
     case.run(backend)
     case.check_against(exp)
+
+
+class _DeviceCopy:
+    """One device buffer holding the storages of several CPU cases.
+
+    Every distinct storage the cases use (partials, LSEs, outputs, scales, the padding
+    around views) is placed at a 256-byte-aligned offset of one flat buffer, so each
+    view keeps its alignment modulo 16 bytes (what the kernels specialise on) and
+    aliased tensors still share memory. One copy moves the buffer to the device and
+    one copy brings it back into the CPU storages.
+    """
+
+    _ALIGN = 256
+
+    def __init__(self, cases: list[Case]) -> None:
+        self.offsets: dict[int, int] = {}  # CPU storage address -> byte offset
+        self.storages = []
+        size = 0
+        for case in cases:
+            for t in self._tensors(case):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.offsets:
+                    self.offsets[storage.data_ptr()] = size
+                    self.storages.append(storage)
+                    size += -(-storage.nbytes() // self._ALIGN) * self._ALIGN
+        self.size = size
+
+    @staticmethod
+    def _tensors(case: Case):
+        yield from (t for t in case.args() if isinstance(t, torch.Tensor))
+        yield from (g.base for g in case.guards)
+
+    def _bytes(self, storage) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        flat = torch.empty(self.size, dtype=torch.uint8)
+        for storage in self.storages:
+            start = self.offsets[storage.data_ptr()]
+            flat[start : start + storage.nbytes()] = self._bytes(storage)
+        return flat.to(device)
+
+    def view(self, t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """``t``'s view (shape, strides, storage offset) into the device buffer."""
+        start = self.offsets[t.untyped_storage().data_ptr()]
+        elements = flat.view(t.dtype)  # the buffer's size is a multiple of 256 bytes
+        offset = start // t.element_size() + t.storage_offset()
+        return elements.as_strided(t.shape, t.stride(), offset)
+
+    def copy_back(self, flat: torch.Tensor) -> None:
+        host = flat.cpu()
+        for storage in self.storages:
+            start = self.offsets[storage.data_ptr()]
+            self._bytes(storage).copy_(host[start : start + storage.nbytes()])
+
+
+def run_batch_and_check(cases: list[Case], backend: str, device: str | torch.device) -> None:
+    """Run ``backend`` on ``device`` for CPU-built cases and check them on the CPU.
+
+    The reference is computed on the CPU, all cases' storages go to the device in one
+    copy, every case is launched, and one copy brings the results back, where each
+    case is checked (outputs, output LSEs, storage around the views). A fuzz on a GPU
+    thus synchronises twice per batch instead of dozens of times per case: CUDA
+    contexts of parallel test workers take turns on the GPU, so every synchronisation
+    waits for the others.
+    """
+    expected = [case.expected() for case in cases]
+    for case in cases:
+        case.desc += f", run on {device} in a batch of {len(cases)}"
+    copy = _DeviceCopy(cases)
+    flat = copy.to(torch.device(device))
+    for case in cases:
+        args = [copy.view(t, flat) if isinstance(t, torch.Tensor) else t for t in case.args()]
+        try:
+            attnmerge.merge_attn_states(*args, lse_base=case.lse_base, backend=backend)
+        except Exception as e:
+            raise AssertionError(f"{backend} raised on {case.desc}: {e!r}") from e
+    copy.copy_back(flat)
+    for case, exp in zip(cases, expected, strict=True):
+        case.check_against(exp)
 
 
 def padded(H: int, D: int, head_pad: int = 0, token_pad: int = 0) -> tuple[int, int]:
