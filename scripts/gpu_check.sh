@@ -17,6 +17,8 @@
 #   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused), CSV
 #   profile      Nsight Compute on the CUDA and Triton kernels and the CUDA tuning variants
 #                (scripts/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
+#   launch-floor host time of one kernel launch from C, no Python (scripts/launch_floor.cu),
+#                and the eager host overhead of each layer of an attnmerge call
 #   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 16-
 #                and 32-byte chunks, weight warp or weights per thread; triton: its tile
 #                rule and 4 or 8 rows per program)
@@ -64,7 +66,7 @@ step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, recor
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    variants | profile) ;;
+    variants | profile | launch-floor) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -98,6 +100,10 @@ for arg in "$@"; do
       step profile "$limit" profile.log ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats python3 scripts/profile_cases.py ;;
+    launch-floor)
+      step launch-floor "$limit" launch_floor.log bash -c 'nvcc -O2 -o /tmp/launch_floor \
+        scripts/launch_floor.cu && /tmp/launch_floor && python3 -m attnmerge bench \
+        --shapes 1x8 --dtypes bf16 --providers cuda,triton --host-overhead --no-progress' ;;
     variants)  # bf16 and fp32 (fp16 times like bf16): ~1080 cases, about 2 minutes
       step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
         --block-rows 4,8 --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 32 \
@@ -112,7 +118,7 @@ for log in pytest.log pytest_cuda.log fuzz.log fuzz_cuda.log fuzz_triton.log; do
   [ -f "$OUT/$log" ] || continue
   echo "--- $log"
   grep -E "FAILED|ERROR" "$OUT/$log" | head -10
-  grep -cE "PASSED" "$OUT/$log" | sed 's/^/tests passed so far: /'
+  case $log in fuzz*) grep -cE "PASSED" "$OUT/$log" | sed 's/^/shards passed so far: /' ;; esac
   tail -n 1 "$OUT/$log"
 done
 if [ -d "$ATTNMERGE_FUZZ_PROGRESS_DIR" ]; then
@@ -127,7 +133,8 @@ for tool in memcheck racecheck initcheck; do
   [ -f "$OUT/sanitize_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|MISMATCH|all ok" "$OUT/sanitize_$tool.log" | tail -n 2
 done
 [ -f "$OUT/demo.log" ] && tail -n 12 "$OUT/demo.log"
-for log in bench.log variants.log; do
+[ -f "$OUT/launch_floor.log" ] && grep -E "^launch floor" "$OUT/launch_floor.log"
+for log in bench.log variants.log launch_floor.log; do
   [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"
 done
 [ -f "$OUT/profile.log" ] && grep -E "^profiled:|merge_two|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread" "$OUT/profile.log" | head -80
