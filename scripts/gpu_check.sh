@@ -31,8 +31,10 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export ATTNMERGE_FUZZ_EXAMPLES=${ATTNMERGE_FUZZ_EXAMPLES:-200}
 export ATTNMERGE_CACHE_DIR=${ATTNMERGE_CACHE_DIR:-/tmp/attnmerge-cache}
-# each fuzz shard records its passed cases here (counted even if a time limit hits)
-export ATTNMERGE_FUZZ_PROGRESS_DIR="$OUT/fuzz_progress"
+# each fuzz shard records its passed cases here (counted even if a time limit hits); kept
+# out of $OUT, which brings back only a few files, and summed into $OUT/fuzz_progress.txt
+export ATTNMERGE_FUZZ_PROGRESS_DIR="${TMPDIR:-/tmp}/attnmerge_fuzz_progress"
+rm -rf "$ATTNMERGE_FUZZ_PROGRESS_DIR"
 unset TRITON_INTERPRET
 [ $# -gt 0 ] || set -- tests sanitize demo bench
 # Every pytest worker is a process with its own CUDA context, and contexts take turns on
@@ -126,7 +128,7 @@ if [ -d "$ATTNMERGE_FUZZ_PROGRESS_DIR" ]; then
     files=("$ATTNMERGE_FUZZ_PROGRESS_DIR/$pair"-*.txt)
     [ -e "${files[0]}" ] || continue
     echo "fuzz $pair: $(cat "${files[@]}" | awk '{s += $1; if ($2 > t) t = $2} END {print s " cases passed, longest shard " t " s"}')" \
-      "(${#files[@]} shards)"
+      "(${#files[@]} shards)" | tee -a "$OUT/fuzz_progress.txt"
   done
 fi
 for tool in memcheck racecheck initcheck; do
