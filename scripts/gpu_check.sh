@@ -19,7 +19,7 @@
 #                (scripts/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   launch-floor host time of one kernel launch from C, no Python (scripts/launch_floor.cu),
 #                and the eager host overhead of each layer of an attnmerge call
-#   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 16-
+#   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 8-, 16-
 #                and 32-byte chunks, weight warp or weights per thread; triton: its tile
 #                rule and 4 or 8 rows per program)
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
@@ -106,9 +106,9 @@ for arg in "$@"; do
       step launch-floor "$limit" launch_floor.log bash -c 'nvcc -O2 -o /tmp/launch_floor \
         scripts/launch_floor.cu && /tmp/launch_floor && python3 -m attnmerge bench \
         --shapes 1x8 --dtypes bf16 --providers cuda,triton --host-overhead --no-progress' ;;
-    variants)  # bf16 and fp32 (fp16 times like bf16): ~1080 cases, about 2 minutes
+    variants)  # bf16 and fp32 (fp16 times like bf16): ~1500 cases, about 3 minutes
       step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
-        --block-rows 4,8 --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 32 \
+        --block-rows 4,8 --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 8,32 \
         --cuda-thread-weights \
         --rep-ms 25 --host-overhead --no-progress --csv "$OUT/variants.csv" ;;
   esac

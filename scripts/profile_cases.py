@@ -25,8 +25,10 @@ HEAD_SIZE = 128
 VARIANTS = [
     ("cuda", {}),
     ("triton", None),
+    ("cuda/c8", {"chunk_bytes": 8}),
     ("cuda/c32", {"chunk_bytes": 32}),
     ("cuda/t", {"weights": cuda_backend.WEIGHTS_PER_THREAD}),
+    ("cuda/c8t", {"chunk_bytes": 8, "weights": cuda_backend.WEIGHTS_PER_THREAD}),
     ("cuda/c32t", {"chunk_bytes": 32, "weights": cuda_backend.WEIGHTS_PER_THREAD}),
 ]
 

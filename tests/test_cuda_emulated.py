@@ -203,15 +203,18 @@ def test_several_rows_per_team(emulated, monkeypatch, dtype, D, alias, grid):
 @pytest.mark.parametrize(
     ("dtype", "out_dtype", "D", "alias"),
     [
-        (torch.bfloat16, FP8, 128, None),  # 16 elements a thread, 16-byte FP8 stores
+        (torch.bfloat16, FP8, 128, None),  # 16 (4) elements a thread, 16 (4)-byte FP8 stores
         (torch.float32, torch.float32, 576, "lse_prefix"),  # 72 chunks of 8: the team loops
+        (torch.bfloat16, torch.bfloat16, 256, "lse_suffix"),  # 64 threads a row at 8 bytes
         (torch.float16, torch.float16, 48, "prefix"),  # three chunks a row, in place
     ],
 )
-def test_32_byte_chunks(emulated, monkeypatch, dtype, out_dtype, D, alias):
-    # The variant `attnmerge bench --cuda-chunk-bytes 32` times: two 16-byte accesses per
-    # thread and row chunk, on one and on several rows per team.
-    monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", 32)
+@pytest.mark.parametrize("chunk_bytes", [8, 32])
+def test_other_chunk_sizes(emulated, monkeypatch, dtype, out_dtype, D, alias, chunk_bytes):
+    # The variants `attnmerge bench --cuda-chunk-bytes 8,32` times: 8-byte accesses (more
+    # threads per row, fewer elements each), or two 16-byte accesses per thread and row
+    # chunk, on one and on several rows per team.
+    monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
     scale = 0.05 if out_dtype == FP8 else None
     for rows_forced in (False, True):
         if rows_forced:
@@ -221,7 +224,7 @@ def test_32_byte_chunks(emulated, monkeypatch, dtype, out_dtype, D, alias):
             lse_pattern="mixed", P=8,
         )  # fmt: skip
         _check(case)
-        assert emulated[-1][3] == 32 // dtype.itemsize
+        assert emulated[-1][3] == chunk_bytes // dtype.itemsize
 
 
 @pytest.mark.parametrize(
@@ -229,6 +232,7 @@ def test_32_byte_chunks(emulated, monkeypatch, dtype, out_dtype, D, alias):
     [
         (torch.bfloat16, FP8, 128, "lse_prefix", 16),  # output LSE in place: needs the barrier
         (torch.bfloat16, FP8, 128, "lse_suffix", 32),
+        (torch.bfloat16, FP8, 128, None, 8),  # 32 threads a row, 4-byte FP8 stores
         (torch.float32, torch.float32, 576, None, 16),  # the team of 128 loops
         (torch.float16, torch.float16, 48, "prefix", 16),  # in place
         (torch.float16, torch.float32, 13, None, 16),  # scalar path
