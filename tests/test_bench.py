@@ -24,7 +24,7 @@ import torch
 from utils import assert_output_close
 
 from attnmerge import bench, cli
-from attnmerge.reference import merge_states_reference
+from attnmerge.reference import merge_states_reference, quantize_fp8_static
 
 H200 = bench.RunInfo(
     gpu="NVIDIA H200",
@@ -163,7 +163,7 @@ def test_shapes_replace_the_product() -> None:
     "argv, message",
     [
         (["--dtypes", "fp64"], "subset of fp32,fp16,bf16"),
-        (["--providers", "cuda,vllm"], "subset of cuda,triton,unfused,torch"),
+        (["--providers", "cuda,vllm"], "subset of cuda,triton,unfused,torch,stream"),
         (["--tokens", "0"], "positive integers"),
         (["--heads", "a,b"], "comma-separated integers"),
         (["--shapes", "1024"], "TxH pairs"),
@@ -452,6 +452,21 @@ def test_calls_merge_every_set(provider: str, fp8: bool, eager_quant: None) -> N
         else:
             torch.testing.assert_close(s["output"].float(), want, atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(s["output_lse"], want_lse)
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_stream_moves_the_merges_bytes(fp8: bool) -> None:
+    """The stream ceiling writes every output element from the partial of the larger
+    LSE (scaled into FP8), so it reads all that a merge reads and writes all it writes."""
+    case = bench.Case("bf16", fp8, False, 72, 5, 3, "stream")
+    (s,) = bench.make_input_sets(case, 1, DEVICE)
+    scale = torch.tensor([bench.FP8_SCALE], device=DEVICE)
+    bench.make_call(case, [s], scale if fp8 else None)()
+    pick = (s["prefix_lse"] > s["suffix_lse"]).t().unsqueeze(-1)  # [T, H, 1]
+    want = torch.where(pick, s["prefix_output"], s["suffix_output"]).float()
+    if fp8:
+        want = quantize_fp8_static(want, scale)
+    assert torch.equal(s["output"].view(torch.uint8), want.to(s["output"].dtype).view(torch.uint8))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU flow (Triton interpreter); GPU: gpu_check.sh")

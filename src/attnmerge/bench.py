@@ -17,9 +17,13 @@ Providers:
   FP8 quantisation (:func:`attnmerge.reference.quantize_fp8_static`) as a separate kernel:
   what an engine does without the fusion. Only run with FP8 on (without FP8 it is the
   ``triton`` provider);
-* ``torch``: attnmerge's reference backend (many small kernels; for scale only).
+* ``torch``: attnmerge's reference backend (many small kernels; for scale only);
+* ``stream``: not a merge but the ceiling of its byte mix: a Triton kernel that reads
+  both partials and LSEs and writes the output, with next to no arithmetic
+  (:mod:`attnmerge.triton.stream_kernel`). A merge at the stream time moves its bytes as
+  fast as that access pattern can on the card.
 
-Every provider goes through ``attnmerge.merge_attn_states(..., backend=...)``; a provider
+Every merge provider goes through ``attnmerge.merge_attn_states(..., backend=...)``; a provider
 that cannot serve a case (a missing compiler, an unsupported head size) is reported in
 that case's ``error`` field and the run goes on.
 
@@ -87,7 +91,7 @@ __all__ = [
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8 = torch.float8_e4m3fn
-PROVIDERS = ("cuda", "triton", "unfused", "torch")
+PROVIDERS = ("cuda", "triton", "unfused", "torch", "stream")
 
 # vLLM's benchmark grid (benchmarks/kernels/benchmark_merge_attn_states.py at PR #36518).
 DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
@@ -872,6 +876,13 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
             )
             for s in sets
         ]
+    elif case.provider == "stream":
+        from .triton import load
+
+        load()  # Triton, with the interpreter's fixes when interpreting
+        from .triton.stream_kernel import stream_two_states
+
+        calls = [functools.partial(stream_two_states, s["output"], *args(s), scale) for s in sets]
     elif case.provider == "unfused":
         quant = _compiled_quantize_into()
 

@@ -1,0 +1,98 @@
+"""A bench-only Triton kernel: the merge's memory traffic with almost no arithmetic.
+
+``attnmerge bench --providers stream`` times it as the ceiling for a kernel of this
+byte mix on the card at hand: it reads both partials and both LSEs and writes an output
+of the merge's dtype, as the merge does, but each output element is only the partial of
+the larger LSE, scaled (no exp, log or division). A merge kernel at the stream time
+moves its bytes as fast as this access pattern allows; the datasheet bandwidth is
+higher than any kernel reaches (a device-to-device copy gets ~88% of it on an H200).
+
+Contiguous ``[T, H, D]`` partials and ``[H, T]`` LSEs only; it computes no merge and
+obeys none of the contract: it is a measuring stick, never a backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import FP8_E4M3_MAX
+
+__all__ = ["stream_two_states"]
+
+# A [rows, head size] tile of 2048 elements at 4 warps: 16 elements per thread, the
+# access shape of the Triton merge kernel at D = 128.
+_TILE = 2048
+_NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_tokens"])
+def _stream_kernel(
+    out_ptr,
+    prefix_ptr,
+    prefix_lse_ptr,
+    suffix_ptr,
+    suffix_lse_ptr,
+    scale_ptr,
+    num_rows,
+    num_tokens,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    FP8_OUT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    cols = tl.arange(0, BLOCK_D)
+    lse_offs = (rows % NUM_HEADS) * num_tokens + rows // NUM_HEADS  # [H, T] storage
+    p_lse = tl.load(prefix_lse_ptr + lse_offs, mask=row_ok, other=0.0)
+    s_lse = tl.load(suffix_lse_ptr + lse_offs, mask=row_ok, other=0.0)
+    offs = rows[:, None] * HEAD_SIZE + cols[None, :]
+    ok = row_ok[:, None] & (cols < HEAD_SIZE)[None, :]
+    p = tl.load(prefix_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(suffix_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    x = tl.where((p_lse > s_lse)[:, None], p, s)
+    if FP8_OUT:
+        x = tl.clamp(x * (1.0 / tl.load(scale_ptr)), -FP8_MAX, FP8_MAX)
+    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def stream_two_states(
+    output: torch.Tensor,
+    prefix_output: torch.Tensor,
+    prefix_lse: torch.Tensor,
+    suffix_output: torch.Tensor,
+    suffix_lse: torch.Tensor,
+    output_scale: torch.Tensor | None,
+) -> None:
+    """Read what a merge reads, write what it writes (see the module doc)."""
+    tensors = (output, prefix_output, suffix_output, prefix_lse, suffix_lse)
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("the stream kernel takes contiguous tensors only")
+    num_tokens, num_heads, head_size = output.shape
+    num_rows = num_tokens * num_heads
+    if num_rows == 0 or head_size == 0:
+        return
+    fp8 = output_scale is not None
+    block_d = triton.next_power_of_2(head_size)
+    block_rows = max(1, _TILE // block_d)
+    _stream_kernel[(triton.cdiv(num_rows, block_rows),)](
+        output,
+        prefix_output,
+        prefix_lse,
+        suffix_output,
+        suffix_lse,
+        output_scale if fp8 else prefix_lse,
+        num_rows,
+        num_tokens,
+        NUM_HEADS=num_heads,
+        HEAD_SIZE=head_size,
+        BLOCK_D=block_d,
+        BLOCK_ROWS=block_rows,
+        FP8_OUT=fp8,
+        FP8_MAX=FP8_E4M3_MAX,
+        num_warps=_NUM_WARPS,
+    )
