@@ -97,6 +97,7 @@ for arg in "$@"; do
     demo) step demo "$limit" demo.log python3 -m attnmerge demo ;;
     bench)
       step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
+        --providers cuda,triton,unfused,stream \
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
     profile)
       step profile "$limit" profile.log ncu --profile-from-start off --clock-control none \

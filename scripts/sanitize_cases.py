@@ -31,12 +31,14 @@ _DEFAULT = (
     cuda_backend.CHUNK_BYTES,
     cuda_backend.WEIGHTS,
 )
+_WARP = cuda_backend.WEIGHTS_WARP
 CUDA_LAYOUTS = {
-    "rows 1": _DEFAULT,
+    "default (rows 1)": _DEFAULT,
     "rows 2": (0, _DEFAULT[1], *_DEFAULT[2:]),
     "rows 4": (0, 0, *_DEFAULT[2:]),
-    "32-byte chunks": (*_DEFAULT[:2], 32, _DEFAULT[3]),
-    "weights per thread": (*_DEFAULT[:3], cuda_backend.WEIGHTS_PER_THREAD),
+    "16-byte chunks": (*_DEFAULT[:2], 16, _DEFAULT[3]),
+    "weight warp": (*_DEFAULT[:3], _WARP),
+    "16-byte chunks, weight warp, rows 4": (0, 0, 16, _WARP),
 }
 
 

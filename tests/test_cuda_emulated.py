@@ -107,8 +107,8 @@ def _check(case) -> None:
 @pytest.mark.parametrize(
     ("dtype", "out_dtype", "D"),
     [
-        (torch.bfloat16, FP8, 128),  # the common case: 16-byte chunks, 16 threads a row
-        (torch.float16, torch.float16, 72),
+        (torch.bfloat16, FP8, 128),  # the common case: 32-byte chunks, 8 threads a row
+        (torch.float16, torch.float16, 72),  # 16-byte chunks: 72 is no multiple of 16
         (torch.float32, torch.bfloat16, 80),
         (torch.bfloat16, torch.float32, 8),
         (torch.float32, torch.float32, 576),  # 144 chunks: the team of 128 loops
@@ -124,10 +124,14 @@ def test_against_reference(emulated, dtype, out_dtype, D):
 
 
 def test_vector_and_scalar_paths(emulated):
-    # Padded, 16-byte aligned views keep vector accesses; an odd storage offset does not.
+    # Padded, 16-byte aligned views keep vector accesses (32-byte chunks, or 16-byte ones
+    # where the head size needs them); an odd storage offset does not.
     H, D = 4, 128
-    aligned = make_case(6, H, D, dtype=torch.bfloat16, prefix_strides=padded(H, D, head_pad=64))
+    aligned = make_case(6, H, D, dtype=torch.bfloat16, prefix_strides=padded(H, D, head_pad=8))
     _check(aligned)
+    assert emulated[-1][3] == 16
+    fallback = make_case(6, H, 72, dtype=torch.bfloat16, prefix_strides=padded(H, 72, 8))
+    _check(fallback)
     assert emulated[-1][3] == 8
     odd = make_case(6, H, D, dtype=torch.bfloat16, offsets=(1, 0, 0))
     _check(odd)

@@ -202,36 +202,54 @@ def test_params_struct_layout_matches_the_launcher(tmp_path):
 
 
 def test_instance_choice():
-    from attnmerge.cuda.backend import ROWS_LARGE, ROWS_SMALL, common_instances, instance_for
+    from attnmerge.cuda.backend import (
+        ROWS_LARGE,
+        ROWS_SMALL,
+        WEIGHTS,
+        common_instances,
+        instance_for,
+        vector_width,
+    )
 
-    # 16-byte chunks of the widest input; one row per team of ceil(D / vec) threads (pow2).
+    # 32-byte chunks of the widest input where the head size allows, else 16-byte ones;
+    # one row per team of ceil(D / vec) threads (pow2).
     bf16, f32 = torch.bfloat16, torch.float32
-    assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 8) == (
-        "BF16", "BF16", "FP8E4M3", 8, 16, ROWS_SMALL, 0
+    assert vector_width(128, 2) == 16 and vector_width(128, 4) == 8
+    assert vector_width(72, 2) == 8 and vector_width(36, 4) == 4  # 16-byte fallback
+    assert vector_width(13, 2) == 1 and vector_width(20, 4) == 4 and vector_width(6, 4) == 1
+    assert vector_width(128, 2, chunk_bytes=8) == 4
+    assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 16) == (
+        "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS
     )  # fmt: skip
-    # 144 chunks: the team of 128 loops; weights computed per thread (the tuning variant)
-    assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE, 1) == (
-        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 1
+    # 144 chunks: the team of 128 loops; weights computed by a warp (a tuning variant)
+    assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE, 0) == (
+        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 0
     )  # fmt: skip
     assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[4] == 128
-    insts = common_instances((128,))
-    for vec, team, rows in ((8, 16, ROWS_SMALL), (8, 16, ROWS_LARGE), (1, 128, 1)):
-        assert ("BF16", "BF16", "FP8E4M3", vec, team, rows, 0) in insts
+    insts = common_instances((128, 72))
+    for vec, team, rows in ((16, 8, ROWS_SMALL), (8, 16, ROWS_SMALL), (1, 128, 1)):
+        assert ("BF16", "BF16", "FP8E4M3", vec, team, rows, WEIGHTS) in insts
+    # every grid takes one row per team: no other row count is built ahead of time
+    assert {inst[5] for inst in insts} == {ROWS_SMALL}
     assert instance_for(bf16, bf16, bf16, 13, 1, 4)[5] == 1  # scalar fallback: one row a team
     assert len(insts) == len(set(insts))
 
 
-def test_rows_per_team_grows_with_the_grid():
+def test_rows_per_team_by_grid_size(monkeypatch):
     from attnmerge.cuda import backend
 
-    small, large = backend.SMALL_GRID_ROWS, backend.LARGE_GRID_ROWS
-    assert [backend.rows_per_team(n) for n in (1, small, small + 1, large, large + 1)] == [
+    assert {backend.rows_per_team(n) for n in (1, 8192, 2**31 - 1)} == {backend.ROWS_SMALL}
+    # the rule that tuning runs switch on
+    monkeypatch.setattr(backend, "SMALL_GRID_ROWS", 100)
+    monkeypatch.setattr(backend, "LARGE_GRID_ROWS", 1000)
+    assert [backend.rows_per_team(n) for n in (1, 100, 101, 1000, 1001)] == [
         backend.ROWS_SMALL,
         backend.ROWS_SMALL,
         backend.ROWS_MEDIUM,
         backend.ROWS_MEDIUM,
         backend.ROWS_LARGE,
     ]
+    assert backend._grid_rows() == [backend.ROWS_SMALL, backend.ROWS_MEDIUM, backend.ROWS_LARGE]
     assert backend.ROWS_SMALL < backend.ROWS_MEDIUM < backend.ROWS_LARGE
 
 

@@ -34,21 +34,40 @@ __all__ = [
     "rows_per_team",
     "template_arguments",
     "unavailable_reason",
+    "vector_width",
 ]
+
+_MAX_ROWS = 2**31 - 1  # row indices are 32-bit in the kernel
 
 # Block shape, as in the kernel source: DATA_THREADS threads move row data (in teams of
 # up to DATA_THREADS), and with WEIGHTS_WARP one more warp computes the weights.
 DATA_THREADS = 128
 WEIGHT_THREADS = 32
-#: Where a row's weights are computed (the kernel's WEIGHTS): by a separate warp of the
-#: block (the default), or by every thread of the row's team (a tuning variant that
-#: ``attnmerge bench --cuda-thread-weights`` can time).
+#: Where a row's weights are computed (the kernel's WEIGHTS): by every thread of the
+#: row's team (the default), or by a separate warp of the block that shares them through
+#: shared memory (a tuning variant: ``attnmerge bench --cuda-rows ...`` without
+#: ``--cuda-thread-weights`` times it).
 WEIGHTS_WARP, WEIGHTS_PER_THREAD = 0, 1
-WEIGHTS = WEIGHTS_WARP
-#: Bytes of the widest input a thread reads per row chunk (16: one 16-byte access). 32
-#: (two accesses, and 16-byte FP8 stores, the shape of a Triton program's accesses) is
-#: a variant that ``attnmerge bench --cuda-chunk-bytes`` can time; it is not the default.
-CHUNK_BYTES = 16
+#: Bytes of the widest input a thread reads per row chunk: 32 (two 16-byte accesses, and
+#: 16-byte FP8 stores), falling back to 16 where the head size is not a multiple of 32
+#: bytes' worth of elements. 8 and 16 are variants ``attnmerge bench --cuda-chunk-bytes``
+#: can time.
+#:
+#: The default (32-byte chunks, weights per thread, one row per team) was chosen from the
+#: variants grid on an H200 (D = 128, FP8 out, CUDA-graph median us; every combination of
+#: 8/16/32-byte chunks, weight warp or weights per thread, 1/2/4 rows per team, over
+#: vLLM's 36 shapes in bf16 and fp32; docs/performance.md):
+#:
+#:   shape               32 B, per thread   16 B, weight warp (before)   Triton
+#:   bf16 1 x 128        1.89               1.97                          1.65
+#:   bf16 256 x 128      5.70               6.16                          5.02
+#:   bf16 4096 x 128     78.84              81.24                         78.85
+#:   fp32 4096 x 128     137.89             139.91                        137.83
+#:
+#: Geometric mean over the grid, relative to the Triton kernel: 1.13 (before 1.23; the
+#: best variant of every shape, an oracle, would give 1.09).
+WEIGHTS = WEIGHTS_PER_THREAD
+CHUNK_BYTES = 32
 
 
 def block_threads(weights: int) -> int:
@@ -57,7 +76,6 @@ def block_threads(weights: int) -> int:
 
 
 KERNEL_NAME = "attnmerge_merge_two"
-_MAX_ROWS = 2**31 - 1
 
 # Kernel element types by torch dtype (names of the C++ tag structs).
 _ELEMENT = {
@@ -141,22 +159,15 @@ def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-#: Rows per thread team, by grid size (tokens x heads). One row keeps the most blocks in
-#: flight where the merge is latency-bound; more rows put more loads in flight per thread
-#: where it is bandwidth-bound, at the cost of registers. Chosen from the variants grid
-#: (``attnmerge bench --cuda-rows 1,2,4``) on an H200, D = 128, FP8 out, median us:
-#:
-#:   rows (T x H)        bf16 r1 / r2 / r4        fp32 r1 / r2 / r4
-#:   8192 (64x128)       3.12 / 3.16 / 3.18       3.83 / 3.48 / 3.52
-#:   32768 (256x128)     6.79 / 6.15 / 6.51       9.73 / 8.90 / 8.98
-#:   131072 (1024x128)  24.39 / 23.15 / 23.48    39.40 / 37.48 / 38.15
-#:   524288 (4096x128)  92.39 / 87.51 / 84.31   152.39 / 145.48 / 143.77
-#:
-#: Up to 8192 rows the three are within 0.1 us for bf16/fp16 (r1 is best below 4096);
-#: see docs/performance.md for the whole grid.
+#: Rows per thread team, by grid size (tokens x heads). More rows put more loads in
+#: flight per thread, at the cost of registers. With 32-byte chunks and weights per
+#: thread, one row is within 3% of the best of 1, 2 and 4 at every shape of the variants
+#: grid on an H200 (bf16 4096 x 128: 78.84 / 81.66 / 92.82 us), so every grid takes
+#: ROWS_SMALL; the thresholds stay so that tuning runs (and the tests) can switch the
+#: other row counts on.
 ROWS_SMALL, ROWS_MEDIUM, ROWS_LARGE = 1, 2, 4
-SMALL_GRID_ROWS = 8192  # at most this many rows: ROWS_SMALL
-LARGE_GRID_ROWS = 262144  # more than this many rows: ROWS_LARGE
+SMALL_GRID_ROWS = _MAX_ROWS  # at most this many rows: ROWS_SMALL
+LARGE_GRID_ROWS = _MAX_ROWS  # more than this many rows: ROWS_LARGE
 
 
 def rows_per_team(num_rows: int) -> int:
@@ -173,7 +184,7 @@ def instance_for(
     head_size: int,
     vec: int,
     rows: int = ROWS_SMALL,
-    weights: int = WEIGHTS_WARP,
+    weights: int | None = None,
 ) -> Instance:
     """The kernel instance serving these dtypes and head size at vector width ``vec``
     with ``rows`` rows per team of threads and the given weights mode.
@@ -183,6 +194,7 @@ def instance_for(
     """
     if vec == 1:
         rows = 1
+    weights = WEIGHTS if weights is None else weights
     team = min(_next_pow2(-(-head_size // vec)), DATA_THREADS)
     elements = (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype])
     return (*elements, vec, team, rows, weights)
@@ -192,13 +204,29 @@ def instance_for(
 COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
 
+def vector_width(head_size: int, widest: int, chunk_bytes: int | None = None) -> int:
+    """Elements per access for rows of ``head_size`` elements of ``widest`` bytes at most:
+    ``chunk_bytes`` (default :data:`CHUNK_BYTES`) worth, else 16 bytes' worth, whichever
+    first divides the head size; 1 (scalar accesses) if neither does."""
+    chunk = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    for nbytes in dict.fromkeys((chunk, min(chunk, 16))):
+        vec = max(1, nbytes // widest)
+        if head_size % vec == 0:
+            return vec
+    return 1
+
+
+def _grid_rows() -> list[int]:
+    """The rows per team that :func:`rows_per_team` can return."""
+    sizes = (1, SMALL_GRID_ROWS + 1, LARGE_GRID_ROWS + 1)
+    return list(dict.fromkeys(rows_per_team(n) for n in sizes if n <= _MAX_ROWS))
+
+
 def _variants(head_size: int, widest: int) -> list[tuple[int, int]]:
-    """(vector width, rows per team) pairs a call signature can need: 16-byte or scalar
+    """(vector width, rows per team) pairs a call signature can need: vector or scalar
     accesses (alignment is a property of each call's tensors), and every grid size."""
-    vec = 16 // widest
-    pairs = (
-        [(vec, r) for r in (ROWS_SMALL, ROWS_MEDIUM, ROWS_LARGE)] if head_size % vec == 0 else []
-    )
+    vec = vector_width(head_size, widest)
+    pairs = [(vec, r) for r in _grid_rows()] if vec > 1 else []
     return [*pairs, (1, 1)]  # the scalar fallback takes one row per team
 
 
@@ -324,8 +352,8 @@ def launch_arguments(
     )
     out_st, pre_st, suf_st = output.stride(), prefix_output.stride(), suffix_output.stride()
     pre_size, suf_size = prefix_output.itemsize, suffix_output.itemsize
-    vec = (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(pre_size, suf_size)
-    if head_size % vec or not (
+    vec = vector_width(head_size, max(pre_size, suf_size), chunk_bytes)
+    if vec > 1 and not (
         _aligned(out_ptr, out_st, output.itemsize, vec)
         and _aligned(pre_ptr, pre_st, pre_size, vec)
         and _aligned(suf_ptr, suf_st, suf_size, vec)
