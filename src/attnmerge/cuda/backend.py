@@ -64,7 +64,7 @@ WEIGHTS_WARP, WEIGHTS_PER_THREAD = 0, 1
 #:   bf16 4096 x 128     78.84              81.24                         78.85
 #:   fp32 4096 x 128     137.89             139.91                        137.83
 #:
-#: Geometric mean over the grid, relative to the Triton kernel: 1.13 (before 1.23; the
+#: Geometric mean over the grid, relative to the Triton kernel: 1.13 (before 1.19; the
 #: best variant of every shape, an oracle, would give 1.09).
 WEIGHTS = WEIGHTS_PER_THREAD
 CHUNK_BYTES = 32

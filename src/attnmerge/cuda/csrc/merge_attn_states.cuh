@@ -114,9 +114,10 @@ constexpr int kDataThreads = 128;
 constexpr int kWeightThreads = 32;
 constexpr int kThreadsPerBlock = kDataThreads + kWeightThreads;
 
-// Where a row's weights are computed: by a separate warp of the block, shared through
-// shared memory (the default), or by every thread of the row's team (a tuning variant,
-// the way a Triton program works).
+// Where a row's weights are computed: by every thread of the row's team (the launcher's
+// default, the way a Triton program works), or by a separate warp of the block, shared
+// through shared memory (a tuning variant). The launcher picks the mode, the chunk size
+// and the rows per team from measurements (attnmerge/cuda/backend.py).
 constexpr int kWeightWarp = 0;
 constexpr int kWeightPerThread = 1;
 
@@ -289,9 +290,9 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
 // divisions, a logarithm) in every thread that moves its data made the kernel
 // instruction- and register-bound: bf16 4096x128 took 140 us on an H200, against
 // 79 us for the Triton kernel; doing it once per row while the data threads waited
-// still kept the math's registers live next to the loaded data (135 us). So by default
-// (WEIGHTS == kWeightWarp) the roles are split between warps, whose registers never
-// overlap:
+// still kept the math's registers live next to the loaded data (135 us). With
+// WEIGHTS == kWeightWarp the roles are split between warps, whose registers never
+// overlap (84 us at 4 rows per team):
 //   - the data threads issue the loads of their rows' first chunk, wait at the block
 //     barrier, then combine with the weights from shared memory and store;
 //   - the weight warp reads each block row's LSEs, computes its weights into shared
@@ -306,6 +307,10 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
 // WEIGHTS == kWeightPerThread: no weight warp; every thread loads its rows' LSEs with
 // their data and computes the weights itself. A row's output LSE is written by its
 // team's first thread after a block barrier that follows every read of an input LSE.
+// The 140 us above predate holding loaded chunks as 32-bit words (see Chunk), when a
+// thread's loads went out one after another. Since then, with 32-byte chunks and one
+// row per team, this mode is the fastest on an H200: bf16 4096x128 in 78.8 us, the
+// Triton kernel's time (the launcher's default).
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   static_assert(WEIGHTS == kWeightWarp || WEIGHTS == kWeightPerThread, "weights mode");
