@@ -56,8 +56,9 @@ SHARDS = 48 if ON_GPU else 2
 # Cases per hypothesis example on a GPU (one host-device round trip each).
 GPU_BATCH = 25
 CASES_PER_EXAMPLE = GPU_BATCH if ON_GPU else 1
-# The CUDA kernel's rows per thread team, by shard: every variant the backend picks
-# (by grid size, see attnmerge.cuda.backend.rows_per_team) meets every kind of case.
+# The CUDA kernel's rows per thread team, by shard: the default (one row at every grid
+# size, see attnmerge.cuda.backend.rows_per_team) and the row counts tuning runs can
+# switch on each meet every kind of case.
 CUDA_ROWS = (cuda_backend.ROWS_SMALL, cuda_backend.ROWS_MEDIUM, cuda_backend.ROWS_LARGE)
 
 FUZZ = settings(
