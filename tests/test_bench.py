@@ -163,7 +163,7 @@ def test_shapes_replace_the_product() -> None:
     "argv, message",
     [
         (["--dtypes", "fp64"], "subset of fp32,fp16,bf16"),
-        (["--providers", "cuda,vllm"], "subset of cuda,triton,unfused,torch,stream"),
+        (["--providers", "cuda,flashinfer"], "subset of cuda,triton,unfused,torch,vllm,stream"),
         (["--tokens", "0"], "positive integers"),
         (["--heads", "a,b"], "comma-separated integers"),
         (["--shapes", "1024"], "TxH pairs"),
@@ -467,6 +467,35 @@ def test_stream_moves_the_merges_bytes(fp8: bool) -> None:
     if fp8:
         want = quantize_fp8_static(want, scale)
     assert torch.equal(s["output"].view(torch.uint8), want.to(s["output"].dtype).view(torch.uint8))
+
+
+def test_vllm_provider_calls_vllms_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vllm provider hands vLLM's merge_attn_states the arguments attnmerge's takes
+    (a stand-in module here: vLLM is not a test dependency)."""
+    import types
+
+    seen = []
+    module = types.ModuleType("vllm.v1.attention.ops.merge_attn_states")
+    module.merge_attn_states = lambda *args: seen.append(args)
+    for name in ("vllm", "vllm.v1", "vllm.v1.attention", "vllm.v1.attention.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    case = bench.Case("bf16", True, True, 64, 2, 4, "vllm")
+    sets = bench.make_input_sets(case, 2, DEVICE)
+    scale = torch.tensor([bench.FP8_SCALE], device=DEVICE)
+    bench.make_call(case, sets, scale)()
+    assert len(seen) == 2
+    for args, s in zip(seen, sets, strict=True):
+        names = ("output", "prefix_output", "prefix_lse", "suffix_output", "suffix_lse")
+        assert all(a is s[n] for a, n in zip(args[:5], names, strict=True))
+        assert args[5] is s["output_lse"] and args[6] is None and args[7] is scale
+
+
+def test_vllm_provider_without_vllm_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    case = bench.Case("bf16", True, False, 64, 2, 4, "vllm")
+    with pytest.raises(ImportError, match="the vllm provider needs vLLM"):
+        bench.make_call(case, bench.make_input_sets(case, 1, DEVICE), None)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU flow (Triton interpreter); GPU: gpu_check.sh")

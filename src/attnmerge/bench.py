@@ -18,6 +18,10 @@ Providers:
   what an engine does without the fusion. Only run with FP8 on (without FP8 it is the
   ``triton`` provider);
 * ``torch``: attnmerge's reference backend (many small kernels; for scale only);
+* ``vllm``: vLLM's own ``merge_attn_states`` (``vllm.v1.attention.ops.merge_attn_states``,
+  its dispatcher: the CUDA kernel where it applies, else its Triton kernel), called with
+  the same arguments, for a baseline from the same run; it needs vLLM importable (a case
+  without it records the ImportError and the run goes on);
 * ``stream``: not a merge but the ceiling of its byte mix: a Triton kernel that reads
   both partials and LSEs and writes the output, with next to no arithmetic
   (:mod:`attnmerge.triton.stream_kernel`). A merge at the stream time moves its bytes as
@@ -91,7 +95,7 @@ __all__ = [
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8 = torch.float8_e4m3fn
-PROVIDERS = ("cuda", "triton", "unfused", "torch", "stream")
+PROVIDERS = ("cuda", "triton", "unfused", "torch", "vllm", "stream")
 
 # vLLM's benchmark grid (benchmarks/kernels/benchmark_merge_attn_states.py at PR #36518).
 DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
@@ -828,6 +832,17 @@ def _compiled_quantize_into() -> Callable[..., None]:
     return torch.compile(_quantize_into, dynamic=True)
 
 
+def _vllm_merge_attn_states() -> Callable[..., None]:
+    """vLLM's ``merge_attn_states`` (same positional arguments as attnmerge's)."""
+    try:
+        from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+    except ImportError as e:
+        raise ImportError(
+            f"the vllm provider needs vLLM (vllm.v1.attention.ops.merge_attn_states): {e}"
+        ) from e
+    return merge_attn_states
+
+
 def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> Callable[[], None]:
     """The timed function: one merge per input set, in order."""
     import attnmerge
@@ -874,6 +889,12 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
                 scale,
                 backend=case.provider,
             )
+            for s in sets
+        ]
+    elif case.provider == "vllm":
+        merge = _vllm_merge_attn_states()
+        calls = [
+            functools.partial(merge, s["output"], *args(s), s["output_lse"], None, scale)
             for s in sets
         ]
     elif case.provider == "stream":
