@@ -214,10 +214,10 @@ def test_instance_choice():
     # 32-byte chunks of the widest input where the head size allows, else 16-byte ones;
     # one row per team of ceil(D / vec) threads (pow2).
     bf16, f32 = torch.bfloat16, torch.float32
-    assert vector_width(128, 2) == 16 and vector_width(128, 4) == 8
-    assert vector_width(72, 2) == 8 and vector_width(36, 4) == 4  # 16-byte fallback
-    assert vector_width(13, 2) == 1 and vector_width(20, 4) == 4 and vector_width(6, 4) == 1
-    assert vector_width(128, 2, chunk_bytes=8) == 4
+    assert vector_width(128, 2, 32) == 16 and vector_width(128, 4, 32) == 8
+    assert vector_width(72, 2, 32) == 8 and vector_width(36, 4, 32) == 4  # 16-byte fallback
+    assert vector_width(13, 2, 32) == 1 and vector_width(20, 4, 32) == 4
+    assert vector_width(6, 4, 32) == 1 and vector_width(128, 2, 8) == 4
     assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 16) == (
         "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS
     )  # fmt: skip

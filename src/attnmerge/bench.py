@@ -22,12 +22,11 @@ Providers:
   its dispatcher: the CUDA kernel where it applies, else its Triton kernel), called with
   the same arguments, for a baseline from the same run; it needs vLLM importable (a case
   without it records the ImportError and the run goes on);
-* ``stream``: not a merge but the ceiling of its byte mix: a Triton kernel that reads
+* ``stream``: not a merge but a yardstick for its byte mix: a Triton kernel that reads
   both partials and LSEs and writes the output, with next to no arithmetic
-  (:mod:`attnmerge.triton.stream_kernel`). A merge at the stream time moves its bytes as
-  fast as that access pattern can on the card.
+  (:mod:`attnmerge.triton.stream_kernel`; a ceiling for 2-byte partials, not for fp32).
 
-Every merge provider goes through ``attnmerge.merge_attn_states(..., backend=...)``; a provider
+Every attnmerge provider goes through ``attnmerge.merge_attn_states(..., backend=...)``; a provider
 that cannot serve a case (a missing compiler, an unsupported head size) is reported in
 that case's ``error`` field and the run goes on.
 

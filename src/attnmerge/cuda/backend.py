@@ -204,15 +204,11 @@ def instance_for(
 COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
 
-def vector_width(head_size: int, widest: int, chunk_bytes: int | None = None) -> int:
-    """Elements per access for rows of ``head_size`` elements of ``widest`` bytes at most:
-    ``chunk_bytes`` (default :data:`CHUNK_BYTES`) worth, else 16 bytes' worth, whichever
-    first divides the head size; 1 (scalar accesses) if neither does."""
-    return _vector_width(head_size, widest, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
-
-
 @functools.cache  # on the eager path: 0.07 instead of 0.38 us per call on the CI host
-def _vector_width(head_size: int, widest: int, chunk_bytes: int) -> int:
+def vector_width(head_size: int, widest: int, chunk_bytes: int) -> int:
+    """Elements per access for rows of ``head_size`` elements of ``widest`` bytes at most:
+    ``chunk_bytes`` worth (the launcher passes :data:`CHUNK_BYTES`), else 16 bytes' worth,
+    whichever first divides the head size; 1 (scalar accesses) if neither does."""
     for nbytes in dict.fromkeys((chunk_bytes, min(chunk_bytes, 16))):
         vec = max(1, nbytes // widest)
         if head_size % vec == 0:
@@ -229,7 +225,7 @@ def _grid_rows() -> list[int]:
 def _variants(head_size: int, widest: int) -> list[tuple[int, int]]:
     """(vector width, rows per team) pairs a call signature can need: vector or scalar
     accesses (alignment is a property of each call's tensors), and every grid size."""
-    vec = vector_width(head_size, widest)
+    vec = vector_width(head_size, widest, CHUNK_BYTES)
     pairs = [(vec, r) for r in _grid_rows()] if vec > 1 else []
     return [*pairs, (1, 1)]  # the scalar fallback takes one row per team
 
@@ -357,7 +353,7 @@ def launch_arguments(
     out_st, pre_st, suf_st = output.stride(), prefix_output.stride(), suffix_output.stride()
     pre_size, suf_size = prefix_output.itemsize, suffix_output.itemsize
     chunk = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    vec = _vector_width(head_size, max(pre_size, suf_size), chunk)
+    vec = vector_width(head_size, max(pre_size, suf_size), chunk)
     if vec > 1 and not (
         _aligned(out_ptr, out_st, output.itemsize, vec)
         and _aligned(pre_ptr, pre_st, pre_size, vec)

@@ -1,11 +1,13 @@
 """A bench-only Triton kernel: the merge's memory traffic with almost no arithmetic.
 
-``attnmerge bench --providers stream`` times it as the ceiling for a kernel of this
-byte mix on the card at hand: it reads both partials and both LSEs and writes an output
-of the merge's dtype, as the merge does, but each output element is only the partial of
-the larger LSE, scaled (no exp, log or division). A merge kernel at the stream time
-moves its bytes as fast as this access pattern allows; the datasheet bandwidth is
-higher than any kernel reaches (a device-to-device copy gets ~88% of it on an H200).
+``attnmerge bench --providers stream`` times it as a yardstick for this byte mix on the
+card at hand: it reads both partials and both LSEs and writes an output of the merge's
+dtype, as the merge does, but each output element is only the partial of the larger
+LSE, scaled (no exp, log or division). A merge kernel at the stream time moves its bytes
+as fast as this access pattern allows; the datasheet bandwidth is higher than any kernel
+reaches (a device-to-device copy gets 87% of it on an H200). Its tile suits 2-byte
+partials: with fp32 partials the merge kernels beat it (H200: 139 vs 145 us at
+4096 x 128), so there it bounds nothing.
 
 Contiguous ``[T, H, D]`` partials and ``[H, T]`` LSEs only; it computes no merge and
 obeys none of the contract: it is a measuring stick, never a backend.
