@@ -14,7 +14,8 @@
 #   fuzz-triton  the fuzz of the triton backend only
 #   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
 #   demo         attnmerge demo
-#   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused), CSV
+#   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused, stream, and vLLM's
+#                own kernels where `vllm` imports), CSV and PNG
 #   profile      Nsight Compute on the CUDA and Triton kernels and the CUDA tuning variants
 #                (scripts/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   launch-floor host time of one kernel launch from C, no Python (scripts/launch_floor.cu),
@@ -22,6 +23,9 @@
 #   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 8-, 16-
 #                and 32-byte chunks, weight warp or weights per thread; triton: its tile
 #                rule and 4 or 8 rows per program)
+#   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
+#                8/16/32/64/128 data threads per block; triton: 1/2/4/8/16 rows per
+#                program), with stream and vLLM's kernels where `vllm` imports
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
 # call of the device tool runs at most 10 minutes: on an H100/H200 "tests" takes ~4,
 # the other steps one or two.
@@ -65,10 +69,15 @@ step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, recor
   python3 -m attnmerge info
 } >"$OUT/env.txt" 2>&1
 
+# vLLM's own kernels as baselines, where vLLM (or a stand-in on PYTHONPATH) imports
+VLLM=""
+python3 -c "import vllm.v1.attention.ops.merge_attn_states" 2>/dev/null && VLLM=",vllm,vllm-triton"
+echo "vllm providers: ${VLLM:-none}" >>"$OUT/env.txt"
+
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    variants | profile | launch-floor) ;;
+    variants | small-variants | profile | launch-floor) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -97,8 +106,14 @@ for arg in "$@"; do
     demo) step demo "$limit" demo.log python3 -m attnmerge demo ;;
     bench)
       step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
-        --providers cuda,triton,unfused,stream \
+        --providers "cuda,triton,unfused,stream$VLLM" \
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
+    small-variants)
+      step small-variants "$limit" small_variants.log python3 -m attnmerge bench \
+        --shapes 1x128,1x32,1x8,16x128,16x32,64x128,64x32,256x128,256x32,1024x32,4096x8 \
+        --dtypes bf16,fp32 --providers "cuda,triton,stream$VLLM" --block-rows 1,2,4,8 \
+        --cuda-chunk-bytes 8,16 --cuda-block-threads 8,16,32,64 --rep-ms 10 --no-progress \
+        --csv "$OUT/small_variants.csv" ;;
     profile)
       step profile "$limit" profile.log ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
@@ -137,7 +152,7 @@ for tool in memcheck racecheck initcheck; do
 done
 [ -f "$OUT/demo.log" ] && tail -n 12 "$OUT/demo.log"
 [ -f "$OUT/launch_floor.log" ] && grep -E "^launch floor" "$OUT/launch_floor.log"
-for log in bench.log variants.log launch_floor.log; do
+for log in bench.log variants.log small_variants.log launch_floor.log; do
   [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"
 done
 [ -f "$OUT/profile.log" ] && grep -E "^profiled:|merge_two|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread" "$OUT/profile.log" | head -80

@@ -17,19 +17,24 @@ from __future__ import annotations
 import torch
 
 import attnmerge
+from attnmerge import bench
 from attnmerge.cuda import backend as cuda_backend
 
 SHAPES = [(1, 128), (4096, 128)]  # (tokens, heads): latency-bound, HBM-bound
 HEAD_SIZE = 128
-# (label, how to launch): the public backends, then the CUDA tuning variants.
+# (label, how to launch): the public backends, vLLM's kernels where importable (see
+# `attnmerge bench --providers vllm`), then CUDA tuning variants.
 VARIANTS = [
     ("cuda", {}),
     ("triton", None),
+    ("vllm", "vllm"),
+    ("vllm-triton", "vllm"),
+    ("cuda/w", {"weights": cuda_backend.WEIGHTS_WARP}),
     ("cuda/c8", {"chunk_bytes": 8}),
-    ("cuda/c32", {"chunk_bytes": 32}),
-    ("cuda/t", {"weights": cuda_backend.WEIGHTS_PER_THREAD}),
-    ("cuda/c8t", {"chunk_bytes": 8, "weights": cuda_backend.WEIGHTS_PER_THREAD}),
-    ("cuda/c32t", {"chunk_bytes": 32, "weights": cuda_backend.WEIGHTS_PER_THREAD}),
+    ("cuda/b8", {"threads": 8}),
+    ("cuda/b32", {"threads": 32}),
+    ("cuda/c8b32", {"chunk_bytes": 8, "threads": 32}),
+    ("cuda/c16b16", {"chunk_bytes": 16, "threads": 16}),
 ]
 
 
@@ -39,6 +44,15 @@ def _public(args: tuple, backend: str):
 
 def _variant(args: tuple, options: dict):
     return lambda: cuda_backend.merge_two_states(*args, False, **options)
+
+
+def _vllm(args: tuple, provider: str):
+    try:
+        merge = bench._vllm_merge_attn_states(provider)
+    except ImportError as e:
+        print(f"skipped {provider}: {e}")
+        return None
+    return lambda: merge(*args)
 
 
 def main() -> None:
@@ -53,8 +67,14 @@ def main() -> None:
         scale = torch.tensor([0.1], device="cuda")
         args = (out, p, lp, s, ls, None, None, scale)
         for label, options in VARIANTS:
-            call = _public(args, label) if options is None else _variant(args, options)
-            calls.append((f"{label} bf16->fp8 T={T} H={H} D={HEAD_SIZE}", call))
+            if options is None:
+                call = _public(args, label)
+            elif options == "vllm":
+                call = _vllm(args, label)
+            else:
+                call = _variant(args, options)
+            if call is not None:
+                calls.append((f"{label} bf16->fp8 T={T} H={H} D={HEAD_SIZE}", call))
     for _, call in calls:  # warm: builds, module loads, caches
         for _ in range(3):
             call()

@@ -9,8 +9,8 @@ own allocation and an out-of-bounds access is caught at the tensor's edge:
 Each case is also checked against the reference, so a run that the sanitizer passes but
 that computes garbage still fails (exit code 1). The cuda backend runs every case in each
 of its kernel layouts: 1, 2 and 4 rows per thread team (the cases are small, so the
-larger ones are forced), and the two tuning variants (32-byte chunks; weights computed
-per thread).
+larger ones are forced), 16-byte chunks, the weight warp, and small blocks (one team of
+threads, and 32 data threads with a weight warp).
 """
 
 from __future__ import annotations
@@ -24,27 +24,43 @@ import attnmerge
 from attnmerge.cuda import backend as cuda_backend
 from attnmerge.reference import merge_states_reference, quantize_fp8_static
 
-# cuda backend settings per layout: (SMALL_GRID_ROWS, LARGE_GRID_ROWS, CHUNK_BYTES, WEIGHTS)
-_DEFAULT = (
-    cuda_backend.SMALL_GRID_ROWS,
-    cuda_backend.LARGE_GRID_ROWS,
-    cuda_backend.CHUNK_BYTES,
-    cuda_backend.WEIGHTS,
+# cuda backend settings per layout
+_NAMES = (
+    "SMALL_GRID_ROWS",
+    "LARGE_GRID_ROWS",
+    "CHUNK_BYTES",
+    "WEIGHTS",
+    "SMALL_BLOCK_GRID_ROWS",
+    "SMALL_BLOCK_THREADS",
 )
+_DEFAULT = tuple(getattr(cuda_backend, name) for name in _NAMES)
+
+
+def _layout(**changes) -> tuple:
+    return tuple(changes.get(name, value) for name, value in zip(_NAMES, _DEFAULT, strict=True))
+
+
 _WARP = cuda_backend.WEIGHTS_WARP
+_ALL = 2**31 - 1  # every grid
 CUDA_LAYOUTS = {
-    "default (rows 1)": _DEFAULT,
-    "rows 2": (0, _DEFAULT[1], *_DEFAULT[2:]),
-    "rows 4": (0, 0, *_DEFAULT[2:]),
-    "16-byte chunks": (*_DEFAULT[:2], 16, _DEFAULT[3]),
-    "weight warp": (*_DEFAULT[:3], _WARP),
-    "16-byte chunks, weight warp, rows 4": (0, 0, 16, _WARP),
+    "default": _DEFAULT,
+    "rows 2": _layout(SMALL_GRID_ROWS=0),
+    "rows 4": _layout(SMALL_GRID_ROWS=0, LARGE_GRID_ROWS=0),
+    "16-byte chunks": _layout(CHUNK_BYTES=16),
+    "weight warp": _layout(WEIGHTS=_WARP),
+    "16-byte chunks, weight warp, rows 4": _layout(
+        SMALL_GRID_ROWS=0, LARGE_GRID_ROWS=0, CHUNK_BYTES=16, WEIGHTS=_WARP
+    ),
+    "blocks of one team": _layout(SMALL_BLOCK_GRID_ROWS=_ALL, SMALL_BLOCK_THREADS=1),
+    "blocks of 32, weight warp": _layout(
+        SMALL_BLOCK_GRID_ROWS=_ALL, SMALL_BLOCK_THREADS=32, WEIGHTS=_WARP
+    ),
 }
 
 
 @contextlib.contextmanager
 def cuda_layout(settings: tuple):
-    names = ("SMALL_GRID_ROWS", "LARGE_GRID_ROWS", "CHUNK_BYTES", "WEIGHTS")
+    names = _NAMES
     for name, value in zip(names, settings, strict=True):
         setattr(cuda_backend, name, value)
     try:
@@ -110,7 +126,7 @@ def run(backend: str, layout_name: str = "") -> int:
         status = "ok" if ok and lse_ok else "MISMATCH"
         failures += status != "ok"
         print(
-            f"{backend:6} {layout_name:18} T={T:<4} H={H:<3} D={D:<4} {str(dtype)[6:]:>8} -> "
+            f"{backend:6} {layout_name:26} T={T:<4} H={H:<3} D={D:<4} {str(dtype)[6:]:>8} -> "
             f"{str(out_dtype)[6:]:<14} P={P} alias={alias} base={base}: {status}"
         )
     return failures

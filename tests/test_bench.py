@@ -128,16 +128,21 @@ def test_every_option() -> None:
 def test_cuda_variant_names() -> None:
     def variant(provider: str):
         c = bench.Case("bf16", True, False, 128, 1, 8, provider)
-        return (c.cuda_variant, c.cuda_rows, c.cuda_chunk_bytes, c.cuda_thread_weights)
+        return (c.cuda_variant, c.cuda_rows, c.cuda_chunk_bytes, c.cuda_block_threads,
+                c.cuda_weights)  # fmt: skip
 
-    assert variant("cuda") == (False, None, None, False)
-    assert variant("cuda/r4") == (True, 4, None, False)
-    assert variant("cuda/c32") == (True, None, 32, False)
-    assert variant("cuda/r2c32") == (True, 2, 32, False)
-    assert variant("cuda/t") == (True, None, None, True)
-    assert variant("cuda/r1c32t") == (True, 1, 32, True)
-    assert variant("cuda/") == (False, None, None, False)
-    assert variant("triton/r8") == (False, None, None, False)
+    assert variant("cuda") == (False, None, None, None, "")
+    assert variant("cuda/r4") == (True, 4, None, None, "")
+    assert variant("cuda/c32") == (True, None, 32, None, "")
+    assert variant("cuda/r2c32") == (True, 2, 32, None, "")
+    assert variant("cuda/t") == (True, None, None, None, "t")
+    assert variant("cuda/w") == (True, None, None, None, "w")
+    assert variant("cuda/r1c32t") == (True, 1, 32, None, "t")
+    assert variant("cuda/b32") == (True, None, None, 32, "")
+    assert variant("cuda/r1c8b64w") == (True, 1, 8, 64, "w")
+    assert variant("cuda/") == (False, None, None, None, "")
+    assert variant("cuda/tw") == (False, None, None, None, "")
+    assert variant("triton/r8") == (False, None, None, None, "")
     config = bench.Config(tokens=(1,), heads=(8,), dtypes=("bf16",), providers=("cuda",),
                           cuda_chunk_bytes=(32,))  # fmt: skip
     assert [c.provider for c in bench.build_cases(config)] == ["cuda", "cuda/c32"]
@@ -146,10 +151,17 @@ def test_cuda_variant_names() -> None:
         "cuda", "cuda/r1", "cuda/r2", "cuda/r1c32", "cuda/r2c32",
         "cuda/r1t", "cuda/r2t", "cuda/r1c32t", "cuda/r2c32t",
     ]  # fmt: skip
+    config = bench.Config(tokens=(1,), heads=(8,), dtypes=("bf16",), providers=("cuda",),
+                          cuda_block_threads=(32,), cuda_weight_warp=True)  # fmt: skip
+    assert [c.provider for c in bench.build_cases(config)] == [
+        "cuda", "cuda/b32", "cuda/w", "cuda/b32w"
+    ]  # fmt: skip
     args = bench.parse_args(["--cuda-thread-weights"])
     assert (
         args.cuda_thread_weights and [c.provider for c in bench.build_cases(args)][-1] == "cuda/t"
     )
+    args = bench.parse_args(["--cuda-block-threads", "16,64", "--cuda-weight-warp"])
+    assert args.cuda_block_threads == (16, 64) and args.cuda_weight_warp
 
 
 def test_shapes_replace_the_product() -> None:
@@ -163,7 +175,7 @@ def test_shapes_replace_the_product() -> None:
     "argv, message",
     [
         (["--dtypes", "fp64"], "subset of fp32,fp16,bf16"),
-        (["--providers", "cuda,flashinfer"], "subset of cuda,triton,unfused,torch,vllm,stream"),
+        (["--providers", "cuda,flashinfer"], "subset of cuda,triton,unfused,torch,vllm,"),
         (["--tokens", "0"], "positive integers"),
         (["--heads", "a,b"], "comma-separated integers"),
         (["--shapes", "1024"], "TxH pairs"),
@@ -469,18 +481,27 @@ def test_stream_moves_the_merges_bytes(fp8: bool) -> None:
     assert torch.equal(s["output"].view(torch.uint8), want.to(s["output"].dtype).view(torch.uint8))
 
 
-def test_vllm_provider_calls_vllms_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "provider, module",
+    [
+        ("vllm", "vllm.v1.attention.ops.merge_attn_states"),
+        ("vllm-triton", "vllm.v1.attention.ops.triton_merge_attn_states"),
+    ],
+)
+def test_vllm_provider_calls_vllms_merge(
+    monkeypatch: pytest.MonkeyPatch, provider: str, module: str
+) -> None:
     """The vllm provider hands vLLM's merge_attn_states the arguments attnmerge's takes
     (a stand-in module here: vLLM is not a test dependency)."""
     import types
 
     seen = []
-    module = types.ModuleType("vllm.v1.attention.ops.merge_attn_states")
-    module.merge_attn_states = lambda *args: seen.append(args)
+    stand_in = types.ModuleType(module)
+    stand_in.merge_attn_states = lambda *args: seen.append(args)
     for name in ("vllm", "vllm.v1", "vllm.v1.attention", "vllm.v1.attention.ops"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    case = bench.Case("bf16", True, True, 64, 2, 4, "vllm")
+    monkeypatch.setitem(sys.modules, module, stand_in)
+    case = bench.Case("bf16", True, True, 64, 2, 4, provider)
     sets = bench.make_input_sets(case, 2, DEVICE)
     scale = torch.tensor([bench.FP8_SCALE], device=DEVICE)
     bench.make_call(case, sets, scale)()
@@ -493,8 +514,8 @@ def test_vllm_provider_calls_vllms_merge(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_vllm_provider_without_vllm_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
-    case = bench.Case("bf16", True, False, 64, 2, 4, "vllm")
-    with pytest.raises(ImportError, match="the vllm provider needs vLLM"):
+    case = bench.Case("bf16", True, False, 64, 2, 4, "vllm-triton")
+    with pytest.raises(ImportError, match="the vllm-triton provider needs vLLM"):
         bench.make_call(case, bench.make_input_sets(case, 1, DEVICE), None)
 
 

@@ -258,3 +258,35 @@ def test_weights_per_thread(emulated, monkeypatch, dtype, out_dtype, D, alias, c
     )  # fmt: skip
     _check(case)
     assert emulated[-1][6] == cuda_backend.WEIGHTS_PER_THREAD
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype", "D", "alias", "chunk_bytes"),
+    [
+        (torch.bfloat16, FP8, 128, "lse_prefix", 32),  # one team of 8 threads a block
+        (torch.bfloat16, FP8, 128, None, 8),  # one warp-sized team
+        (torch.float32, torch.float32, 576, "lse_suffix", 16),  # 128 threads: one team loops
+        (torch.float16, torch.float16, 48, "prefix", 16),  # in place, 4 threads a row
+        (torch.float16, torch.float32, 13, None, 16),  # scalar path
+    ],
+)
+@pytest.mark.parametrize("threads", [8, 16, 32])
+@pytest.mark.parametrize("weights", ["per_thread", "warp"])
+def test_small_blocks(emulated, monkeypatch, dtype, out_dtype, D, alias, chunk_bytes, threads,
+                      weights):  # fmt: skip
+    # Small grids take blocks of fewer data threads (data_threads): as few as one team,
+    # whatever was asked, with either weights mode; odd row counts leave a partial block.
+    monkeypatch.setattr(cuda_backend, "SMALL_BLOCK_GRID_ROWS", 10**6)
+    monkeypatch.setattr(cuda_backend, "SMALL_BLOCK_THREADS", threads)
+    monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(
+        cuda_backend, "WEIGHTS", getattr(cuda_backend, f"WEIGHTS_{weights.upper()}")
+    )
+    scale = 0.05 if out_dtype == FP8 else None
+    case = make_case(
+        11, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, alias=alias,
+        lse_pattern="mixed", P=8, nan_frac=0.05,
+    )  # fmt: skip
+    _check(case)
+    team = emulated[-1][4]
+    assert emulated[-1][7] == min(max(threads, team), cuda_backend.DATA_THREADS)

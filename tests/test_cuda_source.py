@@ -120,14 +120,17 @@ def _nvcc_archs() -> list[str]:
 _INSTANTIATIONS = r"""
 #include "merge_attn_states.cuh"
 namespace attnmerge {
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 1, 0>(const MergeParams);
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 4, 0>(const MergeParams);
-template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 2, 0>(const MergeParams);
-template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2, 0>(const MergeParams);
-template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128, 1, 0>(const MergeParams);
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 1, 0, 128>(const MergeParams);
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 4, 0, 128>(const MergeParams);
+template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 2, 0, 128>(const MergeParams);
+template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2, 0, 128>(const MergeParams);
+template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128, 1, 0, 128>(const MergeParams);
 // the per-thread-weights variant (WEIGHTS = 1), with 32-byte chunks
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 16, 8, 1, 1>(const MergeParams);
-template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2, 1>(const MergeParams);
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128>(const MergeParams);
+template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2, 1, 128>(const MergeParams);
+// small blocks: one team of 8 threads, and two teams of 16
+template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 16, 8, 1, 1, 8>(const MergeParams);
+template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 1, 0, 32>(const MergeParams);
 }
 """
 
@@ -219,16 +222,21 @@ def test_instance_choice():
     assert vector_width(13, 2, 32) == 1 and vector_width(20, 4, 32) == 4
     assert vector_width(6, 4, 32) == 1 and vector_width(128, 2, 8) == 4
     assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 16) == (
-        "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS
+        "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS, 128
     )  # fmt: skip
     # 144 chunks: the team of 128 loops; weights computed by a warp (a tuning variant)
     assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE, 0) == (
-        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 0
+        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 0, 128
     )  # fmt: skip
+    # blocks smaller than 128 data threads hold whole teams, and at least one
+    assert instance_for(bf16, bf16, bf16, 128, 16, threads=16)[4:] == (8, ROWS_SMALL, WEIGHTS, 16)
+    assert instance_for(bf16, bf16, bf16, 128, 4, threads=16)[7] == 32  # one team of 32
+    assert instance_for(bf16, bf16, bf16, 128, 16, threads=24)[7] == 32  # whole teams: pow2
+    assert instance_for(bf16, bf16, bf16, 128, 16, threads=512)[7] == 128
     assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[4] == 128
     insts = common_instances((128, 72))
     for vec, team, rows in ((16, 8, ROWS_SMALL), (8, 16, ROWS_SMALL), (1, 128, 1)):
-        assert ("BF16", "BF16", "FP8E4M3", vec, team, rows, WEIGHTS) in insts
+        assert ("BF16", "BF16", "FP8E4M3", vec, team, rows, WEIGHTS, 128) in insts
     # every grid takes one row per team: no other row count is built ahead of time
     assert {inst[5] for inst in insts} == {ROWS_SMALL}
     assert instance_for(bf16, bf16, bf16, 13, 1, 4)[5] == 1  # scalar fallback: one row a team
@@ -249,8 +257,29 @@ def test_rows_per_team_by_grid_size(monkeypatch):
         backend.ROWS_MEDIUM,
         backend.ROWS_LARGE,
     ]
-    assert backend._grid_rows() == [backend.ROWS_SMALL, backend.ROWS_MEDIUM, backend.ROWS_LARGE]
+    assert [r for r, _ in backend._grid_layouts()] == [
+        backend.ROWS_SMALL,
+        backend.ROWS_MEDIUM,
+        backend.ROWS_LARGE,
+    ]
     assert backend.ROWS_SMALL < backend.ROWS_MEDIUM < backend.ROWS_LARGE
+
+
+def test_data_threads_by_grid_size(monkeypatch):
+    from attnmerge.cuda import backend
+
+    monkeypatch.setattr(backend, "SMALL_BLOCK_GRID_ROWS", 100)
+    monkeypatch.setattr(backend, "SMALL_BLOCK_THREADS", 32)
+    assert [backend.data_threads(n) for n in (1, 100, 101)] == [32, 32, backend.DATA_THREADS]
+    assert backend._grid_layouts() == [
+        (backend.ROWS_SMALL, 32),
+        (backend.ROWS_SMALL, backend.DATA_THREADS),
+    ]
+    # both block sizes are built ahead of time, for vector and scalar accesses
+    insts = backend.common_instances((128,))
+    bf16 = ("BF16", "BF16", "FP8E4M3")
+    assert {i[7] for i in insts if i[:3] == bf16 and i[3] == 16} == {32, backend.DATA_THREADS}
+    assert {i[7] for i in insts if i[:3] == bf16 and i[3] == 1} == {backend.DATA_THREADS}
 
 
 def test_vector_accesses_need_aligned_row_chunks():

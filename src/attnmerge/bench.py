@@ -22,6 +22,9 @@ Providers:
   its dispatcher: the CUDA kernel where it applies, else its Triton kernel), called with
   the same arguments, for a baseline from the same run; it needs vLLM importable (a case
   without it records the ImportError and the run goes on);
+* ``vllm-triton``: vLLM's Triton merge kernel
+  (``vllm.v1.attention.ops.triton_merge_attn_states``) likewise, what vLLM runs where its
+  CUDA kernel does not apply;
 * ``stream``: not a merge but a yardstick for its byte mix: a Triton kernel that reads
   both partials and LSEs and writes the output, with next to no arithmetic
   (:mod:`attnmerge.triton.stream_kernel`; a ceiling for 2-byte partials, not for fp32).
@@ -57,6 +60,7 @@ import argparse
 import csv
 import dataclasses
 import functools
+import importlib
 import math
 import re
 import statistics
@@ -94,7 +98,7 @@ __all__ = [
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8 = torch.float8_e4m3fn
-PROVIDERS = ("cuda", "triton", "unfused", "torch", "vllm", "stream")
+PROVIDERS = ("cuda", "triton", "unfused", "torch", "vllm", "vllm-triton", "stream")
 
 # vLLM's benchmark grid (benchmarks/kernels/benchmark_merge_attn_states.py at PR #36518).
 DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
@@ -143,7 +147,9 @@ class Config:
     block_rows: tuple[int, ...] = ()  # extra providers "triton/rN": Triton rows per program
     cuda_rows: tuple[int, ...] = ()  # extra providers "cuda/rN": CUDA rows per thread team
     cuda_chunk_bytes: tuple[int, ...] = ()  # ... "cuda/rNcB" / "cuda/cB": B bytes per access
+    cuda_block_threads: tuple[int, ...] = ()  # ... "cuda/bN": N data threads per block
     cuda_thread_weights: bool = False  # each CUDA variant also with weights per thread ("t")
+    cuda_weight_warp: bool = False  # ... and with a weight warp ("w")
     cold_l2: bool = False
     rep_ms: int = DEFAULT_REP_MS
     host_overhead: bool = False
@@ -163,7 +169,8 @@ class Case:
     tokens: int
     heads: int
     # one of PROVIDERS, "triton/rN" (N rows per Triton program), or a CUDA kernel variant
-    # "cuda/[rN][cB][t]": N rows per thread team, B-byte chunks, weights per thread
+    # "cuda/[rN][cB][bT][t|w]": N rows per thread team, B-byte chunks, T data threads per
+    # block, weights per thread (t) or by a weight warp (w); what is left out is the default
     provider: str
 
     @property
@@ -175,12 +182,12 @@ class Case:
         m = re.fullmatch(r"triton/r(\d+)", self.provider)
         return int(m.group(1)) if m else None
 
-    def _cuda_variant(self) -> tuple[int | None, int | None, bool] | None:
-        m = re.fullmatch(r"cuda/(?:r(\d+))?(?:c(\d+))?(t?)", self.provider)
-        if m is None or (m.group(1) is m.group(2) is None and not m.group(3)):
+    def _cuda_variant(self) -> tuple[int | None, int | None, int | None, str] | None:
+        m = re.fullmatch(r"cuda/(?:r(\d+))?(?:c(\d+))?(?:b(\d+))?([tw]?)", self.provider)
+        if m is None or (m.group(1) is m.group(2) is m.group(3) is None and not m.group(4)):
             return None
-        rows, chunk = (None if g is None else int(g) for g in m.groups()[:2])
-        return rows, chunk, m.group(3) == "t"
+        rows, chunk, threads = (None if g is None else int(g) for g in m.groups()[:3])
+        return rows, chunk, threads, m.group(4)
 
     @property
     def cuda_variant(self) -> bool:
@@ -197,9 +204,15 @@ class Case:
         return v[1] if v else None
 
     @property
-    def cuda_thread_weights(self) -> bool:
+    def cuda_block_threads(self) -> int | None:
         v = self._cuda_variant()
-        return bool(v and v[2])
+        return v[2] if v else None
+
+    @property
+    def cuda_weights(self) -> str:
+        """ "t" (weights per thread), "w" (a weight warp) or "" (the default)."""
+        v = self._cuda_variant()
+        return v[3] if v else ""
 
     def input_bytes(self) -> int:
         """Bytes of the two partial outputs and the two LSEs."""
@@ -240,9 +253,10 @@ def build_cases(config: Config) -> list[Case]:
         shapes = [(t, h) for h in config.heads for t in config.tokens]
     providers = list(config.providers) + [f"triton/r{n}" for n in config.block_rows]
     chunks = [""] + [f"c{b}" for b in config.cuda_chunk_bytes]
-    weights = ["", "t"] if config.cuda_thread_weights else [""]
+    threads = [""] + [f"b{n}" for n in config.cuda_block_threads]
+    weights = [""] + ["t"] * config.cuda_thread_weights + ["w"] * config.cuda_weight_warp
     rows = [f"r{n}" for n in config.cuda_rows] or [""]
-    variants = [f"{r}{c}{w}" for w in weights for c in chunks for r in rows]
+    variants = [f"{r}{c}{b}{w}" for w in weights for b in threads for c in chunks for r in rows]
     providers += [f"cuda/{v}" for v in variants if v]
     cases = []
     for dtype in config.dtypes:
@@ -407,10 +421,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default; 32 is two accesses): providers cuda/cB, or cuda/rNcB with --cuda-rows",
     )
     g.add_argument(
+        "--cuda-block-threads",
+        type=_int_list,
+        default=(),
+        metavar="N,...",
+        help="also time the CUDA kernel with blocks of N data threads (at least one row's "
+        "team; providers cuda/bN, cuda/rNcBbN, ...)",
+    )
+    g.add_argument(
         "--cuda-thread-weights",
         action="store_true",
-        help="also time each CUDA variant with the weights computed by every thread instead "
-        "of a weight warp (providers ending in t: cuda/t, cuda/rNt, cuda/rNcBt)",
+        help="also time each CUDA variant with the weights computed by every thread of a "
+        "row (providers ending in t: cuda/t, cuda/rNt, cuda/rNcBt)",
+    )
+    g.add_argument(
+        "--cuda-weight-warp",
+        action="store_true",
+        help="also time each CUDA variant with the weights computed by a separate warp "
+        "(providers ending in w: cuda/w, cuda/rNw, cuda/rNcBw)",
     )
     g = parser.add_argument_group("timing")
     g.add_argument(
@@ -455,7 +483,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         block_rows=args.block_rows,
         cuda_rows=args.cuda_rows,
         cuda_chunk_bytes=args.cuda_chunk_bytes,
+        cuda_block_threads=args.cuda_block_threads,
         cuda_thread_weights=args.cuda_thread_weights,
+        cuda_weight_warp=args.cuda_weight_warp,
         cold_l2=args.cold_l2,
         rep_ms=args.rep_ms,
         host_overhead=args.host_overhead,
@@ -831,15 +861,21 @@ def _compiled_quantize_into() -> Callable[..., None]:
     return torch.compile(_quantize_into, dynamic=True)
 
 
-def _vllm_merge_attn_states() -> Callable[..., None]:
-    """vLLM's ``merge_attn_states`` (same positional arguments as attnmerge's)."""
+# The vLLM modules whose merge_attn_states the vllm providers call.
+_VLLM_MODULES = {
+    "vllm": "vllm.v1.attention.ops.merge_attn_states",
+    "vllm-triton": "vllm.v1.attention.ops.triton_merge_attn_states",
+}
+
+
+def _vllm_merge_attn_states(provider: str = "vllm") -> Callable[..., None]:
+    """vLLM's ``merge_attn_states`` of ``provider`` (same positional arguments as
+    attnmerge's)."""
+    module = _VLLM_MODULES[provider]
     try:
-        from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+        return importlib.import_module(module).merge_attn_states
     except ImportError as e:
-        raise ImportError(
-            f"the vllm provider needs vLLM (vllm.v1.attention.ops.merge_attn_states): {e}"
-        ) from e
-    return merge_attn_states
+        raise ImportError(f"the {provider} provider needs vLLM ({module}): {e}") from e
 
 
 def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> Callable[[], None]:
@@ -873,7 +909,11 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
                 False,
                 rows=case.cuda_rows,
                 chunk_bytes=case.cuda_chunk_bytes,
-                weights=cuda_backend.WEIGHTS_PER_THREAD if case.cuda_thread_weights else None,
+                threads=case.cuda_block_threads,
+                weights={
+                    "t": cuda_backend.WEIGHTS_PER_THREAD,
+                    "w": cuda_backend.WEIGHTS_WARP,
+                }.get(case.cuda_weights),
             )
             for s in sets
         ]
@@ -890,8 +930,8 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
             )
             for s in sets
         ]
-    elif case.provider == "vllm":
-        merge = _vllm_merge_attn_states()
+    elif case.provider in _VLLM_MODULES:
+        merge = _vllm_merge_attn_states(case.provider)
         calls = [
             functools.partial(merge, s["output"], *args(s), s["output_lse"], None, scale)
             for s in sets

@@ -1,7 +1,7 @@
 """The ``cuda`` backend: picks a kernel instance, builds it on first use, launches it.
 
 Each kernel instance (partial dtypes, output dtype, vector width, threads per row, rows
-per team of threads, weights mode: :data:`Instance`) is
+per team of threads, weights mode, data threads per block: :data:`Instance`) is
 compiled by NVRTC for the device's architecture on first use and kept in the disk cache
 (:mod:`.cache`; key: attnmerge version, source hash, instance, architecture, NVRTC
 version), then loaded through the driver API (:mod:`.driver`). ``attnmerge build``
@@ -27,6 +27,7 @@ __all__ = [
     "build_instance",
     "clear_caches",
     "common_instances",
+    "data_threads",
     "instance_for",
     "launch_arguments",
     "merge_two_states",
@@ -39,8 +40,9 @@ __all__ = [
 
 _MAX_ROWS = 2**31 - 1  # row indices are 32-bit in the kernel
 
-# Block shape, as in the kernel source: DATA_THREADS threads move row data (in teams of
-# up to DATA_THREADS), and with WEIGHTS_WARP one more warp computes the weights.
+# Block shape, as in the kernel source: up to DATA_THREADS threads move row data (in teams
+# of up to DATA_THREADS; see data_threads), and with WEIGHTS_WARP one more warp computes
+# the weights.
 DATA_THREADS = 128
 WEIGHT_THREADS = 32
 #: Where a row's weights are computed (the kernel's WEIGHTS): by every thread of the
@@ -70,9 +72,10 @@ WEIGHTS = WEIGHTS_PER_THREAD
 CHUNK_BYTES = 32
 
 
-def block_threads(weights: int) -> int:
-    """Threads per block of a kernel instance (block_threads in the kernel source)."""
-    return DATA_THREADS + (WEIGHT_THREADS if weights == WEIGHTS_WARP else 0)
+def block_threads(weights: int, threads: int = DATA_THREADS) -> int:
+    """Threads per block of a kernel instance with ``threads`` data threads
+    (block_threads in the kernel source)."""
+    return threads + (WEIGHT_THREADS if weights == WEIGHTS_WARP else 0)
 
 
 KERNEL_NAME = "attnmerge_merge_two"
@@ -116,14 +119,18 @@ def unavailable_reason() -> str | None:
 
 
 #: A kernel instance: prefix, suffix and output element types (names of the kernel's
-#: tag structs), elements per access, threads per row, rows per team, weights mode.
-Instance = tuple[str, str, str, int, int, int, int]
+#: tag structs), elements per access, threads per row, rows per team, weights mode, data
+#: threads per block.
+Instance = tuple[str, str, str, int, int, int, int, int]
 
 
 def template_arguments(instance: Instance) -> str:
     """The C++ template arguments of merge_two_rows for one kernel instance."""
-    p, s, o, vec, team, rows, weights = instance
-    return f"attnmerge::{p}, attnmerge::{s}, attnmerge::{o}, {vec}, {team}, {rows}, {weights}"
+    p, s, o, vec, team, rows, weights, threads = instance
+    return (
+        f"attnmerge::{p}, attnmerge::{s}, attnmerge::{o}, {vec}, {team}, {rows}, {weights}, "
+        f"{threads}"
+    )
 
 
 def build_instance(instance: Instance, arch: str) -> bytes:
@@ -152,7 +159,9 @@ def build_instance(instance: Instance, arch: str) -> bytes:
 def _kernel(device_index: int, instance: Instance) -> driver.Kernel:
     arch = arch_of(torch.cuda.get_device_capability(device_index))
     cubin = build_instance(instance, arch)
-    return driver.load_kernel(cubin, KERNEL_NAME, device_index, block_threads(instance[6]))
+    return driver.load_kernel(
+        cubin, KERNEL_NAME, device_index, block_threads(instance[6], instance[7])
+    )
 
 
 def _next_pow2(x: int) -> int:
@@ -177,6 +186,19 @@ def rows_per_team(num_rows: int) -> int:
     return ROWS_MEDIUM if num_rows <= LARGE_GRID_ROWS else ROWS_LARGE
 
 
+#: Data threads per block, by grid size: blocks of DATA_THREADS, except that grids of at
+#: most SMALL_BLOCK_GRID_ROWS rows take blocks of SMALL_BLOCK_THREADS (at least one team),
+#: which spreads a small grid over more SMs (0: never).
+SMALL_BLOCK_GRID_ROWS = 0
+SMALL_BLOCK_THREADS = 32
+
+
+def data_threads(num_rows: int) -> int:
+    """Data threads per block asked for a grid of ``num_rows`` rows (a block holds at
+    least one team, whatever this says: see :func:`instance_for`)."""
+    return SMALL_BLOCK_THREADS if num_rows <= SMALL_BLOCK_GRID_ROWS else DATA_THREADS
+
+
 def instance_for(
     prefix_dtype: torch.dtype,
     suffix_dtype: torch.dtype,
@@ -185,9 +207,11 @@ def instance_for(
     vec: int,
     rows: int = ROWS_SMALL,
     weights: int | None = None,
+    threads: int = DATA_THREADS,
 ) -> Instance:
     """The kernel instance serving these dtypes and head size at vector width ``vec``
-    with ``rows`` rows per team of threads and the given weights mode.
+    with ``rows`` rows per team of threads, the given weights mode and ``threads`` data
+    threads per block (rounded up to one team, at most DATA_THREADS).
 
     The scalar fallback (``vec`` 1: misaligned or odd-sized rows, rare) always takes one
     row per team: with more, its registers spill on sm_100a.
@@ -196,8 +220,9 @@ def instance_for(
         rows = 1
     weights = WEIGHTS if weights is None else weights
     team = min(_next_pow2(-(-head_size // vec)), DATA_THREADS)
+    threads = min(max(_next_pow2(threads), team), DATA_THREADS)
     elements = (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype])
-    return (*elements, vec, team, rows, weights)
+    return (*elements, vec, team, rows, weights, threads)
 
 
 #: Head sizes ``attnmerge build`` prepares by default (MLA and common attention heads).
@@ -216,18 +241,23 @@ def vector_width(head_size: int, widest: int, chunk_bytes: int) -> int:
     return 1
 
 
-def _grid_rows() -> list[int]:
-    """The rows per team that :func:`rows_per_team` can return."""
-    sizes = (1, SMALL_GRID_ROWS + 1, LARGE_GRID_ROWS + 1)
-    return list(dict.fromkeys(rows_per_team(n) for n in sizes if n <= _MAX_ROWS))
+def _grid_layouts() -> list[tuple[int, int]]:
+    """The (rows per team, data threads per block) pairs that :func:`rows_per_team` and
+    :func:`data_threads` can return, over every grid size."""
+    sizes = (1, SMALL_BLOCK_GRID_ROWS + 1, SMALL_GRID_ROWS + 1, LARGE_GRID_ROWS + 1)
+    sizes = sorted({n for n in sizes if 1 <= n <= _MAX_ROWS})
+    return list(dict.fromkeys((rows_per_team(n), data_threads(n)) for n in sizes))
 
 
-def _variants(head_size: int, widest: int) -> list[tuple[int, int]]:
-    """(vector width, rows per team) pairs a call signature can need: vector or scalar
-    accesses (alignment is a property of each call's tensors), and every grid size."""
+def _variants(head_size: int, widest: int) -> list[tuple[int, int, int]]:
+    """(vector width, rows per team, data threads) a call signature can need: vector or
+    scalar accesses (alignment is a property of each call's tensors), and every grid
+    size."""
     vec = vector_width(head_size, widest, CHUNK_BYTES)
-    pairs = [(vec, r) for r in _grid_rows()] if vec > 1 else []
-    return [*pairs, (1, 1)]  # the scalar fallback takes one row per team
+    layouts = _grid_layouts()
+    found = [(vec, r, t) for r, t in layouts] if vec > 1 else []
+    # the scalar fallback takes one row per team
+    return [*found, *dict.fromkeys((1, 1, t) for _, t in layouts)]
 
 
 _PARTIAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -242,8 +272,8 @@ def common_instances(head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False) -
     for p, s in pairs:
         for out in _OUTPUT_DTYPES:
             for head_size in head_sizes:
-                for v, r in _variants(head_size, max(p.itemsize, s.itemsize)):
-                    found.setdefault(instance_for(p, s, out, head_size, v, r, WEIGHTS))
+                for v, r, t in _variants(head_size, max(p.itemsize, s.itemsize)):
+                    found.setdefault(instance_for(p, s, out, head_size, v, r, WEIGHTS, t))
     return list(found)
 
 
@@ -263,8 +293,8 @@ def prepare(
     if head_size == 0:
         return
     widest = max(prefix_dtype.itemsize, suffix_dtype.itemsize)
-    for v, r in _variants(head_size, widest):
-        _launcher(device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r, WEIGHTS)
+    for v, r, t in _variants(head_size, widest):
+        _launcher(device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r, WEIGHTS, t)
 
 
 @functools.cache
@@ -277,11 +307,14 @@ def _launcher(
     vec: int,
     rows: int,
     weights: int,
+    threads: int,
 ) -> tuple[driver.Kernel, int]:
     """The loaded kernel of one call variant and the rows each of its blocks merges."""
-    instance = instance_for(prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows, weights)
-    team, rows = instance[4], instance[5]
-    return _kernel(device_index, instance), DATA_THREADS // team * rows
+    instance = instance_for(
+        prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows, weights, threads
+    )
+    team, rows, threads = instance[4], instance[5], instance[7]
+    return _kernel(device_index, instance), threads // team * rows
 
 
 def clear_caches() -> None:
@@ -305,7 +338,8 @@ _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 def merge_two_states(*args: Any, **tuning: int | None) -> None:
     """Launch the merge on the current stream. Arguments must already be validated; they
     are those of :func:`launch_arguments` (the tuning keywords override
-    :func:`rows_per_team`, :data:`CHUNK_BYTES` and :data:`WEIGHTS`)."""
+    :func:`rows_per_team`, :data:`CHUNK_BYTES`, :data:`WEIGHTS` and
+    :func:`data_threads`)."""
     launch = launch_arguments(*args, **tuning)
     if launch is None:
         return
@@ -332,12 +366,14 @@ def launch_arguments(
     rows: int | None = None,
     chunk_bytes: int | None = None,
     weights: int | None = None,
+    threads: int | None = None,
 ) -> tuple[driver.Kernel, int, bytes] | None:
     """The kernel, grid size and packed parameters of one merge (None: nothing to do).
     Separate from the launch so that ``attnmerge bench`` can time the two apart.
 
     For tuning, ``rows`` (rows per thread team) overrides :func:`rows_per_team`,
-    ``chunk_bytes`` :data:`CHUNK_BYTES` and ``weights`` :data:`WEIGHTS`.
+    ``chunk_bytes`` :data:`CHUNK_BYTES`, ``weights`` :data:`WEIGHTS` and ``threads``
+    (data threads per block) :func:`data_threads`.
     """
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
@@ -370,6 +406,7 @@ def launch_arguments(
         vec,
         rows_per_team(num_rows) if rows is None else rows,
         WEIGHTS if weights is None else weights,
+        data_threads(num_rows) if threads is None else threads,
     )
     lse_out = output_lse if output_lse is not None else suffix_lse  # not written then
     params = _PARAMS.pack(

@@ -108,11 +108,12 @@ __host__ __device__ __forceinline__ u8 float_to_e4m3_satfinite(float x) {
 // compiles them too, so their logic is tested on machines without a GPU.
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
-// A block is kDataThreads threads that move row data, plus (WEIGHTS == kWeightWarp)
-// one warp that computes the rows' weights (see merge_two_rows).
-constexpr int kDataThreads = 128;
+// A block is THREADS threads that move row data (a template argument, at most
+// kMaxDataThreads), plus (WEIGHTS == kWeightWarp) one warp that computes the rows'
+// weights (see merge_two_rows).
+constexpr int kMaxDataThreads = 128;
 constexpr int kWeightThreads = 32;
-constexpr int kThreadsPerBlock = kDataThreads + kWeightThreads;
+constexpr int kMaxThreadsPerBlock = kMaxDataThreads + kWeightThreads;
 
 // Where a row's weights are computed: by every thread of the row's team (the launcher's
 // default, the way a Triton program works), or by a separate warp of the block, shared
@@ -280,7 +281,7 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
   store_row<O, VEC>(out, offset, acc, inv_scale, sizeof(typename O::storage) == 1);
 }
 
-// A block's data threads form kDataThreads / TEAM teams; a team of TEAM threads owns
+// A block's THREADS data threads form THREADS / TEAM teams; a team of TEAM threads owns
 // ROWS rows and walks them in chunks of VEC elements. The rows of a block are
 // consecutive and interleaved over teams (row r of team k is block row r * teams + k),
 // so each of the ROWS passes reads one contiguous stretch of memory.
@@ -311,18 +312,20 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
 // thread's loads went out one after another. Since then, with 32-byte chunks and one
 // row per team, this mode is the fastest on an H200: bf16 4096x128 in 78.8 us, the
 // Triton kernel's time (the launcher's default).
-template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS>
+template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
+          int THREADS>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   static_assert(WEIGHTS == kWeightWarp || WEIGHTS == kWeightPerThread, "weights mode");
+  static_assert(THREADS % TEAM == 0 && THREADS <= kMaxDataThreads, "block of whole teams");
   constexpr bool kWarp = WEIGHTS == kWeightWarp;
-  constexpr int kTeams = kDataThreads / TEAM;
+  constexpr int kTeams = THREADS / TEAM;
   constexpr int kBlockRows = kTeams * ROWS;
   __shared__ float weight_prefix[kWarp ? kBlockRows : 1], weight_suffix[kWarp ? kBlockRows : 1];
   const i64 first_row = (i64)blockIdx.x * kBlockRows;
   const u32 heads = (u32)p.num_heads;
 
-  if (kWarp && threadIdx.x >= kDataThreads) {  // the weight warp
-    for (int i = threadIdx.x - kDataThreads; i < kBlockRows; i += kWeightThreads) {
+  if (kWarp && threadIdx.x >= THREADS) {  // the weight warp
+    for (int i = threadIdx.x - THREADS; i < kBlockRows; i += kWeightThreads) {
       const i64 row = first_row + i;
       if (row >= p.num_rows) break;
       const u32 r32 = (u32)row;
@@ -418,20 +421,22 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
 }
 
 // Threads per block of an instance: the data threads, plus the weight warp if any.
-template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS>
+template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
+          int THREADS>
 __host__ __device__ constexpr int block_threads() {
-  return WEIGHTS == kWeightWarp ? kDataThreads + kWeightThreads : kDataThreads;
+  return WEIGHTS == kWeightWarp ? THREADS + kWeightThreads : THREADS;
 }
 
-template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS>
-__global__ void __launch_bounds__(kThreadsPerBlock) merge_two_kernel(const MergeParams p) {
-  merge_two_rows<P, S, O, VEC, TEAM, ROWS, WEIGHTS>(p);
+template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
+          int THREADS>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) merge_two_kernel(const MergeParams p) {
+  merge_two_rows<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS>(p);
 }
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the
 // launcher finds it without name mangling. Defined by the build before including this.
 #ifdef ATTNMERGE_MERGE_TWO_INSTANCE
-extern "C" __global__ void __launch_bounds__(kThreadsPerBlock)
+extern "C" __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     attnmerge_merge_two(const MergeParams p) {
   merge_two_rows<ATTNMERGE_MERGE_TWO_INSTANCE>(p);
 }
