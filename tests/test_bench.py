@@ -481,6 +481,17 @@ def test_stream_moves_the_merges_bytes(fp8: bool) -> None:
     assert torch.equal(s["output"].view(torch.uint8), want.to(s["output"].dtype).view(torch.uint8))
 
 
+@pytest.mark.parametrize("fp8", [True, False])
+def test_read_writes_nothing(fp8: bool) -> None:
+    """The read bound loads the merge's inputs and leaves the output as it was."""
+    case = bench.Case("bf16", fp8, False, 72, 5, 3, "read")
+    (s,) = bench.make_input_sets(case, 1, DEVICE)
+    s["output"].view(torch.uint8).fill_(0x5A)
+    scale = torch.tensor([bench.FP8_SCALE], device=DEVICE)
+    bench.make_call(case, [s], scale if fp8 else None)()
+    assert bool((s["output"].view(torch.uint8) == 0x5A).all())
+
+
 @pytest.mark.parametrize(
     "provider, module",
     [

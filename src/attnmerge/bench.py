@@ -27,7 +27,10 @@ Providers:
   CUDA kernel does not apply;
 * ``stream``: not a merge but a yardstick for its byte mix: a Triton kernel that reads
   both partials and LSEs and writes the output, with next to no arithmetic
-  (:mod:`attnmerge.triton.stream_kernel`; a ceiling for 2-byte partials, not for fp32).
+  (:mod:`attnmerge.triton.stream_kernel`; a ceiling for 2-byte partials, not for fp32);
+* ``read``: the same kernel reading the merge's inputs and writing nothing: a lower bound
+  on the time of any merge (its GB/s counts the merge's bytes, so its share of the
+  datasheet bandwidth bounds every merge kernel's).
 
 Every attnmerge provider goes through ``attnmerge.merge_attn_states(..., backend=...)``; a provider
 that cannot serve a case (a missing compiler, an unsupported head size) is reported in
@@ -98,7 +101,7 @@ __all__ = [
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8 = torch.float8_e4m3fn
-PROVIDERS = ("cuda", "triton", "unfused", "torch", "vllm", "vllm-triton", "stream")
+PROVIDERS = ("cuda", "triton", "unfused", "torch", "vllm", "vllm-triton", "stream", "read")
 
 # vLLM's benchmark grid (benchmarks/kernels/benchmark_merge_attn_states.py at PR #36518).
 DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
@@ -936,13 +939,14 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
             functools.partial(merge, s["output"], *args(s), s["output_lse"], None, scale)
             for s in sets
         ]
-    elif case.provider == "stream":
+    elif case.provider in ("stream", "read"):
         from .triton import load
 
         load()  # Triton, with the interpreter's fixes when interpreting
-        from .triton.stream_kernel import stream_two_states
+        from .triton.stream_kernel import read_two_states, stream_two_states
 
-        calls = [functools.partial(stream_two_states, s["output"], *args(s), scale) for s in sets]
+        kernel = stream_two_states if case.provider == "stream" else read_two_states
+        calls = [functools.partial(kernel, s["output"], *args(s), scale) for s in sets]
     elif case.provider == "unfused":
         quant = _compiled_quantize_into()
 

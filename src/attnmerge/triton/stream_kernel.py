@@ -9,6 +9,11 @@ reaches (a device-to-device copy gets 87% of it on an H200). Its tile suits 2-by
 partials: with fp32 partials the merge kernels beat it (H200: 139 vs 145 us at
 4096 x 128), so there it bounds nothing.
 
+With ``read_only`` (``attnmerge bench --providers read``) it reads the same inputs and
+writes nothing (a store masked by a run-time comparison that never holds keeps the loads
+alive): no merge can take less time than reading its inputs, so the merge's bytes over
+this time bound the bandwidth share any merge kernel can reach.
+
 Contiguous ``[T, H, D]`` partials and ``[H, T]`` LSEs only; it computes no merge and
 obeys none of the contract: it is a measuring stick, never a backend.
 """
@@ -21,7 +26,7 @@ import triton.language as tl
 
 from ..quant import FP8_E4M3_MAX
 
-__all__ = ["stream_two_states"]
+__all__ = ["read_two_states", "stream_two_states"]
 
 # A [rows, head size] tile of 2048 elements at 4 warps: 16 elements per thread, the
 # access shape of the Triton merge kernel at D = 128.
@@ -39,12 +44,14 @@ def _stream_kernel(
     scale_ptr,
     num_rows,
     num_tokens,
+    never,  # read only: a value no loaded element equals (NaN), unknown to the compiler
     NUM_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     FP8_OUT: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    READ_ONLY: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < num_rows
@@ -57,9 +64,25 @@ def _stream_kernel(
     p = tl.load(prefix_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     s = tl.load(suffix_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     x = tl.where((p_lse > s_lse)[:, None], p, s)
+    if READ_ONLY:
+        ok = ok & (x == never)  # false everywhere: nothing is written
     if FP8_OUT:
         x = tl.clamp(x * (1.0 / tl.load(scale_ptr)), -FP8_MAX, FP8_MAX)
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def read_two_states(
+    output: torch.Tensor,
+    prefix_output: torch.Tensor,
+    prefix_lse: torch.Tensor,
+    suffix_output: torch.Tensor,
+    suffix_lse: torch.Tensor,
+    output_scale: torch.Tensor | None,
+) -> None:
+    """Read what a merge reads and write nothing (see the module doc)."""
+    stream_two_states(
+        output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_scale, True
+    )
 
 
 def stream_two_states(
@@ -69,6 +92,7 @@ def stream_two_states(
     suffix_output: torch.Tensor,
     suffix_lse: torch.Tensor,
     output_scale: torch.Tensor | None,
+    read_only: bool = False,
 ) -> None:
     """Read what a merge reads, write what it writes (see the module doc)."""
     tensors = (output, prefix_output, suffix_output, prefix_lse, suffix_lse)
@@ -90,11 +114,13 @@ def stream_two_states(
         output_scale if fp8 else prefix_lse,
         num_rows,
         num_tokens,
+        float("nan"),
         NUM_HEADS=num_heads,
         HEAD_SIZE=head_size,
         BLOCK_D=block_d,
         BLOCK_ROWS=block_rows,
         FP8_OUT=fp8,
         FP8_MAX=FP8_E4M3_MAX,
+        READ_ONLY=read_only,
         num_warps=_NUM_WARPS,
     )
