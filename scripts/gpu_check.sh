@@ -21,7 +21,7 @@
 #   launch-floor host time of one kernel launch from C, no Python (scripts/launch_floor.cu),
 #                and the eager host overhead of each layer of an attnmerge call
 #   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 8-, 16-
-#                and 32-byte chunks, weight warp or weights per thread; triton: its tile
+#                and 32-byte chunks, weights per thread or a weight warp; triton: its tile
 #                rule and 4 or 8 rows per program)
 #   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
 #                8/16/32/64/128 data threads per block; triton: 1/2/4/8/16 rows per
@@ -124,8 +124,8 @@ for arg in "$@"; do
         --shapes 1x8 --dtypes bf16 --providers cuda,triton --host-overhead --no-progress' ;;
     variants)  # bf16 and fp32 (fp16 times like bf16): ~1500 cases, about 3 minutes
       step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
-        --block-rows 4,8 --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 8,32 \
-        --cuda-thread-weights \
+        --block-rows 4,8 --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 8,16 \
+        --cuda-weight-warp \
         --rep-ms 25 --host-overhead --no-progress --csv "$OUT/variants.csv" ;;
   esac
 done
