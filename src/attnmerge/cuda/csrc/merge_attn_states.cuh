@@ -176,13 +176,15 @@ struct BF16 {
 
 struct FP8E4M3 {
   typedef u8 storage;
-  static __device__ __forceinline__ u8 store(float v) {
+  static __device__ __forceinline__ u8 store(float v) { return (u8)(store2(v, 0.0f) & 0xffu); }
+  // Two values in one instruction on sm_89+ (lo in the low byte, as stored in memory).
+  static __device__ __forceinline__ u16 store2(float lo, float hi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
     u16 pair;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(v));
-    return (u8)(pair & 0xffu);
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(hi), "f"(lo));
+    return pair;
 #else
-    return float_to_e4m3_satfinite(v);
+    return (u16)(float_to_e4m3_satfinite(lo) | (float_to_e4m3_satfinite(hi) << 8));
 #endif
   }
 };
@@ -228,14 +230,38 @@ __device__ __forceinline__ Chunk<typename E::storage, N> load_row(const void* ba
   return c;
 }
 
+// FP8 output converts two values per instruction where it can (half the conversions,
+// the same bits).
+template <typename E, int N, bool kPairs = sizeof(typename E::storage) == 1 && N % 2 == 0>
+struct RowStore {
+  static __device__ __forceinline__ void store(void* base, i64 offset, const float (&in)[N],
+                                               float inv_scale) {
+    typedef typename E::storage S;
+    const bool fp8 = sizeof(S) == 1;
+    Vec<S, N> x;
+#pragma unroll
+    for (int i = 0; i < N; ++i) x.v[i] = E::store(fp8 ? __fmul_rn(in[i], inv_scale) : in[i]);
+    *reinterpret_cast<Vec<S, N>*>(static_cast<S*>(base) + offset) = x;
+  }
+};
+
+template <typename E, int N>
+struct RowStore<E, N, true> {
+  static __device__ __forceinline__ void store(void* base, i64 offset, const float (&in)[N],
+                                               float inv_scale) {
+    Vec<u16, N / 2> x;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      x.v[i] = E::store2(__fmul_rn(in[2 * i], inv_scale), __fmul_rn(in[2 * i + 1], inv_scale));
+    }
+    *reinterpret_cast<Vec<u16, N / 2>*>(static_cast<u8*>(base) + offset) = x;
+  }
+};
+
 template <typename E, int N>
 __device__ __forceinline__ void store_row(void* base, i64 offset, const float (&in)[N],
-                                          float inv_scale, bool fp8) {
-  typedef typename E::storage S;
-  Vec<S, N> x;
-#pragma unroll
-  for (int i = 0; i < N; ++i) x.v[i] = E::store(fp8 ? __fmul_rn(in[i], inv_scale) : in[i]);
-  *reinterpret_cast<Vec<S, N>*>(static_cast<S*>(base) + offset) = x;
+                                          float inv_scale) {
+  RowStore<E, N>::store(base, offset, in, inv_scale);
 }
 
 // The weights of one (token, head) row. Identical arithmetic to the Triton kernel and
@@ -278,7 +304,7 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
     const float b = ws != 0.0f ? __fmul_rn(ws, S::load(so.get(i))) : 0.0f;
     acc[i] = __fadd_rn(a, b);
   }
-  store_row<O, VEC>(out, offset, acc, inv_scale, sizeof(typename O::storage) == 1);
+  store_row<O, VEC>(out, offset, acc, inv_scale);
 }
 
 // A block's THREADS data threads form THREADS / TEAM teams; a team of TEAM threads owns
