@@ -274,3 +274,18 @@ def test_merge_base_2_and_prefill_tokens(backend_device, P):
     )
     assert_output_close(res.output, exp.output, exp.magnitude)
     assert_lse_close(res.lse, exp.lse)
+
+
+def test_triton_rows_per_program_by_grid_size():
+    """Small grids take fewer Triton rows per program; both sides of the boundary merge
+    exactly (the interpreter runs one program per 1.25 ms: D = 8 keeps it short)."""
+    from attnmerge.triton import merge_kernel as mk
+
+    assert mk.block_rows_for(128, 2) == mk.block_rows_for(128, 2, 10**6) == 16
+    assert mk.block_rows_for(128, 2, mk._SMALL_GRID_ROWS) == mk._SMALL_GRID_BLOCK_ROWS
+    assert mk.block_rows_for(1024, 4, 1) == 1  # never more than the tile rule
+    device = "cuda" if ON_GPU else "cpu"
+    for T in (mk._SMALL_GRID_ROWS, mk._SMALL_GRID_ROWS + 1):
+        case = make_case(T, 1, 8, dtype=torch.float16, device=device, lse_pattern="mixed",
+                         seed=T, **out_spec("fp8", torch.float16))  # fmt: skip
+        run_and_check(case, "triton")

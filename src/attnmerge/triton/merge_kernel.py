@@ -121,8 +121,14 @@ def _merge_two_kernel(
         p_e = tl.exp(p_lse - m)
         s_e = tl.exp(s_lse - m)
     total = p_e + s_e
-    p_w = tl.where(empty, 0.0, tl.math.div_rn(p_e, total))
-    s_w = tl.where(empty, 0.0, tl.math.div_rn(s_e, total))
+    # IEEE division checks its operands first and branches to a long exact routine for a
+    # zero numerator (an empty partial) or denominator (an empty row), and a warp with one
+    # such row waits for it. Zero numerators get their zero weight from the select
+    # instead, and divide 1 (as an empty row divides by 1): on an H200, bf16 1 x 4 took
+    # 1.42 instead of 1.55 us and 256 x 128 4.86 instead of 5.02 (5% of the LSEs +inf).
+    safe_total = tl.where(empty, 1.0, total)
+    p_w = tl.where(p_e == 0, 0.0, tl.math.div_rn(tl.where(p_e == 0, 1.0, p_e), safe_total))
+    s_w = tl.where(s_e == 0, 0.0, tl.math.div_rn(tl.where(s_e == 0, 1.0, s_e), safe_total))
 
     # A zero weight contributes exactly 0, whatever the row holds (NaN, inf).
     acc = tl.where(p_w[:, None] != 0, p_w[:, None] * p_out, 0.0) + tl.where(
@@ -147,9 +153,21 @@ def _merge_two_kernel(
         tl.store(out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse, mask=row_ok)
 
 
-def block_rows_for(head_size: int, itemsize: int) -> int:
-    """Rows per program: fill ``_TILE_BYTES`` of the widest input, at least one row."""
-    return max(1, _TILE_BYTES // (triton.next_power_of_2(head_size) * itemsize))
+# Small grids take fewer rows per program, which spreads them over more SMs: on an H200
+# (D = 128, FP8 out, 5% of the LSEs +inf), 4 rows instead of 16 took bf16 1 x 128 from
+# 1.64 to 1.56 us, 16 x 128 (2048 rows) from 2.00 to 1.86 and 16 x 32 from 1.81 to 1.67;
+# from 8192 rows up the tile rule is within 2% of the best of 1, 2, 4, 8 and 16 rows.
+_SMALL_GRID_ROWS = 2048
+_SMALL_GRID_BLOCK_ROWS = 4
+
+
+def block_rows_for(head_size: int, itemsize: int, num_rows: int | None = None) -> int:
+    """Rows per program: fill ``_TILE_BYTES`` of the widest input, at least one row; at
+    most ``_SMALL_GRID_BLOCK_ROWS`` in grids of up to ``_SMALL_GRID_ROWS`` rows."""
+    rows = max(1, _TILE_BYTES // (triton.next_power_of_2(head_size) * itemsize))
+    if num_rows is not None and num_rows <= _SMALL_GRID_ROWS:
+        rows = min(rows, _SMALL_GRID_BLOCK_ROWS)
+    return rows
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +215,7 @@ def merge_two_states(
     if num_rows > _MAX_ROWS:
         raise ValueError(f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
     itemsize = max(prefix_output.itemsize, suffix_output.itemsize)
-    rows_per_program = block_rows or block_rows_for(head_size, itemsize)
+    rows_per_program = block_rows or block_rows_for(head_size, itemsize, num_rows)
     write_lse = output_lse is not None
     lse_out = output_lse if write_lse else suffix_lse  # never written when WRITE_LSE=False
     fp8 = output_scale is not None
