@@ -23,6 +23,8 @@
 #   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 8-, 16-
 #                and 32-byte chunks, weights per thread or a weight warp; triton: its tile
 #                rule and 4 or 8 rows per program)
+#   weight-math  what the CUDA kernel's weight math costs (scripts/weight_math_cost.py:
+#                kernel variants with IEEE or approximate division, or no weights)
 #   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
 #                8/16/32/64/128 data threads per block; triton: 1/2/4/8/16 rows per
 #                program), with stream and vLLM's kernels where `vllm` imports
@@ -77,7 +79,7 @@ echo "vllm providers: ${VLLM:-none}" >>"$OUT/env.txt"
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    variants | small-variants | profile | launch-floor) ;;
+    variants | small-variants | weight-math | profile | launch-floor) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -108,6 +110,7 @@ for arg in "$@"; do
       step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
         --providers "cuda,triton,unfused,stream,read$VLLM" \
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
+    weight-math) step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py ;;
     small-variants)
       step small-variants "$limit" small_variants.log python3 -m attnmerge bench \
         --shapes 1x128,1x32,1x8,16x128,16x32,64x128,64x32,256x128,256x32,1024x32,4096x8 \
@@ -151,6 +154,7 @@ for tool in memcheck racecheck initcheck; do
   [ -f "$OUT/sanitize_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|MISMATCH|all ok" "$OUT/sanitize_$tool.log" | tail -n 2
 done
 [ -f "$OUT/demo.log" ] && tail -n 12 "$OUT/demo.log"
+[ -f "$OUT/weight_math.log" ] && cat "$OUT/weight_math.log"
 [ -f "$OUT/launch_floor.log" ] && grep -E "^launch floor" "$OUT/launch_floor.log"
 for log in bench.log variants.log small_variants.log launch_floor.log; do
   [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"

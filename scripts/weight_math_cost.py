@@ -1,0 +1,118 @@
+"""What the weight math costs the CUDA kernel at small and medium shapes.
+
+Builds textual variants of the kernel source with NVRTC and times them by CUDA-graph
+replay (median us) next to the public backends and the stream/read yardsticks, on vLLM's
+bench inputs (bf16 -> FP8, D = 128, 5% of the LSEs +inf):
+
+* ``default``: the kernel as shipped;
+* ``ieee_div``: the weights divided by ``__fdiv_rn`` (IEEE division with its operand
+  check and slow path), as before ``divide_weight``;
+* ``approx_div``: ``__fdividef`` (not exact: a bound on what any division can save);
+* ``no_weights``: constant weights, no exp, division or zero-weight selects (not a
+  merge: what the kernel costs without its weight math).
+
+Only ``default`` is a correct merge; the others exist to measure. Each variant runs in
+two layouts: 32-byte chunks in 128-thread blocks (the default) and 8-byte chunks in
+64-thread blocks (more threads per row, for small grids). Run on a GPU:
+``python3 scripts/weight_math_cost.py`` (``scripts/gpu_check.sh weight-math``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.testing
+
+import attnmerge
+from attnmerge import bench
+from attnmerge.cuda import backend as cuda_backend
+from attnmerge.cuda import driver, nvrtc
+from attnmerge.triton.stream_kernel import read_two_states, stream_two_states
+
+SHAPES = [(1, 4), (1, 128), (16, 32), (16, 128), (64, 128), (256, 128), (4096, 128)]
+_ROW_WEIGHTS = "const RowWeights w = row_weights(lp[r], ls[r], p.lse_base_2 != 0);"
+_WEIGHT_DIVISIONS = ("divide_weight(ep, total)", "divide_weight(es, total)")
+
+
+def variants(source: str) -> dict[str, str]:
+    """Kernel sources by variant name (see the module doc)."""
+    assert _ROW_WEIGHTS in source and all(d in source for d in _WEIGHT_DIVISIONS)
+
+    def divisions(fn: str) -> str:
+        out = source
+        for d in _WEIGHT_DIVISIONS:
+            out = out.replace(d, d.replace("divide_weight", fn))
+        return out
+
+    return {
+        "default": source,
+        "ieee_div": divisions("__fdiv_rn"),
+        "approx_div": divisions("__fdividef"),
+        "no_weights": source.replace(
+            _ROW_WEIGHTS, "const RowWeights w = {0.5f, 0.5f, lp[r] + ls[r]};"
+        ),
+    }
+
+
+# layout name: (chunk bytes, data threads per block)
+LAYOUTS = {"c32b128": (32, 128), "c8b64": (8, 64)}
+
+
+def _median_us(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=[0.5]) * 1e3
+
+
+def main() -> None:
+    dev = torch.cuda.current_device()
+    arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
+    sources = variants(cuda_backend.source())
+    kernels = {}
+    for layout, (chunk, threads) in LAYOUTS.items():
+        vec = cuda_backend.vector_width(128, 2, chunk)
+        instance = cuda_backend.instance_for(
+            torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, vec, threads=threads
+        )
+        prefix = (
+            f"#define ATTNMERGE_MERGE_TWO_INSTANCE {cuda_backend.template_arguments(instance)}\n"
+        )
+        for name, text in sources.items():
+            cubin = nvrtc.compile_cubin(prefix + text, name=f"{name}.cu", arch=arch).cubin
+            kernels[name, layout] = driver.load_kernel(
+                cubin, cuda_backend.KERNEL_NAME, dev, cuda_backend.block_threads(1, threads)
+            )
+    columns = ["triton", "cuda", "stream", "read"] + [
+        f"{n}/{lay}" for lay in LAYOUTS for n in sources
+    ]
+    print(f"{torch.cuda.get_device_name(dev)}, bf16 -> FP8, D = 128, median us")
+    print(f"{'T x H':>10} " + " ".join(f"{c:>18}" for c in columns))
+    for T, H in SHAPES:
+        times = _times(T, H, kernels, list(sources))
+        print(f"{f'{T} x {H}':>10} " + " ".join(f"{t:18.2f}" for t in times), flush=True)
+
+
+def _times(T: int, H: int, kernels: dict, names: list[str]) -> list[float]:
+    scale = torch.tensor([bench.FP8_SCALE], device="cuda")
+    case = bench.Case("bf16", True, False, 128, T, H, "cuda")
+    (s,) = bench.make_input_sets(case, 1, "cuda")
+    args = (s["output"], s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"])
+    times = [
+        _median_us(lambda b=b: attnmerge.merge_attn_states(*args, None, None, scale, backend=b))
+        for b in ("triton", "cuda")
+    ]
+    times += [_median_us(lambda k=k: k(*args, scale)) for k in (stream_two_states, read_two_states)]
+    for layout, (chunk, threads) in LAYOUTS.items():
+        _, grid, params = cuda_backend.launch_arguments(
+            *args, None, None, scale, False, chunk_bytes=chunk, threads=threads
+        )
+        for name in names:
+            kernel = kernels[name, layout]
+
+            def launch(kernel=kernel, grid=grid, params=params) -> None:
+                # the current stream: do_bench_cudagraph captures on a side stream
+                kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
+
+            times.append(_median_us(launch))
+    return times
+
+
+if __name__ == "__main__":
+    main()
