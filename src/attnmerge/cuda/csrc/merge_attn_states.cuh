@@ -267,9 +267,17 @@ __device__ __forceinline__ void store_row(void* base, i64 offset, const float (&
 // The weights of one (token, head) row. Identical arithmetic to the Triton kernel and
 // the torch reference: +inf means empty; NaN wins the max; all-empty rows get zero
 // weights and LSE -inf; IEEE division (see divide_weight).
+// The output LSE is left as its two terms (the max and the sum of exponentials; a sum of
+// 0 marks an empty row) and finished by row_lse only where it is written: without an
+// output LSE the logarithm would cost every thread its instructions for nothing.
 struct RowWeights {
-  float prefix, suffix, lse;
+  float prefix, suffix, max, total;
 };
+
+__device__ __forceinline__ float row_lse(const RowWeights& w, bool base_2) {
+  const float inf = __int_as_float(0x7f800000);
+  return w.total == 0.0f ? -inf : __fadd_rn(w.max, base_2 ? log2f(w.total) : logf(w.total));
+}
 
 // a / b rounded to nearest even, as __fdiv_rn, for a weight's division: b is the sum of
 // two exponentials of which the larger is exactly 1, so b is in [1, 2] and a in [0, 1]
@@ -307,7 +315,8 @@ __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_
   RowWeights w;
   w.prefix = empty ? 0.0f : divide_weight(ep, total);
   w.suffix = empty ? 0.0f : divide_weight(es, total);
-  w.lse = empty ? -inf : __fadd_rn(m, base_2 ? log2f(total) : logf(total));
+  w.max = m;
+  w.total = total;  // 0 exactly when empty: else the larger exponential is 1 (or NaN)
   return w;
 }
 
@@ -387,7 +396,9 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       const RowWeights w = row_weights(lp, ls, p.lse_base_2 != 0);
       weight_prefix[i] = w.prefix;
       weight_suffix[i] = w.suffix;
-      if (p.write_lse) p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = w.lse;
+      if (p.write_lse) {
+        p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = row_lse(w, p.lse_base_2 != 0);
+      }
     }
     __syncthreads();
     return;
@@ -429,7 +440,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   }
   const bool fp8 = sizeof(typename O::storage) == 1;
   const float inv_scale = fp8 ? __fdiv_rn(1.0f, *p.scale) : 1.0f;
-  float lse[ROWS];  // weights per thread: each row's output LSE
+  RowWeights weights[ROWS];  // weights per thread: each row's, for its output LSE
   if (kWarp) __syncthreads();
 
   // Combine and store; head sizes over TEAM * VEC take further chunks.
@@ -441,10 +452,9 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       wp = weight_prefix[r * kTeams + team];
       ws = weight_suffix[r * kTeams + team];
     } else {
-      const RowWeights w = row_weights(lp[r], ls[r], p.lse_base_2 != 0);
-      wp = w.prefix;
-      ws = w.suffix;
-      lse[r] = w.lse;  // lane 0 (col0 = 0) always gets here for a valid row
+      weights[r] = row_weights(lp[r], ls[r], p.lse_base_2 != 0);
+      wp = weights[r].prefix;  // lane 0 (col0 = 0) always gets here for a valid row
+      ws = weights[r].suffix;
     }
     combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, po[r], ws, so[r], inv_scale);
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
@@ -463,7 +473,8 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       for (int r = 0; r < ROWS; ++r) {
         if (!row_ok[r]) continue;
         const i64 t = row32[r] / heads, h = row32[r] % heads;
-        p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = lse[r];
+        p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] =
+            row_lse(weights[r], p.lse_base_2 != 0);
       }
     }
   }
