@@ -29,7 +29,7 @@ from attnmerge.cuda import driver, nvrtc
 from attnmerge.triton.stream_kernel import read_two_states, stream_two_states
 
 SHAPES = [(1, 4), (1, 128), (16, 32), (16, 128), (64, 128), (256, 128), (4096, 128)]
-_ROW_WEIGHTS = "const RowWeights w = row_weights(lp[r], ls[r], p.lse_base_2 != 0);"
+_ROW_WEIGHTS = "weights[r] = row_weights(lp[r], ls[r], p.lse_base_2 != 0);"
 _WEIGHT_DIVISIONS = ("divide_weight(ep, total)", "divide_weight(es, total)")
 
 
@@ -48,7 +48,7 @@ def variants(source: str) -> dict[str, str]:
         "ieee_div": divisions("__fdiv_rn"),
         "approx_div": divisions("__fdividef"),
         "no_weights": source.replace(
-            _ROW_WEIGHTS, "const RowWeights w = {0.5f, 0.5f, lp[r] + ls[r]};"
+            _ROW_WEIGHTS, "weights[r] = RowWeights{0.5f, 0.5f, lp[r], ls[r]};"
         ),
     }
 
