@@ -287,8 +287,9 @@ __device__ __forceinline__ float row_lse(const RowWeights& w, bool base_2) {
 // range. __fdiv_rn first checks the operands' range (FCHK) and branches to a long exact
 // routine where that check fails, as it does for a zero numerator (an empty partial): a
 // warp with one such row waits for it. Here the full division runs only for tiny non-zero
-// numerators (a weight below 1e-30, from LSEs more than 69 apart). On an H200 this took
-// bf16 1 x 128 from 1.87 to X us and 256 x 128 from 5.38 to Y us.
+// numerators (a weight below 1e-30, from LSEs more than 69 apart). On an H200 (5% of the
+// LSEs +inf, FP8 out) this took bf16 1 x 128 from 1.81 to 1.70 us and 256 x 128 from 5.13
+// to 4.89 us (scripts/weight_math_cost.py, docs/performance.md).
 __device__ __forceinline__ float divide_weight(float a, float b) {
 #ifdef __CUDA_ARCH__
   if (a != 0.0f && a < 0x1p-100f) return __fdiv_rn(a, b);
