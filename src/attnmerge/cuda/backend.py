@@ -47,8 +47,7 @@ DATA_THREADS = 128
 WEIGHT_THREADS = 32
 #: Where a row's weights are computed (the kernel's WEIGHTS): by every thread of the
 #: row's team (the default), or by a separate warp of the block that shares them through
-#: shared memory (a tuning variant: ``attnmerge bench --cuda-rows ...`` without
-#: ``--cuda-thread-weights`` times it).
+#: shared memory (a tuning variant: ``attnmerge bench --cuda-weight-warp`` times it).
 WEIGHTS_WARP, WEIGHTS_PER_THREAD = 0, 1
 #: Bytes of the widest input a thread reads per row chunk: 32 (two 16-byte accesses, and
 #: 16-byte FP8 stores), falling back to 16 where the head size is not a multiple of 32
