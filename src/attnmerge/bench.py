@@ -420,8 +420,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_int_list,
         default=(),
         metavar="B,...",
-        help="also time the CUDA kernel reading B bytes per thread and row chunk (16 is the "
-        "default; 32 is two accesses): providers cuda/cB, or cuda/rNcB with --cuda-rows",
+        help="also time the CUDA kernel reading B bytes per thread and row chunk (32, two "
+        "16-byte accesses, is the default): providers cuda/cB, or cuda/rNcB with --cuda-rows",
     )
     g.add_argument(
         "--cuda-block-threads",
