@@ -213,7 +213,7 @@ class Case:
 
     @property
     def cuda_weights(self) -> str:
-        """ "t" (weights per thread), "w" (a weight warp) or "" (the default)."""
+        """The weights mode: "t" (per thread), "w" (a weight warp) or "" (the default)."""
         v = self._cuda_variant()
         return v[3] if v else ""
 
