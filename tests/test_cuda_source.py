@@ -319,3 +319,25 @@ def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch
     assert len(mixed) > len(built)
     assert len([e for e in cache.entries() if e["path"].endswith(".cubin")]) == len(mixed)
     assert cli.main(["build", "--jobs", "0"]) == 2
+
+
+def test_weight_math_variants_still_apply():
+    """scripts/weight_math_cost.py edits the kernel source by text: each of its variants
+    must still differ from the kernel (the edited lines exist) and compile."""
+    import importlib.util
+
+    from attnmerge.cuda import backend, nvrtc
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "weight_math_cost.py"
+    spec = importlib.util.spec_from_file_location("weight_math_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    variants = module.variants(backend.source())
+    assert variants["default"] == backend.source()
+    assert len(set(variants.values())) == len(variants) == 4
+    if nvrtc.unavailable_reason() is not None:
+        pytest.skip(nvrtc.unavailable_reason())
+    instance = backend.instance_for(torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, 16)
+    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {backend.template_arguments(instance)}\n"
+    for name, text in variants.items():
+        assert nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch="sm_90a").cubin
