@@ -94,6 +94,16 @@ def emulated(emulator_dir, monkeypatch):
     cuda_backend._launcher.cache_clear()
 
 
+def _layout_case(dtype, D, alias, out_dtype=None, nan_frac=0.0):
+    """A case for the kernel-layout tests: 11 tokens x 3 heads (a row count no block size
+    divides), tail tokens past P = 8, mixed special LSEs, FP8 with a scale of 0.05."""
+    scale = 0.05 if out_dtype == FP8 else None
+    return make_case(
+        11, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, alias=alias,
+        lse_pattern="mixed", P=8, nan_frac=nan_frac,
+    )  # fmt: skip
+
+
 def _run(case) -> None:
     cuda_backend.merge_two_states(*case.args(), case.lse_base == 2)
 
@@ -198,7 +208,7 @@ def test_several_rows_per_team(emulated, monkeypatch, dtype, D, alias, grid):
     monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
     if grid == "large":
         monkeypatch.setattr(cuda_backend, "LARGE_GRID_ROWS", 0)
-    case = make_case(11, 3, D, dtype=dtype, alias=alias, lse_pattern="mixed", P=8)
+    case = _layout_case(dtype, D, alias)
     _check(case)
     expected = {"medium": cuda_backend.ROWS_MEDIUM, "large": cuda_backend.ROWS_LARGE}[grid]
     assert emulated[-1][5] == expected > 1
@@ -219,15 +229,10 @@ def test_other_chunk_sizes(emulated, monkeypatch, dtype, out_dtype, D, alias, ch
     # threads per row, fewer elements each), or two 16-byte accesses per thread and row
     # chunk, on one and on several rows per team.
     monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
-    scale = 0.05 if out_dtype == FP8 else None
     for rows_forced in (False, True):
         if rows_forced:
             monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
-        case = make_case(
-            11, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, alias=alias,
-            lse_pattern="mixed", P=8,
-        )  # fmt: skip
-        _check(case)
+        _check(_layout_case(dtype, D, alias, out_dtype))
         assert emulated[-1][3] == chunk_bytes // dtype.itemsize
 
 
@@ -251,12 +256,7 @@ def test_weights_per_thread(emulated, monkeypatch, dtype, out_dtype, D, alias, c
     if grid == "large":
         monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
         monkeypatch.setattr(cuda_backend, "LARGE_GRID_ROWS", 0)
-    scale = 0.05 if out_dtype == FP8 else None
-    case = make_case(
-        11, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, alias=alias,
-        lse_pattern="mixed", P=8, nan_frac=0.05,
-    )  # fmt: skip
-    _check(case)
+    _check(_layout_case(dtype, D, alias, out_dtype, nan_frac=0.05))
     assert emulated[-1][6] == cuda_backend.WEIGHTS_PER_THREAD
 
 
@@ -282,11 +282,6 @@ def test_small_blocks(emulated, monkeypatch, dtype, out_dtype, D, alias, chunk_b
     monkeypatch.setattr(
         cuda_backend, "WEIGHTS", getattr(cuda_backend, f"WEIGHTS_{weights.upper()}")
     )
-    scale = 0.05 if out_dtype == FP8 else None
-    case = make_case(
-        11, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, alias=alias,
-        lse_pattern="mixed", P=8, nan_frac=0.05,
-    )  # fmt: skip
-    _check(case)
+    _check(_layout_case(dtype, D, alias, out_dtype, nan_frac=0.05))
     team = emulated[-1][4]
     assert emulated[-1][7] == min(max(threads, team), cuda_backend.DATA_THREADS)
