@@ -24,7 +24,8 @@
 #                and 32-byte chunks, weights per thread or a weight warp; triton: its tile
 #                rule and 4 or 8 rows per program)
 #   weight-math  what the CUDA kernel's weight math costs (scripts/weight_math_cost.py:
-#                kernel variants with IEEE or approximate division, or no weights)
+#                kernel variants with IEEE or approximate division, or no weights; with
+#                WEIGHT_MATH_COMPARE=FILE also that kernel source, e.g. the previous one)
 #   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
 #                8/16/32/64/128 data threads per block; triton: 1/2/4/8/16 rows per
 #                program), with stream and vLLM's kernels where `vllm` imports
@@ -110,7 +111,9 @@ for arg in "$@"; do
       step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
         --providers "cuda,triton,unfused,stream,read$VLLM" \
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
-    weight-math) step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py ;;
+    weight-math)
+      step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py \
+        ${WEIGHT_MATH_COMPARE:+--compare "$WEIGHT_MATH_COMPARE"} ;;
     small-variants)
       step small-variants "$limit" small_variants.log python3 -m attnmerge bench \
         --shapes 1x128,1x32,1x8,16x128,16x32,64x128,64x32,256x128,256x32,1024x32,4096x8 \

@@ -45,7 +45,7 @@ class _EmulatedKernel:
         self._launched = launched
 
     def launch(self, grid: int, stream: int, params: bytes) -> None:
-        assert len(params) == 192
+        assert len(params) == 200
         assert self._lib.emulate_merge(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0
         self._launched.append(self._instance)
 

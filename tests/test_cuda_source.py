@@ -178,7 +178,7 @@ int main() {
       p.out_stride_t, p.out_stride_h, p.prefix_stride_t, p.prefix_stride_h,
       p.suffix_stride_t, p.suffix_stride_h, p.prefix_lse_stride_h, p.prefix_lse_stride_t,
       p.suffix_lse_stride_h, p.suffix_lse_stride_t, p.out_lse_stride_h, p.out_lse_stride_t,
-      p.lse_base_2, p.write_lse};
+      p.lse_base_2, p.write_lse, p.heads_multiplier, p.heads_shift};
   for (attnmerge::i64 f : fields) printf("%lld\n", f);
   return 0;
 }
@@ -199,9 +199,41 @@ def test_params_struct_layout_matches_the_launcher(tmp_path):
         [cxx, "-std=c++17", f"-I{CSRC}", str(tmp_path / "p.cpp"), "-o", str(exe)], check=True
     )
     values = [1000 + i for i in range(7)] + [-(2**40) - i for i in range(16)] + [1, 0]
+    values += [2**32 - 3, 31]
     packed = backend._PARAMS.pack(*values)
     out = subprocess.run([str(exe)], input=packed, capture_output=True, check=True).stdout
     assert [int(v) for v in out.split()] == values
+
+
+def _head_divisors_to_check() -> list[int]:
+    powers = [1 << k for k in range(1, 31)]
+    near_powers = sorted({p + d for p in powers for d in (-1, 1)} | {2**31 - 1})
+    g = torch.Generator().manual_seed(0)
+    random = torch.randint(2, 2**31 - 1, (300,), generator=g).tolist()
+    return sorted(set(range(1, 1100)) | set(powers) | set(near_powers) | set(random))
+
+
+def test_head_divisor_gives_the_token_of_every_row():
+    """The kernel divides row indices by the head count with the launcher's multiplier and
+    shift (token_of): the quotient must be exact for every row below 2^31 and any count.
+    Checked at the rows where an error would show first (multiples of the count and their
+    neighbours, the largest rows) and at random rows."""
+    from attnmerge.cuda.backend import head_divisor
+
+    last = 2**31 - 1
+    g = torch.Generator().manual_seed(1)
+    random_rows = torch.randint(0, last, (256,), generator=g)
+    for heads in _head_divisors_to_check():
+        multiplier, shift = head_divisor(heads)
+        assert 0 < multiplier < 2**32 and 0 <= shift < 32
+        top = last // heads
+        k = torch.tensor([1, 2, 3, top - 1, top, max(top // 2, 1)])
+        edges = torch.cat([k * heads - 1, k * heads, k * heads + 1])
+        rows = torch.cat([torch.tensor([0, 1, last, last - 1]), edges, random_rows])
+        rows = rows[(rows >= 0) & (rows <= last)]
+        # token_of: the high word of 2 row * m, i.e. floor(row * m / 2^31), shifted
+        got = ((rows * multiplier) >> 31) >> shift
+        assert torch.equal(got, rows // heads), heads
 
 
 def test_instance_choice():

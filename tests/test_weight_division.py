@@ -1,8 +1,10 @@
-"""GPU only: the CUDA kernel's weight division (``divide_weight`` in the kernel source)
-is IEEE division, bit for bit, on its whole domain: numerators in [0, 1] (and NaN) over
-denominators in [1, 2], the range of a row's weights. It replaces ``__fdiv_rn`` on the
-merge's critical path, so it is checked on its own, over millions of operand pairs,
-against the CPU's float32 division."""
+"""GPU only: the CUDA kernel's row weights (``row_weights`` in the kernel source) are
+the textbook formula's, bit for bit. The kernel computes one exponential per row and
+divides by Markstein's sequence (``divide_weight``) on a shared reciprocal, instead of
+two exponentials and two IEEE divisions (``__fdiv_rn``); both live on the merge's
+critical path, so they are checked on their own, over millions of inputs: the division
+against the CPU's float32 division, the weights against the textbook formula computed
+with the same device's ``expf``/``exp2f`` and ``__fdiv_rn``."""
 
 from __future__ import annotations
 
@@ -16,23 +18,55 @@ from attnmerge.cuda import driver, nvrtc
 
 pytestmark = pytest.mark.gpu
 
-_KERNEL = r"""
-struct DivideArgs {
+_KERNELS = r"""
+struct PairArgs {
   const float* a;
   const float* b;
-  float* q;
+  float* out;  // divide: n quotients; weights: n x {prefix, suffix, textbook prefix,
+               // textbook suffix, max, total, textbook max, textbook total}
   long long n;
+  int base_2;
 };
-extern "C" __global__ void divide_weights(const DivideArgs args) {
+
+extern "C" __global__ void divide_weights(const PairArgs args) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < args.n) args.q[i] = attnmerge::divide_weight(args.a[i], args.b[i]);
+  if (i < args.n) {
+    const float b = args.b[i];
+    args.out[i] = attnmerge::divide_weight(args.a[i], b, attnmerge::weight_reciprocal(b));
+  }
+}
+
+extern "C" __global__ void row_weights(const PairArgs args) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= args.n) return;
+  const bool base_2 = args.base_2 != 0;
+  const float lp = args.a[i], ls = args.b[i];
+  const attnmerge::RowWeights w = attnmerge::row_weights(lp, ls, base_2);
+  // the textbook formula: both exponentials, IEEE division
+  const float inf = __int_as_float(0x7f800000);
+  const float p = lp == inf ? -inf : lp, s = ls == inf ? -inf : ls;
+  float m = (p != p || s != s) ? __int_as_float(0x7fffffff) : fmaxf(p, s);
+  const bool empty = m == -inf;
+  if (empty) m = 0.0f;
+  const float ep = base_2 ? exp2f(p - m) : expf(p - m);
+  const float es = base_2 ? exp2f(s - m) : expf(s - m);
+  const float total = ep + es;
+  float* out = args.out + 8 * i;
+  out[0] = w.prefix;
+  out[1] = w.suffix;
+  out[2] = empty ? 0.0f : __fdiv_rn(ep, total);
+  out[3] = empty ? 0.0f : __fdiv_rn(es, total);
+  out[4] = w.max;
+  out[5] = w.total;
+  out[6] = m;
+  out[7] = total;
 }
 """
 _BLOCK = 256
 
 
 @pytest.fixture(scope="module")
-def divide():
+def kernels():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     reason = cuda_backend.unavailable_reason()
@@ -40,59 +74,120 @@ def divide():
         pytest.skip(reason)
     dev = torch.cuda.current_device()
     arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
-    source = cuda_backend.source() + "\nnamespace attnmerge {\n" + _KERNEL + "}\n"
-    cubin = nvrtc.compile_cubin(source, name="divide_weights.cu", arch=arch).cubin
-    kernel = driver.load_kernel(cubin, "divide_weights", dev, _BLOCK)
+    source = cuda_backend.source() + "\nnamespace attnmerge {\n" + _KERNELS + "}\n"
+    cubin = nvrtc.compile_cubin(source, name="row_weights.cu", arch=arch).cubin
+    loaded = {
+        name: driver.load_kernel(cubin, name, dev, _BLOCK)
+        for name in ("divide_weights", "row_weights")
+    }
 
-    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def run(name: str, a: torch.Tensor, b: torch.Tensor, width: int, base_2: bool = False):
         a, b = a.cuda(), b.cuda()
-        q = torch.empty_like(a)
-        params = struct.pack("<3Qq", a.data_ptr(), b.data_ptr(), q.data_ptr(), a.numel())
+        out = torch.empty(a.numel(), width, device="cuda")
+        params = struct.pack(
+            "<3Qqi4x", a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), base_2
+        )
         grid = -(-a.numel() // _BLOCK)
-        kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
-        return q.cpu()
+        loaded[name].launch(grid, torch.cuda.current_stream().cuda_stream, params)
+        return out.cpu()
 
     return run
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view(torch.int32)
+    return x.contiguous().view(torch.int32)
 
 
-def _check(divide, a: torch.Tensor, b: torch.Tensor) -> None:
-    got = divide(a, b)
-    want = a / b  # CPU float32 division: IEEE, round to nearest even
+def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str, inputs) -> None:
     nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN positions differ"
     bad = (_bits(got) != _bits(want)) & ~nan
     assert not bool(bad.any()), (
-        f"{int(bad.sum())} of {a.numel()} quotients differ, e.g. "
-        f"{a[bad][:4].tolist()} / {b[bad][:4].tolist()}: {got[bad][:4].tolist()} "
+        f"{what}: {int(bad.sum())} of {want.numel()} differ, e.g. at inputs "
+        f"{[x[bad][:4].tolist() for x in inputs]}: {got[bad][:4].tolist()} "
         f"vs {want[bad][:4].tolist()}"
     )
 
 
-def test_random_operands(divide):
+def _check_division(kernels, a: torch.Tensor, b: torch.Tensor) -> None:
+    got = kernels("divide_weights", a, b, 1)[:, 0]
+    _assert_same(got, a / b, "quotients", (a, b))  # CPU float32: IEEE, nearest even
+
+
+def _exponentials(n: int, g: torch.Generator) -> torch.Tensor:
+    """e = exp(-gap), log-uniform over the whole float range down to 2^-149, and 0."""
+    e = torch.exp2(-150.0 * torch.rand(n, generator=g))
+    e[::97] = 0.0
+    return e
+
+
+def test_division_of_a_rows_operands(kernels):
+    # b = 1 + e, a = 1 or e: exactly the operands row_weights gives it
     g = torch.Generator().manual_seed(0)
-    n = 1 << 24
-    b = 1.0 + torch.rand(n, generator=g)  # [1, 2)
-    # numerators log-uniform from 2^-110 (below the fast path's 2^-100) to 1, as a
-    # weight exp(-gap) is for gaps up to 76
-    a = torch.exp2(-110.0 * torch.rand(n, generator=g))
-    _check(divide, a, b)
+    e = _exponentials(1 << 23, g)
+    b = 1.0 + e
+    _check_division(kernels, e, b)
+    _check_division(kernels, torch.ones_like(b), b)
 
 
-def test_every_denominator_mantissa_near_the_ends(divide):
-    # b = 1 + k ulp and 2 - k ulp for the first 2^20 k, against a few numerators each
+def test_division_of_any_normal_numerator(kernels):
+    # the stronger property the proof gives: any a in [2^-100, 1] over b in [1, 2)
+    g = torch.Generator().manual_seed(1)
+    n = 1 << 23
+    b = 1.0 + torch.rand(n, generator=g)
+    a = torch.exp2(-100.0 * torch.rand(n, generator=g))
+    _check_division(kernels, a, b)
+
+
+def test_division_by_every_denominator_near_the_ends(kernels):
+    # b = 1 + k ulp and 2 - k ulp for the first 2^20 k, with a = 1 and a = b - 1 (exact)
     k = torch.arange(1 << 20, dtype=torch.int32)
     one, two = torch.tensor(1.0).view(torch.int32), torch.tensor(2.0).view(torch.int32)
     b = torch.cat([(one + k).view(torch.float32), (two - k).view(torch.float32)])
-    for a_value in (1.0, 0.5, 2.0**-100, 0.3333333432674408, 1.0 - 2.0**-24):
-        _check(divide, torch.full_like(b, a_value), b)
+    _check_division(kernels, torch.ones_like(b), b)
+    _check_division(kernels, b - 1.0, b)
 
 
-def test_special_numerators(divide):
-    specials = [0.0, float("nan"), 2.0**-149, 2.0**-126, 2.0**-101, 2.0**-100, 1.0]
-    a = torch.tensor(specials).repeat_interleave(5)
-    b = torch.tensor([1.0, 1.5, 2.0, 1.0 + 2.0**-23, 2.0 - 2.0**-23]).repeat(len(specials))
-    _check(divide, a, b)
+def test_division_by_one_keeps_subnormals(kernels):
+    a = torch.tensor([0.0, 2.0**-149, 2.0**-140, 2.0**-126, 2.0**-101, 2.0**-24, 1.0])
+    _check_division(kernels, a, torch.ones_like(a))
+    _check_division(kernels, torch.tensor([float("nan")] * 3), torch.tensor([1.0, 1.5, 2.0]))
+
+
+def _check_weights(kernels, lp: torch.Tensor, ls: torch.Tensor, base_2: bool) -> None:
+    out = kernels("row_weights", lp, ls, 8, base_2)
+    inputs = (lp, ls)
+    _assert_same(out[:, 0], out[:, 2], "prefix weights", inputs)
+    _assert_same(out[:, 1], out[:, 3], "suffix weights", inputs)
+    # the output LSE's terms: the same max and sum of exponentials (0 marks empty)
+    empty = out[:, 5] == 0
+    _assert_same(out[:, 4][~empty], out[:, 6][~empty], "maxima", (lp[~empty], ls[~empty]))
+    _assert_same(out[:, 5][~empty], out[:, 7][~empty], "totals", (lp[~empty], ls[~empty]))
+    textbook_empty = (lp.isinf() & ls.isinf()).cpu()
+    assert torch.equal(empty, textbook_empty)
+
+
+@pytest.mark.parametrize("base_2", [False, True], ids=["base_e", "base_2"])
+def test_weights_on_random_lses(kernels, base_2):
+    g = torch.Generator().manual_seed(2 + base_2)
+    n = 1 << 22
+    lp = 40.0 * torch.randn(n, generator=g)
+    # gaps spread over 0 to 160 (past every exponential's underflow), either sign
+    gap = 160.0 * torch.rand(n, generator=g) ** 2
+    ls = lp + torch.where(torch.rand(n, generator=g) < 0.5, gap, -gap)
+    _check_weights(kernels, lp, ls, base_2)
+
+
+@pytest.mark.parametrize("base_2", [False, True], ids=["base_e", "base_2"])
+def test_weights_on_special_lses(kernels, base_2):
+    inf, nan = float("inf"), float("nan")
+    values = [-inf, inf, nan, 0.0, -0.0, 1.0, -1.0, 87.0, -87.0, 104.0, 150.0, -150.0,
+              1e30, -1e30, 3.4e38, -3.4e38, 1e-40]  # fmt: skip
+    v = torch.tensor(values)
+    lp, ls = v.repeat_interleave(len(values)), v.repeat(len(values))
+    _check_weights(kernels, lp, ls, base_2)
+    # equal LSEs and neighbours one ulp apart
+    x = 30.0 * torch.randn(1 << 16, generator=torch.Generator().manual_seed(4))
+    up = (x.view(torch.int32) + 1).view(torch.float32)
+    _check_weights(kernels, x, x, base_2)
+    _check_weights(kernels, x, up, base_2)

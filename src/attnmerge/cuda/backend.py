@@ -87,9 +87,9 @@ _ELEMENT = {
     torch.float8_e4m3fn: "FP8E4M3",
 }
 
-# MergeParams: 7 pointers, 16 int64, 2 int32 (192 bytes, no padding).
-_PARAMS = struct.Struct("<7Q16q2i")
-assert _PARAMS.size == 192
+# MergeParams: 7 pointers, 16 int64, 2 int32, 2 uint32 (200 bytes, no padding).
+_PARAMS = struct.Struct("<7Q16q2i2I")
+assert _PARAMS.size == 200
 
 
 @functools.cache
@@ -352,6 +352,14 @@ def merge_two_states(*args: Any, **tuning: int | None) -> None:
             kernel.launch(grid, stream, params)
 
 
+@functools.cache
+def head_divisor(num_heads: int) -> tuple[int, int]:
+    """(multiplier, shift) with which the kernel divides a row index below 2^31 by
+    ``num_heads`` (``token_of`` in the kernel source, which has the proof)."""
+    log2_ceil = (num_heads - 1).bit_length()
+    return -(-(1 << (31 + log2_ceil)) // num_heads), log2_ceil
+
+
 def launch_arguments(
     output: torch.Tensor,
     prefix_output: torch.Tensor,
@@ -431,5 +439,6 @@ def launch_arguments(
         *lse_out.stride(),
         lse_base_2,
         output_lse is not None,
+        *head_divisor(num_heads),
     )
     return kernel, -(-num_rows // rows_per_block), params

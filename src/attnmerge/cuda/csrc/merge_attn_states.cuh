@@ -21,8 +21,8 @@ typedef unsigned int u32;
 typedef long long i64;
 
 // Kernel parameters, passed by value as one struct. The layout is fixed (7 pointers,
-// 16 int64, 2 int32 = 192 bytes, no padding) because the Python launcher packs it
-// byte by byte; keep it in sync with attnmerge/cuda/launch.py.
+// 16 int64, 2 int32, 2 uint32 = 200 bytes, no padding) because the Python launcher packs
+// it byte by byte; keep it in sync with _PARAMS in attnmerge/cuda/backend.py.
 struct MergeParams {
   void* out;
   float* out_lse;  // unused unless write_lse
@@ -43,8 +43,28 @@ struct MergeParams {
   i64 out_lse_stride_h, out_lse_stride_t;
   int lse_base_2;
   int write_lse;
+  // row / num_heads as a multiply and shift (see token_of)
+  u32 heads_multiplier;
+  u32 heads_shift;
 };
-static_assert(sizeof(MergeParams) == 192, "MergeParams layout is shared with the launcher");
+static_assert(sizeof(MergeParams) == 200, "MergeParams layout is shared with the launcher");
+
+// The token of a row (row / num_heads) for rows below 2^31, from the launcher's
+// multiplier m = ceil(2^(31 + l) / num_heads) and shift l = ceil(log2(num_heads))
+// (head_divisor in attnmerge/cuda/backend.py): floor(row * m / 2^(31 + l)) is the
+// quotient, because m exceeds 2^(31 + l) / num_heads by less than 1, which adds less
+// than row / 2^(31 + l) < 1 / num_heads to row / num_heads: never enough to reach the
+// next integer. m fits in 32 bits; the high word of 2 row * m is floor(row * m / 2^31).
+// The GPU's integer division takes ~25 dependent instructions before a thread can form
+// its first address; this takes three, and no predicate (with four rows per team, one
+// more predicate per row made a variant spill).
+__host__ __device__ __forceinline__ u32 token_of(u32 row, u32 multiplier, u32 shift) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(row << 1, multiplier) >> shift;
+#else
+  return (u32)(((unsigned long long)(row << 1) * multiplier) >> 32) >> shift;
+#endif
+}
 
 __host__ __device__ __forceinline__ u32 float_bits(float x) {
 #ifdef __CUDA_ARCH__
@@ -213,6 +233,15 @@ struct Chunk {  // whole 32-bit words
     if (sizeof(S) == 4) return bits_as<S>(words.w[i]);
     return bits_as<S>(words.w[i / 2] >> (16 * (i % 2)));  // 2-byte elements, little-endian
   }
+  // This chunk, or all zero bits (+0 in every element type) unless keep: one select
+  // per word instead of one per element.
+  __device__ __forceinline__ Chunk kept(bool keep) const {
+    const u32 mask = keep ? ~0u : 0u;
+    Chunk c;
+#pragma unroll
+    for (int i = 0; i < kWordsPerChunk; ++i) c.words.w[i] = words.w[i] & mask;
+    return c;
+  }
 };
 
 template <typename S, int N>
@@ -220,6 +249,12 @@ struct Chunk<S, N, false> {  // scalar 2-byte elements
   Vec<S, N> vec;
   __device__ __forceinline__ void load(const S* p) { vec = *reinterpret_cast<const Vec<S, N>*>(p); }
   __device__ __forceinline__ S get(int i) const { return vec.v[i]; }
+  __device__ __forceinline__ Chunk kept(bool keep) const {
+    Chunk c;
+#pragma unroll
+    for (int i = 0; i < N; ++i) c.vec.v[i] = keep ? vec.v[i] : (S)0;
+    return c;
+  }
 };
 
 template <typename E, int N>
@@ -264,9 +299,9 @@ __device__ __forceinline__ void store_row(void* base, i64 offset, const float (&
   RowStore<E, N>::store(base, offset, in, inv_scale);
 }
 
-// The weights of one (token, head) row. Identical arithmetic to the Triton kernel and
-// the torch reference: +inf means empty; NaN wins the max; all-empty rows get zero
-// weights and LSE -inf; IEEE division (see divide_weight).
+// The weights of one (token, head) row. Identical results to the Triton kernel and the
+// torch reference: +inf means empty; NaN wins the max; all-empty rows get zero weights
+// and LSE -inf; correctly rounded division (see divide_weight).
 // The output LSE is left as its two terms (the max and the sum of exponentials; a sum of
 // 0 marks an empty row) and finished by row_lse only where it is written: without an
 // output LSE the logarithm would cost every thread its instructions for nothing.
@@ -279,63 +314,80 @@ __device__ __forceinline__ float row_lse(const RowWeights& w, bool base_2) {
   return w.total == 0.0f ? -inf : __fadd_rn(w.max, base_2 ? log2f(w.total) : logf(w.total));
 }
 
-// a / b rounded to nearest even, as __fdiv_rn, for a weight's division: b is the sum of
-// two exponentials of which the larger is exactly 1, so b is in [1, 2] and a in [0, 1]
-// (or NaN). There, the reciprocal refined by one Newton step and one remainder correction
-// (Markstein's division, the fast path of the GPU's own IEEE division) is correctly
-// rounded whenever a is 0 or at least 2^-100: no quotient or remainder leaves the normal
-// range. __fdiv_rn first checks the operands' range (FCHK) and branches to a long exact
-// routine where that check fails, as it does for a zero numerator (an empty partial): a
-// warp with one such row waits for it. Here the full division runs only for tiny non-zero
-// numerators (a weight below 1e-30, from LSEs more than 69 apart). On an H200 (5% of the
-// LSEs +inf, FP8 out) this took bf16 1 x 128 from 1.81 to 1.70 us and 256 x 128 from 5.13
-// to 4.89 us (scripts/weight_math_cost.py, docs/performance.md).
-__device__ __forceinline__ float divide_weight(float a, float b) {
+// 1 / b for b in [1, 2] to within an ulp (the approximate reciprocal and one Newton
+// step), for divide_weight.
+__device__ __forceinline__ float weight_reciprocal(float b) {
 #ifdef __CUDA_ARCH__
-  if (a != 0.0f && a < 0x1p-100f) return __fdiv_rn(a, b);
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(b));
-  y = __fmaf_rn(__fmaf_rn(-b, y, 1.0f), y, y);
+  return __fmaf_rn(__fmaf_rn(-b, y, 1.0f), y, y);
+#else
+  return 1.0f / b;
+#endif
+}
+
+// a / b rounded to nearest even, as __fdiv_rn, given y = weight_reciprocal(b), on the
+// operands of a row's weights: b = 1 + e is the sum of the two exponentials, the larger
+// being exactly 1, and a is 1 or e, with e in [0, 1] (or NaN). There, one quotient
+// q = a * y and one remainder correction (Markstein's division, the fast path of the
+// GPU's own IEEE division) are correctly rounded: for b > 1, e exceeds 2^-24 (else 1 + e
+// rounds to 1), so no quotient or remainder leaves the normal range; for b = 1, y is 1
+// and q is a, exactly, even a subnormal a. __fdiv_rn instead checks its operands
+// (FCHK) and branches to a long exact routine where that check fails, as it does for a
+// zero numerator (an empty partial): a warp with one such row waits for it. On an H200
+// (5% of the LSEs +inf, FP8 out) this took bf16 1 x 128 from 1.81 to 1.70 us and
+// 256 x 128 from 5.13 to 4.89 us (scripts/weight_math_cost.py, docs/performance.md).
+__device__ __forceinline__ float divide_weight(float a, float b, float y) {
+#ifdef __CUDA_ARCH__
   const float q = __fmul_rn(a, y);
   return __fmaf_rn(__fmaf_rn(-b, q, a), y, q);
 #else
+  (void)y;
   return a / b;
 #endif
 }
 
+// One exponential per row: the larger LSE's is exp(0) = 1, exactly, so the reference's
+// two exponentials are 1 and e = exp(lo - hi), and both weights share the denominator
+// 1 + e and its reciprocal.
 __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_2) {
   const float inf = __int_as_float(0x7f800000);
   if (lp == inf) lp = -inf;
   if (ls == inf) ls = -inf;
-  float m = (lp != lp || ls != ls) ? __int_as_float(0x7fffffff) : fmaxf(lp, ls);
-  const bool empty = m == -inf;
-  if (empty) m = 0.0f;
-  const float ep = base_2 ? exp2f(__fsub_rn(lp, m)) : expf(__fsub_rn(lp, m));
-  const float es = base_2 ? exp2f(__fsub_rn(ls, m)) : expf(__fsub_rn(ls, m));
-  const float total = __fadd_rn(ep, es);
+  const bool prefix_larger = lp >= ls;  // either way for NaN: both weights are NaN then
+  float hi = (lp != lp || ls != ls) ? __int_as_float(0x7fffffff) : fmaxf(lp, ls);
+  const bool empty = hi == -inf;
+  if (empty) hi = 0.0f;
+  const float gap = __fsub_rn(fminf(lp, ls), hi);  // <= 0, -inf for one empty partial
+  const float e = base_2 ? exp2f(gap) : expf(gap);
+  const float total = __fadd_rn(1.0f, e);
+  const float y = weight_reciprocal(total);
+  const float w_hi = divide_weight(1.0f, total, y);
+  const float w_lo = divide_weight(e, total, y);
   RowWeights w;
-  w.prefix = empty ? 0.0f : divide_weight(ep, total);
-  w.suffix = empty ? 0.0f : divide_weight(es, total);
-  w.max = m;
-  w.total = total;  // 0 exactly when empty: else the larger exponential is 1 (or NaN)
+  w.prefix = empty ? 0.0f : prefix_larger ? w_hi : w_lo;
+  w.suffix = empty ? 0.0f : prefix_larger ? w_lo : w_hi;
+  w.max = hi;
+  w.total = empty ? 0.0f : total;
   return w;
 }
 
 // out[i] = wp * po[i] + ws * so[i], stored as O (FP8: times inv_scale first). A zero
 // weight contributes exactly 0 whatever its row holds (NaN, inf, or nothing read: an
-// absent prefix row, t >= P, has weight 0). The inputs arrive in their storage type:
-// held that way across the barrier, a bf16 row chunk takes 4 registers, not 8.
+// absent prefix row, t >= P, has weight 0): its row's bits are cleared first, and
+// 0 * +0 is the reference's +0. The inputs arrive in their storage type: held that way
+// across the barrier, a bf16 row chunk takes 4 registers, not 8.
 template <typename P, typename S, typename O, int VEC>
 __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
                                               const Chunk<typename P::storage, VEC>& po, float ws,
                                               const Chunk<typename S::storage, VEC>& so,
                                               float inv_scale) {
+  const Chunk<typename P::storage, VEC> pk = po.kept(wp != 0.0f);
+  const Chunk<typename S::storage, VEC> sk = so.kept(ws != 0.0f);
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const float a = wp != 0.0f ? __fmul_rn(wp, P::load(po.get(i))) : 0.0f;
-    const float b = ws != 0.0f ? __fmul_rn(ws, S::load(so.get(i))) : 0.0f;
-    acc[i] = __fadd_rn(a, b);
+    acc[i] = __fadd_rn(__fmul_rn(wp, P::load(pk.get(i))), __fmul_rn(ws, S::load(sk.get(i))));
   }
   store_row<O, VEC>(out, offset, acc, inv_scale);
 }
@@ -380,15 +432,18 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   constexpr int kTeams = THREADS / TEAM;
   constexpr int kBlockRows = kTeams * ROWS;
   __shared__ float weight_prefix[kWarp ? kBlockRows : 1], weight_suffix[kWarp ? kBlockRows : 1];
-  const i64 first_row = (i64)blockIdx.x * kBlockRows;
+  // Row indices are 32-bit: the launcher keeps num_rows below 2^31, so even the rows past
+  // the end of the last block fit (and one compare per row, not two, checks them).
+  const u32 first_row = blockIdx.x * kBlockRows, num_rows = (u32)p.num_rows;
   const u32 heads = (u32)p.num_heads;
+  const bool fp8 = sizeof(typename O::storage) == 1;
 
   if (kWarp && threadIdx.x >= THREADS) {  // the weight warp
     for (int i = threadIdx.x - THREADS; i < kBlockRows; i += kWeightThreads) {
-      const i64 row = first_row + i;
-      if (row >= p.num_rows) break;
-      const u32 r32 = (u32)row;
-      const i64 t = r32 / heads, h = r32 % heads;
+      const u32 r32 = first_row + i;
+      if (r32 >= num_rows) break;
+      const u32 t32 = token_of(r32, p.heads_multiplier, p.heads_shift);
+      const i64 t = t32, h = r32 - t32 * heads;
       const float inf = __int_as_float(0x7f800000);
       const float lp = t < p.tokens_with_prefix
                            ? p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]
@@ -406,30 +461,28 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   }
 
   // Data threads: the first chunk of each of this thread's rows (and, weights per
-  // thread, the rows' LSEs).
+  // thread, the rows' LSEs). What the math waits for is asked for first: the FP8 scale,
+  // then the LSEs, then the rows, so that the reciprocal and the weights are computed
+  // while the rows are still on their way.
   const int team = threadIdx.x / TEAM;
   const int lane = threadIdx.x % TEAM;
   const i64 col0 = (i64)lane * VEC;
+  const float scale = fp8 ? *p.scale : 1.0f;
   bool row_ok[ROWS], has_prefix[ROWS];
-  u32 row32[ROWS];
+  u32 row32[ROWS], tok32[ROWS];
   i64 o_row[ROWS];
   float lp[ROWS], ls[ROWS];
   Chunk<typename P::storage, VEC> po[ROWS];
   Chunk<typename S::storage, VEC> so[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    const i64 row = first_row + r * kTeams + team;
-    row_ok[r] = row < p.num_rows;
-    row32[r] = (u32)(row_ok[r] ? row : 0);
-    const i64 t = row32[r] / heads, h = row32[r] % heads;
+    const u32 row = first_row + r * kTeams + team;
+    row_ok[r] = row < num_rows;
+    row32[r] = row_ok[r] ? row : 0;
+    tok32[r] = token_of(row32[r], p.heads_multiplier, p.heads_shift);
+    const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
     has_prefix[r] = t < p.tokens_with_prefix;
     o_row[r] = t * p.out_stride_t + h * p.out_stride_h;
-    if (row_ok[r] && col0 < p.head_size) {
-      if (has_prefix[r]) {
-        po[r] = load_row<P, VEC>(p.prefix, t * p.prefix_stride_t + h * p.prefix_stride_h + col0);
-      }
-      so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col0);
-    }
     if (!kWarp) {
       const float inf = __int_as_float(0x7f800000);
       lp[r] = row_ok[r] && has_prefix[r]
@@ -438,9 +491,14 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       ls[r] = row_ok[r] ? p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t]
                         : -inf;
     }
+    if (row_ok[r] && col0 < p.head_size) {
+      if (has_prefix[r]) {
+        po[r] = load_row<P, VEC>(p.prefix, t * p.prefix_stride_t + h * p.prefix_stride_h + col0);
+      }
+      so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col0);
+    }
   }
-  const bool fp8 = sizeof(typename O::storage) == 1;
-  const float inv_scale = fp8 ? __fdiv_rn(1.0f, *p.scale) : 1.0f;
+  const float inv_scale = fp8 ? __fdiv_rn(1.0f, scale) : 1.0f;
   RowWeights weights[ROWS];  // weights per thread: each row's, for its output LSE
   if (kWarp) __syncthreads();
 
@@ -459,7 +517,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     }
     combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, po[r], ws, so[r], inv_scale);
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
-      const i64 t = row32[r] / heads, h = row32[r] % heads;
+      const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
       const i64 p_off = t * p.prefix_stride_t + h * p.prefix_stride_h + col;
       if (has_prefix[r]) po[r] = load_row<P, VEC>(p.prefix, p_off);
       so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col);
@@ -473,7 +531,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         if (!row_ok[r]) continue;
-        const i64 t = row32[r] / heads, h = row32[r] % heads;
+        const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
         p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] =
             row_lse(weights[r], p.lse_base_2 != 0);
       }
