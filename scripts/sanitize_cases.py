@@ -32,6 +32,7 @@ _NAMES = (
     "WEIGHTS",
     "SMALL_BLOCK_GRID_ROWS",
     "SMALL_BLOCK_THREADS",
+    "SMALL_GRID_CHUNKS",
 )
 _DEFAULT = tuple(getattr(cuda_backend, name) for name in _NAMES)
 
@@ -43,13 +44,14 @@ def _layout(**changes) -> tuple:
 _WARP = cuda_backend.WEIGHTS_WARP
 _ALL = 2**31 - 1  # every grid
 CUDA_LAYOUTS = {
-    "default": _DEFAULT,
+    "default": _DEFAULT,  # its small-grid chunks, at these sizes
+    "32-byte chunks": _layout(SMALL_GRID_CHUNKS={}),
     "rows 2": _layout(SMALL_GRID_ROWS=0),
     "rows 4": _layout(SMALL_GRID_ROWS=0, LARGE_GRID_ROWS=0),
-    "16-byte chunks": _layout(CHUNK_BYTES=16),
+    "16-byte chunks": _layout(CHUNK_BYTES=16, SMALL_GRID_CHUNKS={}),
     "weight warp": _layout(WEIGHTS=_WARP),
     "16-byte chunks, weight warp, rows 4": _layout(
-        SMALL_GRID_ROWS=0, LARGE_GRID_ROWS=0, CHUNK_BYTES=16, WEIGHTS=_WARP
+        SMALL_GRID_ROWS=0, LARGE_GRID_ROWS=0, CHUNK_BYTES=16, WEIGHTS=_WARP, SMALL_GRID_CHUNKS={}
     ),
     "blocks of one team": _layout(SMALL_BLOCK_GRID_ROWS=_ALL, SMALL_BLOCK_THREADS=1),
     "blocks of 32, weight warp": _layout(

@@ -133,9 +133,10 @@ def test_against_reference(emulated, dtype, out_dtype, D):
     _check(case)
 
 
-def test_vector_and_scalar_paths(emulated):
+def test_vector_and_scalar_paths(emulated, monkeypatch):
     # Padded, 16-byte aligned views keep vector accesses (32-byte chunks, or 16-byte ones
     # where the head size needs them); an odd storage offset does not.
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})  # 32-byte chunks here too
     H, D = 4, 128
     aligned = make_case(6, H, D, dtype=torch.bfloat16, prefix_strides=padded(H, D, head_pad=8))
     _check(aligned)
@@ -146,6 +147,10 @@ def test_vector_and_scalar_paths(emulated):
     odd = make_case(6, H, D, dtype=torch.bfloat16, offsets=(1, 0, 0))
     _check(odd)
     assert emulated[-1][3] == 1
+    # the small-grid rule: 16-byte chunks for 2-byte partials
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {2: (8192, 16)})
+    _check(aligned)
+    assert emulated[-1][3] == 8
 
 
 @pytest.mark.parametrize("base", ["e", 2])
@@ -229,6 +234,7 @@ def test_other_chunk_sizes(emulated, monkeypatch, dtype, out_dtype, D, alias, ch
     # threads per row, fewer elements each), or two 16-byte accesses per thread and row
     # chunk, on one and on several rows per team.
     monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})  # every grid
     for rows_forced in (False, True):
         if rows_forced:
             monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
@@ -253,6 +259,7 @@ def test_weights_per_thread(emulated, monkeypatch, dtype, out_dtype, D, alias, c
     # thread computes its rows' weights (128-thread blocks).
     monkeypatch.setattr(cuda_backend, "WEIGHTS", cuda_backend.WEIGHTS_PER_THREAD)
     monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})  # every grid
     if grid == "large":
         monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
         monkeypatch.setattr(cuda_backend, "LARGE_GRID_ROWS", 0)
@@ -279,6 +286,7 @@ def test_small_blocks(emulated, monkeypatch, dtype, out_dtype, D, alias, chunk_b
     monkeypatch.setattr(cuda_backend, "SMALL_BLOCK_GRID_ROWS", 10**6)
     monkeypatch.setattr(cuda_backend, "SMALL_BLOCK_THREADS", threads)
     monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})  # every grid
     monkeypatch.setattr(
         cuda_backend, "WEIGHTS", getattr(cuda_backend, f"WEIGHTS_{weights.upper()}")
     )

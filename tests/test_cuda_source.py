@@ -289,7 +289,8 @@ def test_rows_per_team_by_grid_size(monkeypatch):
         backend.ROWS_MEDIUM,
         backend.ROWS_LARGE,
     ]
-    assert [r for r, _ in backend._grid_layouts()] == [
+    monkeypatch.setattr(backend, "SMALL_GRID_CHUNKS", {})
+    assert [r for _, r, _ in backend._grid_layouts()] == [
         backend.ROWS_SMALL,
         backend.ROWS_MEDIUM,
         backend.ROWS_LARGE,
@@ -302,16 +303,35 @@ def test_data_threads_by_grid_size(monkeypatch):
 
     monkeypatch.setattr(backend, "SMALL_BLOCK_GRID_ROWS", 100)
     monkeypatch.setattr(backend, "SMALL_BLOCK_THREADS", 32)
+    monkeypatch.setattr(backend, "SMALL_GRID_CHUNKS", {})
     assert [backend.data_threads(n) for n in (1, 100, 101)] == [32, 32, backend.DATA_THREADS]
     assert backend._grid_layouts() == [
-        (backend.ROWS_SMALL, 32),
-        (backend.ROWS_SMALL, backend.DATA_THREADS),
+        (backend.CHUNK_BYTES, backend.ROWS_SMALL, 32),
+        (backend.CHUNK_BYTES, backend.ROWS_SMALL, backend.DATA_THREADS),
     ]
     # both block sizes are built ahead of time, for vector and scalar accesses
     insts = backend.common_instances((128,))
     bf16 = ("BF16", "BF16", "FP8E4M3")
     assert {i[7] for i in insts if i[:3] == bf16 and i[3] == 16} == {32, backend.DATA_THREADS}
     assert {i[7] for i in insts if i[:3] == bf16 and i[3] == 1} == {backend.DATA_THREADS}
+
+
+def test_chunk_bytes_by_grid_size():
+    from attnmerge.cuda import backend
+
+    for widest, (last, chunk) in backend.SMALL_GRID_CHUNKS.items():
+        assert backend.chunk_bytes_for(1, widest) == chunk
+        assert backend.chunk_bytes_for(last, widest) == chunk
+        assert backend.chunk_bytes_for(last + 1, widest) == backend.CHUNK_BYTES
+        # both chunk sizes are built ahead of time
+        layouts = backend._grid_layouts(widest)
+        assert {c for c, _, _ in layouts} == {chunk, backend.CHUNK_BYTES}
+    dtype = {2: torch.bfloat16, 4: torch.float32}
+    insts = backend.common_instances((128,))
+    for widest, (_, chunk) in backend.SMALL_GRID_CHUNKS.items():
+        el = backend._ELEMENT[dtype[widest]]
+        vecs = {i[3] for i in insts if i[:3] == (el, el, "FP8E4M3")}
+        assert vecs == {1, chunk // widest, backend.CHUNK_BYTES // widest}
 
 
 def test_vector_accesses_need_aligned_row_chunks():

@@ -69,6 +69,22 @@ WEIGHTS_WARP, WEIGHTS_PER_THREAD = 0, 1
 #: best variant of every shape, an oracle, would give 1.09).
 WEIGHTS = WEIGHTS_PER_THREAD
 CHUNK_BYTES = 32
+#: Small grids take smaller chunks: {widest partial's bytes: (at most this many rows,
+#: chunk bytes)}. There every thread's combine is on the critical path of a
+#: latency-bound grid, and half the elements per thread shortens it. On an H200 (D =
+#: 128, FP8 out, small-variants grid, docs/performance.md), 16-byte chunks took bf16
+#: 1 x 32 from 1.55 to 1.45 us, 16 x 32 from 1.64 to 1.55 and 64 x 128 from 2.59 to
+#: 2.52, and lost from 32768 rows (256 x 128: 5.43 vs 4.24); with fp32 partials,
+#: 8-byte chunks took 1 x 8 from 1.55 to 1.41 and 1 x 128 from 1.59 to 1.52, and lost
+#: from 512 rows (16 x 32: 1.70 vs 1.66).
+SMALL_GRID_CHUNKS = {2: (8192, 16), 4: (256, 8)}
+
+
+def chunk_bytes_for(num_rows: int, widest: int) -> int:
+    """Chunk bytes for a grid of ``num_rows`` rows whose widest partial has ``widest``-byte
+    elements: :data:`SMALL_GRID_CHUNKS`, else :data:`CHUNK_BYTES`."""
+    small = SMALL_GRID_CHUNKS.get(widest)
+    return small[1] if small is not None and num_rows <= small[0] else CHUNK_BYTES
 
 
 def block_threads(weights: int, threads: int = DATA_THREADS) -> int:
@@ -240,23 +256,37 @@ def vector_width(head_size: int, widest: int, chunk_bytes: int) -> int:
     return 1
 
 
-def _grid_layouts() -> list[tuple[int, int]]:
-    """The (rows per team, data threads per block) pairs that :func:`rows_per_team` and
-    :func:`data_threads` can return, over every grid size."""
-    sizes = (1, SMALL_BLOCK_GRID_ROWS + 1, SMALL_GRID_ROWS + 1, LARGE_GRID_ROWS + 1)
-    sizes = sorted({n for n in sizes if 1 <= n <= _MAX_ROWS})
-    return list(dict.fromkeys((rows_per_team(n), data_threads(n)) for n in sizes))
+def _grid_sizes(widest: int) -> list[int]:
+    """One grid size (rows) from each range over which the grid rules (rows per team,
+    data threads, chunk bytes) stay the same."""
+    last = (SMALL_BLOCK_GRID_ROWS, SMALL_GRID_ROWS, LARGE_GRID_ROWS)
+    last += (SMALL_GRID_CHUNKS.get(widest, (0, 0))[0],)
+    return sorted({1} | {n + 1 for n in last if 1 <= n + 1 <= _MAX_ROWS})
+
+
+def _grid_layouts(widest: int = 2) -> list[tuple[int, int, int]]:
+    """The (chunk bytes, rows per team, data threads per block) that
+    :func:`chunk_bytes_for`, :func:`rows_per_team` and :func:`data_threads` can return
+    over every grid size, for partials of ``widest`` bytes."""
+    return list(
+        dict.fromkeys(
+            (chunk_bytes_for(n, widest), rows_per_team(n), data_threads(n))
+            for n in _grid_sizes(widest)
+        )
+    )
 
 
 def _variants(head_size: int, widest: int) -> list[tuple[int, int, int]]:
     """(vector width, rows per team, data threads) a call signature can need: vector or
     scalar accesses (alignment is a property of each call's tensors), and every grid
     size."""
-    vec = vector_width(head_size, widest, CHUNK_BYTES)
-    layouts = _grid_layouts()
-    found = [(vec, r, t) for r, t in layouts] if vec > 1 else []
-    # the scalar fallback takes one row per team
-    return [*found, *dict.fromkeys((1, 1, t) for _, t in layouts)]
+    found = []
+    for chunk, rows, threads in _grid_layouts(widest):
+        vec = vector_width(head_size, widest, chunk)
+        if vec > 1:
+            found.append((vec, rows, threads))
+        found.append((1, 1, threads))  # the scalar fallback takes one row per team
+    return list(dict.fromkeys(found))
 
 
 _PARTIAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -337,7 +367,7 @@ _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 def merge_two_states(*args: Any, **tuning: int | None) -> None:
     """Launch the merge on the current stream. Arguments must already be validated; they
     are those of :func:`launch_arguments` (the tuning keywords override
-    :func:`rows_per_team`, :data:`CHUNK_BYTES`, :data:`WEIGHTS` and
+    :func:`rows_per_team`, :func:`chunk_bytes_for`, :data:`WEIGHTS` and
     :func:`data_threads`)."""
     launch = launch_arguments(*args, **tuning)
     if launch is None:
@@ -379,7 +409,7 @@ def launch_arguments(
     Separate from the launch so that ``attnmerge bench`` can time the two apart.
 
     For tuning, ``rows`` (rows per thread team) overrides :func:`rows_per_team`,
-    ``chunk_bytes`` :data:`CHUNK_BYTES`, ``weights`` :data:`WEIGHTS` and ``threads``
+    ``chunk_bytes`` :func:`chunk_bytes_for`, ``weights`` :data:`WEIGHTS` and ``threads``
     (data threads per block) :func:`data_threads`.
     """
     num_tokens, num_heads, head_size = output.shape
@@ -395,8 +425,9 @@ def launch_arguments(
     )
     out_st, pre_st, suf_st = output.stride(), prefix_output.stride(), suffix_output.stride()
     pre_size, suf_size = prefix_output.itemsize, suffix_output.itemsize
-    chunk = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    vec = vector_width(head_size, max(pre_size, suf_size), chunk)
+    widest = max(pre_size, suf_size)
+    chunk = chunk_bytes_for(num_rows, widest) if chunk_bytes is None else chunk_bytes
+    vec = vector_width(head_size, widest, chunk)
     if vec > 1 and not (
         _aligned(out_ptr, out_st, output.itemsize, vec)
         and _aligned(pre_ptr, pre_st, pre_size, vec)
