@@ -14,8 +14,8 @@
 #   fuzz-triton  the fuzz of the triton backend only
 #   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
 #   demo         attnmerge demo
-#   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused, stream, read, vLLM's
-#                own kernels where `vllm` imports), CSV and PNG
+#   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused, stream, stream-cuda,
+#                read, vLLM's own kernels where `vllm` imports), CSV and PNG
 #   profile      Nsight Compute on the CUDA and Triton kernels and the CUDA tuning variants
 #                (scripts/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   launch-floor host time of one kernel launch from C, no Python (scripts/launch_floor.cu),
@@ -109,7 +109,7 @@ for arg in "$@"; do
     demo) step demo "$limit" demo.log python3 -m attnmerge demo ;;
     bench)
       step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
-        --providers "cuda,triton,unfused,stream,read$VLLM" \
+        --providers "cuda,triton,unfused,stream,stream-cuda,read$VLLM" \
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
     weight-math)
       step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py \

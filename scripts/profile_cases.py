@@ -14,6 +14,8 @@ kernels (one per case) can be matched to them.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 import attnmerge
@@ -56,9 +58,17 @@ def _vllm(args: tuple, provider: str):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", help="TxH,... (default: 1x128,4096x128)")
+    parser.add_argument("--variants", help="labels to profile, e.g. cuda,triton (default: all)")
+    opts = parser.parse_args()
+    shapes = SHAPES
+    if opts.shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in opts.shapes.split(",")]
+    chosen = opts.variants.split(",") if opts.variants else [label for label, _ in VARIANTS]
     g = torch.Generator(device="cuda").manual_seed(0)
     calls = []
-    for T, H in SHAPES:
+    for T, H in shapes:
         p = torch.randn(T, H, HEAD_SIZE, generator=g, device="cuda").to(torch.bfloat16)
         s = torch.randn(T, H, HEAD_SIZE, generator=g, device="cuda").to(torch.bfloat16)
         lp = torch.randn(H, T, generator=g, device="cuda")
@@ -67,6 +77,8 @@ def main() -> None:
         scale = torch.tensor([0.1], device="cuda")
         args = (out, p, lp, s, ls, None, None, scale)
         for label, options in VARIANTS:
+            if label not in chosen:
+                continue
             if options is None:
                 call = _public(args, label)
             elif options == "vllm":

@@ -466,11 +466,17 @@ def test_calls_merge_every_set(provider: str, fp8: bool, eager_quant: None) -> N
         torch.testing.assert_close(s["output_lse"], want_lse)
 
 
+_STREAM_PROVIDERS = ["stream"] + (["stream-cuda"] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("provider", _STREAM_PROVIDERS)
 @pytest.mark.parametrize("fp8", [True, False])
-def test_stream_moves_the_merges_bytes(fp8: bool) -> None:
-    """The stream ceiling writes every output element from the partial of the larger
-    LSE (scaled into FP8), so it reads all that a merge reads and writes all it writes."""
-    case = bench.Case("bf16", fp8, False, 72, 5, 3, "stream")
+@pytest.mark.parametrize("dtype, D", [("bf16", 72), ("fp32", 128)])
+def test_stream_moves_the_merges_bytes(fp8: bool, provider: str, dtype: str, D: int) -> None:
+    """The stream yardsticks write every output element from the partial of the larger
+    LSE (scaled into FP8), so they read all that a merge reads and write all it writes
+    (the CUDA one needs a GPU)."""
+    case = bench.Case(dtype, fp8, False, D, 5, 3, provider)
     (s,) = bench.make_input_sets(case, 1, DEVICE)
     scale = torch.tensor([bench.FP8_SCALE], device=DEVICE)
     bench.make_call(case, [s], scale if fp8 else None)()

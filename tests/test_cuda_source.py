@@ -373,6 +373,19 @@ def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch
     assert cli.main(["build", "--jobs", "0"]) == 2
 
 
+def test_stream_kernel_compiles():
+    """The bench's CUDA stream yardstick (attnmerge/cuda/stream.py) builds for the element
+    types and vector widths it is launched with, and its parameter struct matches."""
+    from attnmerge.cuda import nvrtc, stream
+
+    assert stream._PARAMS.size == 88  # static_assert(sizeof(StreamParams) == 88) in the source
+    if nvrtc.unavailable_reason() is not None:
+        pytest.skip(nvrtc.unavailable_reason())
+    for instance in ("BF16, FP8E4M3, 8, 16", "F32, FP8E4M3, 2, 64", "F16, F16, 1, 128"):
+        text = f"#define ATTNMERGE_STREAM_TWO_INSTANCE {instance}\n" + stream.source()
+        assert nvrtc.compile_cubin(text, name="stream_two.cu", arch="sm_90a").cubin
+
+
 def test_weight_math_variants_still_apply():
     """scripts/weight_math_cost.py edits the kernel source by text: each of its variants
     must still differ from the kernel (the edited lines exist) and compile."""

@@ -28,6 +28,10 @@ Providers:
 * ``stream``: not a merge but a yardstick for its byte mix: a Triton kernel that reads
   both partials and LSEs and writes the output, with next to no arithmetic
   (:mod:`attnmerge.triton.stream_kernel`; a ceiling for 2-byte partials, not for fp32);
+* ``stream-cuda``: the same yardstick as a CUDA kernel in the CUDA merge kernel's thread
+  layout and chunk rule (:mod:`attnmerge.cuda.stream`): next to ``cuda``, what the
+  merge's own arithmetic costs; next to ``stream``, how much of a yardstick is its
+  compiler's;
 * ``read``: the same kernel reading the merge's inputs and writing nothing: a lower bound
   on the time of any merge (its GB/s counts the merge's bytes, so its share of the
   datasheet bandwidth bounds every merge kernel's).
@@ -101,7 +105,17 @@ __all__ = [
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8 = torch.float8_e4m3fn
-PROVIDERS = ("cuda", "triton", "unfused", "torch", "vllm", "vllm-triton", "stream", "read")
+PROVIDERS = (
+    "cuda",
+    "triton",
+    "unfused",
+    "torch",
+    "vllm",
+    "vllm-triton",
+    "stream",
+    "stream-cuda",
+    "read",
+)
 
 # vLLM's benchmark grid (benchmarks/kernels/benchmark_merge_attn_states.py at PR #36518).
 DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
@@ -947,6 +961,10 @@ def make_call(case: Case, sets: Sequence[dict], scale: torch.Tensor | None) -> C
 
         kernel = stream_two_states if case.provider == "stream" else read_two_states
         calls = [functools.partial(kernel, s["output"], *args(s), scale) for s in sets]
+    elif case.provider == "stream-cuda":
+        from .cuda.stream import stream_two_states as stream_cuda
+
+        calls = [functools.partial(stream_cuda, s["output"], *args(s), scale) for s in sets]
     elif case.provider == "unfused":
         quant = _compiled_quantize_into()
 
