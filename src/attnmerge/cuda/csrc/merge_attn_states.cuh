@@ -424,8 +424,8 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
 // row per team, this mode is the fastest on an H200: bf16 4096x128 in 78.8 us, the
 // Triton kernel's time (the launcher's default).
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
-          int THREADS, bool kWriteLse, bool kWideRows>
-__device__ __forceinline__ void merge_two_rows_as(const MergeParams& p) {
+          int THREADS>
+__device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   static_assert(WEIGHTS == kWeightWarp || WEIGHTS == kWeightPerThread, "weights mode");
   static_assert(THREADS % TEAM == 0 && THREADS <= kMaxDataThreads, "block of whole teams");
   constexpr bool kWarp = WEIGHTS == kWeightWarp;
@@ -452,7 +452,7 @@ __device__ __forceinline__ void merge_two_rows_as(const MergeParams& p) {
       const RowWeights w = row_weights(lp, ls, p.lse_base_2 != 0);
       weight_prefix[i] = w.prefix;
       weight_suffix[i] = w.suffix;
-      if (kWriteLse) {
+      if (p.write_lse) {
         p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = row_lse(w, p.lse_base_2 != 0);
       }
     }
@@ -516,10 +516,6 @@ __device__ __forceinline__ void merge_two_rows_as(const MergeParams& p) {
       ws = weights[r].suffix;
     }
     combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, po[r], ws, so[r], inv_scale);
-    if (!kWideRows) continue;
-    // Wide rows are rare (more than DATA_THREADS chunks: scalar accesses past 128
-    // elements, fp32 past 1024); unrolled, this loop made a small-block variant spill.
-#pragma unroll 1
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
       const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
       const i64 p_off = t * p.prefix_stride_t + h * p.prefix_stride_h + col;
@@ -529,7 +525,7 @@ __device__ __forceinline__ void merge_two_rows_as(const MergeParams& p) {
     }
   }
 
-  if (!kWarp && kWriteLse) {  // every input LSE of the block has been read by now
+  if (!kWarp && p.write_lse) {  // every input LSE of the block has been read by now
     __syncthreads();
     if (lane == 0) {
 #pragma unroll
@@ -540,31 +536,6 @@ __device__ __forceinline__ void merge_two_rows_as(const MergeParams& p) {
             row_lse(weights[r], p.lse_base_2 != 0);
       }
     }
-  }
-}
-
-// One body per (output LSE or not, rows wider than a team's pass or not), picked by a
-// uniform branch: code that a call never runs still cost it time while it was in the
-// one body (run-time flags), because the compiler kept what that code would need live
-// and scheduled around it. On an H200 (bf16 -> FP8, D = 128, 16-byte chunks, the kernel
-// with its weight math removed to isolate the effect), the output-LSE code and the
-// column loop, present but not taken, took 1 x 128 from 1.36 to 1.47 us and 64 x 128
-// from 2.18 to 2.36. (Only teams of DATA_THREADS ever see wide rows: the launcher
-// sizes narrower teams to cover the head size in one pass.)
-template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
-          int THREADS>
-__device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
-  const bool wide = p.head_size > (i64)TEAM * VEC;
-  if (p.write_lse) {
-    if (wide) {
-      merge_two_rows_as<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS, true, true>(p);
-    } else {
-      merge_two_rows_as<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS, true, false>(p);
-    }
-  } else if (wide) {
-    merge_two_rows_as<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS, false, true>(p);
-  } else {
-    merge_two_rows_as<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS, false, false>(p);
   }
 }
 
