@@ -26,6 +26,8 @@
 #   weight-math  what the CUDA kernel's weight math costs (scripts/weight_math_cost.py:
 #                kernel variants with IEEE or approximate division, or no weights; with
 #                WEIGHT_MATH_COMPARE=FILE also that kernel source, e.g. the previous one)
+#   merge-cost   what separates the CUDA merge from the CUDA stream yardstick at small
+#                shapes (scripts/merge_cost.py: kernel variants that each remove one part)
 #   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
 #                8/16/32/64/128 data threads per block; triton: 1/2/4/8/16 rows per
 #                program), with stream and vLLM's kernels where `vllm` imports
@@ -80,7 +82,7 @@ echo "vllm providers: ${VLLM:-none}" >>"$OUT/env.txt"
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    variants | small-variants | weight-math | profile | launch-floor) ;;
+    variants | small-variants | weight-math | merge-cost | profile | launch-floor) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -114,6 +116,7 @@ for arg in "$@"; do
     weight-math)
       step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py \
         ${WEIGHT_MATH_COMPARE:+--compare "$WEIGHT_MATH_COMPARE"} ;;
+    merge-cost) step merge-cost "$limit" merge_cost.log python3 scripts/merge_cost.py ;;
     small-variants)
       step small-variants "$limit" small_variants.log python3 -m attnmerge bench \
         --shapes 1x128,1x32,1x8,16x128,16x32,64x128,64x32,256x128,256x32,1024x32,4096x8 \
@@ -158,6 +161,7 @@ for tool in memcheck racecheck initcheck; do
 done
 [ -f "$OUT/demo.log" ] && tail -n 12 "$OUT/demo.log"
 [ -f "$OUT/weight_math.log" ] && cat "$OUT/weight_math.log"
+[ -f "$OUT/merge_cost.log" ] && cat "$OUT/merge_cost.log"
 [ -f "$OUT/launch_floor.log" ] && grep -E "^launch floor" "$OUT/launch_floor.log"
 for log in bench.log variants.log small_variants.log launch_floor.log; do
   [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"

@@ -373,6 +373,33 @@ def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch
     assert cli.main(["build", "--jobs", "0"]) == 2
 
 
+def test_merge_cost_variants_still_apply():
+    """scripts/merge_cost.py edits the kernel source by text, like weight_math_cost.py:
+    each variant must differ from the kernel and compile."""
+    import importlib.util
+    import sys
+
+    from attnmerge.cuda import backend, nvrtc
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        spec = importlib.util.spec_from_file_location("merge_cost", scripts / "merge_cost.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(scripts))
+    variants = module.variants(backend.source())
+    assert variants["default"] == backend.source()
+    assert len(set(variants.values())) == len(variants) == 11
+    if nvrtc.unavailable_reason() is not None:
+        pytest.skip(nvrtc.unavailable_reason())
+    instance = backend.instance_for(torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, 8)
+    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {backend.template_arguments(instance)}\n"
+    for name, text in variants.items():
+        assert nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch="sm_90a").cubin
+
+
 def test_stream_kernel_compiles():
     """The bench's CUDA stream yardstick (attnmerge/cuda/stream.py) builds for the element
     types and vector widths it is launched with, and its parameter struct matches."""

@@ -1,0 +1,137 @@
+"""What separates the CUDA merge kernel from the CUDA stream yardstick at small shapes.
+
+``attnmerge bench --providers stream-cuda`` times a kernel that moves the merge's bytes in
+the merge kernel's layout with a select for its math; at T = 1 the merge takes 0.25 to
+0.35 us more. This script times textual variants of the merge kernel, each removing one
+part, next to both (bf16 -> FP8, D = 128, 16-byte chunks in 128-thread blocks, vLLM's
+bench inputs). None but ``default`` is a correct merge.
+
+* ``no_select``: zero-weight rows are not cleared (NaN rows would leak);
+* ``no_weights``: constant weights (scripts/weight_math_cost.py's variant);
+* ``skeleton``: both of the above;
+* ``fast_exp``: ``__expf`` instead of the accurate exponential;
+* ``no_scale_div``: the FP8 scale multiplied instead of its reciprocal;
+* ``no_prefix_P``: every token has a prefix (no ``prefill_tokens_with_context`` test);
+* ``skeleton_no_lse_code``: the skeleton without the output-LSE code (never run here:
+  the bench writes no output LSE);
+* ``skeleton_no_col_loop``: the skeleton without the loop over further column chunks
+  (never run at D = 128);
+* ``skeleton_neither``: without both;
+* ``skeleton_neither_select``: ... and the combine replaced by a select, which leaves
+  about the stream kernel.
+
+Run on a GPU: ``python3 scripts/merge_cost.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+import attnmerge
+from attnmerge import bench
+from attnmerge.cuda import backend as cuda_backend
+from attnmerge.cuda import driver, nvrtc
+from attnmerge.cuda.stream import stream_two_states as stream_cuda
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import weight_math_cost
+
+SHAPES = [(1, 4), (1, 128), (16, 128), (64, 128), (256, 128)]
+_LSE_CODE = "  if (!kWarp && p.write_lse) {  // every input LSE of the block has been read by now"
+_LSE_CODE_END = "// Threads per block of an instance"
+_COL_LOOP = "    for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {"
+_NO_COL_LOOP = "    for (i64 col = col0 + TEAM * VEC; false; col += TEAM * VEC) {"
+_COMBINE = (
+    "    acc[i] = __fadd_rn(__fmul_rn(wp, P::load(pk.get(i))), __fmul_rn(ws, S::load(sk.get(i))));"
+)
+_SELECT = "    acc[i] = wp > ws ? P::load(pk.get(i)) : S::load(sk.get(i));"
+
+
+def _replace(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new)
+
+
+def variants(source: str) -> dict[str, str]:
+    """Kernel sources by variant name (see the module doc)."""
+    no_select = _replace(_replace(source, "po.kept(wp != 0.0f)", "po"), "so.kept(ws != 0.0f)", "so")
+    skeleton = weight_math_cost.variants(no_select)["no_weights"]
+    start, end = skeleton.index(_LSE_CODE), skeleton.index(_LSE_CODE_END)
+    no_lse = skeleton[:start] + "}\n\n" + skeleton[end:]
+    neither = _replace(no_lse, _COL_LOOP, _NO_COL_LOOP)
+    return {
+        "default": source,
+        "no_select": no_select,
+        "no_weights": weight_math_cost.variants(source)["no_weights"],
+        "skeleton": skeleton,
+        "fast_exp": _replace(source, "base_2 ? exp2f(gap) : expf(gap)", "__expf(gap)"),
+        "no_scale_div": _replace(source, "__fdiv_rn(1.0f, scale)", "scale"),
+        "no_prefix_P": _replace(
+            source, "has_prefix[r] = t < p.tokens_with_prefix;", "has_prefix[r] = true;"
+        ),
+        "skeleton_no_lse_code": no_lse,
+        "skeleton_no_col_loop": _replace(skeleton, _COL_LOOP, _NO_COL_LOOP),
+        "skeleton_neither": neither,
+        "skeleton_neither_select": _replace(neither, _COMBINE, _SELECT),
+    }
+
+
+def _median_us(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=[0.5]) * 1e3
+
+
+def main() -> None:
+    dev = torch.cuda.current_device()
+    arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
+    instance = cuda_backend.instance_for(
+        torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, 8
+    )
+    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {cuda_backend.template_arguments(instance)}\n"
+    kernels = {
+        name: driver.load_kernel(
+            nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch=arch).cubin,
+            cuda_backend.KERNEL_NAME,
+            dev,
+            cuda_backend.DATA_THREADS,
+        )
+        for name, text in variants(cuda_backend.source()).items()
+    }
+    print(f"{torch.cuda.get_device_name(dev)}, bf16 -> FP8, D = 128, median us")
+    print(f"{'T x H':>10} {'cuda':>8} {'s-cuda':>8} " + " ".join(f"{n:>24}" for n in kernels))
+    scale = torch.tensor([bench.FP8_SCALE], device="cuda")
+    for T, H in SHAPES:
+        (s,) = bench.make_input_sets(bench.Case("bf16", True, False, 128, T, H, "cuda"), 1, "cuda")
+        args = (
+            s["output"], s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"]
+        )  # fmt: skip
+        row = [
+            _median_us(
+                lambda args=args: attnmerge.merge_attn_states(
+                    *args, None, None, scale, backend="cuda"
+                )
+            ),
+            _median_us(lambda args=args: stream_cuda(*args, scale)),
+        ]
+        _, grid, params = cuda_backend.launch_arguments(
+            *args, None, None, scale, False, chunk_bytes=16
+        )
+        for kernel in kernels.values():
+
+            def launch(kernel=kernel, grid=grid, params=params) -> None:
+                # the current stream: do_bench_cudagraph captures on a side stream
+                kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
+
+            row.append(_median_us(launch))
+        print(
+            f"{f'{T} x {H}':>10} "
+            + " ".join(f"{x:8.2f}" if i < 2 else f"{x:24.2f}" for i, x in enumerate(row)),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
