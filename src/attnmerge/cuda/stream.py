@@ -64,7 +64,9 @@ def stream_two_states(
     vec = backend.vector_width(head_size, widest, backend.chunk_bytes_for(num_rows, widest))
     team = min(backend._next_pow2(-(-head_size // vec)), backend.DATA_THREADS)
     if head_size % vec or team * vec < head_size:
-        raise ValueError(f"the stream kernel takes head sizes of at most {128 * vec}")
+        raise ValueError(
+            f"the stream kernel takes head sizes of at most {backend.DATA_THREADS * vec}"
+        )
     device = output.device.index
     kernel = _kernel(device, prefix_output.dtype, output.dtype, vec, team)
     params = _PARAMS.pack(
