@@ -373,33 +373,6 @@ def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch
     assert cli.main(["build", "--jobs", "0"]) == 2
 
 
-def test_merge_cost_variants_still_apply():
-    """scripts/merge_cost.py edits the kernel source by text, like weight_math_cost.py:
-    each variant must differ from the kernel and compile."""
-    import importlib.util
-    import sys
-
-    from attnmerge.cuda import backend, nvrtc
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    sys.path.insert(0, str(scripts))
-    try:
-        spec = importlib.util.spec_from_file_location("merge_cost", scripts / "merge_cost.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(scripts))
-    variants = module.variants(backend.source())
-    assert variants["default"] == backend.source()
-    assert len(set(variants.values())) == len(variants) == 11
-    if nvrtc.unavailable_reason() is not None:
-        pytest.skip(nvrtc.unavailable_reason())
-    instance = backend.instance_for(torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, 8)
-    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {backend.template_arguments(instance)}\n"
-    for name, text in variants.items():
-        assert nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch="sm_90a").cubin
-
-
 def test_stream_kernel_compiles():
     """The bench's CUDA stream yardstick (attnmerge/cuda/stream.py) builds for the element
     types and vector widths it is launched with, and its parameter struct matches."""
@@ -413,23 +386,33 @@ def test_stream_kernel_compiles():
         assert nvrtc.compile_cubin(text, name="stream_two.cu", arch="sm_90a").cubin
 
 
-def test_weight_math_variants_still_apply():
-    """scripts/weight_math_cost.py edits the kernel source by text: each of its variants
-    must still differ from the kernel (the edited lines exist) and compile."""
+@pytest.mark.parametrize(
+    "script, count, vec",
+    [("weight_math_cost", 4, 16), ("merge_cost", 11, 8)],  # vec: the instance each times
+)
+def test_kernel_variant_scripts_still_apply(script, count, vec):
+    """scripts/weight_math_cost.py and merge_cost.py edit the kernel source by text: each
+    of their variants must still differ from the kernel (the edited lines exist) and
+    compile."""
     import importlib.util
+    import sys
 
     from attnmerge.cuda import backend, nvrtc
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "weight_math_cost.py"
-    spec = importlib.util.spec_from_file_location("weight_math_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))  # merge_cost imports weight_math_cost
+    try:
+        spec = importlib.util.spec_from_file_location(script, scripts / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(scripts))
     variants = module.variants(backend.source())
     assert variants["default"] == backend.source()
-    assert len(set(variants.values())) == len(variants) == 4
+    assert len(set(variants.values())) == len(variants) == count
     if nvrtc.unavailable_reason() is not None:
         pytest.skip(nvrtc.unavailable_reason())
-    instance = backend.instance_for(torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, 16)
+    instance = backend.instance_for(torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, vec)
     define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {backend.template_arguments(instance)}\n"
     for name, text in variants.items():
         assert nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch="sm_90a").cubin
