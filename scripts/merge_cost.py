@@ -12,13 +12,12 @@ bench inputs). None but ``default`` is a correct merge.
 * ``fast_exp``: ``__expf`` instead of the accurate exponential;
 * ``no_scale_div``: the FP8 scale multiplied instead of its reciprocal;
 * ``no_prefix_P``: every token has a prefix (no ``prefill_tokens_with_context`` test);
-* ``skeleton_no_lse_code``: the skeleton without the output-LSE code (never run here:
-  the bench writes no output LSE);
-* ``skeleton_no_col_loop``: the skeleton without the loop over further column chunks
-  (never run at D = 128);
-* ``skeleton_neither``: without both;
-* ``skeleton_neither_select``: ... and the combine replaced by a select, which leaves
+* ``skeleton_select``: the skeleton with the combine replaced by a select, which leaves
   about the stream kernel.
+
+(The variants without the output-LSE code and without the loop over further column
+chunks, which measured what code that never runs cost, are gone: the kernel no longer
+compiles either into an instance that does not need it.)
 
 Run on a GPU: ``python3 scripts/merge_cost.py``.
 """
@@ -41,10 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import weight_math_cost
 
 SHAPES = [(1, 4), (1, 128), (16, 128), (64, 128), (256, 128)]
-_LSE_CODE = "  if (!kWarp && p.write_lse) {  // every input LSE of the block has been read by now"
-_LSE_CODE_END = "// Threads per block of an instance"
-_COL_LOOP = "    for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {"
-_NO_COL_LOOP = "    for (i64 col = col0 + TEAM * VEC; false; col += TEAM * VEC) {"
 _COMBINE = (
     "    acc[i] = __fadd_rn(__fmul_rn(wp, P::load(pk.get(i))), __fmul_rn(ws, S::load(sk.get(i))));"
 )
@@ -60,9 +55,6 @@ def variants(source: str) -> dict[str, str]:
     """Kernel sources by variant name (see the module doc)."""
     no_select = _replace(_replace(source, "po.kept(wp != 0.0f)", "po"), "so.kept(ws != 0.0f)", "so")
     skeleton = weight_math_cost.variants(no_select)["no_weights"]
-    start, end = skeleton.index(_LSE_CODE), skeleton.index(_LSE_CODE_END)
-    no_lse = skeleton[:start] + "}\n\n" + skeleton[end:]
-    neither = _replace(no_lse, _COL_LOOP, _NO_COL_LOOP)
     return {
         "default": source,
         "no_select": no_select,
@@ -73,10 +65,7 @@ def variants(source: str) -> dict[str, str]:
         "no_prefix_P": _replace(
             source, "has_prefix[r] = t < p.tokens_with_prefix;", "has_prefix[r] = true;"
         ),
-        "skeleton_no_lse_code": no_lse,
-        "skeleton_no_col_loop": _replace(skeleton, _COL_LOOP, _NO_COL_LOOP),
-        "skeleton_neither": neither,
-        "skeleton_neither_select": _replace(neither, _COMBINE, _SELECT),
+        "skeleton_select": _replace(skeleton, _COMBINE, _SELECT),
     }
 
 

@@ -15,8 +15,8 @@ bench inputs (bf16 -> FP8, D = 128, 5% of the LSEs +inf):
   merge: what the kernel costs without its weight math).
 
 Only ``default`` is a correct merge; the others exist to measure. Each variant runs in
-two layouts: 32-byte chunks in 128-thread blocks (the default) and 8-byte chunks in
-64-thread blocks (more threads per row, for small grids). Run on a GPU:
+the two layouts the chunk rule picks for bf16: 32-byte and 16-byte chunks (small grids),
+in 128-thread blocks. Run on a GPU:
 ``python3 scripts/weight_math_cost.py`` (``scripts/gpu_check.sh weight-math``).
 """
 
@@ -61,7 +61,7 @@ def variants(source: str) -> dict[str, str]:
 
 
 # layout name: (chunk bytes, data threads per block)
-LAYOUTS = {"c32b128": (32, 128), "c8b64": (8, 64)}
+LAYOUTS = {"c32b128": (32, 128), "c16b128": (16, 128)}
 
 
 def _median_us(fn) -> float:

@@ -120,17 +120,23 @@ def _nvcc_archs() -> list[str]:
 _INSTANTIATIONS = r"""
 #include "merge_attn_states.cuh"
 namespace attnmerge {
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 1, 0, 128>(const MergeParams);
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 8, 16, 4, 0, 128>(const MergeParams);
-template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 2, 0, 128>(const MergeParams);
-template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2, 0, 128>(const MergeParams);
-template __global__ void merge_two_kernel<F32, BF16, BF16, 1, 128, 1, 0, 128>(const MergeParams);
-// the per-thread-weights variant (WEIGHTS = 1), with 32-byte chunks
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128>(const MergeParams);
-template __global__ void merge_two_kernel<F32, F32, FP8E4M3, 4, 32, 2, 1, 128>(const MergeParams);
+#define INSTANCE(...) template __global__ void merge_two_kernel<__VA_ARGS__>(const MergeParams);
+// the last argument: whether the instance writes the output LSE
+INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 1, 0, 128, true)
+INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 4, 0, 128, false)
+INSTANCE(F16, F16, F16, 8, 16, 2, 0, 128, true)
+INSTANCE(F32, F32, FP8E4M3, 4, 32, 2, 0, 128, false)
+// a team of 128: the loop over further column chunks
+INSTANCE(F32, BF16, BF16, 1, 128, 1, 0, 128, true)
+INSTANCE(F32, F32, F32, 4, 128, 1, 1, 128, true)
+// the per-thread-weights variant (WEIGHTS = 1, the default), with 32- and 16-byte chunks
+INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128, false)
+INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128, true)
+INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 1, 1, 128, false)
+INSTANCE(F32, F32, FP8E4M3, 4, 32, 2, 1, 128, true)
 // small blocks: one team of 8 threads, and two teams of 16
-template __global__ void merge_two_kernel<BF16, BF16, FP8E4M3, 16, 8, 1, 1, 8>(const MergeParams);
-template __global__ void merge_two_kernel<F16, F16, F16, 8, 16, 1, 0, 32>(const MergeParams);
+INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 8, true)
+INSTANCE(F16, F16, F16, 8, 16, 1, 0, 32, false)
 }
 """
 
@@ -178,7 +184,7 @@ int main() {
       p.out_stride_t, p.out_stride_h, p.prefix_stride_t, p.prefix_stride_h,
       p.suffix_stride_t, p.suffix_stride_h, p.prefix_lse_stride_h, p.prefix_lse_stride_t,
       p.suffix_lse_stride_h, p.suffix_lse_stride_t, p.out_lse_stride_h, p.out_lse_stride_t,
-      p.lse_base_2, p.write_lse, p.heads_multiplier, p.heads_shift};
+      p.lse_base_2, p.heads_multiplier, p.heads_shift};
   for (attnmerge::i64 f : fields) printf("%lld\n", f);
   return 0;
 }
@@ -198,7 +204,7 @@ def test_params_struct_layout_matches_the_launcher(tmp_path):
     subprocess.run(
         [cxx, "-std=c++17", f"-I{CSRC}", str(tmp_path / "p.cpp"), "-o", str(exe)], check=True
     )
-    values = [1000 + i for i in range(7)] + [-(2**40) - i for i in range(16)] + [1, 0]
+    values = [1000 + i for i in range(7)] + [-(2**40) - i for i in range(16)] + [1]
     values += [2**32 - 3, 31]
     packed = backend._PARAMS.pack(*values)
     out = subprocess.run([str(exe)], input=packed, capture_output=True, check=True).stdout
@@ -254,21 +260,22 @@ def test_instance_choice():
     assert vector_width(13, 2, 32) == 1 and vector_width(20, 4, 32) == 4
     assert vector_width(6, 4, 32) == 1 and vector_width(128, 2, 8) == 4
     assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 16) == (
-        "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS, 128
+        "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS, 128, 0
     )  # fmt: skip
     # 144 chunks: the team of 128 loops; weights computed by a warp (a tuning variant)
-    assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE, 0) == (
-        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 0, 128
+    assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE, 0, write_lse=True) == (
+        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 0, 128, 1
     )  # fmt: skip
     # blocks smaller than 128 data threads hold whole teams, and at least one
-    assert instance_for(bf16, bf16, bf16, 128, 16, threads=16)[4:] == (8, ROWS_SMALL, WEIGHTS, 16)
+    assert instance_for(bf16, bf16, bf16, 128, 16, threads=16)[4:8] == (8, ROWS_SMALL, WEIGHTS, 16)
     assert instance_for(bf16, bf16, bf16, 128, 4, threads=16)[7] == 32  # one team of 32
     assert instance_for(bf16, bf16, bf16, 128, 16, threads=24)[7] == 32  # whole teams: pow2
     assert instance_for(bf16, bf16, bf16, 128, 16, threads=512)[7] == 128
     assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[4] == 128
     insts = common_instances((128, 72))
     for vec, team, rows in ((16, 8, ROWS_SMALL), (8, 16, ROWS_SMALL), (1, 128, 1)):
-        assert ("BF16", "BF16", "FP8E4M3", vec, team, rows, WEIGHTS, 128) in insts
+        for lse in (0, 1):  # with and without the output LSE
+            assert ("BF16", "BF16", "FP8E4M3", vec, team, rows, WEIGHTS, 128, lse) in insts
     # every grid takes one row per team: no other row count is built ahead of time
     assert {inst[5] for inst in insts} == {ROWS_SMALL}
     assert instance_for(bf16, bf16, bf16, 13, 1, 4)[5] == 1  # scalar fallback: one row a team
@@ -388,7 +395,7 @@ def test_stream_kernel_compiles():
 
 @pytest.mark.parametrize(
     "script, count, vec",
-    [("weight_math_cost", 4, 16), ("merge_cost", 11, 8)],  # vec: the instance each times
+    [("weight_math_cost", 4, 16), ("merge_cost", 8, 8)],  # vec: the instance each times
 )
 def test_kernel_variant_scripts_still_apply(script, count, vec):
     """scripts/weight_math_cost.py and merge_cost.py edit the kernel source by text: each

@@ -180,7 +180,8 @@ def _validate(
         if output_lse is not None:
             lse_reads = (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse))
             _check_written("output_lse", output_lse, lse_reads)
-    key = (prefix_output.dtype, suffix_output.dtype, output.dtype, shape[2], fp8)
+    write_lse = output_lse is not None
+    key = (prefix_output.dtype, suffix_output.dtype, output.dtype, shape[2], write_lse, fp8)
     return lse_base == 2, key
 
 

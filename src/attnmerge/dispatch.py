@@ -55,10 +55,10 @@ def _cuda_reason(device: torch.device, key: tuple) -> str | None:
     from .cuda.driver import DriverError
     from .cuda.nvrtc import BuildError
 
-    prefix_dtype, suffix_dtype, out_dtype, head_size, _ = key
+    prefix_dtype, suffix_dtype, out_dtype, head_size, write_lse, _ = key
     index = torch.cuda.current_device() if device.index is None else device.index
     try:  # once per call signature: decisions are cached
-        cuda_backend.prepare(index, prefix_dtype, suffix_dtype, out_dtype, head_size)
+        cuda_backend.prepare(index, prefix_dtype, suffix_dtype, out_dtype, head_size, write_lse)
     except (BuildError, DriverError) as e:
         return f"its kernel for this call could not be built or loaded: {e}"
     return None
@@ -166,8 +166,8 @@ def select(backend: str, device: torch.device, key: tuple) -> RunFn:
     Args:
         backend: one of :data:`BACKENDS` (already validated).
         device: device of the call's tensors.
-        key: hashable call signature (dtypes, head size, ...), whose last item is
-            True when the output is FP8.
+        key: hashable call signature (partial and output dtypes, head size, output LSE
+            written or not, FP8 output or not: see ``api._validate``).
     """
     name = _requested(backend)
     cache_key = (name, device, key)
@@ -194,7 +194,7 @@ def select(backend: str, device: torch.device, key: tuple) -> RunFn:
 
 def backend_status(device: torch.device) -> dict[str, str | None]:
     """Per backend: None if it can run on ``device`` (bf16 in and out), else why not."""
-    key = (torch.bfloat16, torch.bfloat16, torch.bfloat16, 128, False)
+    key = (torch.bfloat16, torch.bfloat16, torch.bfloat16, 128, False, False)
     return {name: _REASONS[name](device, key) for name in AUTO_ORDER}
 
 

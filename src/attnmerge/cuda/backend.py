@@ -1,7 +1,8 @@
 """The ``cuda`` backend: picks a kernel instance, builds it on first use, launches it.
 
 Each kernel instance (partial dtypes, output dtype, vector width, threads per row, rows
-per team of threads, weights mode, data threads per block: :data:`Instance`) is
+per team of threads, weights mode, data threads per block, whether it writes the output
+LSE: :data:`Instance`) is
 compiled by NVRTC for the device's architecture on first use and kept in the disk cache
 (:mod:`.cache`; key: attnmerge version, source hash, instance, architecture, NVRTC
 version), then loaded through the driver API (:mod:`.driver`). ``attnmerge build``
@@ -103,8 +104,8 @@ _ELEMENT = {
     torch.float8_e4m3fn: "FP8E4M3",
 }
 
-# MergeParams: 7 pointers, 16 int64, 2 int32, 2 uint32 (200 bytes, no padding).
-_PARAMS = struct.Struct("<7Q16q2i2I")
+# MergeParams: 7 pointers, 16 int64, 1 int32, 2 uint32, tail padding (200 bytes).
+_PARAMS = struct.Struct("<7Q16qi2I4x")
 assert _PARAMS.size == 200
 
 
@@ -135,16 +136,17 @@ def unavailable_reason() -> str | None:
 
 #: A kernel instance: prefix, suffix and output element types (names of the kernel's
 #: tag structs), elements per access, threads per row, rows per team, weights mode, data
-#: threads per block.
-Instance = tuple[str, str, str, int, int, int, int, int]
+#: threads per block, whether it writes the output LSE (0 or 1: a template argument, so
+#: that a call without output LSE runs none of that code; see the kernel source).
+Instance = tuple[str, str, str, int, int, int, int, int, int]
 
 
 def template_arguments(instance: Instance) -> str:
     """The C++ template arguments of merge_two_rows for one kernel instance."""
-    p, s, o, vec, team, rows, weights, threads = instance
+    p, s, o, vec, team, rows, weights, threads, write_lse = instance
     return (
         f"attnmerge::{p}, attnmerge::{s}, attnmerge::{o}, {vec}, {team}, {rows}, {weights}, "
-        f"{threads}"
+        f"{threads}, {'true' if write_lse else 'false'}"
     )
 
 
@@ -223,10 +225,12 @@ def instance_for(
     rows: int = ROWS_SMALL,
     weights: int | None = None,
     threads: int = DATA_THREADS,
+    write_lse: bool = False,
 ) -> Instance:
     """The kernel instance serving these dtypes and head size at vector width ``vec``
     with ``rows`` rows per team of threads, the given weights mode and ``threads`` data
-    threads per block (rounded up to one team, at most DATA_THREADS).
+    threads per block (rounded up to one team, at most DATA_THREADS), writing the output
+    LSE or not.
 
     The scalar fallback (``vec`` 1: misaligned or odd-sized rows, rare) always takes one
     row per team: with more, its registers spill on sm_100a.
@@ -237,7 +241,7 @@ def instance_for(
     team = min(_next_pow2(-(-head_size // vec)), DATA_THREADS)
     threads = min(max(_next_pow2(threads), team), DATA_THREADS)
     elements = (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype])
-    return (*elements, vec, team, rows, weights, threads)
+    return (*elements, vec, team, rows, weights, threads, int(write_lse))
 
 
 #: Head sizes ``attnmerge build`` prepares by default (MLA and common attention heads).
@@ -294,15 +298,17 @@ _OUTPUT_DTYPES = (*_PARTIAL_DTYPES, torch.float8_e4m3fn)
 
 
 def common_instances(head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False) -> list[Instance]:
-    """Instances for fp32/fp16/bf16 partials into every output dtype, for every variant a
-    call can need: same-dtype partials only, or with ``mixed_dtypes`` every pair."""
+    """Instances for fp32/fp16/bf16 partials into every output dtype, with and without
+    the output LSE, for every variant a call can need: same-dtype partials only, or with
+    ``mixed_dtypes`` every pair."""
     pairs = [(p, s) for p in _PARTIAL_DTYPES for s in _PARTIAL_DTYPES if mixed_dtypes or p == s]
     found = {}
     for p, s in pairs:
         for out in _OUTPUT_DTYPES:
             for head_size in head_sizes:
                 for v, r, t in _variants(head_size, max(p.itemsize, s.itemsize)):
-                    found.setdefault(instance_for(p, s, out, head_size, v, r, WEIGHTS, t))
+                    for lse in (False, True):
+                        found.setdefault(instance_for(p, s, out, head_size, v, r, WEIGHTS, t, lse))
     return list(found)
 
 
@@ -312,9 +318,11 @@ def prepare(
     suffix_dtype: torch.dtype,
     out_dtype: torch.dtype,
     head_size: int,
+    write_lse: bool,
 ) -> None:
-    """Build (or load) and load every kernel instance a call signature can need, so
-    that a failing build shows at backend selection, not mid-call.
+    """Build (or load) and load every kernel instance a call signature (dtypes, head
+    size, output LSE or not) can need, so that a failing build shows at backend
+    selection, not mid-call.
 
     Raises:
         nvrtc.BuildError, driver.DriverError: with the compiler's or driver's message.
@@ -323,7 +331,10 @@ def prepare(
         return
     widest = max(prefix_dtype.itemsize, suffix_dtype.itemsize)
     for v, r, t in _variants(head_size, widest):
-        _launcher(device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r, WEIGHTS, t)
+        _launcher(
+            device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r, WEIGHTS, t,
+            write_lse,
+        )  # fmt: skip
 
 
 @functools.cache
@@ -337,10 +348,11 @@ def _launcher(
     rows: int,
     weights: int,
     threads: int,
+    write_lse: bool,
 ) -> tuple[driver.Kernel, int]:
     """The loaded kernel of one call variant and the rows each of its blocks merges."""
     instance = instance_for(
-        prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows, weights, threads
+        prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows, weights, threads, write_lse
     )
     team, rows, threads = instance[4], instance[5], instance[7]
     return _kernel(device_index, instance), threads // team * rows
@@ -445,6 +457,7 @@ def launch_arguments(
         rows_per_team(num_rows) if rows is None else rows,
         WEIGHTS if weights is None else weights,
         data_threads(num_rows) if threads is None else threads,
+        output_lse is not None,
     )
     lse_out = output_lse if output_lse is not None else suffix_lse  # not written then
     params = _PARAMS.pack(
@@ -469,7 +482,6 @@ def launch_arguments(
         *suffix_lse.stride(),
         *lse_out.stride(),
         lse_base_2,
-        output_lse is not None,
         *head_divisor(num_heads),
     )
     return kernel, -(-num_rows // rows_per_block), params

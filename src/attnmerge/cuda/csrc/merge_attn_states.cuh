@@ -21,11 +21,12 @@ typedef unsigned int u32;
 typedef long long i64;
 
 // Kernel parameters, passed by value as one struct. The layout is fixed (7 pointers,
-// 16 int64, 2 int32, 2 uint32 = 200 bytes, no padding) because the Python launcher packs
-// it byte by byte; keep it in sync with _PARAMS in attnmerge/cuda/backend.py.
+// 16 int64, 1 int32, 2 uint32, 4 bytes of tail padding = 200 bytes) because the Python
+// launcher packs it byte by byte; keep it in sync with _PARAMS in
+// attnmerge/cuda/backend.py.
 struct MergeParams {
   void* out;
-  float* out_lse;  // unused unless write_lse
+  float* out_lse;  // unused unless the instance writes the output LSE (WRITE_LSE)
   const void* prefix;
   const float* prefix_lse;
   const void* suffix;
@@ -42,7 +43,6 @@ struct MergeParams {
   i64 suffix_lse_stride_h, suffix_lse_stride_t;
   i64 out_lse_stride_h, out_lse_stride_t;
   int lse_base_2;
-  int write_lse;
   // row / num_heads as a multiply and shift (see token_of)
   u32 heads_multiplier;
   u32 heads_shift;
@@ -425,12 +425,24 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
 // thread's loads went out one after another. Since then, with 32-byte chunks and one
 // row per team, this mode is the fastest on an H200: bf16 4096x128 in 78.8 us, the
 // Triton kernel's time (the launcher's default).
+//
+// What a call does not need is not compiled into its instance, because code that never
+// runs still cost time in a latency-bound grid: whether the output LSE is written is a
+// template argument (WRITE_LSE), and only teams of kMaxDataThreads get the loop over
+// further column chunks (the launcher sizes any narrower team to cover the head size in
+// one pass). With both as run-time tests, the sm_90a code of the bf16 -> FP8 instance
+// for small grids was 504 instructions, not 304, and a thread's exit sat 114 of them
+// past its store, behind the loop and LSE code it skipped. On an H200 (D = 128, same
+// run, scripts/weight_math_cost.py --compare) this took 1 x 128 from 1.53 to 1.48 us,
+// 16 x 128 from 1.81 to 1.73, and (32-byte chunks) 256 x 128 from 4.29 to 4.13. A
+// single kernel with one body per case, picked by a uniform branch, was slower.
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
-          int THREADS>
+          int THREADS, bool WRITE_LSE>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   static_assert(WEIGHTS == kWeightWarp || WEIGHTS == kWeightPerThread, "weights mode");
   static_assert(THREADS % TEAM == 0 && THREADS <= kMaxDataThreads, "block of whole teams");
   constexpr bool kWarp = WEIGHTS == kWeightWarp;
+  constexpr bool kWideRows = TEAM == kMaxDataThreads;  // head sizes over TEAM * VEC
   constexpr int kTeams = THREADS / TEAM;
   constexpr int kBlockRows = kTeams * ROWS;
   __shared__ float weight_prefix[kWarp ? kBlockRows : 1], weight_suffix[kWarp ? kBlockRows : 1];
@@ -454,7 +466,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       const RowWeights w = row_weights(lp, ls, p.lse_base_2 != 0);
       weight_prefix[i] = w.prefix;
       weight_suffix[i] = w.suffix;
-      if (p.write_lse) {
+      if (WRITE_LSE) {
         p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = row_lse(w, p.lse_base_2 != 0);
       }
     }
@@ -518,6 +530,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       ws = weights[r].suffix;
     }
     combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, po[r], ws, so[r], inv_scale);
+    if (!kWideRows) continue;
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
       const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
       const i64 p_off = t * p.prefix_stride_t + h * p.prefix_stride_h + col;
@@ -527,7 +540,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     }
   }
 
-  if (!kWarp && p.write_lse) {  // every input LSE of the block has been read by now
+  if (!kWarp && WRITE_LSE) {  // every input LSE of the block has been read by now
     __syncthreads();
     if (lane == 0) {
 #pragma unroll
@@ -543,15 +556,15 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
 
 // Threads per block of an instance: the data threads, plus the weight warp if any.
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
-          int THREADS>
+          int THREADS, bool WRITE_LSE>
 __host__ __device__ constexpr int block_threads() {
   return WEIGHTS == kWeightWarp ? THREADS + kWeightThreads : THREADS;
 }
 
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
-          int THREADS>
+          int THREADS, bool WRITE_LSE>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) merge_two_kernel(const MergeParams p) {
-  merge_two_rows<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS>(p);
+  merge_two_rows<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS, WRITE_LSE>(p);
 }
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the
