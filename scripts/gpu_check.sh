@@ -25,7 +25,7 @@
 #                rule and 4 or 8 rows per program)
 #   weight-math  what the CUDA kernel's weight math costs (scripts/weight_math_cost.py:
 #                kernel variants with IEEE or approximate division, or no weights; with
-#                WEIGHT_MATH_COMPARE=FILE also that kernel source, e.g. the previous one)
+#                WEIGHT_MATH_COMPARE="FILE ..." also those kernel sources, e.g. the previous one)
 #   merge-cost   what separates the CUDA merge from the CUDA stream yardstick at small
 #                shapes (scripts/merge_cost.py: kernel variants that each remove one part)
 #   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
@@ -115,7 +115,7 @@ for arg in "$@"; do
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
     weight-math)
       step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py \
-        ${WEIGHT_MATH_COMPARE:+--compare "$WEIGHT_MATH_COMPARE"} ;;
+        ${WEIGHT_MATH_COMPARE:+--compare $WEIGHT_MATH_COMPARE} ;;
     merge-cost) step merge-cost "$limit" merge_cost.log python3 scripts/merge_cost.py ;;
     small-variants)
       step small-variants "$limit" small_variants.log python3 -m attnmerge bench \

@@ -53,7 +53,7 @@ def _replace(text: str, old: str, new: str) -> str:
 
 def variants(source: str) -> dict[str, str]:
     """Kernel sources by variant name (see the module doc)."""
-    no_select = _replace(_replace(source, "po.kept(wp != 0.0f)", "po"), "so.kept(ws != 0.0f)", "so")
+    no_select = _replace(_replace(source, "po.kept(keep_p)", "po"), "so.kept(keep_s)", "so")
     skeleton = weight_math_cost.variants(no_select)["no_weights"]
     return {
         "default": source,

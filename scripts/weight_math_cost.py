@@ -7,9 +7,10 @@ bench inputs (bf16 -> FP8, D = 128, 5% of the LSEs +inf):
 * ``default``: the kernel as shipped;
 * ``ieee_div``: the weights divided by ``__fdiv_rn`` (IEEE division with its operand
   check and slow path), as before ``divide_weight``;
-* ``compare`` (with ``--compare FILE``): another version of the kernel source, e.g. the
-  previous commit's (``git show HEAD~1:src/attnmerge/cuda/csrc/merge_attn_states.cuh``),
-  to time a change against what it replaces in the same run;
+* ``FILE`` (with ``--compare FILE [FILE ...]``, named by the file's stem): other versions
+  of the kernel source, e.g. the previous commit's (``git show
+  HEAD~1:src/attnmerge/cuda/csrc/merge_attn_states.cuh``), to time a change against what
+  it replaces, or candidates against each other, in the same run;
 * ``approx_div``: ``__fdividef`` (not exact: a bound on what any division can save);
 * ``no_weights``: constant weights, no exp, division or zero-weight selects (not a
   merge: what the kernel costs without its weight math).
@@ -36,17 +37,17 @@ from attnmerge.triton.stream_kernel import read_two_states, stream_two_states
 
 SHAPES = [(1, 4), (1, 128), (16, 32), (16, 128), (64, 128), (256, 128), (4096, 128)]
 _ROW_WEIGHTS = "weights[r] = row_weights(lp[r], ls[r], p.lse_base_2 != 0);"
-_WEIGHT_DIVISIONS = ("divide_weight(1.0f, total, y)", "divide_weight(e, total, y)")
+# the two weight divisions, by numerator
+_WEIGHT_DIVISIONS = {"1.0f": "reciprocal_weight(total, y)", "e": "divide_weight(e, total, y)"}
 
 
 def variants(source: str) -> dict[str, str]:
     """Kernel sources by variant name (see the module doc)."""
-    assert _ROW_WEIGHTS in source and all(d in source for d in _WEIGHT_DIVISIONS)
+    assert _ROW_WEIGHTS in source and all(d in source for d in _WEIGHT_DIVISIONS.values())
 
     def divisions(fn: str) -> str:
         out = source
-        for d in _WEIGHT_DIVISIONS:
-            numerator = d[len("divide_weight(") :].split(",")[0]
+        for numerator, d in _WEIGHT_DIVISIONS.items():
             out = out.replace(d, f"{fn}({numerator}, total)")
         return out
 
@@ -55,7 +56,7 @@ def variants(source: str) -> dict[str, str]:
         "ieee_div": divisions("__fdiv_rn"),
         "approx_div": divisions("__fdividef"),
         "no_weights": source.replace(
-            _ROW_WEIGHTS, "weights[r] = RowWeights{0.5f, 0.5f, lp[r], ls[r]};"
+            _ROW_WEIGHTS, "weights[r] = RowWeights{0.5f, 0.5f, lp[r], ls[r], true, true};"
         ),
     }
 
@@ -70,13 +71,15 @@ def _median_us(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--compare", type=Path, help="another kernel source to time")
+    parser.add_argument(
+        "--compare", type=Path, nargs="+", default=[], help="other kernel sources to time"
+    )
     args = parser.parse_args()
     dev = torch.cuda.current_device()
     arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
     sources = variants(cuda_backend.source())
-    if args.compare is not None:
-        sources["compare"] = args.compare.read_text()
+    for path in args.compare:
+        sources[path.stem] = path.read_text()
     kernels = {}
     for layout, (chunk, threads) in LAYOUTS.items():
         vec = cuda_backend.vector_width(128, 2, chunk)

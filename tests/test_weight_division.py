@@ -23,7 +23,8 @@ struct PairArgs {
   const float* a;
   const float* b;
   float* out;  // divide: n quotients; weights: n x {prefix, suffix, textbook prefix,
-               // textbook suffix, max, total, textbook max, textbook total}
+               // textbook suffix, max, total, textbook max, textbook total, keep prefix,
+               // keep suffix}
   long long n;
   int base_2;
 };
@@ -51,7 +52,7 @@ extern "C" __global__ void row_weights(const PairArgs args) {
   const float ep = base_2 ? exp2f(p - m) : expf(p - m);
   const float es = base_2 ? exp2f(s - m) : expf(s - m);
   const float total = ep + es;
-  float* out = args.out + 8 * i;
+  float* out = args.out + 10 * i;
   out[0] = w.prefix;
   out[1] = w.suffix;
   out[2] = empty ? 0.0f : __fdiv_rn(ep, total);
@@ -60,6 +61,8 @@ extern "C" __global__ void row_weights(const PairArgs args) {
   out[5] = w.total;
   out[6] = m;
   out[7] = total;
+  out[8] = w.keep_prefix ? 1.0f : 0.0f;
+  out[9] = w.keep_suffix ? 1.0f : 0.0f;
 }
 """
 _BLOCK = 256
@@ -155,10 +158,15 @@ def test_division_by_one_keeps_subnormals(kernels):
 
 
 def _check_weights(kernels, lp: torch.Tensor, ls: torch.Tensor, base_2: bool) -> None:
-    out = kernels("row_weights", lp, ls, 8, base_2)
+    out = kernels("row_weights", lp, ls, 10, base_2)
     inputs = (lp, ls)
     _assert_same(out[:, 0], out[:, 2], "prefix weights", inputs)
     _assert_same(out[:, 1], out[:, 3], "suffix weights", inputs)
+    # the rows the combine keeps, decided before the weights: those of nonzero (or NaN)
+    # weight, exactly
+    for keep, weight, what in ((8, 2, "kept prefixes"), (9, 3, "kept suffixes")):
+        wrong = (out[:, keep] != 0) != (out[:, weight] != 0)
+        assert not bool(wrong.any()), f"{what}: wrong at inputs {lp[wrong][:4]}, {ls[wrong][:4]}"
     # the output LSE's terms: the same max and sum of exponentials (0 marks empty)
     empty = out[:, 5] == 0
     _assert_same(out[:, 4][~empty], out[:, 6][~empty], "maxima", (lp[~empty], ls[~empty]))

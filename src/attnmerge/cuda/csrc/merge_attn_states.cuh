@@ -307,6 +307,7 @@ __device__ __forceinline__ void store_row(void* base, i64 offset, const float (&
 // output LSE the logarithm would cost every thread its instructions for nothing.
 struct RowWeights {
   float prefix, suffix, max, total;
+  bool keep_prefix, keep_suffix;  // weight != 0 (or NaN), known before the weights are
 };
 
 __device__ __forceinline__ float row_lse(const RowWeights& w, bool base_2) {
@@ -347,29 +348,58 @@ __device__ __forceinline__ float divide_weight(float a, float b, float y) {
 #endif
 }
 
+// 1 / b as divide_weight(1, b, y) computes it, one instruction shorter: its quotient
+// 1 * y is y exactly.
+__device__ __forceinline__ float reciprocal_weight(float b, float y) {
+#ifdef __CUDA_ARCH__
+  return __fmaf_rn(__fmaf_rn(-b, y, 1.0f), y, y);
+#else
+  (void)y;
+  return 1.0f / b;
+#endif
+}
+
 // One exponential per row: the larger LSE's is exp(0) = 1, exactly, so the reference's
 // two exponentials are 1 and e = exp(lo - hi), and both weights share the denominator
 // 1 + e and its reciprocal. With token_of and the early scale and LSE reads, this took
 // bf16 -> FP8 on an H200 from 1.70 to 1.58 us at 1 x 128 and from 4.88 to 4.21 at
 // 256 x 128 (same run; docs/performance.md).
+//
+// The weights are on a small grid's critical path (the rows arrive while they are
+// computed), so the chain from the loaded LSEs to them is kept short:
+//   - lo - hi is -|lp - ls| (IEEE subtraction rounds the same either way round), taken
+//     from the LSEs as loaded: an empty partial (+inf or -inf) on either side makes it
+//     -inf and e = 0, so the exponential does not wait for the empty-row tests. It is
+//     NaN for a NaN LSE (as it must be) and for some all-empty rows, whose weights are
+//     set to 0 below;
+//   - which rows are kept (nonzero weight) follows from e: the larger LSE's weight is
+//     1 / (1 + e) >= 1/2, the smaller's is zero exactly when e is (divide_weight of a
+//     nonzero e is nonzero), and a NaN e keeps both; so the combine can clear a row
+//     without waiting for the division.
+// On an H200 (bf16 -> FP8, D = 128, 16-byte chunks, two runs of
+// scripts/weight_math_cost.py --compare) this took 1 x 4 from 1.39 to 1.35 us, 1 x 128
+// from 1.48 to 1.45 and 64 x 128 from 2.43 to 2.34; with 32-byte chunks 256 x 128 went
+// from 4.17 to 4.25. Folding the clearing into taking bf16 words apart (a byte permute
+// per value) saved nothing measurable on top.
 __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_2) {
   const float inf = __int_as_float(0x7f800000);
+  const float gap = -fabsf(__fsub_rn(lp, ls));
+  const float e = base_2 ? exp2f(gap) : expf(gap);
   if (lp == inf) lp = -inf;
   if (ls == inf) ls = -inf;
   const bool prefix_larger = lp >= ls;  // either way for NaN: both weights are NaN then
-  float hi = (lp != lp || ls != ls) ? __int_as_float(0x7fffffff) : fmaxf(lp, ls);
-  const bool empty = hi == -inf;
-  if (empty) hi = 0.0f;
-  const float gap = __fsub_rn(fminf(lp, ls), hi);  // <= 0, -inf for one empty partial
-  const float e = base_2 ? exp2f(gap) : expf(gap);
+  const bool empty = lp == -inf && ls == -inf;
   const float total = __fadd_rn(1.0f, e);
   const float y = weight_reciprocal(total);
-  const float w_hi = divide_weight(1.0f, total, y);
+  const float w_hi = reciprocal_weight(total, y);
   const float w_lo = divide_weight(e, total, y);
+  const bool keep_lo = e != 0.0f;
   RowWeights w;
   w.prefix = empty ? 0.0f : prefix_larger ? w_hi : w_lo;
   w.suffix = empty ? 0.0f : prefix_larger ? w_lo : w_hi;
-  w.max = hi;
+  w.keep_prefix = !empty && (prefix_larger || keep_lo);
+  w.keep_suffix = !empty && (!prefix_larger || keep_lo);
+  w.max = (lp != lp || ls != ls) ? __int_as_float(0x7fffffff) : fmaxf(lp, ls);
   w.total = empty ? 0.0f : total;
   return w;
 }
@@ -380,12 +410,13 @@ __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_
 // 0 * +0 is the reference's +0. The inputs arrive in their storage type: held that way
 // across the barrier, a bf16 row chunk takes 4 registers, not 8.
 template <typename P, typename S, typename O, int VEC>
-__device__ __forceinline__ void combine_store(void* out, i64 offset, float wp,
+__device__ __forceinline__ void combine_store(void* out, i64 offset, float wp, bool keep_p,
                                               const Chunk<typename P::storage, VEC>& po, float ws,
+                                              bool keep_s,
                                               const Chunk<typename S::storage, VEC>& so,
                                               float inv_scale) {
-  const Chunk<typename P::storage, VEC> pk = po.kept(wp != 0.0f);
-  const Chunk<typename S::storage, VEC> sk = so.kept(ws != 0.0f);
+  const Chunk<typename P::storage, VEC> pk = po.kept(keep_p);
+  const Chunk<typename S::storage, VEC> sk = so.kept(keep_s);
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
@@ -521,22 +552,29 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   for (int r = 0; r < ROWS; ++r) {
     if (!row_ok[r] || col0 >= p.head_size) continue;
     float wp, ws;
+    bool keep_p, keep_s;
     if (kWarp) {
       wp = weight_prefix[r * kTeams + team];
       ws = weight_suffix[r * kTeams + team];
+      keep_p = wp != 0.0f;
+      keep_s = ws != 0.0f;
     } else {
       weights[r] = row_weights(lp[r], ls[r], p.lse_base_2 != 0);
       wp = weights[r].prefix;  // lane 0 (col0 = 0) always gets here for a valid row
       ws = weights[r].suffix;
+      keep_p = weights[r].keep_prefix;
+      keep_s = weights[r].keep_suffix;
     }
-    combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, po[r], ws, so[r], inv_scale);
+    combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, keep_p, po[r], ws, keep_s, so[r],
+                                inv_scale);
     if (!kWideRows) continue;
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
       const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
       const i64 p_off = t * p.prefix_stride_t + h * p.prefix_stride_h + col;
       if (has_prefix[r]) po[r] = load_row<P, VEC>(p.prefix, p_off);
       so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col);
-      combine_store<P, S, O, VEC>(p.out, o_row[r] + col, wp, po[r], ws, so[r], inv_scale);
+      combine_store<P, S, O, VEC>(p.out, o_row[r] + col, wp, keep_p, po[r], ws, keep_s, so[r],
+                                  inv_scale);
     }
   }
 
