@@ -12,8 +12,13 @@ bench inputs). None but ``default`` is a correct merge.
 * ``fast_exp``: ``__expf`` instead of the accurate exponential;
 * ``no_scale_div``: the FP8 scale multiplied instead of its reciprocal;
 * ``no_prefix_P``: every token has a prefix (no ``prefill_tokens_with_context`` test);
-* ``skeleton_select``: the skeleton with the combine replaced by a select, which leaves
-  about the stream kernel.
+* ``skeleton_select``: the skeleton with the combine replaced by a select between the two
+  rows by their LSEs, as ``stream-cuda`` does: what is left is the merge kernel's
+  addressing. (An earlier version selected by the skeleton's constant weights; the
+  compiler then dropped the prefix row's loads, so it moved half the bytes.)
+* ``contiguous``: the kernel with ``stream-cuda``'s addressing (row x head size, LSE
+  ``[H, T]``, no strides), right only for contiguous tensors, as the bench's are: what the
+  general strides cost.
 
 (The variants without the output-LSE code and without the loop over further column
 chunks, which measured what code that never runs cost, are gone: the kernel no longer
@@ -24,6 +29,7 @@ Run on a GPU: ``python3 scripts/merge_cost.py``.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -44,6 +50,22 @@ _COMBINE = (
     "    acc[i] = __fadd_rn(__fmul_rn(wp, P::load(pk.get(i))), __fmul_rn(ws, S::load(sk.get(i))));"
 )
 _SELECT = "    acc[i] = wp > ws ? P::load(pk.get(i)) : S::load(sk.get(i));"
+# the skeleton's weights, made the LSEs, so that the select above depends on them
+_SELECT_WEIGHTS = "weights[r] = RowWeights{lp[r], ls[r], lp[r], ls[r], true, true};"
+# stride arithmetic -> contiguous offsets (the kernel's data threads)
+_CONTIGUOUS = {
+    "o_row[r] = t * p.out_stride_t + h * p.out_stride_h;": (
+        "o_row[r] = (i64)row32[r] * p.head_size;"
+    ),
+    "p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]\n                  :": (
+        "p.prefix_lse[h * p.prefix_lse_stride_h + t]\n                  :"
+    ),
+    "p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t]\n": (
+        "p.suffix_lse[h * p.suffix_lse_stride_h + t]\n"
+    ),
+    "t * p.prefix_stride_t + h * p.prefix_stride_h + col0)": "(i64)row32[r] * p.head_size + col0)",
+    "t * p.suffix_stride_t + h * p.suffix_stride_h + col0)": "(i64)row32[r] * p.head_size + col0)",
+}
 
 
 def _replace(text: str, old: str, new: str) -> str:
@@ -65,7 +87,12 @@ def variants(source: str) -> dict[str, str]:
         "no_prefix_P": _replace(
             source, "has_prefix[r] = t < p.tokens_with_prefix;", "has_prefix[r] = true;"
         ),
-        "skeleton_select": _replace(skeleton, _COMBINE, _SELECT),
+        "skeleton_select": _replace(
+            _replace(no_select, weight_math_cost.ROW_WEIGHTS, _SELECT_WEIGHTS), _COMBINE, _SELECT
+        ),
+        "contiguous": functools.reduce(
+            lambda text, edit: _replace(text, *edit), _CONTIGUOUS.items(), source
+        ),
     }
 
 

@@ -36,14 +36,14 @@ from attnmerge.cuda import driver, nvrtc
 from attnmerge.triton.stream_kernel import read_two_states, stream_two_states
 
 SHAPES = [(1, 4), (1, 128), (16, 32), (16, 128), (64, 128), (256, 128), (4096, 128)]
-_ROW_WEIGHTS = "weights[r] = row_weights(lp[r], ls[r], p.lse_base_2 != 0);"
+ROW_WEIGHTS = "weights[r] = row_weights(lp[r], ls[r], p.lse_base_2 != 0);"
 # the two weight divisions, by numerator
 _WEIGHT_DIVISIONS = {"1.0f": "reciprocal_weight(total, y)", "e": "divide_weight(e, total, y)"}
 
 
 def variants(source: str) -> dict[str, str]:
     """Kernel sources by variant name (see the module doc)."""
-    assert _ROW_WEIGHTS in source and all(d in source for d in _WEIGHT_DIVISIONS.values())
+    assert ROW_WEIGHTS in source and all(d in source for d in _WEIGHT_DIVISIONS.values())
 
     def divisions(fn: str) -> str:
         out = source
@@ -56,7 +56,7 @@ def variants(source: str) -> dict[str, str]:
         "ieee_div": divisions("__fdiv_rn"),
         "approx_div": divisions("__fdividef"),
         "no_weights": source.replace(
-            _ROW_WEIGHTS, "weights[r] = RowWeights{0.5f, 0.5f, lp[r], ls[r], true, true};"
+            ROW_WEIGHTS, "weights[r] = RowWeights{0.5f, 0.5f, lp[r], ls[r], true, true};"
         ),
     }
 
