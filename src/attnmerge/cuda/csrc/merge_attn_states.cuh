@@ -377,8 +377,8 @@ __device__ __forceinline__ float reciprocal_weight(float b, float y) {
 //     nonzero e is nonzero), and a NaN e keeps both; so the combine can clear a row
 //     without waiting for the division.
 // On an H200 (bf16 -> FP8, D = 128, 16-byte chunks, two runs of
-// scripts/weight_math_cost.py --compare) this took 1 x 4 from 1.39 to 1.35 us, 1 x 128
-// from 1.48 to 1.45 and 64 x 128 from 2.43 to 2.34; with 32-byte chunks 256 x 128 went
+// scripts/weight_math_cost.py --compare) this took 1 x 4 from 1.40 to 1.35 us, 1 x 128
+// from 1.48 to 1.44 and 64 x 128 from 2.43 to 2.33; with 32-byte chunks 256 x 128 went
 // from 4.17 to 4.25. Folding the clearing into taking bf16 words apart (a byte permute
 // per value) saved nothing measurable on top.
 __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_2) {
@@ -465,7 +465,7 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp, b
 // for small grids was 504 instructions, not 304, and a thread's exit sat 114 of them
 // past its store, behind the loop and LSE code it skipped. On an H200 (D = 128, same
 // run, scripts/weight_math_cost.py --compare) this took 1 x 128 from 1.53 to 1.48 us,
-// 16 x 128 from 1.81 to 1.73, and (32-byte chunks) 256 x 128 from 4.29 to 4.13. A
+// 16 x 128 from 1.81 to 1.75, and (32-byte chunks) 256 x 128 from 4.29 to 4.16. A
 // single kernel with one body per case, picked by a uniform branch, was slower.
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
           int THREADS, bool WRITE_LSE>
