@@ -132,7 +132,8 @@ __host__ __device__ __forceinline__ u8 float_to_e4m3_satfinite(float x) {
 // kMaxDataThreads), plus (WEIGHTS == kWeightWarp) one warp that computes the rows'
 // weights (see merge_two_rows).
 constexpr int kMaxDataThreads = 128;
-constexpr int kWeightThreads = 32;
+constexpr int kWarpSize = 32;
+constexpr int kWeightThreads = kWarpSize;
 constexpr int kMaxThreadsPerBlock = kMaxDataThreads + kWeightThreads;
 
 // Where a row's weights are computed: by every thread of the row's team (the launcher's
@@ -451,7 +452,8 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp, b
 //
 // WEIGHTS == kWeightPerThread: no weight warp; every thread loads its rows' LSEs with
 // their data and computes the weights itself. A row's output LSE is written by its
-// team's first thread after a block barrier that follows every read of an input LSE.
+// team's first thread after a barrier (the warp's, or the block's for teams wider than
+// a warp) that follows every read of the team's input LSEs.
 // The 140 us above predate holding loaded chunks as 32-bit words (see Chunk), when a
 // thread's loads went out one after another. Since then, with 32-byte chunks and one
 // row per team, this mode is the fastest on an H200: bf16 4096x128 in 78.8 us, the
@@ -578,8 +580,15 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     }
   }
 
-  if (!kWarp && WRITE_LSE) {  // every input LSE of the block has been read by now
-    __syncthreads();
+  if (!kWarp && WRITE_LSE) {
+    // The team's first thread writes its rows' output LSEs, which may be the very input
+    // LSEs (in place), so it waits until the team has read them. Only a row's own team
+    // reads them: teams within one warp need a warp barrier, not the block's.
+    if (TEAM <= kWarpSize) {
+      __syncwarp();
+    } else {
+      __syncthreads();
+    }
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
