@@ -153,6 +153,15 @@ def test_vector_and_scalar_paths(emulated, monkeypatch):
     assert emulated[-1][3] == 8
 
 
+def test_output_lse_code_only_in_instances_that_write_it(emulated):
+    # Whether the output LSE is written is part of the kernel instance (a template
+    # argument), so a call without one runs none of that code.
+    _check(make_case(6, 4, 128, dtype=torch.bfloat16, with_lse=False))
+    assert emulated[-1][8] == 0
+    _check(make_case(6, 4, 128, dtype=torch.bfloat16))
+    assert emulated[-1][8] == 1
+
+
 @pytest.mark.parametrize("base", ["e", 2])
 def test_special_values_and_base(emulated, base):
     case = make_case(

@@ -19,7 +19,7 @@ static std::barrier<>* block_barrier = nullptr;
 
 static inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 // A warp barrier as the block's: stronger, and every thread of a block reaches it.
-static inline void __syncwarp() { block_barrier->arrive_and_wait(); }
+static inline void __syncwarp(unsigned) { block_barrier->arrive_and_wait(); }
 static inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, 4);

@@ -407,9 +407,10 @@ __device__ __forceinline__ RowWeights row_weights(float lp, float ls, bool base_
 
 // out[i] = wp * po[i] + ws * so[i], stored as O (FP8: times inv_scale first). A zero
 // weight contributes exactly 0 whatever its row holds (NaN, inf, or nothing read: an
-// absent prefix row, t >= P, has weight 0): its row's bits are cleared first, and
-// 0 * +0 is the reference's +0. The inputs arrive in their storage type: held that way
-// across the barrier, a bf16 row chunk takes 4 registers, not 8.
+// absent prefix row, t >= P, has weight 0): its row's bits are cleared first (keep_p,
+// keep_s false: see RowWeights), and 0 * +0 is the reference's +0. The inputs arrive in
+// their storage type: held that way across the barrier, a bf16 row chunk takes 4
+// registers, not 8.
 template <typename P, typename S, typename O, int VEC>
 __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp, bool keep_p,
                                               const Chunk<typename P::storage, VEC>& po, float ws,
@@ -583,9 +584,10 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   if (!kWarp && WRITE_LSE) {
     // The team's first thread writes its rows' output LSEs, which may be the very input
     // LSEs (in place), so it waits until the team has read them. Only a row's own team
-    // reads them: teams within one warp need a warp barrier, not the block's.
+    // reads them: teams within one warp need a warp barrier, not the block's (over the
+    // block's threads only, where a block is less than a warp).
     if (TEAM <= kWarpSize) {
-      __syncwarp();
+      __syncwarp(THREADS >= kWarpSize ? 0xffffffffu : (1u << THREADS) - 1u);
     } else {
       __syncthreads();
     }
