@@ -19,6 +19,12 @@ bench inputs). None but ``default`` is a correct merge.
 * ``contiguous``: the kernel with ``stream-cuda``'s addressing (row x head size, LSE
   ``[H, T]``, no strides), right only for contiguous tensors, as the bench's are: what the
   general strides cost.
+* ``stream_like``: ``skeleton_select`` with contiguous addressing, no P test and an early
+  exit for threads without a row: ``stream-cuda``'s work in the merge kernel's code (its
+  sm_90a code is within a few instructions of ``stream-cuda``'s, yet it was slower);
+* ``stream_like_no_scale_div``: the same without the scale's division, whose operand
+  check and branch the compiler places before the select here and after it in
+  ``stream-cuda``.
 
 (The variants without the output-LSE code and without the loop over further column
 chunks, which measured what code that never runs cost, are gone: the kernel no longer
@@ -52,6 +58,18 @@ _COMBINE = (
 _SELECT = "    acc[i] = wp > ws ? P::load(pk.get(i)) : S::load(sk.get(i));"
 # the skeleton's weights, made the LSEs, so that the select above depends on them
 _SELECT_WEIGHTS = "weights[r] = RowWeights{lp[r], ls[r], lp[r], ls[r], true, true};"
+_NO_P = ("has_prefix[r] = t < p.tokens_with_prefix;", "has_prefix[r] = true;")
+_NO_SCALE_DIV = ("__fdiv_rn(1.0f, scale)", "scale")
+# threads without a row (or past the head size) leave at once: stream-cuda's early exit,
+# for the instances without an output LSE, whose threads meet no barrier
+_EARLY_EXIT = (
+    "  const float scale = fp8 ? *p.scale : 1.0f;\n",
+    "  if (!WRITE_LSE && !kWarp && ROWS == 1 &&\n"
+    "      (first_row + team >= num_rows || col0 >= p.head_size)) {\n"
+    "    return;\n"
+    "  }\n"
+    "  const float scale = fp8 ? *p.scale : 1.0f;\n",
+)
 # stride arithmetic -> contiguous offsets (the kernel's data threads)
 _CONTIGUOUS = {
     "o_row[r] = t * p.out_stride_t + h * p.out_stride_h;": (
@@ -75,24 +93,28 @@ def _replace(text: str, old: str, new: str) -> str:
 
 def variants(source: str) -> dict[str, str]:
     """Kernel sources by variant name (see the module doc)."""
+
+    def contiguous(text: str) -> str:
+        return functools.reduce(lambda t, edit: _replace(t, *edit), _CONTIGUOUS.items(), text)
+
     no_select = _replace(_replace(source, "po.kept(keep_p)", "po"), "so.kept(keep_s)", "so")
     skeleton = weight_math_cost.variants(no_select)["no_weights"]
+    skeleton_select = _replace(
+        _replace(no_select, weight_math_cost.ROW_WEIGHTS, _SELECT_WEIGHTS), _COMBINE, _SELECT
+    )
+    stream_like = _replace(contiguous(_replace(skeleton_select, *_EARLY_EXIT)), *_NO_P)
     return {
         "default": source,
         "no_select": no_select,
         "no_weights": weight_math_cost.variants(source)["no_weights"],
         "skeleton": skeleton,
         "fast_exp": _replace(source, "base_2 ? exp2f(gap) : expf(gap)", "__expf(gap)"),
-        "no_scale_div": _replace(source, "__fdiv_rn(1.0f, scale)", "scale"),
-        "no_prefix_P": _replace(
-            source, "has_prefix[r] = t < p.tokens_with_prefix;", "has_prefix[r] = true;"
-        ),
-        "skeleton_select": _replace(
-            _replace(no_select, weight_math_cost.ROW_WEIGHTS, _SELECT_WEIGHTS), _COMBINE, _SELECT
-        ),
-        "contiguous": functools.reduce(
-            lambda text, edit: _replace(text, *edit), _CONTIGUOUS.items(), source
-        ),
+        "no_scale_div": _replace(source, *_NO_SCALE_DIV),
+        "no_prefix_P": _replace(source, *_NO_P),
+        "skeleton_select": skeleton_select,
+        "contiguous": contiguous(source),
+        "stream_like": stream_like,
+        "stream_like_no_scale_div": _replace(stream_like, *_NO_SCALE_DIV),
     }
 
 
