@@ -153,13 +153,20 @@ def test_vector_and_scalar_paths(emulated, monkeypatch):
     assert emulated[-1][3] == 8
 
 
-def test_output_lse_code_only_in_instances_that_write_it(emulated):
+@pytest.mark.parametrize(
+    ("dtype", "D", "team"),
+    [
+        (torch.bfloat16, 128, 16),  # teams within a warp: a warp barrier before the write
+        (torch.float32, 576, 128),  # a team of 128 (the block's barrier) that loops
+    ],
+)
+def test_output_lse_code_only_in_instances_that_write_it(emulated, dtype, D, team):
     # Whether the output LSE is written is part of the kernel instance (a template
     # argument), so a call without one runs none of that code.
-    _check(make_case(6, 4, 128, dtype=torch.bfloat16, with_lse=False))
-    assert emulated[-1][8] == 0
-    _check(make_case(6, 4, 128, dtype=torch.bfloat16))
-    assert emulated[-1][8] == 1
+    _check(make_case(6, 4, D, dtype=dtype, with_lse=False, lse_pattern="mixed"))
+    assert emulated[-1][8] == 0 and emulated[-1][4] == team
+    _check(make_case(6, 4, D, dtype=dtype, alias="lse_prefix", lse_pattern="mixed"))
+    assert emulated[-1][8] == 1 and emulated[-1][4] == team
 
 
 @pytest.mark.parametrize("base", ["e", 2])
