@@ -2,9 +2,9 @@
 
 ``attnmerge bench --providers stream-cuda`` times a kernel that moves the merge's bytes in
 the merge kernel's layout with a select for its math; at T = 1 the merge takes about
-0.25 us more (H200, git 4415683). This script times textual variants of the merge kernel, each removing one
-part, next to both (bf16 -> FP8, D = 128, 16-byte chunks in 128-thread blocks, vLLM's
-bench inputs). None but ``default`` is a correct merge.
+0.25 us more (H200, git 4415683). This script times textual variants of the merge
+kernel, each removing one part, next to both (bf16 -> FP8, D = 128, 16-byte chunks in
+128-thread blocks, vLLM's bench inputs). None but ``default`` is a correct merge.
 
 * ``no_select``: zero-weight rows are not cleared (NaN rows would leak);
 * ``no_weights``: constant weights (scripts/weight_math_cost.py's variant);
