@@ -26,6 +26,11 @@ kernel, each removing one part, next to both (bf16 -> FP8, D = 128, 16-byte chun
   check and branch the compiler places before the select here and after it in
   ``stream-cuda``.
 
+``--compare FILE [FILE ...]`` adds other kernel sources (named by the file's stem), e.g. a
+candidate change; ``--rounds N`` times every column N times, in alternating order, and
+prints the mean, so that a difference of a few hundredths of a microsecond can be told
+from the order of measurement.
+
 (The variants without the output-LSE code and without the loop over further column
 chunks, which measured what code that never runs cost, are gone: the kernel no longer
 compiles either into an instance that does not need it.)
@@ -35,6 +40,7 @@ Run on a GPU: ``python3 scripts/merge_cost.py``.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from pathlib import Path
@@ -72,17 +78,21 @@ _EARLY_EXIT = (
 )
 # stride arithmetic -> contiguous offsets (the kernel's data threads)
 _CONTIGUOUS = {
-    "o_row[r] = t * p.out_stride_t + h * p.out_stride_h;": (
-        "o_row[r] = (i64)row32[r] * p.head_size;"
+    "o_row[r] = offset_of(t, p.out_stride_t, h, p.out_stride_h);": (
+        "o_row[r] = (i64)row_or_0 * p.head_size;"
     ),
-    "p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]\n                  :": (
-        "p.prefix_lse[h * p.prefix_lse_stride_h + t]\n                  :"
+    "offset_of(t, p.prefix_lse_stride_t, h, p.prefix_lse_stride_h)": (
+        "(i64)h * p.prefix_lse_stride_h + t"
     ),
-    "p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t]\n": (
-        "p.suffix_lse[h * p.suffix_lse_stride_h + t]\n"
+    "offset_of(t, p.suffix_lse_stride_t, h, p.suffix_lse_stride_h)": (
+        "(i64)h * p.suffix_lse_stride_h + t"
     ),
-    "t * p.prefix_stride_t + h * p.prefix_stride_h + col0)": "(i64)row32[r] * p.head_size + col0)",
-    "t * p.suffix_stride_t + h * p.suffix_stride_h + col0)": "(i64)row32[r] * p.head_size + col0)",
+    "offset_of(t, p.prefix_stride_t, h, p.prefix_stride_h) + col0": (
+        "(i64)row_or_0 * p.head_size + col0"
+    ),
+    "offset_of(t, p.suffix_stride_t, h, p.suffix_stride_h) + col0": (
+        "(i64)row_or_0 * p.head_size + col0"
+    ),
 }
 
 
@@ -123,6 +133,19 @@ def _median_us(fn) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--compare", type=Path, nargs="+", default=[], help="other kernel sources to time"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="times per column (mean)")
+    parser.add_argument("--only", help="variants to time, comma-separated (default: all)")
+    parser.add_argument("--shapes", help="TxH,... (default: 1x4,1x128,16x128,64x128,256x128)")
+    opts = parser.parse_args()
+    sources = variants(cuda_backend.source())
+    if opts.only:
+        sources = {n: sources[n] for n in opts.only.split(",")}
+    for path in opts.compare:
+        sources[path.stem] = path.read_text()
     dev = torch.cuda.current_device()
     arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
     instance = cuda_backend.instance_for(
@@ -136,23 +159,22 @@ def main() -> None:
             dev,
             cuda_backend.DATA_THREADS,
         )
-        for name, text in variants(cuda_backend.source()).items()
+        for name, text in sources.items()
     }
     print(f"{torch.cuda.get_device_name(dev)}, bf16 -> FP8, D = 128, median us")
     print(f"{'T x H':>10} {'cuda':>8} {'s-cuda':>8} " + " ".join(f"{n:>24}" for n in kernels))
     scale = torch.tensor([bench.FP8_SCALE], device="cuda")
-    for T, H in SHAPES:
+    shapes = SHAPES
+    if opts.shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in opts.shapes.split(",")]
+    for T, H in shapes:
         (s,) = bench.make_input_sets(bench.Case("bf16", True, False, 128, T, H, "cuda"), 1, "cuda")
         args = (
             s["output"], s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"]
         )  # fmt: skip
-        row = [
-            _median_us(
-                lambda args=args: attnmerge.merge_attn_states(
-                    *args, None, None, scale, backend="cuda"
-                )
-            ),
-            _median_us(lambda args=args: stream_cuda(*args, scale)),
+        calls = [
+            lambda args=args: attnmerge.merge_attn_states(*args, None, None, scale, backend="cuda"),
+            lambda args=args: stream_cuda(*args, scale),
         ]
         _, grid, params = cuda_backend.launch_arguments(
             *args, None, None, scale, False, chunk_bytes=16
@@ -163,7 +185,12 @@ def main() -> None:
                 # the current stream: do_bench_cudagraph captures on a side stream
                 kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
 
-            row.append(_median_us(launch))
+            calls.append(launch)
+        row = [0.0] * len(calls)
+        for round_ in range(opts.rounds):
+            order = range(len(calls)) if round_ % 2 == 0 else reversed(range(len(calls)))
+            for i in order:
+                row[i] += _median_us(calls[i]) / opts.rounds
         print(
             f"{f'{T} x {H}':>10} "
             + " ".join(f"{x:8.2f}" if i < 2 else f"{x:24.2f}" for i, x in enumerate(row)),

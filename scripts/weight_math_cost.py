@@ -36,7 +36,7 @@ from attnmerge.cuda import driver, nvrtc
 from attnmerge.triton.stream_kernel import read_two_states, stream_two_states
 
 SHAPES = [(1, 4), (1, 128), (16, 32), (16, 128), (64, 128), (256, 128), (4096, 128)]
-ROW_WEIGHTS = "weights[r] = row_weights(lp[r], ls[r], p.lse_base_2 != 0);"
+ROW_WEIGHTS = "weights[r] = row_weights(lp[r], ls[r], base_2);"
 # the two weight divisions, by numerator
 _WEIGHT_DIVISIONS = {"1.0f": "reciprocal_weight(total, y)", "e": "divide_weight(e, total, y)"}
 

@@ -45,7 +45,7 @@ class _EmulatedKernel:
         self._launched = launched
 
     def launch(self, grid: int, stream: int, params: bytes) -> None:
-        assert len(params) == 200
+        assert len(params) == cuda_backend._PARAMS.size == 128
         assert self._lib.emulate_merge(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0
         self._launched.append(self._instance)
 
@@ -109,7 +109,10 @@ def _run(case) -> None:
 
 
 def _check(case) -> None:
-    expected = case.expected()
+    _check_against_expected(case, case.expected())
+
+
+def _check_against_expected(case, expected) -> None:
     _run(case)
     case.check_against(expected)
 
@@ -175,6 +178,35 @@ def test_special_values_and_base(emulated, base):
         12, 5, 40, dtype=torch.float32, lse_pattern="mixed", lse_base=base, nan_frac=0.05
     )
     _check(case)
+
+
+def test_size_one_dimensions_with_strides_past_32_bits(emulated):
+    # The kernel's strides are 32-bit. Dimensions of size 1 address nothing, so a stride
+    # of 2^32 or more on one (torch leaves such strides after views) is not refused: the
+    # call runs with it set to 0.
+    case = make_case(1, 3, 64, dtype=torch.bfloat16, out_dtype=FP8, scale=0.05, lse_pattern="mixed")
+    expected = case.expected()
+    huge = 2**32 + 64
+    prefix = case.prefix_output
+    case.prefix_output = prefix.as_strided(prefix.shape, (huge, *prefix.stride()[1:]))
+    lse = case.output_lse  # [H, T = 1]
+    case.output_lse = lse.as_strided(lse.shape, (lse.stride(0), huge))
+    _check_against_expected(case, expected)
+    assert case.output_lse.stride(1) == huge  # the caller's tensor is left as it was
+
+
+def test_strides_past_32_bits_are_refused(emulated):
+    # A real stride of 2^32 elements or more (token 1 of prefix_output) does not fit the
+    # kernel's parameters: a ValueError naming the tensor, before any launch.
+    def meta(shape, strides, dtype=torch.bfloat16):
+        return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+
+    output = meta((2, 1, 8), (8, 8, 1))
+    prefix = meta((2, 1, 8), (2**32, 8, 1))
+    lse = meta((1, 2), (2, 1), torch.float32)
+    with pytest.raises(ValueError, match=r"prefix_output has strides \(4294967296, 8, 1\)"):
+        cuda_backend.launch_arguments(output, prefix, lse, output, lse, None, None, None, False)
+    assert not emulated  # nothing launched
 
 
 @pytest.mark.parametrize("alias", ["prefix", "suffix", "lse_prefix", "lse_suffix"])

@@ -177,15 +177,17 @@ _PARAMS_HARNESS = r"""
 int main() {
   attnmerge::MergeParams p;
   if (fread(&p, sizeof(p), 1, stdin) != 1) return 1;
-  const attnmerge::i64 fields[] = {
-      (attnmerge::i64)p.out, (attnmerge::i64)p.out_lse, (attnmerge::i64)p.prefix,
-      (attnmerge::i64)p.prefix_lse, (attnmerge::i64)p.suffix, (attnmerge::i64)p.suffix_lse,
-      (attnmerge::i64)p.scale, p.num_rows, p.num_heads, p.head_size, p.tokens_with_prefix,
+  const unsigned long long fields[] = {
+      (unsigned long long)p.out, (unsigned long long)p.prefix,
+      (unsigned long long)p.prefix_lse, (unsigned long long)p.suffix,
+      (unsigned long long)p.suffix_lse, (unsigned long long)p.scale, p.num_rows, p.num_heads,
+      p.head_size, p.tokens_with_prefix, p.heads_multiplier, p.heads_shift_lse_base,
       p.out_stride_t, p.out_stride_h, p.prefix_stride_t, p.prefix_stride_h,
       p.suffix_stride_t, p.suffix_stride_h, p.prefix_lse_stride_h, p.prefix_lse_stride_t,
-      p.suffix_lse_stride_h, p.suffix_lse_stride_t, p.out_lse_stride_h, p.out_lse_stride_t,
-      p.lse_base_2, p.heads_multiplier, p.heads_shift};
-  for (attnmerge::i64 f : fields) printf("%lld\n", f);
+      p.suffix_lse_stride_h, p.suffix_lse_stride_t, (unsigned long long)p.out_lse,
+      p.out_lse_stride_h, p.out_lse_stride_t,
+      attnmerge::heads_shift(p), attnmerge::lse_base_2(p)};
+  for (unsigned long long f : fields) printf("%llu\n", f);
   return 0;
 }
 """
@@ -193,7 +195,8 @@ int main() {
 
 def test_params_struct_layout_matches_the_launcher(tmp_path):
     """The Python launcher packs MergeParams byte by byte: every field must land where the
-    kernel reads it."""
+    kernel reads it, and the shift and the LSE base must come apart from their shared
+    word as the launcher put them together."""
     from attnmerge.cuda import backend
 
     cxx = shutil.which("g++") or shutil.which("clang++")
@@ -204,11 +207,15 @@ def test_params_struct_layout_matches_the_launcher(tmp_path):
     subprocess.run(
         [cxx, "-std=c++17", f"-I{CSRC}", str(tmp_path / "p.cpp"), "-o", str(exe)], check=True
     )
-    values = [1000 + i for i in range(7)] + [-(2**40) - i for i in range(16)] + [1]
-    values += [2**32 - 3, 31]
-    packed = backend._PARAMS.pack(*values)
-    out = subprocess.run([str(exe)], input=packed, capture_output=True, check=True).stdout
-    assert [int(v) for v in out.split()] == values
+    for shift, base_2 in [(31, True), (0, False), (17, True)]:
+        word = shift | backend._LSE_BASE_2_BIT if base_2 else shift
+        pointers = [2**48 + 1000 + i for i in range(6)]
+        words = [2**32 - 3, 2**31 - 1, 576, 12345, 2**32 - 1, word]
+        words += [2**32 - 100 - i for i in range(10)]  # strides: all 32 bits
+        values = pointers + words + [2**47 + 7, 2**31 + 5, 3]
+        packed = backend._PARAMS.pack(*values)
+        out = subprocess.run([str(exe)], input=packed, capture_output=True, check=True).stdout
+        assert [int(v) for v in out.split()] == [*values, shift, int(base_2)]
 
 
 def _head_divisors_to_check() -> list[int]:

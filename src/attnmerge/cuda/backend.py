@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _MAX_ROWS = 2**31 - 1  # row indices are 32-bit in the kernel
+_MAX_STRIDE = 2**32  # strides (in elements) are 32-bit kernel parameters
 
 # Block shape, as in the kernel source: up to DATA_THREADS threads move row data (in teams
 # of up to DATA_THREADS; see data_threads), and with WEIGHTS_WARP one more warp computes
@@ -104,9 +105,12 @@ _ELEMENT = {
     torch.float8_e4m3fn: "FP8E4M3",
 }
 
-# MergeParams: 7 pointers, 16 int64, 1 int32, 2 uint32, tail padding (200 bytes).
-_PARAMS = struct.Struct("<7Q16qi2I4x")
-assert _PARAMS.size == 200
+# MergeParams: 6 pointers, 16 uint32, then the output LSE's pointer and 2 uint32 (128
+# bytes; the kernel source says why it is this small). Sizes and strides are 32-bit:
+# packing a stride of 2^32 elements or more fails (see launch_arguments).
+_PARAMS = struct.Struct("<6Q16IQ2I")
+assert _PARAMS.size == 128
+_LSE_BASE_2_BIT = 1 << 8  # in the word of the head divisor's shift
 
 
 @functools.cache
@@ -394,6 +398,12 @@ def merge_two_states(*args: Any, **tuning: int | None) -> None:
             kernel.launch(grid, stream, params)
 
 
+def _size_one_strides_zeroed(t: torch.Tensor) -> torch.Tensor:
+    return t.as_strided(
+        t.shape, [st if n > 1 else 0 for n, st in zip(t.shape, t.stride(), strict=True)]
+    )
+
+
 @functools.cache
 def head_divisor(num_heads: int) -> tuple[int, int]:
     """(multiplier, shift) with which the kernel divides a row index below 2^31 by
@@ -460,28 +470,50 @@ def launch_arguments(
         output_lse is not None,
     )
     lse_out = output_lse if output_lse is not None else suffix_lse  # not written then
-    params = _PARAMS.pack(
-        out_ptr,
-        output_lse.data_ptr() if output_lse is not None else 0,
-        pre_ptr,
-        prefix_lse.data_ptr(),
-        suf_ptr,
-        suffix_lse.data_ptr(),
-        output_scale.data_ptr() if output_scale is not None else 0,
-        num_rows,
-        num_heads,
-        head_size,
-        num_tokens if prefill_tokens_with_context is None else prefill_tokens_with_context,
-        out_st[0],
-        out_st[1],
-        pre_st[0],
-        pre_st[1],
-        suf_st[0],
-        suf_st[1],
-        *prefix_lse.stride(),
-        *suffix_lse.stride(),
-        *lse_out.stride(),
-        lse_base_2,
-        *head_divisor(num_heads),
-    )
+    multiplier, shift = head_divisor(num_heads)
+    try:
+        params = _PARAMS.pack(
+            out_ptr,
+            pre_ptr,
+            prefix_lse.data_ptr(),
+            suf_ptr,
+            suffix_lse.data_ptr(),
+            output_scale.data_ptr() if output_scale is not None else 0,
+            num_rows,
+            num_heads,
+            head_size,
+            num_tokens if prefill_tokens_with_context is None else prefill_tokens_with_context,
+            multiplier,
+            shift | _LSE_BASE_2_BIT if lse_base_2 else shift,
+            out_st[0],
+            out_st[1],
+            pre_st[0],
+            pre_st[1],
+            suf_st[0],
+            suf_st[1],
+            *prefix_lse.stride(),
+            *suffix_lse.stride(),
+            output_lse.data_ptr() if output_lse is not None else 0,
+            *lse_out.stride(),
+        )
+    except struct.error:  # a value past 32 bits: only a stride can be (rows are checked)
+        named = {"output": output, "prefix_output": prefix_output, "prefix_lse": prefix_lse}
+        named |= {"suffix_output": suffix_output, "suffix_lse": suffix_lse}
+        if output_lse is not None:
+            named["output_lse"] = output_lse
+        for name, t in named.items():
+            if any(n > 1 and st >= _MAX_STRIDE for n, st in zip(t.shape, t.stride(), strict=True)):
+                raise ValueError(
+                    f"cuda backend: {name} has strides {tuple(t.stride())}; the kernel takes "
+                    f"strides below 2^32 elements (backend='triton' takes any)"
+                ) from None
+        # Only dimensions of size 1 have such strides, and they address nothing: the
+        # same call with those strides 0 (views of the same memory, aliasing kept).
+        zeroed = [_size_one_strides_zeroed(t) for t in named.values()]
+        if output_lse is None:
+            zeroed.append(None)
+        return launch_arguments(
+            *zeroed[:5], zeroed[5], prefill_tokens_with_context, output_scale, lse_base_2,
+            rows, chunk_bytes, weights, threads,
+        )  # fmt: skip
     return kernel, -(-num_rows // rows_per_block), params

@@ -19,35 +19,60 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef long long i64;
+typedef unsigned long long u64;
 
-// Kernel parameters, passed by value as one struct. The layout is fixed (7 pointers,
-// 16 int64, 1 int32, 2 uint32, 4 bytes of tail padding = 200 bytes) because the Python
+// Kernel parameters, passed by value as one struct. The layout is fixed (6 pointers,
+// 16 uint32, then the output LSE's pointer and 2 uint32 = 128 bytes) because the Python
 // launcher packs it byte by byte; keep it in sync with _PARAMS in
 // attnmerge/cuda/backend.py.
+//
+// Its size is a latency cost. A kernel reads its parameters through the SM's constant
+// cache, and every further cache line its critical path reads is one more miss to wait
+// for: on an H200 the stream yardstick (csrc/stream_two.cuh) took 0.03 to 0.08 us longer
+// per launch (1 x 4 to 64 x 128 rows) with the fields it reads first moved from below
+// parameter byte 112 (constant offset 0x280 on sm_90) to just past it, and the same code
+// with this struct's former 200-byte layout was 0.06 to 0.17 us slower than with the
+// stream kernel's 88 bytes. So what every instance reads fits in the first 112 bytes:
+// sizes and strides are 32-bit (in elements; the launcher checks that they fit and
+// offsets are still computed in 64 bits), the LSE base shares a word with the head
+// divisor's shift, and the fields only output-LSE instances read come last.
 struct MergeParams {
   void* out;
-  float* out_lse;  // unused unless the instance writes the output LSE (WRITE_LSE)
   const void* prefix;
   const float* prefix_lse;
   const void* suffix;
   const float* suffix_lse;
   const float* scale;  // FP8 dequantisation scale (1 element); unused otherwise
-  i64 num_rows;        // tokens * heads, < 2^31
-  i64 num_heads;
-  i64 head_size;
-  i64 tokens_with_prefix;  // P: tokens t >= P have no prefix
-  i64 out_stride_t, out_stride_h;
-  i64 prefix_stride_t, prefix_stride_h;
-  i64 suffix_stride_t, suffix_stride_h;
-  i64 prefix_lse_stride_h, prefix_lse_stride_t;
-  i64 suffix_lse_stride_h, suffix_lse_stride_t;
-  i64 out_lse_stride_h, out_lse_stride_t;
-  int lse_base_2;
+  u32 num_rows;        // tokens * heads, < 2^31
+  u32 num_heads;
+  u32 head_size;
+  u32 tokens_with_prefix;  // P: tokens t >= P have no prefix
   // row / num_heads as a multiply and shift (see token_of)
   u32 heads_multiplier;
-  u32 heads_shift;
+  u32 heads_shift_lse_base;  // bits 0-7: the shift; bit 8: LSEs in base 2 (else base e)
+  u32 out_stride_t, out_stride_h;
+  u32 prefix_stride_t, prefix_stride_h;
+  u32 suffix_stride_t, suffix_stride_h;
+  u32 prefix_lse_stride_h, prefix_lse_stride_t;
+  u32 suffix_lse_stride_h, suffix_lse_stride_t;
+  // read by instances that write the output LSE (WRITE_LSE) only
+  float* out_lse;
+  u32 out_lse_stride_h, out_lse_stride_t;
 };
-static_assert(sizeof(MergeParams) == 200, "MergeParams layout is shared with the launcher");
+static_assert(sizeof(MergeParams) == 128, "MergeParams layout is shared with the launcher");
+
+__host__ __device__ __forceinline__ u32 heads_shift(const MergeParams& p) {
+  return p.heads_shift_lse_base & 0xffu;
+}
+__host__ __device__ __forceinline__ bool lse_base_2(const MergeParams& p) {
+  return (p.heads_shift_lse_base >> 8) & 1u;
+}
+
+// The element offset of (token t, head h) in a tensor with strides st, sh: 32-bit
+// operands, a 64-bit result (a product can pass 2^32).
+__host__ __device__ __forceinline__ i64 offset_of(u32 t, u32 st, u32 h, u32 sh) {
+  return (i64)((u64)t * st + (u64)h * sh);
+}
 
 // The token of a row (row / num_heads) for rows below 2^31, from the launcher's
 // multiplier m = ceil(2^(31 + l) / num_heads) and shift l = ceil(log2(num_heads))
@@ -482,26 +507,27 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   __shared__ float weight_prefix[kWarp ? kBlockRows : 1], weight_suffix[kWarp ? kBlockRows : 1];
   // Row indices are 32-bit: the launcher keeps num_rows below 2^31, so even the rows past
   // the end of the last block fit (and one compare per row, not two, checks them).
-  const u32 first_row = blockIdx.x * kBlockRows, num_rows = (u32)p.num_rows;
-  const u32 heads = (u32)p.num_heads;
+  const u32 first_row = blockIdx.x * kBlockRows, num_rows = p.num_rows;
+  const u32 heads = p.num_heads;
+  const bool base_2 = lse_base_2(p);
   const bool fp8 = sizeof(typename O::storage) == 1;
 
   if (kWarp && threadIdx.x >= THREADS) {  // the weight warp
     for (int i = threadIdx.x - THREADS; i < kBlockRows; i += kWeightThreads) {
       const u32 r32 = first_row + i;
       if (r32 >= num_rows) break;
-      const u32 t32 = token_of(r32, p.heads_multiplier, p.heads_shift);
-      const i64 t = t32, h = r32 - t32 * heads;
+      const u32 t = token_of(r32, p.heads_multiplier, heads_shift(p)), h = r32 - t * heads;
       const float inf = __int_as_float(0x7f800000);
-      const float lp = t < p.tokens_with_prefix
-                           ? p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]
-                           : -inf;
-      const float ls = p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t];
-      const RowWeights w = row_weights(lp, ls, p.lse_base_2 != 0);
+      const float lp =
+          t < p.tokens_with_prefix
+              ? p.prefix_lse[offset_of(t, p.prefix_lse_stride_t, h, p.prefix_lse_stride_h)]
+              : -inf;
+      const float ls = p.suffix_lse[offset_of(t, p.suffix_lse_stride_t, h, p.suffix_lse_stride_h)];
+      const RowWeights w = row_weights(lp, ls, base_2);
       weight_prefix[i] = w.prefix;
       weight_suffix[i] = w.suffix;
       if (WRITE_LSE) {
-        p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] = row_lse(w, p.lse_base_2 != 0);
+        p.out_lse[offset_of(t, p.out_lse_stride_t, h, p.out_lse_stride_h)] = row_lse(w, base_2);
       }
     }
     __syncthreads();
@@ -517,7 +543,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   const i64 col0 = (i64)lane * VEC;
   const float scale = fp8 ? *p.scale : 1.0f;
   bool row_ok[ROWS], has_prefix[ROWS];
-  u32 row32[ROWS], tok32[ROWS];
+  u32 tok32[ROWS], head32[ROWS];
   i64 o_row[ROWS];
   float lp[ROWS], ls[ROWS];
   Chunk<typename P::storage, VEC> po[ROWS];
@@ -526,24 +552,29 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   for (int r = 0; r < ROWS; ++r) {
     const u32 row = first_row + r * kTeams + team;
     row_ok[r] = row < num_rows;
-    row32[r] = row_ok[r] ? row : 0;
-    tok32[r] = token_of(row32[r], p.heads_multiplier, p.heads_shift);
-    const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
+    const u32 row_or_0 = row_ok[r] ? row : 0;
+    const u32 t = token_of(row_or_0, p.heads_multiplier, heads_shift(p));
+    const u32 h = row_or_0 - t * heads;
+    tok32[r] = t;
+    head32[r] = h;
     has_prefix[r] = t < p.tokens_with_prefix;
-    o_row[r] = t * p.out_stride_t + h * p.out_stride_h;
+    o_row[r] = offset_of(t, p.out_stride_t, h, p.out_stride_h);
     if (!kWarp) {
       const float inf = __int_as_float(0x7f800000);
       lp[r] = row_ok[r] && has_prefix[r]
-                  ? p.prefix_lse[h * p.prefix_lse_stride_h + t * p.prefix_lse_stride_t]
+                  ? p.prefix_lse[offset_of(t, p.prefix_lse_stride_t, h, p.prefix_lse_stride_h)]
                   : -inf;
-      ls[r] = row_ok[r] ? p.suffix_lse[h * p.suffix_lse_stride_h + t * p.suffix_lse_stride_t]
-                        : -inf;
+      ls[r] = row_ok[r]
+                  ? p.suffix_lse[offset_of(t, p.suffix_lse_stride_t, h, p.suffix_lse_stride_h)]
+                  : -inf;
     }
     if (row_ok[r] && col0 < p.head_size) {
       if (has_prefix[r]) {
-        po[r] = load_row<P, VEC>(p.prefix, t * p.prefix_stride_t + h * p.prefix_stride_h + col0);
+        po[r] = load_row<P, VEC>(p.prefix,
+                                 offset_of(t, p.prefix_stride_t, h, p.prefix_stride_h) + col0);
       }
-      so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col0);
+      so[r] =
+          load_row<S, VEC>(p.suffix, offset_of(t, p.suffix_stride_t, h, p.suffix_stride_h) + col0);
     }
   }
   const float inv_scale = fp8 ? __fdiv_rn(1.0f, scale) : 1.0f;
@@ -562,7 +593,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       keep_p = wp != 0.0f;
       keep_s = ws != 0.0f;
     } else {
-      weights[r] = row_weights(lp[r], ls[r], p.lse_base_2 != 0);
+      weights[r] = row_weights(lp[r], ls[r], base_2);
       wp = weights[r].prefix;  // lane 0 (col0 = 0) always gets here for a valid row
       ws = weights[r].suffix;
       keep_p = weights[r].keep_prefix;
@@ -572,10 +603,10 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
                                 inv_scale);
     if (!kWideRows) continue;
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
-      const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
-      const i64 p_off = t * p.prefix_stride_t + h * p.prefix_stride_h + col;
+      const u32 t = tok32[r], h = head32[r];
+      const i64 p_off = offset_of(t, p.prefix_stride_t, h, p.prefix_stride_h) + col;
       if (has_prefix[r]) po[r] = load_row<P, VEC>(p.prefix, p_off);
-      so[r] = load_row<S, VEC>(p.suffix, t * p.suffix_stride_t + h * p.suffix_stride_h + col);
+      so[r] = load_row<S, VEC>(p.suffix, offset_of(t, p.suffix_stride_t, h, p.suffix_stride_h) + col);
       combine_store<P, S, O, VEC>(p.out, o_row[r] + col, wp, keep_p, po[r], ws, keep_s, so[r],
                                   inv_scale);
     }
@@ -595,9 +626,8 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         if (!row_ok[r]) continue;
-        const i64 t = tok32[r], h = row32[r] - tok32[r] * heads;
-        p.out_lse[h * p.out_lse_stride_h + t * p.out_lse_stride_t] =
-            row_lse(weights[r], p.lse_base_2 != 0);
+        p.out_lse[offset_of(tok32[r], p.out_lse_stride_t, head32[r], p.out_lse_stride_h)] =
+            row_lse(weights[r], base_2);
       }
     }
   }
