@@ -151,7 +151,7 @@ def test_vector_and_scalar_paths(emulated, monkeypatch):
     _check(odd)
     assert emulated[-1][3] == 1
     # the small-grid rule: 16-byte chunks for 2-byte partials
-    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {2: (8192, 16)})
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {2: ((8192, 16),)})
     _check(aligned)
     assert emulated[-1][3] == 8
 

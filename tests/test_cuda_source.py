@@ -333,19 +333,21 @@ def test_data_threads_by_grid_size(monkeypatch):
 def test_chunk_bytes_by_grid_size():
     from attnmerge.cuda import backend
 
-    for widest, (last, chunk) in backend.SMALL_GRID_CHUNKS.items():
-        assert backend.chunk_bytes_for(1, widest) == chunk
-        assert backend.chunk_bytes_for(last, widest) == chunk
-        assert backend.chunk_bytes_for(last + 1, widest) == backend.CHUNK_BYTES
-        # both chunk sizes are built ahead of time
-        layouts = backend._grid_layouts(widest)
-        assert {c for c, _, _ in layouts} == {chunk, backend.CHUNK_BYTES}
     dtype = {2: torch.bfloat16, 4: torch.float32}
     insts = backend.common_instances((128,))
-    for widest, (_, chunk) in backend.SMALL_GRID_CHUNKS.items():
+    for widest, tiers in backend.SMALL_GRID_CHUNKS.items():
+        first = 1
+        for last, chunk in tiers:  # each tier's first and last grid sizes
+            assert backend.chunk_bytes_for(first, widest) == chunk
+            assert backend.chunk_bytes_for(last, widest) == chunk
+            first = last + 1
+        assert backend.chunk_bytes_for(first, widest) == backend.CHUNK_BYTES
+        # every chunk size is built ahead of time
+        chunks = {chunk for _, chunk in tiers} | {backend.CHUNK_BYTES}
+        assert {c for c, _, _ in backend._grid_layouts(widest)} == chunks
         el = backend._ELEMENT[dtype[widest]]
         vecs = {i[3] for i in insts if i[:3] == (el, el, "FP8E4M3")}
-        assert vecs == {1, chunk // widest, backend.CHUNK_BYTES // widest}
+        assert vecs == {1} | {c // widest for c in chunks}
 
 
 def test_vector_accesses_need_aligned_row_chunks():

@@ -71,22 +71,26 @@ WEIGHTS_WARP, WEIGHTS_PER_THREAD = 0, 1
 #: best variant of every shape, an oracle, would give 1.09).
 WEIGHTS = WEIGHTS_PER_THREAD
 CHUNK_BYTES = 32
-#: Small grids take smaller chunks: {widest partial's bytes: (at most this many rows,
-#: chunk bytes)}. There every thread's combine is on the critical path of a
-#: latency-bound grid, and half the elements per thread shortens it. On an H200 (D =
-#: 128, FP8 out, small-variants grid, docs/performance.md), 16-byte chunks took bf16
-#: 1 x 32 from 1.55 to 1.45 us, 16 x 32 from 1.64 to 1.55 and 64 x 128 from 2.59 to
-#: 2.52, and lost from 32768 rows (256 x 128: 5.43 vs 4.24); with fp32 partials,
-#: 8-byte chunks took 1 x 8 from 1.55 to 1.41 and 1 x 128 from 1.59 to 1.52, and lost
-#: from 512 rows (16 x 32: 1.70 vs 1.66).
-SMALL_GRID_CHUNKS = {2: (8192, 16), 4: (256, 8)}
+#: Small grids take smaller chunks: {widest partial's bytes: ((at most this many rows,
+#: chunk bytes), ...)}, the first tier that holds the grid. There every thread's combine
+#: is on the critical path of a latency-bound grid, and half the elements per thread
+#: shortens it. On an H200 (D = 128, FP8 out, small-variants grid, docs/performance.md),
+#: 16-byte chunks took bf16 1 x 32 from 1.55 to 1.45 us, 16 x 32 from 1.64 to 1.55 and
+#: 64 x 128 from 2.59 to 2.52, and lost from 32768 rows (256 x 128: 5.43 vs 4.24); with
+#: fp32 partials, 8-byte chunks took 1 x 8 from 1.55 to 1.41 and 1 x 128 from 1.59 to
+#: 1.52, and 16-byte chunks (with the 128-byte parameter struct, git 03625c9) took
+#: 16 x 32 from 1.56 to 1.46, 16 x 128 from 1.87 to 1.80 and 64 x 64 from 2.23 to 2.09,
+#: tied at 8192 rows (64 x 128: 2.89 vs 2.93) and lost at 16384 (256 x 64: 4.41 vs 3.80).
+SMALL_GRID_CHUNKS = {2: ((8192, 16),), 4: ((256, 8), (8192, 16))}
 
 
 def chunk_bytes_for(num_rows: int, widest: int) -> int:
     """Chunk bytes for a grid of ``num_rows`` rows whose widest partial has ``widest``-byte
     elements: :data:`SMALL_GRID_CHUNKS`, else :data:`CHUNK_BYTES`."""
-    small = SMALL_GRID_CHUNKS.get(widest)
-    return small[1] if small is not None and num_rows <= small[0] else CHUNK_BYTES
+    for last_row, chunk in SMALL_GRID_CHUNKS.get(widest, ()):
+        if num_rows <= last_row:
+            return chunk
+    return CHUNK_BYTES
 
 
 def block_threads(weights: int, threads: int = DATA_THREADS) -> int:
@@ -268,7 +272,7 @@ def _grid_sizes(widest: int) -> list[int]:
     """One grid size (rows) from each range over which the grid rules (rows per team,
     data threads, chunk bytes) stay the same."""
     last = (SMALL_BLOCK_GRID_ROWS, SMALL_GRID_ROWS, LARGE_GRID_ROWS)
-    last += (SMALL_GRID_CHUNKS.get(widest, (0, 0))[0],)
+    last += tuple(last_row for last_row, _ in SMALL_GRID_CHUNKS.get(widest, ()))
     return sorted({1} | {n + 1 for n in last if 1 <= n + 1 <= _MAX_ROWS})
 
 
