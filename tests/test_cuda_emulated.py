@@ -178,6 +178,7 @@ def test_special_values_and_base(emulated, base):
         12, 5, 40, dtype=torch.float32, lse_pattern="mixed", lse_base=base, nan_frac=0.05
     )
     _check(case)
+    assert emulated[-1][9] == (base == 2)  # the LSE base is part of the kernel instance
 
 
 def test_size_one_dimensions_with_strides_past_32_bits(emulated):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -121,22 +122,22 @@ _INSTANTIATIONS = r"""
 #include "merge_attn_states.cuh"
 namespace attnmerge {
 #define INSTANCE(...) template __global__ void merge_two_kernel<__VA_ARGS__>(const MergeParams);
-// the last argument: whether the instance writes the output LSE
-INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 1, 0, 128, true)
-INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 4, 0, 128, false)
-INSTANCE(F16, F16, F16, 8, 16, 2, 0, 128, true)
-INSTANCE(F32, F32, FP8E4M3, 4, 32, 2, 0, 128, false)
+// the last two arguments: whether the instance writes the output LSE, LSEs in base 2
+INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 1, 0, 128, true, false)
+INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 4, 0, 128, false, true)
+INSTANCE(F16, F16, F16, 8, 16, 2, 0, 128, true, false)
+INSTANCE(F32, F32, FP8E4M3, 4, 32, 2, 0, 128, false, false)
 // a team of 128: the loop over further column chunks
-INSTANCE(F32, BF16, BF16, 1, 128, 1, 0, 128, true)
-INSTANCE(F32, F32, F32, 4, 128, 1, 1, 128, true)
+INSTANCE(F32, BF16, BF16, 1, 128, 1, 0, 128, true, true)
+INSTANCE(F32, F32, F32, 4, 128, 1, 1, 128, true, false)
 // the per-thread-weights variant (WEIGHTS = 1, the default), with 32- and 16-byte chunks
-INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128, false)
-INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128, true)
-INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 1, 1, 128, false)
-INSTANCE(F32, F32, FP8E4M3, 4, 32, 2, 1, 128, true)
+INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128, false, false)
+INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128, true, true)
+INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 1, 1, 128, false, false)
+INSTANCE(F32, F32, FP8E4M3, 4, 32, 2, 1, 128, true, false)
 // small blocks: one team of 8 threads, and two teams of 16
-INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 8, true)
-INSTANCE(F16, F16, F16, 8, 16, 1, 0, 32, false)
+INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 8, true, true)
+INSTANCE(F16, F16, F16, 8, 16, 1, 0, 32, false, false)
 }
 """
 
@@ -181,12 +182,11 @@ int main() {
       (unsigned long long)p.out, (unsigned long long)p.prefix,
       (unsigned long long)p.prefix_lse, (unsigned long long)p.suffix,
       (unsigned long long)p.suffix_lse, (unsigned long long)p.scale, p.num_rows, p.num_heads,
-      p.head_size, p.tokens_with_prefix, p.heads_multiplier, p.heads_shift_lse_base,
+      p.head_size, p.tokens_with_prefix, p.heads_multiplier, p.heads_shift,
       p.out_stride_t, p.out_stride_h, p.prefix_stride_t, p.prefix_stride_h,
       p.suffix_stride_t, p.suffix_stride_h, p.prefix_lse_stride_h, p.prefix_lse_stride_t,
       p.suffix_lse_stride_h, p.suffix_lse_stride_t, (unsigned long long)p.out_lse,
-      p.out_lse_stride_h, p.out_lse_stride_t,
-      attnmerge::heads_shift(p), attnmerge::lse_base_2(p)};
+      p.out_lse_stride_h, p.out_lse_stride_t};
   for (unsigned long long f : fields) printf("%llu\n", f);
   return 0;
 }
@@ -195,8 +195,7 @@ int main() {
 
 def test_params_struct_layout_matches_the_launcher(tmp_path):
     """The Python launcher packs MergeParams byte by byte: every field must land where the
-    kernel reads it, and the shift and the LSE base must come apart from their shared
-    word as the launcher put them together."""
+    kernel reads it."""
     from attnmerge.cuda import backend
 
     cxx = shutil.which("g++") or shutil.which("clang++")
@@ -207,15 +206,13 @@ def test_params_struct_layout_matches_the_launcher(tmp_path):
     subprocess.run(
         [cxx, "-std=c++17", f"-I{CSRC}", str(tmp_path / "p.cpp"), "-o", str(exe)], check=True
     )
-    for shift, base_2 in [(31, True), (0, False), (17, True)]:
-        word = shift | backend._LSE_BASE_2_BIT if base_2 else shift
-        pointers = [2**48 + 1000 + i for i in range(6)]
-        words = [2**32 - 3, 2**31 - 1, 576, 12345, 2**32 - 1, word]
-        words += [2**32 - 100 - i for i in range(10)]  # strides: all 32 bits
-        values = pointers + words + [2**47 + 7, 2**31 + 5, 3]
-        packed = backend._PARAMS.pack(*values)
-        out = subprocess.run([str(exe)], input=packed, capture_output=True, check=True).stdout
-        assert [int(v) for v in out.split()] == [*values, shift, int(base_2)]
+    pointers = [2**48 + 1000 + i for i in range(6)]
+    words = [2**32 - 3, 2**31 - 1, 576, 12345, 2**32 - 1, 31]
+    words += [2**32 - 100 - i for i in range(10)]  # strides: all 32 bits
+    values = [*pointers, *words, 2**47 + 7, 2**31 + 5, 3]
+    packed = backend._PARAMS.pack(*values)
+    out = subprocess.run([str(exe)], input=packed, capture_output=True, check=True).stdout
+    assert [int(v) for v in out.split()] == values
 
 
 def _head_divisors_to_check() -> list[int]:
@@ -267,12 +264,13 @@ def test_instance_choice():
     assert vector_width(13, 2, 32) == 1 and vector_width(20, 4, 32) == 4
     assert vector_width(6, 4, 32) == 1 and vector_width(128, 2, 8) == 4
     assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 16) == (
-        "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS, 128, 0
+        "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS, 128, 0, 0
     )  # fmt: skip
     # 144 chunks: the team of 128 loops; weights computed by a warp (a tuning variant)
     assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE, 0, write_lse=True) == (
-        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 0, 128, 1
+        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 0, 128, 1, 0
     )  # fmt: skip
+    assert instance_for(f32, f32, f32, 64, 8, lse_base_2=True)[8:] == (0, 1)
     # blocks smaller than 128 data threads hold whole teams, and at least one
     assert instance_for(bf16, bf16, bf16, 128, 16, threads=16)[4:8] == (8, ROWS_SMALL, WEIGHTS, 16)
     assert instance_for(bf16, bf16, bf16, 128, 4, threads=16)[7] == 32  # one team of 32
@@ -281,8 +279,9 @@ def test_instance_choice():
     assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[4] == 128
     insts = common_instances((128, 72))
     for vec, team, rows in ((16, 8, ROWS_SMALL), (8, 16, ROWS_SMALL), (1, 128, 1)):
-        for lse in (0, 1):  # with and without the output LSE
-            assert ("BF16", "BF16", "FP8E4M3", vec, team, rows, WEIGHTS, 128, lse) in insts
+        for lse, base_2 in itertools.product((0, 1), repeat=2):  # output LSE, LSE base
+            inst = ("BF16", "BF16", "FP8E4M3", vec, team, rows, WEIGHTS, 128, lse, base_2)
+            assert inst in insts
     # every grid takes one row per team: no other row count is built ahead of time
     assert {inst[5] for inst in insts} == {ROWS_SMALL}
     assert instance_for(bf16, bf16, bf16, 13, 1, 4)[5] == 1  # scalar fallback: one row a team

@@ -90,7 +90,7 @@ def test_failing_build_leaves_no_cache_entry(monkeypatch, tmp_path):
 
     monkeypatch.setattr(nvrtc, "compile_cubin", broken)
     with pytest.raises(nvrtc.BuildError, match="simulated"):
-        cuda_backend.build_instance(("BF16", "BF16", "BF16", 8, 16, 1, 0, 128, 0), "sm_90a")
+        cuda_backend.build_instance(("BF16", "BF16", "BF16", 8, 16, 1, 0, 128, 0, 0), "sm_90a")
     assert cache.entries() == []
 
 
@@ -100,7 +100,7 @@ def test_builds_forbidden_raise_before_compiling(monkeypatch, tmp_path):
     monkeypatch.setattr(nvrtc, "version", lambda: (13, 0))
     monkeypatch.setattr(nvrtc, "compile_cubin", lambda *a, **k: pytest.fail("compiled"))
     with pytest.raises(nvrtc.BuildError, match="attnmerge build"):
-        cuda_backend.build_instance(("F32", "F32", "F32", 4, 32, 1, 0, 128, 1), "sm_90a")
+        cuda_backend.build_instance(("F32", "F32", "F32", 4, 32, 1, 0, 128, 1, 1), "sm_90a")
 
 
 @pytest.mark.gpu

@@ -55,10 +55,12 @@ def _cuda_reason(device: torch.device, key: tuple) -> str | None:
     from .cuda.driver import DriverError
     from .cuda.nvrtc import BuildError
 
-    prefix_dtype, suffix_dtype, out_dtype, head_size, write_lse, _ = key
+    prefix_dtype, suffix_dtype, out_dtype, head_size, write_lse, lse_base_2, _ = key
     index = torch.cuda.current_device() if device.index is None else device.index
     try:  # once per call signature: decisions are cached
-        cuda_backend.prepare(index, prefix_dtype, suffix_dtype, out_dtype, head_size, write_lse)
+        cuda_backend.prepare(
+            index, prefix_dtype, suffix_dtype, out_dtype, head_size, write_lse, lse_base_2
+        )
     except (BuildError, DriverError) as e:
         return f"its kernel for this call could not be built or loaded: {e}"
     return None
@@ -167,7 +169,7 @@ def select(backend: str, device: torch.device, key: tuple) -> RunFn:
         backend: one of :data:`BACKENDS` (already validated).
         device: device of the call's tensors.
         key: hashable call signature (partial and output dtypes, head size, output LSE
-            written or not, FP8 output or not: see ``api._validate``).
+            written or not, LSE base 2 or not, FP8 output or not: see ``api._validate``).
     """
     name = _requested(backend)
     cache_key = (name, device, key)
@@ -194,7 +196,7 @@ def select(backend: str, device: torch.device, key: tuple) -> RunFn:
 
 def backend_status(device: torch.device) -> dict[str, str | None]:
     """Per backend: None if it can run on ``device`` (bf16 in and out), else why not."""
-    key = (torch.bfloat16, torch.bfloat16, torch.bfloat16, 128, False, False)
+    key = (torch.bfloat16, torch.bfloat16, torch.bfloat16, 128, False, False, False)
     return {name: _REASONS[name](device, key) for name in AUTO_ORDER}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import struct
 from importlib import resources
 from typing import Any
@@ -114,7 +115,6 @@ _ELEMENT = {
 # packing a stride of 2^32 elements or more fails (see launch_arguments).
 _PARAMS = struct.Struct("<6Q16IQ2I")
 assert _PARAMS.size == 128
-_LSE_BASE_2_BIT = 1 << 8  # in the word of the head divisor's shift
 
 
 @functools.cache
@@ -144,17 +144,19 @@ def unavailable_reason() -> str | None:
 
 #: A kernel instance: prefix, suffix and output element types (names of the kernel's
 #: tag structs), elements per access, threads per row, rows per team, weights mode, data
-#: threads per block, whether it writes the output LSE (0 or 1: a template argument, so
-#: that a call without output LSE runs none of that code; see the kernel source).
-Instance = tuple[str, str, str, int, int, int, int, int, int]
+#: threads per block, whether it writes the output LSE and whether its LSEs are in base 2
+#: (0 or 1 each: template arguments, so that a call runs no code for the cases it is not;
+#: see the kernel source).
+Instance = tuple[str, str, str, int, int, int, int, int, int, int]
 
 
 def template_arguments(instance: Instance) -> str:
     """The C++ template arguments of merge_two_rows for one kernel instance."""
-    p, s, o, vec, team, rows, weights, threads, write_lse = instance
+    p, s, o, vec, team, rows, weights, threads, write_lse, base_2 = instance
+    flags = ", ".join("true" if flag else "false" for flag in (write_lse, base_2))
     return (
         f"attnmerge::{p}, attnmerge::{s}, attnmerge::{o}, {vec}, {team}, {rows}, {weights}, "
-        f"{threads}, {'true' if write_lse else 'false'}"
+        f"{threads}, {flags}"
     )
 
 
@@ -234,11 +236,12 @@ def instance_for(
     weights: int | None = None,
     threads: int = DATA_THREADS,
     write_lse: bool = False,
+    lse_base_2: bool = False,
 ) -> Instance:
     """The kernel instance serving these dtypes and head size at vector width ``vec``
     with ``rows`` rows per team of threads, the given weights mode and ``threads`` data
     threads per block (rounded up to one team, at most DATA_THREADS), writing the output
-    LSE or not.
+    LSE or not, for LSEs in base 2 or base e.
 
     The scalar fallback (``vec`` 1: misaligned or odd-sized rows, rare) always takes one
     row per team: with more, its registers spill on sm_100a.
@@ -249,7 +252,7 @@ def instance_for(
     team = min(_next_pow2(-(-head_size // vec)), DATA_THREADS)
     threads = min(max(_next_pow2(threads), team), DATA_THREADS)
     elements = (_ELEMENT[prefix_dtype], _ELEMENT[suffix_dtype], _ELEMENT[out_dtype])
-    return (*elements, vec, team, rows, weights, threads, int(write_lse))
+    return (*elements, vec, team, rows, weights, threads, int(write_lse), int(lse_base_2))
 
 
 #: Head sizes ``attnmerge build`` prepares by default (MLA and common attention heads).
@@ -307,16 +310,17 @@ _OUTPUT_DTYPES = (*_PARTIAL_DTYPES, torch.float8_e4m3fn)
 
 def common_instances(head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False) -> list[Instance]:
     """Instances for fp32/fp16/bf16 partials into every output dtype, with and without
-    the output LSE, for every variant a call can need: same-dtype partials only, or with
-    ``mixed_dtypes`` every pair."""
+    the output LSE, in both LSE bases, for every variant a call can need: same-dtype
+    partials only, or with ``mixed_dtypes`` every pair."""
     pairs = [(p, s) for p in _PARTIAL_DTYPES for s in _PARTIAL_DTYPES if mixed_dtypes or p == s]
     found = {}
     for p, s in pairs:
         for out in _OUTPUT_DTYPES:
             for head_size in head_sizes:
                 for v, r, t in _variants(head_size, max(p.itemsize, s.itemsize)):
-                    for lse in (False, True):
-                        found.setdefault(instance_for(p, s, out, head_size, v, r, WEIGHTS, t, lse))
+                    for lse, base_2 in itertools.product((False, True), repeat=2):
+                        instance = instance_for(p, s, out, head_size, v, r, WEIGHTS, t, lse, base_2)
+                        found.setdefault(instance)
     return list(found)
 
 
@@ -327,9 +331,10 @@ def prepare(
     out_dtype: torch.dtype,
     head_size: int,
     write_lse: bool,
+    lse_base_2: bool,
 ) -> None:
     """Build (or load) and load every kernel instance a call signature (dtypes, head
-    size, output LSE or not) can need, so that a failing build shows at backend
+    size, output LSE or not, LSE base) can need, so that a failing build shows at backend
     selection, not mid-call.
 
     Raises:
@@ -341,7 +346,7 @@ def prepare(
     for v, r, t in _variants(head_size, widest):
         _launcher(
             device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r, WEIGHTS, t,
-            write_lse,
+            write_lse, lse_base_2,
         )  # fmt: skip
 
 
@@ -357,11 +362,13 @@ def _launcher(
     weights: int,
     threads: int,
     write_lse: bool,
+    lse_base_2: bool,
 ) -> tuple[driver.Kernel, int]:
     """The loaded kernel of one call variant and the rows each of its blocks merges."""
     instance = instance_for(
-        prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows, weights, threads, write_lse
-    )
+        prefix_dtype, suffix_dtype, out_dtype, head_size, vec, rows, weights, threads,
+        write_lse, lse_base_2,
+    )  # fmt: skip
     team, rows, threads = instance[4], instance[5], instance[7]
     return _kernel(device_index, instance), threads // team * rows
 
@@ -472,6 +479,7 @@ def launch_arguments(
         WEIGHTS if weights is None else weights,
         data_threads(num_rows) if threads is None else threads,
         output_lse is not None,
+        lse_base_2,
     )
     lse_out = output_lse if output_lse is not None else suffix_lse  # not written then
     multiplier, shift = head_divisor(num_heads)
@@ -488,7 +496,7 @@ def launch_arguments(
             head_size,
             num_tokens if prefill_tokens_with_context is None else prefill_tokens_with_context,
             multiplier,
-            shift | _LSE_BASE_2_BIT if lse_base_2 else shift,
+            shift,
             out_st[0],
             out_st[1],
             pre_st[0],

@@ -34,8 +34,8 @@ typedef unsigned long long u64;
 // with this struct's former 200-byte layout was 0.06 to 0.17 us slower than with the
 // stream kernel's 88 bytes. So what every instance reads fits in the first 112 bytes:
 // sizes and strides are 32-bit (in elements; the launcher checks that they fit and
-// offsets are still computed in 64 bits), the LSE base shares a word with the head
-// divisor's shift, and the fields only output-LSE instances read come last.
+// offsets are still computed in 64 bits), and the fields only output-LSE instances read
+// come last.
 struct MergeParams {
   void* out;
   const void* prefix;
@@ -49,7 +49,7 @@ struct MergeParams {
   u32 tokens_with_prefix;  // P: tokens t >= P have no prefix
   // row / num_heads as a multiply and shift (see token_of)
   u32 heads_multiplier;
-  u32 heads_shift_lse_base;  // bits 0-7: the shift; bit 8: LSEs in base 2 (else base e)
+  u32 heads_shift;
   u32 out_stride_t, out_stride_h;
   u32 prefix_stride_t, prefix_stride_h;
   u32 suffix_stride_t, suffix_stride_h;
@@ -60,13 +60,6 @@ struct MergeParams {
   u32 out_lse_stride_h, out_lse_stride_t;
 };
 static_assert(sizeof(MergeParams) == 128, "MergeParams layout is shared with the launcher");
-
-__host__ __device__ __forceinline__ u32 heads_shift(const MergeParams& p) {
-  return p.heads_shift_lse_base & 0xffu;
-}
-__host__ __device__ __forceinline__ bool lse_base_2(const MergeParams& p) {
-  return (p.heads_shift_lse_base >> 8) & 1u;
-}
 
 // The element offset of (token t, head h) in a tensor with strides st, sh: 32-bit
 // operands, a 64-bit result (a product can pass 2^32).
@@ -495,8 +488,12 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp, b
 // run, scripts/weight_math_cost.py --compare) this took 1 x 128 from 1.53 to 1.48 us,
 // 16 x 128 from 1.81 to 1.75, and (32-byte chunks) 256 x 128 from 4.29 to 4.16. A
 // single kernel with one body per case, picked by a uniform branch, was slower.
+// The LSE base is a template argument too (BASE_2): as a run-time flag its two
+// exponentials sat behind a branch in every thread's weight chain, which cost 0.01 to
+// 0.04 us (H200, scripts/merge_cost.py, 1 x 4 to 64 x 128: 1.28 -> 1.26, 1.36 -> 1.32,
+// 1.62 -> 1.58 and 2.24 -> 2.23 us).
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
-          int THREADS, bool WRITE_LSE>
+          int THREADS, bool WRITE_LSE, bool BASE_2>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   static_assert(WEIGHTS == kWeightWarp || WEIGHTS == kWeightPerThread, "weights mode");
   static_assert(THREADS % TEAM == 0 && THREADS <= kMaxDataThreads, "block of whole teams");
@@ -509,14 +506,14 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   // the end of the last block fit (and one compare per row, not two, checks them).
   const u32 first_row = blockIdx.x * kBlockRows, num_rows = p.num_rows;
   const u32 heads = p.num_heads;
-  const bool base_2 = lse_base_2(p);
+  const bool base_2 = BASE_2;
   const bool fp8 = sizeof(typename O::storage) == 1;
 
   if (kWarp && threadIdx.x >= THREADS) {  // the weight warp
     for (int i = threadIdx.x - THREADS; i < kBlockRows; i += kWeightThreads) {
       const u32 r32 = first_row + i;
       if (r32 >= num_rows) break;
-      const u32 t = token_of(r32, p.heads_multiplier, heads_shift(p)), h = r32 - t * heads;
+      const u32 t = token_of(r32, p.heads_multiplier, p.heads_shift), h = r32 - t * heads;
       const float inf = __int_as_float(0x7f800000);
       const float lp =
           t < p.tokens_with_prefix
@@ -553,7 +550,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     const u32 row = first_row + r * kTeams + team;
     row_ok[r] = row < num_rows;
     const u32 row_or_0 = row_ok[r] ? row : 0;
-    const u32 t = token_of(row_or_0, p.heads_multiplier, heads_shift(p));
+    const u32 t = token_of(row_or_0, p.heads_multiplier, p.heads_shift);
     const u32 h = row_or_0 - t * heads;
     tok32[r] = t;
     head32[r] = h;
@@ -635,15 +632,15 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
 
 // Threads per block of an instance: the data threads, plus the weight warp if any.
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
-          int THREADS, bool WRITE_LSE>
+          int THREADS, bool WRITE_LSE, bool BASE_2>
 __host__ __device__ constexpr int block_threads() {
   return WEIGHTS == kWeightWarp ? THREADS + kWeightThreads : THREADS;
 }
 
 template <typename P, typename S, typename O, int VEC, int TEAM, int ROWS, int WEIGHTS,
-          int THREADS, bool WRITE_LSE>
+          int THREADS, bool WRITE_LSE, bool BASE_2>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) merge_two_kernel(const MergeParams p) {
-  merge_two_rows<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS, WRITE_LSE>(p);
+  merge_two_rows<P, S, O, VEC, TEAM, ROWS, WEIGHTS, THREADS, WRITE_LSE, BASE_2>(p);
 }
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the
