@@ -28,6 +28,8 @@
 #                WEIGHT_MATH_COMPARE="FILE ..." also those kernel sources, e.g. the previous one)
 #   merge-cost   what separates the CUDA merge from the CUDA stream yardstick at small
 #                shapes (scripts/merge_cost.py: kernel variants that each remove one part)
+#   param-block  what kernel parameters in further constant-cache lines cost a launch
+#                (scripts/param_block_cost.py: the stream kernel with padded parameters)
 #   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
 #                8/16/32/64/128 data threads per block; triton: 1/2/4/8/16 rows per
 #                program), with stream and vLLM's kernels where `vllm` imports
@@ -82,7 +84,8 @@ echo "vllm providers: ${VLLM:-none}" >>"$OUT/env.txt"
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    variants | small-variants | weight-math | merge-cost | profile | launch-floor) ;;
+    variants | small-variants | weight-math | merge-cost | param-block | profile) ;;
+    launch-floor) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -117,6 +120,8 @@ for arg in "$@"; do
       step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py \
         ${WEIGHT_MATH_COMPARE:+--compare $WEIGHT_MATH_COMPARE} ;;
     merge-cost) step merge-cost "$limit" merge_cost.log python3 scripts/merge_cost.py ;;
+    param-block)
+      step param-block "$limit" param_block.log python3 scripts/param_block_cost.py ;;
     small-variants)
       step small-variants "$limit" small_variants.log python3 -m attnmerge bench \
         --shapes 1x128,1x32,1x8,16x128,16x32,64x128,64x32,256x128,256x32,1024x32,4096x8 \
@@ -162,6 +167,7 @@ done
 [ -f "$OUT/demo.log" ] && tail -n 12 "$OUT/demo.log"
 [ -f "$OUT/weight_math.log" ] && cat "$OUT/weight_math.log"
 [ -f "$OUT/merge_cost.log" ] && cat "$OUT/merge_cost.log"
+[ -f "$OUT/param_block.log" ] && cat "$OUT/param_block.log"
 [ -f "$OUT/launch_floor.log" ] && grep -E "^launch floor" "$OUT/launch_floor.log"
 for log in bench.log variants.log small_variants.log launch_floor.log; do
   [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"

@@ -3,10 +3,10 @@
 //
 //   nvcc -O2 -o /tmp/launch_floor scripts/launch_floor.cu && /tmp/launch_floor
 //
-// An empty kernel with a 192-byte by-value parameter struct (the size of the merge
+// An empty kernel with a 128-byte by-value parameter struct (the size of the merge
 // kernel's MergeParams) is launched through the driver API (cuLaunchKernel, as the cuda
 // backend does) and through the runtime (cudaLaunchKernel, as torch's own ops do), on a
-// non-default stream, 16 blocks of 160 threads (the merge's grid at T = 1, H = 128).
+// non-default stream, 16 blocks of 128 threads (the merge's grid at T = 1, H = 128).
 // Each round enqueues kLaunches launches and reads the host clock before synchronising,
 // so the figure is host time per launch as long as the GPU keeps up (an empty kernel
 // runs in about a microsecond).
@@ -19,7 +19,7 @@
 #include <vector>
 
 struct Params {
-  char bytes[192];
+  char bytes[128];
 };
 
 __global__ void empty_kernel(const Params p) {
@@ -69,10 +69,10 @@ int main() {
   if (found != cudaDriverEntryPointSuccess) return 1;
   Params params = {};
   void* args[] = {&params};
-  const dim3 grid(16), block(160);
+  const dim3 grid(16), block(128);
 
   const double driver_us = median_us_per_launch(
-      [&] { cu_launch(fn, 16, 1, 1, 160, 1, 1, 0, (CUstream)stream, args, nullptr); },
+      [&] { cu_launch(fn, 16, 1, 1, 128, 1, 1, 0, (CUstream)stream, args, nullptr); },
       stream);
   const double runtime_us = median_us_per_launch(
       [&] { cudaLaunchKernel((const void*)empty_kernel, grid, block, args, 0, stream); }, stream);
@@ -85,7 +85,7 @@ int main() {
   CHECK(cudaEventCreate(&stop));
   CHECK(cudaEventRecord(start, stream));
   for (int i = 0; i < kLaunches; ++i) {
-    cu_launch(fn, 16, 1, 1, 160, 1, 1, 0, (CUstream)stream, args, nullptr);
+    cu_launch(fn, 16, 1, 1, 128, 1, 1, 0, (CUstream)stream, args, nullptr);
   }
   CHECK(cudaEventRecord(stop, stream));
   CHECK(cudaEventSynchronize(stop));

@@ -431,3 +431,24 @@ def test_kernel_variant_scripts_still_apply(script, count, vec):
     define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {backend.template_arguments(instance)}\n"
     for name, text in variants.items():
         assert nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch="sm_90a").cubin
+
+
+def test_param_block_script_pads_the_stream_kernel():
+    """scripts/param_block_cost.py pads the stream kernel's parameters by editing its
+    source: every padded source must differ, and compile (its static_assert checks the
+    padded size)."""
+    import importlib.util
+
+    from attnmerge.cuda import nvrtc, stream
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "param_block_cost.py"
+    spec = importlib.util.spec_from_file_location("param_block_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sources = [module.padded_source(n) for n in module.PADDINGS]
+    assert sources[0] == stream.source() and len(set(sources)) == len(sources)
+    if nvrtc.unavailable_reason() is not None:
+        pytest.skip(nvrtc.unavailable_reason())
+    for n, text in zip(module.PADDINGS, sources, strict=True):
+        text = "#define ATTNMERGE_STREAM_TWO_INSTANCE BF16, FP8E4M3, 8, 16\n" + text
+        assert nvrtc.compile_cubin(text, name=f"pad{n}.cu", arch="sm_90a").cubin
