@@ -602,8 +602,9 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
       const u32 t = tok32[r], h = head32[r];
       const i64 p_off = offset_of(t, p.prefix_stride_t, h, p.prefix_stride_h) + col;
+      const i64 s_off = offset_of(t, p.suffix_stride_t, h, p.suffix_stride_h) + col;
       if (has_prefix[r]) po[r] = load_row<P, VEC>(p.prefix, p_off);
-      so[r] = load_row<S, VEC>(p.suffix, offset_of(t, p.suffix_stride_t, h, p.suffix_stride_h) + col);
+      so[r] = load_row<S, VEC>(p.suffix, s_off);
       combine_store<P, S, O, VEC>(p.out, o_row[r] + col, wp, keep_p, po[r], ws, keep_s, so[r],
                                   inv_scale);
     }
