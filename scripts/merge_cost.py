@@ -46,7 +46,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 import attnmerge
 from attnmerge import bench
@@ -55,6 +54,7 @@ from attnmerge.cuda import driver, nvrtc
 from attnmerge.cuda.stream import stream_two_states as stream_cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_timing
 import weight_math_cost
 
 SHAPES = [(1, 4), (1, 128), (16, 128), (64, 128), (256, 128)]
@@ -128,18 +128,17 @@ def variants(source: str) -> dict[str, str]:
     }
 
 
-def _median_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=[0.5]) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--compare", type=Path, nargs="+", default=[], help="other kernel sources to time"
-    )
+    kernel_timing.add_compare_argument(parser)
     parser.add_argument("--rounds", type=int, default=1, help="times per column (mean)")
     parser.add_argument("--only", help="variants to time, comma-separated (default: all)")
-    parser.add_argument("--shapes", help="TxH,... (default: 1x4,1x128,16x128,64x128,256x128)")
+    parser.add_argument(
+        "--shapes",
+        type=bench._shape_list,
+        default=SHAPES,
+        help="TxH,... (default: 1x4,1x128,16x128,64x128,256x128)",
+    )
     opts = parser.parse_args()
     sources = variants(cuda_backend.source())
     if opts.only:
@@ -164,10 +163,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev)}, bf16 -> FP8, D = 128, median us")
     print(f"{'T x H':>10} {'cuda':>8} {'s-cuda':>8} " + " ".join(f"{n:>24}" for n in kernels))
     scale = torch.tensor([bench.FP8_SCALE], device="cuda")
-    shapes = SHAPES
-    if opts.shapes:
-        shapes = [tuple(int(x) for x in shape.split("x")) for shape in opts.shapes.split(",")]
-    for T, H in shapes:
+    for T, H in opts.shapes:
         (s,) = bench.make_input_sets(bench.Case("bf16", True, False, 128, T, H, "cuda"), 1, "cuda")
         args = (
             s["output"], s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"]
@@ -186,11 +182,7 @@ def main() -> None:
                 kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
 
             calls.append(launch)
-        row = [0.0] * len(calls)
-        for round_ in range(opts.rounds):
-            order = range(len(calls)) if round_ % 2 == 0 else reversed(range(len(calls)))
-            for i in order:
-                row[i] += _median_us(calls[i]) / opts.rounds
+        row = kernel_timing.mean_of_rounds(calls, opts.rounds)
         print(
             f"{f'{T} x {H}':>10} "
             + " ".join(f"{x:8.2f}" if i < 2 else f"{x:24.2f}" for i, x in enumerate(row)),

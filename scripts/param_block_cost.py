@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import struct
+import sys
+from pathlib import Path
 
 import torch
-import triton.testing
 
 from attnmerge import bench
 from attnmerge.cuda import backend, driver, nvrtc, stream
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_timing
 
 PADDINGS = [0, 8, 24, 40, 56, 72, 112, 176]
 SHAPES = [(1, 4), (1, 128), (16, 128), (64, 64), (64, 128)]
@@ -81,12 +85,7 @@ def main() -> None:
             got = out.view(torch.uint8).clone()
             expected = got if expected is None else expected
             assert torch.equal(got, expected) and got.any()
-        times = [0.0] * len(calls)
-        for round_ in range(opts.rounds):
-            order = range(len(calls)) if round_ % 2 == 0 else reversed(range(len(calls)))
-            for i in order:
-                us = triton.testing.do_bench_cudagraph(calls[i], rep=20, quantiles=[0.5]) * 1e3
-                times[i] += us / opts.rounds
+        times = kernel_timing.mean_of_rounds(calls, opts.rounds)
         print(f"{f'{T} x {H}':>10} " + " ".join(f"{t:9.3f}" for t in times), flush=True)
 
 

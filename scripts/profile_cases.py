@@ -59,16 +59,15 @@ def _vllm(args: tuple, provider: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", help="TxH,... (default: 1x128,4096x128)")
+    parser.add_argument(
+        "--shapes", type=bench._shape_list, default=SHAPES, help="TxH,... (default: 1x128,4096x128)"
+    )
     parser.add_argument("--variants", help="labels to profile, e.g. cuda,triton (default: all)")
     opts = parser.parse_args()
-    shapes = SHAPES
-    if opts.shapes:
-        shapes = [tuple(int(x) for x in shape.split("x")) for shape in opts.shapes.split(",")]
     chosen = opts.variants.split(",") if opts.variants else [label for label, _ in VARIANTS]
     g = torch.Generator(device="cuda").manual_seed(0)
     calls = []
-    for T, H in shapes:
+    for T, H in opts.shapes:
         p = torch.randn(T, H, HEAD_SIZE, generator=g, device="cuda").to(torch.bfloat16)
         s = torch.randn(T, H, HEAD_SIZE, generator=g, device="cuda").to(torch.bfloat16)
         lp = torch.randn(H, T, generator=g, device="cuda")

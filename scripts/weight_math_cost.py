@@ -24,16 +24,19 @@ in 128-thread blocks. Run on a GPU:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 import attnmerge
 from attnmerge import bench
 from attnmerge.cuda import backend as cuda_backend
 from attnmerge.cuda import driver, nvrtc
 from attnmerge.triton.stream_kernel import read_two_states, stream_two_states
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_timing
 
 SHAPES = [(1, 4), (1, 128), (16, 32), (16, 128), (64, 128), (256, 128), (4096, 128)]
 ROW_WEIGHTS = "weights[r] = row_weights(lp[r], ls[r], base_2);"
@@ -65,15 +68,9 @@ def variants(source: str) -> dict[str, str]:
 LAYOUTS = {"c32b128": (32, 128), "c16b128": (16, 128)}
 
 
-def _median_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=[0.5]) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--compare", type=Path, nargs="+", default=[], help="other kernel sources to time"
-    )
+    kernel_timing.add_compare_argument(parser)
     args = parser.parse_args()
     dev = torch.cuda.current_device()
     arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
@@ -110,10 +107,15 @@ def _times(T: int, H: int, kernels: dict, names: list[str]) -> list[float]:
     (s,) = bench.make_input_sets(case, 1, "cuda")
     args = (s["output"], s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"])
     times = [
-        _median_us(lambda b=b: attnmerge.merge_attn_states(*args, None, None, scale, backend=b))
+        kernel_timing.median_us(
+            lambda b=b: attnmerge.merge_attn_states(*args, None, None, scale, backend=b)
+        )
         for b in ("triton", "cuda")
     ]
-    times += [_median_us(lambda k=k: k(*args, scale)) for k in (stream_two_states, read_two_states)]
+    times += [
+        kernel_timing.median_us(lambda k=k: k(*args, scale))
+        for k in (stream_two_states, read_two_states)
+    ]
     for layout, (chunk, threads) in LAYOUTS.items():
         _, grid, params = cuda_backend.launch_arguments(
             *args, None, None, scale, False, chunk_bytes=chunk, threads=threads
@@ -125,7 +127,7 @@ def _times(T: int, H: int, kernels: dict, names: list[str]) -> list[float]:
                 # the current stream: do_bench_cudagraph captures on a side stream
                 kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
 
-            times.append(_median_us(launch))
+            times.append(kernel_timing.median_us(launch))
     return times
 
 

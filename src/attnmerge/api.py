@@ -180,10 +180,18 @@ def _validate(
         if output_lse is not None:
             lse_reads = (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse))
             _check_written("output_lse", output_lse, lse_reads)
-    write_lse = output_lse is not None
     lse_base_2 = lse_base == 2
-    key = (prefix_output.dtype, suffix_output.dtype, output.dtype, shape[2])
-    return lse_base_2, (*key, write_lse, lse_base_2, fp8)
+    write_lse = output_lse is not None
+    key = (
+        prefix_output.dtype,
+        suffix_output.dtype,
+        output.dtype,
+        shape[2],
+        write_lse,
+        lse_base_2,
+        fp8,
+    )
+    return lse_base_2, key
 
 
 def _merge_attn_states_impl(args: tuple, lse_base: str | int, backend: str) -> None:
