@@ -19,9 +19,10 @@ kernel, each removing one part, next to both (bf16 -> FP8, D = 128, 16-byte chun
 * ``contiguous``: the kernel with ``stream-cuda``'s addressing (row x head size, LSE
   ``[H, T]``, no strides), right only for contiguous tensors, as the bench's are: what the
   general strides cost.
-* ``stream_like``: ``skeleton_select`` with contiguous addressing, no P test and an early
-  exit for threads without a row: ``stream-cuda``'s work in the merge kernel's code (its
-  sm_90a code is within a few instructions of ``stream-cuda``'s, yet it was slower);
+* ``stream_like``: ``skeleton_select`` with contiguous addressing and no P test:
+  ``stream-cuda``'s work in the merge kernel's code (the kernel's early exit for threads
+  without a row is stream-cuda's too; with the 200-byte parameter struct of git 4415683
+  this was slower than ``stream-cuda`` for the same sm_90a code: see the struct's comment);
 * ``stream_like_no_scale_div``: the same without the scale's division, whose operand
   check and branch the compiler places before the select here and after it in
   ``stream-cuda``.
@@ -64,18 +65,8 @@ _COMBINE = (
 _SELECT = "    acc[i] = wp > ws ? P::load(pk.get(i)) : S::load(sk.get(i));"
 # the skeleton's weights, made the LSEs, so that the select above depends on them
 _SELECT_WEIGHTS = "weights[r] = RowWeights{lp[r], ls[r], lp[r], ls[r], true, true};"
-_NO_P = ("has_prefix[r] = t < p.tokens_with_prefix;", "has_prefix[r] = true;")
+_NO_P = ("has_prefix[r] = row < p.rows_with_prefix;", "has_prefix[r] = true;")
 _NO_SCALE_DIV = ("__fdiv_rn(1.0f, scale)", "scale")
-# threads without a row (or past the head size) leave at once: stream-cuda's early exit,
-# for the instances without an output LSE, whose threads meet no barrier
-_EARLY_EXIT = (
-    "  const float scale = fp8 ? *p.scale : 1.0f;\n",
-    "  if (!WRITE_LSE && !kWarp && ROWS == 1 &&\n"
-    "      (first_row + team >= num_rows || col0 >= p.head_size)) {\n"
-    "    return;\n"
-    "  }\n"
-    "  const float scale = fp8 ? *p.scale : 1.0f;\n",
-)
 # stride arithmetic -> contiguous offsets (the kernel's data threads)
 _CONTIGUOUS = {
     "o_row[r] = offset_of(t, p.out_stride_t, h, p.out_stride_h);": (
@@ -112,7 +103,7 @@ def variants(source: str) -> dict[str, str]:
     skeleton_select = _replace(
         _replace(no_select, weight_math_cost.ROW_WEIGHTS, _SELECT_WEIGHTS), _COMBINE, _SELECT
     )
-    stream_like = _replace(contiguous(_replace(skeleton_select, *_EARLY_EXIT)), *_NO_P)
+    stream_like = _replace(contiguous(skeleton_select), *_NO_P)
     return {
         "default": source,
         "no_select": no_select,

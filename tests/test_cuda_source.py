@@ -182,7 +182,7 @@ int main() {
       (unsigned long long)p.out, (unsigned long long)p.prefix,
       (unsigned long long)p.prefix_lse, (unsigned long long)p.suffix,
       (unsigned long long)p.suffix_lse, (unsigned long long)p.scale, p.num_rows, p.num_heads,
-      p.head_size, p.tokens_with_prefix, p.heads_multiplier, p.heads_shift,
+      p.head_size, p.rows_with_prefix, p.heads_multiplier, p.heads_shift,
       p.out_stride_t, p.out_stride_h, p.prefix_stride_t, p.prefix_stride_h,
       p.suffix_stride_t, p.suffix_stride_h, p.prefix_lse_stride_h, p.prefix_lse_stride_t,
       p.suffix_lse_stride_h, p.suffix_lse_stride_t, (unsigned long long)p.out_lse,

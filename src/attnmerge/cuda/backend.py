@@ -494,7 +494,10 @@ def launch_arguments(
             num_rows,
             num_heads,
             head_size,
-            num_tokens if prefill_tokens_with_context is None else prefill_tokens_with_context,
+            # rows with a prefix (P x H <= num_rows: the API checks 0 <= P <= T)
+            num_rows
+            if prefill_tokens_with_context is None
+            else prefill_tokens_with_context * num_heads,
             multiplier,
             shift,
             out_st[0],
