@@ -4,7 +4,9 @@ divides by Markstein's sequence (``divide_weight``) on a shared reciprocal, inst
 two exponentials and two IEEE divisions (``__fdiv_rn``); both live on the merge's
 critical path, so they are checked on their own, over millions of inputs: the division
 against the CPU's float32 division, the weights against the textbook formula computed
-with the same device's ``expf``/``exp2f`` and ``__fdiv_rn``."""
+with the same device's ``expf``/``exp2f`` and ``__fdiv_rn``. The Triton kernel divides
+its weights by the same sequence (``_weights_of``): its quotients and reciprocals are
+checked against the CPU's division on the same inputs."""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ import struct
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from attnmerge.cuda import backend as cuda_backend
 from attnmerge.cuda import driver, nvrtc
+from attnmerge.triton import merge_kernel
 
 pytestmark = pytest.mark.gpu
 
@@ -97,6 +102,37 @@ def kernels():
     return run
 
 
+@triton.jit
+def _triton_divide(a_ptr, b_ptr, quotient_ptr, reciprocal_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    a = tl.load(a_ptr + i, mask=ok)
+    b = tl.load(b_ptr + i, mask=ok, other=1.0)
+    reciprocal, quotient = merge_kernel._weights_of(a, b)
+    tl.store(quotient_ptr + i, quotient, mask=ok)
+    tl.store(reciprocal_ptr + i, reciprocal, mask=ok)
+
+
+@pytest.fixture(scope="module", params=["cuda", "triton"])
+def divide(request):
+    """a / b (and, triton, 1 / b) by one kernel's weight division, on the GPU."""
+    if request.param == "cuda":
+        run = request.getfixturevalue("kernels")
+        return lambda a, b: (run("divide_weights", a, b, 1)[:, 0], None)
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert merge_kernel._RECIPROCAL_DIVISION, "the interpreter's path would be checked"
+
+    def run_triton(a: torch.Tensor, b: torch.Tensor):
+        a, b = a.cuda(), b.cuda()
+        quotient, reciprocal = torch.empty_like(a), torch.empty_like(a)
+        grid = (triton.cdiv(a.numel(), 1024),)
+        _triton_divide[grid](a, b, quotient, reciprocal, a.numel(), BLOCK=1024)
+        return quotient.cpu(), reciprocal.cpu()
+
+    return run_triton
+
+
 def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.int32)
 
@@ -112,9 +148,11 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str, inputs) -> No
     )
 
 
-def _check_division(kernels, a: torch.Tensor, b: torch.Tensor) -> None:
-    got = kernels("divide_weights", a, b, 1)[:, 0]
-    _assert_same(got, a / b, "quotients", (a, b))  # CPU float32: IEEE, nearest even
+def _check_division(divide, a: torch.Tensor, b: torch.Tensor) -> None:
+    quotient, reciprocal = divide(a, b)
+    _assert_same(quotient, a / b, "quotients", (a, b))  # CPU float32: IEEE, nearest even
+    if reciprocal is not None:
+        _assert_same(reciprocal, 1.0 / b, "reciprocals", (b,))
 
 
 def _exponentials(n: int, g: torch.Generator) -> torch.Tensor:
@@ -124,37 +162,37 @@ def _exponentials(n: int, g: torch.Generator) -> torch.Tensor:
     return e
 
 
-def test_division_of_a_rows_operands(kernels):
+def test_division_of_a_rows_operands(divide):
     # b = 1 + e, a = 1 or e: exactly the operands row_weights gives it
     g = torch.Generator().manual_seed(0)
     e = _exponentials(1 << 23, g)
     b = 1.0 + e
-    _check_division(kernels, e, b)
-    _check_division(kernels, torch.ones_like(b), b)
+    _check_division(divide, e, b)
+    _check_division(divide, torch.ones_like(b), b)
 
 
-def test_division_of_any_normal_numerator(kernels):
+def test_division_of_any_normal_numerator(divide):
     # the stronger property the proof gives: any a in [2^-100, 1] over b in [1, 2)
     g = torch.Generator().manual_seed(1)
     n = 1 << 23
     b = 1.0 + torch.rand(n, generator=g)
     a = torch.exp2(-100.0 * torch.rand(n, generator=g))
-    _check_division(kernels, a, b)
+    _check_division(divide, a, b)
 
 
-def test_division_by_every_denominator_near_the_ends(kernels):
+def test_division_by_every_denominator_near_the_ends(divide):
     # b = 1 + k ulp and 2 - k ulp for the first 2^20 k, with a = 1 and a = b - 1 (exact)
     k = torch.arange(1 << 20, dtype=torch.int32)
     one, two = torch.tensor(1.0).view(torch.int32), torch.tensor(2.0).view(torch.int32)
     b = torch.cat([(one + k).view(torch.float32), (two - k).view(torch.float32)])
-    _check_division(kernels, torch.ones_like(b), b)
-    _check_division(kernels, b - 1.0, b)
+    _check_division(divide, torch.ones_like(b), b)
+    _check_division(divide, b - 1.0, b)
 
 
-def test_division_by_one_keeps_subnormals(kernels):
+def test_division_by_one_keeps_subnormals(divide):
     a = torch.tensor([0.0, 2.0**-149, 2.0**-140, 2.0**-126, 2.0**-101, 2.0**-24, 1.0])
-    _check_division(kernels, a, torch.ones_like(a))
-    _check_division(kernels, torch.tensor([float("nan")] * 3), torch.tensor([1.0, 1.5, 2.0]))
+    _check_division(divide, a, torch.ones_like(a))
+    _check_division(divide, torch.tensor([float("nan")] * 3), torch.tensor([1.0, 1.5, 2.0]))
 
 
 def _check_weights(kernels, lp: torch.Tensor, ls: torch.Tensor, base_2: bool) -> None:
