@@ -169,6 +169,8 @@ done
 [ -f "$OUT/merge_cost.log" ] && cat "$OUT/merge_cost.log"
 [ -f "$OUT/param_block.log" ] && cat "$OUT/param_block.log"
 [ -f "$OUT/launch_floor.log" ] && grep -E "^launch floor" "$OUT/launch_floor.log"
+# the performance targets, from a whole-grid bench with vLLM's kernels
+[ -f "$OUT/bench.csv" ] && [ -n "$VLLM" ] && python3 scripts/targets.py "$OUT/bench.csv"
 for log in bench.log variants.log small_variants.log launch_floor.log; do
   [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"
 done

@@ -633,3 +633,49 @@ def test_csv_round_trip_and_replot(tmp_path: Path, capsys: pytest.CaptureFixture
     assert capsys.readouterr().out.strip() == bench.format_table(back, info)
     assert cli.main(["bench", "--from-csv", str(tmp_path / "missing.csv")]) == 2
     assert "--from-csv" in capsys.readouterr().err
+
+
+def test_targets_script_reads_a_grid(tmp_path: Path) -> None:
+    """scripts/targets.py (the performance targets from a whole-grid CSV): the counts and
+    the HBM bound, on two shapes with chosen times."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "targets.py"
+    spec = importlib.util.spec_from_file_location("targets", path)
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    big = bench.Case("bf16", True, False, 128, 4096, 128, "read")
+    writes = 4096 * 128 * 128  # the FP8 output
+    inputs = big.min_bytes() - writes
+    read_us = inputs / 4500e3  # reads at 4500 GB/s
+    times = {  # us: (1 x 128, 4096 x 128)
+        "cuda": (1.25, 80.0),
+        "triton": (1.5, 81.0),
+        "stream": (1.3, 80.0),
+        "stream-cuda": (1.2, 79.5),
+        "read": (1.3, read_us),
+        "vllm": (1.8, 91.6),
+        "vllm-triton": (1.3, 318.0),
+    }
+    records = []
+    for provider, (small_us, big_us) in times.items():
+        for tokens, us in ((1, small_us), (4096, big_us)):
+            case = bench.Case("bf16", True, False, 128, tokens, 128, provider)
+            records.append(bench.make_record(case, 1, (us, us, us), H200))
+    csv_path = tmp_path / "bench.csv"
+    bench.write_csv(csv_path, records, H200)
+
+    by_shape, _ = targets.load(csv_path)
+    read_gbps, write_gbps, bounds = targets.hbm_bound(by_shape, H200.copy_gbps)
+    assert read_gbps == pytest.approx(4500, rel=1e-5)
+    # a copy's half of reads at 4500 GB/s leaves the rest of its time to its writes
+    assert write_gbps == pytest.approx(0.5 / (1 / 4180 - 0.5 / 4500), rel=1e-5)
+    total = big.min_bytes()
+    want = total / (inputs / 4500 + writes / write_gbps)
+    assert bounds[("bf16", 4096, 128)] == pytest.approx(want, rel=1e-5)
+
+    report = targets.report(csv_path)
+    assert "cuda <= vLLM CUDA: 2 of 2" in report
+    assert "T = 1 <= 1.3 us: 1 of 1 (cuda 1.25 to 1.25 us)" in report
+    assert ">= 92% of datasheet at >= 131072 rows: 0 of 1" in report
+    assert "triton within 1.1x of cuda at >= 131072 rows: 1 of 1" in report
+    # 1 x 128: 3x vLLM Triton is 0.43 us, below every yardstick; 4096 x 128 is met
+    assert "triton >= 3x vLLM Triton: 1 of 2; of the rest, 1 need less time" in report
