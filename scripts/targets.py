@@ -65,7 +65,7 @@ def hbm_bound(by_shape: dict, copy_gbps: float) -> tuple[float, float, dict]:
         inputs[s] / float(by_shape[s]["read"]["median_us"]) / 1e3
         for s in by_shape
         if inputs[s] >= _HBM_READ_MIN_BYTES
-    )
+    )  # a grid without such a shape has no bound here (ValueError)
     # a copy of N bytes (read + write counted) reads N / 2 and writes N / 2
     write_gbps = 0.5 / (1.0 / copy_gbps - 0.5 / read_gbps)
     bounds = {}

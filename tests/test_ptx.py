@@ -2,11 +2,11 @@
 
 Triton compiles for sm_90 on a machine without a GPU, so CI can look at the PTX the
 GPU would run: 16-byte vector loads and stores, the saturating round-to-nearest FP8
-convert, the weights' division by the approximate reciprocal and
-Markstein's correction, and an ``exp`` that keeps subnormal weights
-in base 2 (``ex2.approx.ftz`` flushes them, which would hide a NaN in a row of tiny
-but non-zero weight). The compile runs in a subprocess because this test session
-runs Triton in its interpreter, where kernels cannot be compiled.
+convert, the weights' division by the approximate reciprocal with Markstein's
+correction, and an ``exp`` that keeps subnormal weights in base 2 (``ex2.approx.ftz``
+flushes them, which would hide a NaN in a row of tiny but non-zero weight). The compile
+runs in a subprocess because this test session runs Triton in its interpreter, where
+kernels cannot be compiled.
 """
 
 from __future__ import annotations
