@@ -34,14 +34,14 @@ pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "prefix_ptr": in_ty,
             "prefix_lse_ptr": "fp32", "suffix_ptr": in_ty, "suffix_lse_ptr": "fp32",
             "scale_ptr": "fp32"}
 block_d = triton.next_power_of_2(head_size)
-const = dict(HEAD_SIZE=head_size, BLOCK_D=block_d,
+const = dict(NUM_HEADS=32, HEAD_SIZE=head_size, BLOCK_D=block_d,
              BLOCK_ROWS=mk.block_rows_for(head_size, itemsize), LSE_BASE_2=base_2,
              WRITE_LSE=True, FP8_OUT=out_ty == "fp8e4nv")
 sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
        for n in fn.arg_names}
 # What Triton infers for aligned tensors and strides that are multiples of 16.
 aligned = [n for n in fn.arg_names if n in pointers or n.startswith(("out_stride", "prefix_stride",
-           "suffix_stride")) or n == "num_heads"]
+           "suffix_stride"))]
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
