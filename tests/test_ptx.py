@@ -4,9 +4,11 @@ Triton compiles for sm_90 on a machine without a GPU, so CI can look at the PTX 
 GPU would run: 16-byte vector loads and stores, the saturating round-to-nearest FP8
 convert, the weights' division by the approximate reciprocal with Markstein's
 correction, and an ``exp`` that keeps subnormal weights in base 2 (``ex2.approx.ftz``
-flushes them, which would hide a NaN in a row of tiny but non-zero weight). The compile
-runs in a subprocess because this test session runs Triton in its interpreter, where
-kernels cannot be compiled.
+flushes them, which would hide a NaN in a row of tiny but non-zero weight). In the
+sm_90a machine code (where Triton ships ``cuobjdump``) it checks that every row load is
+issued before the first exponential, which the kernel's register cap is for. The
+compile runs in a subprocess because this test session runs Triton in its interpreter,
+where kernels cannot be compiled.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import pytest
 pytest.importorskip("triton")
 
 _COMPILE_SCRIPT = r"""
-import collections, json, re, sys
+import collections, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from attnmerge.triton import merge_kernel as mk
 
 in_ty, out_ty, head_size, base_2 = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+num_rows = int(sys.argv[5])
 itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[in_ty]
 fn = mk._merge_two_kernel
 pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "prefix_ptr": in_ty,
@@ -35,7 +38,7 @@ pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "prefix_ptr": in_ty,
             "scale_ptr": "fp32"}
 block_d = triton.next_power_of_2(head_size)
 const = dict(NUM_HEADS=32, HEAD_SIZE=head_size, BLOCK_D=block_d,
-             BLOCK_ROWS=mk.block_rows_for(head_size, itemsize), LSE_BASE_2=base_2,
+             BLOCK_ROWS=mk.block_rows_for(head_size, itemsize, num_rows), LSE_BASE_2=base_2,
              WRITE_LSE=True, FP8_OUT=out_ty == "fp8e4nv")
 sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
        for n in fn.arg_names}
@@ -43,20 +46,33 @@ sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers els
 aligned = [n for n in fn.arg_names if n in pointers or n.startswith(("out_stride", "prefix_stride",
            "suffix_stride"))]
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+options = {"num_warps": mk._NUM_WARPS, "maxnreg": mk._MAX_REGISTERS}  # as the launcher's
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                          target=GPUTarget("cuda", 90, 32), options=options)
 ops = re.findall(r"\b(ld\.global[.\w]*|st\.global[.\w]*|cvt[.\w]*e4m3\w*|ex2\.approx[.\w]*|"
                  r"div[.\w]*f32|rcp[.\w]*f32)", compiled.asm["ptx"])
-print(json.dumps(collections.Counter(ops)))
+# Positions in the SASS of the row loads (64- and 128-bit) and of the exponentials.
+sass = None
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+if os.path.exists(tool):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    code = [line for line in text.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    sass = {"row_loads": [i for i, x in enumerate(code) if re.search(r"LDG\.E\.(64|128)\b", x)],
+            "exps": [i for i, x in enumerate(code) if "MUFU.EX2" in x]}
+print(json.dumps({"ptx": collections.Counter(ops), "sass": sass}))
 """
 
 
-def _ptx_ops(in_ty: str, out_ty: str, head_size: int, base_2: bool) -> dict[str, int]:
+def _compile(in_ty: str, out_ty: str, head_size: int, base_2: bool, num_rows: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, in_ty, out_ty, str(head_size), str(int(base_2))],
+        [sys.executable, "-c", _COMPILE_SCRIPT, in_ty, out_ty, str(head_size), str(int(base_2)),
+         str(num_rows)],
         capture_output=True,
         text=True,
         env=env,
@@ -65,6 +81,11 @@ def _ptx_ops(in_ty: str, out_ty: str, head_size: int, base_2: bool) -> dict[str,
     if proc.returncode != 0:
         pytest.fail(f"compiling the kernel for sm_90 failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ptx_ops(in_ty: str, out_ty: str, head_size: int, base_2: bool) -> dict[str, int]:
+    # the tile of large grids (the rule's own, without the small-grid cap)
+    return _compile(in_ty, out_ty, head_size, base_2, num_rows=1 << 20)["ptx"]
 
 
 def test_bf16_to_fp8_uses_vector_memory_ops_and_saturating_convert():
@@ -93,3 +114,24 @@ def test_odd_head_sizes_still_vectorise(head_size):
     # 72 and 80 are multiples of 8 bf16 elements: the masked tail keeps 16-byte loads.
     ops = _ptx_ops("bf16", "bf16", head_size, base_2=False)
     assert ops.get("ld.global.v4.b32", 0) >= 2, ops
+
+
+# The tiles where ptxas, left to itself, issued row loads after the weights' exponential:
+# a thread with two rows (bf16 -> bf16) or a row of four 16-byte loads (fp32), large
+# grids and the small grids' 4-row tile.
+@pytest.mark.parametrize(
+    "in_ty, out_ty, head_size, num_rows",
+    [
+        ("bf16", "fp8e4nv", 128, 16384),
+        ("bf16", "bf16", 128, 16384),
+        ("fp32", "fp8e4nv", 64, 16384),
+        ("fp32", "bf16", 128, 16384),
+        ("fp32", "bf16", 256, 128),
+    ],
+)
+def test_row_loads_are_issued_before_the_weights(in_ty, out_ty, head_size, num_rows):
+    sass = _compile(in_ty, out_ty, head_size, False, num_rows)["sass"]
+    if sass is None:
+        pytest.skip("this Triton ships no cuobjdump to read the machine code with")
+    assert sass["row_loads"] and sass["exps"], sass
+    assert max(sass["row_loads"]) < min(sass["exps"]), sass
