@@ -197,6 +197,16 @@ struct F16 {
     return bits;
 #endif
   }
+  // Two values in one instruction (lo in the low half, as stored in memory).
+  static __device__ __forceinline__ u32 store2(float lo, float hi) {
+#ifdef __CUDA_ARCH__
+    u32 pair;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(hi), "f"(lo));
+    return pair;
+#else
+    return (u32)store(lo) | ((u32)store(hi) << 16);
+#endif
+  }
 };
 
 struct BF16 {
@@ -211,6 +221,15 @@ struct BF16 {
     const u32 bits = float_bits(v);
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x40u);  // quiet NaN
     return (u16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
+#endif
+  }
+  static __device__ __forceinline__ u32 store2(float lo, float hi) {
+#ifdef __CUDA_ARCH__
+    u32 pair;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(hi), "f"(lo));
+    return pair;
+#else
+    return (u32)store(lo) | ((u32)store(hi) << 16);
 #endif
   }
 };
@@ -286,38 +305,82 @@ __device__ __forceinline__ Chunk<typename E::storage, N> load_row(const void* ba
   return c;
 }
 
-// FP8 output converts two values per instruction where it can (half the conversions,
-// the same bits).
-template <typename E, int N, bool kPairs = sizeof(typename E::storage) == 1 && N % 2 == 0>
-struct RowStore {
-  static __device__ __forceinline__ void store(void* base, i64 offset, const float (&in)[N],
-                                               float inv_scale) {
-    typedef typename E::storage S;
-    const bool fp8 = sizeof(S) == 1;
-    Vec<S, N> x;
+// Stores whole 32-bit words as 16-, 8- and 4-byte vector stores, written in PTX: left
+// to the compiler, a store of converted words was not always vectorised (a bf16 -> bf16
+// instance wrote its 32-byte chunk as one 16-byte store and seven 2- to 8-byte ones, an
+// fp16 one its 16 bytes as four 4-byte stores, in the sm_90a code).
+template <int kWords>
+__device__ __forceinline__ void store_words(void* dst, const u32 (&w)[kWords]) {
+#ifdef __CUDA_ARCH__
+  const u64 p = (u64)dst;
 #pragma unroll
-    for (int i = 0; i < N; ++i) x.v[i] = E::store(fp8 ? __fmul_rn(in[i], inv_scale) : in[i]);
-    *reinterpret_cast<Vec<S, N>*>(static_cast<S*>(base) + offset) = x;
+  for (int i = 0; i + 4 <= kWords; i += 4) {
+    asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v4.b32 [g], {%1, %2, %3, %4}; }"
+                 :
+                 : "l"(p + 4 * i), "r"(w[i]), "r"(w[i + 1]), "r"(w[i + 2]), "r"(w[i + 3])
+                 : "memory");
   }
-};
-
-template <typename E, int N>
-struct RowStore<E, N, true> {
-  static __device__ __forceinline__ void store(void* base, i64 offset, const float (&in)[N],
-                                               float inv_scale) {
-    Vec<u16, N / 2> x;
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      x.v[i] = E::store2(__fmul_rn(in[2 * i], inv_scale), __fmul_rn(in[2 * i + 1], inv_scale));
-    }
-    *reinterpret_cast<Vec<u16, N / 2>*>(static_cast<u8*>(base) + offset) = x;
+  constexpr int i = kWords / 4 * 4;
+  if (kWords - i >= 2) {
+    asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v2.b32 [g], {%1, %2}; }"
+                 :
+                 : "l"(p + 4 * i), "r"(w[i]), "r"(w[i + 1 < kWords ? i + 1 : i])
+                 : "memory");
   }
-};
+  if ((kWords - i) % 2 == 1) {
+    constexpr int last = kWords - 1;
+    asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.b32 [g], %1; }"
+                 :
+                 : "l"(p + 4 * last), "r"(w[last])
+                 : "memory");
+  }
+#else
+  __builtin_memcpy(dst, w, sizeof(w));
+#endif
+}
 
+// The 32-bit word of output elements that in[0], in[1], ... become (FP8: times inv_scale
+// first). 1- and 2-byte elements are converted in pairs, one instruction per pair (half
+// the conversions, the same bits).
+template <typename E>
+__device__ __forceinline__ u32 output_word(const float* in, float inv_scale) {
+  typedef typename E::storage S;
+  if constexpr (sizeof(S) == 4) {
+    return float_bits(E::store(in[0]));
+  } else if constexpr (sizeof(S) == 2) {
+    return E::store2(in[0], in[1]);
+  } else {
+    const u32 lo = E::store2(__fmul_rn(in[0], inv_scale), __fmul_rn(in[1], inv_scale));
+    const u32 hi = E::store2(__fmul_rn(in[2], inv_scale), __fmul_rn(in[3], inv_scale));
+    return lo | (hi << 16);
+  }
+}
+
+// Stores N output elements (FP8: times inv_scale first) at element offset `offset`.
+// Chunks of whole 32-bit words go out as vector stores (store_words); the scalar
+// fallback's chunks (one 2-byte element, one or two FP8 ones) as elements or a pair.
 template <typename E, int N>
 __device__ __forceinline__ void store_row(void* base, i64 offset, const float (&in)[N],
                                           float inv_scale) {
-  RowStore<E, N>::store(base, offset, in, inv_scale);
+  typedef typename E::storage S;
+  S* dst = static_cast<S*>(base) + offset;
+  if constexpr (sizeof(S) * N % 4 == 0) {
+    constexpr int kPerWord = 4 / sizeof(S);
+    u32 w[N / kPerWord];
+#pragma unroll
+    for (int i = 0; i < N / kPerWord; ++i) w[i] = output_word<E>(in + i * kPerWord, inv_scale);
+    store_words(dst, w);
+  } else if constexpr (sizeof(S) == 1 && N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {
+      *reinterpret_cast<u16*>(dst + i) =
+          E::store2(__fmul_rn(in[i], inv_scale), __fmul_rn(in[i + 1], inv_scale));
+    }
+  } else {
+    const bool fp8 = sizeof(S) == 1;
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = E::store(fp8 ? __fmul_rn(in[i], inv_scale) : in[i]);
+  }
 }
 
 // The weights of one (token, head) row. Identical results to the Triton kernel and the
