@@ -140,6 +140,7 @@ def test_vector_and_scalar_paths(emulated, monkeypatch):
     # Padded, 16-byte aligned views keep vector accesses (32-byte chunks, or 16-byte ones
     # where the head size needs them); an odd storage offset does not.
     monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})  # 32-byte chunks here too
+    monkeypatch.setattr(cuda_backend, "MAX_STORE_BYTES", 32)  # and for a bf16 output
     H, D = 4, 128
     aligned = make_case(6, H, D, dtype=torch.bfloat16, prefix_strides=padded(H, D, head_pad=8))
     _check(aligned)
@@ -154,6 +155,25 @@ def test_vector_and_scalar_paths(emulated, monkeypatch):
     monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {2: ((8192, 16),)})
     _check(aligned)
     assert emulated[-1][3] == 8
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype", "vec"),
+    [
+        (torch.bfloat16, FP8, 16),  # 32-byte chunks: one 16-byte FP8 store a thread
+        (torch.bfloat16, torch.bfloat16, 8),  # 16-byte chunks: 16 bytes of output
+        (torch.bfloat16, torch.float32, 4),  # 8-byte chunks
+        (torch.float32, torch.bfloat16, 8),  # 32-byte chunks: 16 bytes of bf16
+        (torch.float32, torch.float32, 4),
+    ],
+)
+def test_chunks_capped_at_one_16_byte_store(emulated, monkeypatch, dtype, out_dtype, vec):
+    # Large grids' chunks hold at most MAX_STORE_BYTES of output (every grid here).
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})
+    scale = 0.05 if out_dtype == FP8 else None
+    case = make_case(5, 4, 128, dtype=dtype, out_dtype=out_dtype, scale=scale, lse_pattern="mixed")
+    _check(case)
+    assert emulated[-1][3] == vec
 
 
 @pytest.mark.parametrize(
@@ -284,6 +304,7 @@ def test_other_chunk_sizes(emulated, monkeypatch, dtype, out_dtype, D, alias, ch
     # chunk, on one and on several rows per team.
     monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})  # every grid
+    monkeypatch.setattr(cuda_backend, "MAX_STORE_BYTES", 32)  # every output dtype
     for rows_forced in (False, True):
         if rows_forced:
             monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
@@ -309,6 +330,7 @@ def test_weights_per_thread(emulated, monkeypatch, dtype, out_dtype, D, alias, c
     monkeypatch.setattr(cuda_backend, "WEIGHTS", cuda_backend.WEIGHTS_PER_THREAD)
     monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})  # every grid
+    monkeypatch.setattr(cuda_backend, "MAX_STORE_BYTES", 32)  # every output dtype
     if grid == "large":
         monkeypatch.setattr(cuda_backend, "SMALL_GRID_ROWS", 0)
         monkeypatch.setattr(cuda_backend, "LARGE_GRID_ROWS", 0)
@@ -336,6 +358,7 @@ def test_small_blocks(emulated, monkeypatch, dtype, out_dtype, D, alias, chunk_b
     monkeypatch.setattr(cuda_backend, "SMALL_BLOCK_THREADS", threads)
     monkeypatch.setattr(cuda_backend, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})  # every grid
+    monkeypatch.setattr(cuda_backend, "MAX_STORE_BYTES", 32)  # every output dtype
     monkeypatch.setattr(
         cuda_backend, "WEIGHTS", getattr(cuda_backend, f"WEIGHTS_{weights.upper()}")
     )

@@ -347,6 +347,11 @@ def test_chunk_bytes_by_grid_size():
         el = backend._ELEMENT[dtype[widest]]
         vecs = {i[3] for i in insts if i[:3] == (el, el, "FP8E4M3")}
         assert vecs == {1} | {c // widest for c in chunks}
+        # into outputs of the partials' dtype, only chunks of at most 16 bytes of output
+        capped = {min(c, backend.MAX_STORE_BYTES) for c in chunks}
+        assert {c for c, _, _ in backend._grid_layouts(widest, widest)} == capped
+        vecs = {i[3] for i in insts if i[:3] == (el, el, el)}
+        assert vecs == {1} | {c // widest for c in capped}
 
 
 def test_vector_accesses_need_aligned_row_chunks():

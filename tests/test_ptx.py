@@ -71,8 +71,16 @@ def _compile(in_ty: str, out_ty: str, head_size: int, base_2: bool, num_rows: in
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, in_ty, out_ty, str(head_size), str(int(base_2)),
-         str(num_rows)],
+        [
+            sys.executable,
+            "-c",
+            _COMPILE_SCRIPT,
+            in_ty,
+            out_ty,
+            str(head_size),
+            str(int(base_2)),
+            str(num_rows),
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -61,7 +61,8 @@ def stream_two_states(
     if num_rows == 0 or head_size == 0:
         return
     widest = prefix_output.itemsize
-    vec = backend.vector_width(head_size, widest, backend.chunk_bytes_for(num_rows, widest))
+    chunk = backend.chunk_bytes_for(num_rows, widest, output.itemsize)
+    vec = backend.vector_width(head_size, widest, chunk)
     team = min(backend._next_pow2(-(-head_size // vec)), backend.DATA_THREADS)
     if head_size % vec or team * vec < head_size:
         raise ValueError(

@@ -341,4 +341,6 @@ def _launch(key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_inde
                 e,
             )
     # Triton's own path: compiles (or finds) the kernel, then launches it.
-    _compiled[key] = _merge_two_kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
+    _compiled[key] = _merge_two_kernel[grid](
+        *args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS
+    )
