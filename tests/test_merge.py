@@ -282,10 +282,14 @@ def test_triton_rows_per_program_by_grid_size():
     from attnmerge.triton import merge_kernel as mk
 
     assert mk.block_rows_for(128, 2) == mk.block_rows_for(128, 2, 10**6) == 16
-    assert mk.block_rows_for(128, 2, mk._SMALL_GRID_ROWS) == mk._SMALL_GRID_BLOCK_ROWS
+    (small, small_rows), (medium, medium_rows) = mk._SMALL_GRID_BLOCK_ROWS
+    assert mk.block_rows_for(128, 2, small) == small_rows == 4
+    assert mk.block_rows_for(128, 2, small + 1) == mk.block_rows_for(128, 2, medium)
+    assert mk.block_rows_for(128, 2, medium) == medium_rows == 8
+    assert mk.block_rows_for(128, 2, medium + 1) == 16
     assert mk.block_rows_for(1024, 4, 1) == 1  # never more than the tile rule
     device = "cuda" if ON_GPU else "cpu"
-    for T in (mk._SMALL_GRID_ROWS, mk._SMALL_GRID_ROWS + 1):
+    for T in (small, small + 1, medium, medium + 1):
         case = make_case(T, 1, 8, dtype=torch.float16, device=device, lse_pattern="mixed",
                          seed=T, **out_spec("fp8", torch.float16))  # fmt: skip
         run_and_check(case, "triton")

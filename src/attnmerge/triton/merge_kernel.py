@@ -201,20 +201,25 @@ def _merge_two_kernel(
         tl.store(out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse, mask=row_ok)
 
 
-# Small grids take fewer rows per program, which spreads them over more SMs: on an H200
-# (D = 128, FP8 out, 5% of the LSEs +inf), 4 rows instead of 16 took bf16 1 x 128 from
-# 1.64 to 1.56 us, 16 x 128 (2048 rows) from 2.00 to 1.86 and 16 x 32 from 1.81 to 1.67;
-# from 8192 rows up the tile rule is within 2% of the best of 1, 2, 4, 8 and 16 rows.
-_SMALL_GRID_ROWS = 2048
-_SMALL_GRID_BLOCK_ROWS = 4
+# Small grids take fewer rows per program, which spreads them over more SMs:
+# {at most this many rows in the grid: at most this many rows per program}, the first
+# tier that holds the grid. On an H200 (D = 128, FP8 out, 5% of the LSEs +inf), 4 rows
+# instead of 16 took bf16 1 x 128 from 1.64 to 1.56 us, 16 x 128 (2048 rows) from 2.00
+# to 1.86 and 16 x 32 from 1.81 to 1.67. With every load issued first (_MAX_REGISTERS),
+# 8 rows instead of 16 took bf16 64 x 128 (8192 rows) from 2.28 to 2.16 us, 256 x 32
+# from 2.24 to 2.16 and 1024 x 8 from 2.26 to 2.14 (one run, the stream yardstick's
+# tiles measured alongside); docs/performance.md has the grid.
+_SMALL_GRID_BLOCK_ROWS = ((2048, 4), (8192, 8))
 
 
 def block_rows_for(head_size: int, itemsize: int, num_rows: int | None = None) -> int:
-    """Rows per program: fill ``_TILE_BYTES`` of the widest input, at least one row; at
-    most ``_SMALL_GRID_BLOCK_ROWS`` in grids of up to ``_SMALL_GRID_ROWS`` rows."""
+    """Rows per program: fill ``_TILE_BYTES`` of the widest input, at least one row; in
+    grids of up to a tier's rows, at most its rows per program
+    (``_SMALL_GRID_BLOCK_ROWS``)."""
     rows = max(1, _TILE_BYTES // (triton.next_power_of_2(head_size) * itemsize))
-    if num_rows is not None and num_rows <= _SMALL_GRID_ROWS:
-        rows = min(rows, _SMALL_GRID_BLOCK_ROWS)
+    for last_row, tier_rows in _SMALL_GRID_BLOCK_ROWS if num_rows is not None else ():
+        if num_rows <= last_row:
+            return min(rows, tier_rows)
     return rows
 
 
