@@ -28,7 +28,7 @@ _MAX_ROWS = 2**31 - 4096
 # Bytes of each partial input per program tile. Measured on an H200 (D = 128, FP8
 # out, CUDA-graph medians): bf16 4096x128 took 79.3 us at 16 rows (4 KiB) against
 # 90.5 us at 8 rows and 81.0 us at 32; fp32 1024x128 took 36.4 us at 8 rows
-# (4 KiB) against 37.2 at 16. At 4 warps this is 16 bytes per thread per input.
+# (4 KiB) against 37.2 at 16. At 4 warps this is 32 bytes per thread per input.
 _TILE_BYTES = 4096
 _NUM_WARPS = 4
 # A register cap, given so that the assembler schedules for latency. Without one, ptxas

@@ -315,19 +315,20 @@ __device__ __forceinline__ void store_words(void* dst, const u32 (&w)[kWords]) {
   const u64 p = (u64)dst;
 #pragma unroll
   for (int i = 0; i + 4 <= kWords; i += 4) {
-    asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v4.b32 [g], {%1, %2, %3, %4}; }"
-                 :
-                 : "l"(p + 4 * i), "r"(w[i]), "r"(w[i + 1]), "r"(w[i + 2]), "r"(w[i + 3])
-                 : "memory");
+    asm volatile(
+        "{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v4.b32 [g], {%1, %2, %3, %4}; }"
+        :
+        : "l"(p + 4 * i), "r"(w[i]), "r"(w[i + 1]), "r"(w[i + 2]), "r"(w[i + 3])
+        : "memory");
   }
   constexpr int i = kWords / 4 * 4;
-  if (kWords - i >= 2) {
+  if constexpr (kWords - i >= 2) {
     asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v2.b32 [g], {%1, %2}; }"
                  :
-                 : "l"(p + 4 * i), "r"(w[i]), "r"(w[i + 1 < kWords ? i + 1 : i])
+                 : "l"(p + 4 * i), "r"(w[i]), "r"(w[i + 1])
                  : "memory");
   }
-  if ((kWords - i) % 2 == 1) {
+  if constexpr ((kWords - i) % 2 == 1) {
     constexpr int last = kWords - 1;
     asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.b32 [g], %1; }"
                  :
