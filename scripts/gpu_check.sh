@@ -16,6 +16,10 @@
 #   demo         attnmerge demo
 #   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused, stream, stream-cuda,
 #                read, vLLM's own kernels where `vllm` imports), CSV and PNG
+#   bench-lse    the same grid in bf16 and fp32 with the output LSE written (cuda, triton,
+#                vLLM's CUDA kernel where it imports), CSV
+#   bench-nofp8  bf16 and fp32 into their own dtype, T in 1..4096 x H in 128/32/8 (cuda and
+#                its 16-byte chunks, triton, stream-cuda, vLLM's CUDA kernel), CSV
 #   profile      Nsight Compute on the CUDA and Triton kernels and the CUDA tuning variants
 #                (scripts/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   launch-floor host time of one kernel launch from C, no Python (scripts/launch_floor.cu),
@@ -84,6 +88,7 @@ echo "vllm providers: ${VLLM:-none}" >>"$OUT/env.txt"
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
+    bench-lse | bench-nofp8) ;;
     variants | small-variants | weight-math | merge-cost | param-block | profile) ;;
     launch-floor) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
@@ -116,6 +121,15 @@ for arg in "$@"; do
       step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
         --providers "cuda,triton,unfused,stream,stream-cuda,read$VLLM" \
         --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
+    bench-lse)
+      step bench-lse "$limit" bench_lse.log python3 -m attnmerge bench --rep-ms 25 \
+        --dtypes bf16,fp32 --output-lse on --providers "cuda,triton${VLLM:+,vllm}" \
+        --no-progress --csv "$OUT/bench-lse.csv" ;;
+    bench-nofp8)
+      step bench-nofp8 "$limit" bench_nofp8.log python3 -m attnmerge bench --rep-ms 25 \
+        --fp8 off --dtypes bf16,fp32 --tokens 1,64,256,1024,4096 --heads 128,32,8 \
+        --providers "cuda,triton,stream-cuda${VLLM:+,vllm}" --cuda-chunk-bytes 16 \
+        --no-progress --csv "$OUT/bench-nofp8.csv" ;;
     weight-math)
       step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py \
         ${WEIGHT_MATH_COMPARE:+--compare $WEIGHT_MATH_COMPARE} ;;
@@ -170,7 +184,9 @@ done
 [ -f "$OUT/param_block.log" ] && cat "$OUT/param_block.log"
 [ -f "$OUT/launch_floor.log" ] && grep -E "^launch floor" "$OUT/launch_floor.log"
 # the performance targets, from a whole-grid bench with vLLM's kernels
-[ -f "$OUT/bench.csv" ] && [ -n "$VLLM" ] && python3 scripts/targets.py "$OUT/bench.csv"
+for csv in bench.csv bench-lse.csv bench-nofp8.csv; do
+  [ -f "$OUT/$csv" ] && [ -n "$VLLM" ] && python3 scripts/targets.py "$OUT/$csv"
+done
 for log in bench.log variants.log small_variants.log launch_floor.log; do
   [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"
 done

@@ -1,7 +1,9 @@
 """The performance targets, read off one ``attnmerge bench`` CSV of the whole grid.
 
 Run after ``scripts/gpu_check.sh bench`` (which runs it on its CSV), or on any CSV with
-the providers cuda, triton, stream, stream-cuda, read, vllm and vllm-triton:
+the providers cuda and vllm; the targets that need other providers (triton, stream,
+stream-cuda, read, vllm-triton) or large shapes are reported where the CSV has them, so
+the output-LSE and non-FP8 grids (``gpu_check.sh bench-lse bench-nofp8``) read too:
 
     python3 scripts/targets.py bench.csv
 
@@ -41,16 +43,24 @@ def _geomean(xs: list[float]) -> float:
 
 
 def load(path: Path) -> tuple[dict, dict]:
-    """Rows by (dtype, tokens, heads) then provider, and the run's first row."""
+    """Rows by (dtype, tokens, heads) then provider, and the run's first row. A CSV of
+    both output-LSE cases gives the rows without one."""
+    rows = []
+    with path.open() as f:
+        rows = [row for row in csv.DictReader(f) if not row["error"]]
+    kinds = {row["output_lse"] for row in rows}
+    kind = "False" if "False" in kinds else "True"
     by_shape: dict = defaultdict(dict)
     first: dict = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            if row["error"] or row["output_lse"] != "False":
-                continue
+    for row in rows:
+        if row["output_lse"] == kind:
             first = first or row
             by_shape[(row["dtype"], int(row["tokens"]), int(row["heads"]))][row["provider"]] = row
     return by_shape, first
+
+
+def _have(us: dict, shapes: list, providers: tuple[str, ...]) -> bool:
+    return bool(shapes) and all(p in us[s] for s in shapes for p in providers)
 
 
 def _output_bytes(row: dict) -> int:
@@ -58,9 +68,13 @@ def _output_bytes(row: dict) -> int:
     return int(row["tokens"]) * int(row["heads"]) * int(row["head_size"]) * itemsize
 
 
+def _input_bytes(row: dict) -> float:
+    return float(row["bytes"]) - _output_bytes(row)
+
+
 def hbm_bound(by_shape: dict, copy_gbps: float) -> tuple[float, float, dict]:
     """(read GB/s, write GB/s, {shape: bound GB/s}) of the HBM model in the module doc."""
-    inputs = {s: float(r["read"]["bytes"]) - _output_bytes(r["read"]) for s, r in by_shape.items()}
+    inputs = {s: _input_bytes(r["read"]) for s, r in by_shape.items()}
     read_gbps = max(
         inputs[s] / float(by_shape[s]["read"]["median_us"]) / 1e3
         for s in by_shape
@@ -80,10 +94,15 @@ def report(path: Path) -> str:
     by_shape, first = load(path)
     us = {s: {p: float(r["median_us"]) for p, r in rows.items()} for s, rows in by_shape.items()}
     shapes = sorted(us)
+    if not _have(us, shapes, ("cuda", "vllm")):
+        raise SystemExit(f"{path}: the targets need the providers cuda and vllm at every shape")
     peak = float(first["peak_gbps"])
+    outputs = sorted({r["out_dtype"] for rows in by_shape.values() for r in rows.values()})
+    lse = ", with output LSE" if first["output_lse"] == "True" else ""
     lines = [
         f"targets from {path.name}: {first['gpu']}, git {first['git_sha']}, "
-        f"{len(shapes)} shapes, datasheet {peak:.0f} GB/s, copy {float(first['copy_gbps']):.0f}"
+        f"{len(shapes)} shapes, output {'/'.join(outputs)}{lse}, datasheet {peak:.0f} GB/s, "
+        f"copy {float(first['copy_gbps']):.0f}"
     ]
     speedup = {s: us[s]["vllm"] / us[s]["cuda"] for s in shapes}
     lines.append(
@@ -95,6 +114,7 @@ def report(path: Path) -> str:
         + ", ".join(
             f"{p} {_geomean([us[s]['vllm'] / us[s][p] for s in shapes]):.3f}x"
             for p in ("cuda", "triton", "stream-cuda")
+            if _have(us, shapes, (p,))
         )
     )
     t1 = [us[s]["cuda"] for s in shapes if s[1] == 1]
@@ -102,32 +122,46 @@ def report(path: Path) -> str:
         f"T = 1 <= 1.3 us: {sum(x <= 1.3 for x in t1)} of {len(t1)} "
         f"(cuda {min(t1):.2f} to {max(t1):.2f} us)"
     )
-    read_gbps, write_gbps, bounds = hbm_bound(by_shape, float(first["copy_gbps"]))
     large = [s for s in shapes if s[1] * s[2] >= _LARGE_ROWS]
+    big = [s for s in large if _input_bytes(by_shape[s]["cuda"]) >= _HBM_READ_MIN_BYTES]
+    if big and _have(us, shapes, ("read", "stream-cuda")):
+        lines += _hbm_lines(by_shape, first, large, peak)
+    if _have(us, large, ("triton",)):
+        ratio = [us[s]["triton"] / us[s]["cuda"] for s in large]
+        lines.append(
+            f"triton within 1.1x of cuda at >= {_LARGE_ROWS} rows: "
+            f"{sum(x <= 1.1 for x in ratio)} of {len(large)} (at most {max(ratio):.3f}x)"
+        )
+    if _have(us, shapes, ("triton", "vllm-triton", *_YARDSTICKS)):
+        lines += _triton_3x_lines(us, shapes)
+    return "\n".join(lines)
+
+
+def _hbm_lines(by_shape: dict, first: dict, large: list, peak: float) -> list[str]:
+    read_gbps, write_gbps, bounds = hbm_bound(by_shape, float(first["copy_gbps"]))
     pct = {s: float(by_shape[s]["cuda"]["pct_of_peak"]) for s in large}
-    lines.append(
+    lines = [
         f">= 92% of datasheet at >= {_LARGE_ROWS} rows: {sum(x >= 92 for x in pct.values())} "
         f"of {len(large)}; HBM bound from reads at {read_gbps:.0f} GB/s "
         f"({100 * read_gbps / peak:.1f}%) and writes at {write_gbps:.0f} GB/s "
         f"({100 * write_gbps / peak:.1f}%):"
-    )
+    ]
     for s in large:
         stream_pct = float(by_shape[s]["stream-cuda"]["pct_of_peak"])
         lines.append(
             f"  {s[0]} {s[1]}x{s[2]}: cuda {pct[s]:.1f}%, stream-cuda {stream_pct:.1f}%, "
             f"bound {100 * bounds[s] / peak:.1f}%"
         )
-    ratio = [us[s]["triton"] / us[s]["cuda"] for s in large]
-    lines.append(
-        f"triton within 1.1x of cuda at >= {_LARGE_ROWS} rows: "
-        f"{sum(x <= 1.1 for x in ratio)} of {len(large)} (at most {max(ratio):.3f}x)"
-    )
+    return lines
+
+
+def _triton_3x_lines(us: dict, shapes: list) -> list[str]:
     missed = [s for s in shapes if us[s]["triton"] > us[s]["vllm-triton"] / 3]
     below = [s for s in missed if us[s]["vllm-triton"] / 3 < min(us[s][p] for p in _YARDSTICKS)]
-    lines.append(
+    lines = [
         f"triton >= 3x vLLM Triton: {len(shapes) - len(missed)} of {len(shapes)}; of the "
         f"rest, {len(below)} need less time than every yardstick; the others:"
-    )
+    ]
     for s in missed:
         if s not in below:
             lines.append(
@@ -135,7 +169,7 @@ def report(path: Path) -> str:
                 f"{us[s]['triton']:.2f}, cuda {us[s]['cuda']:.2f}, "
                 + ", ".join(f"{p} {us[s][p]:.2f}" for p in _YARDSTICKS)
             )
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:

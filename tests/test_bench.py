@@ -635,13 +635,18 @@ def test_csv_round_trip_and_replot(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--from-csv" in capsys.readouterr().err
 
 
-def test_targets_script_reads_a_grid(tmp_path: Path) -> None:
-    """scripts/targets.py (the performance targets from a whole-grid CSV): the counts and
-    the HBM bound, on two shapes with chosen times."""
+def _targets_module():
     path = Path(__file__).resolve().parents[1] / "scripts" / "targets.py"
     spec = importlib.util.spec_from_file_location("targets", path)
     targets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(targets)
+    return targets
+
+
+def test_targets_script_reads_a_grid(tmp_path: Path) -> None:
+    """scripts/targets.py (the performance targets from a whole-grid CSV): the counts and
+    the HBM bound, on two shapes with chosen times."""
+    targets = _targets_module()
     big = bench.Case("bf16", True, False, 128, 4096, 128, "read")
     writes = 4096 * 128 * 128  # the FP8 output
     inputs = big.min_bytes() - writes
@@ -679,3 +684,26 @@ def test_targets_script_reads_a_grid(tmp_path: Path) -> None:
     assert "triton within 1.1x of cuda at >= 131072 rows: 1 of 1" in report
     # 1 x 128: 3x vLLM Triton is 0.43 us, below every yardstick; 4096 x 128 is met
     assert "triton >= 3x vLLM Triton: 1 of 2; of the rest, 1 need less time" in report
+
+
+def test_targets_script_reads_what_a_grid_has(tmp_path: Path) -> None:
+    """An output-LSE grid of cuda and vLLM alone gets the targets those providers allow;
+    a grid without vLLM is refused by name."""
+    targets = _targets_module()
+    records = []
+    for provider, (small_us, big_us) in {"cuda": (1.4, 80.0), "vllm": (1.8, 97.0)}.items():
+        for tokens, us in ((1, small_us), (4096, big_us)):
+            case = bench.Case("bf16", True, True, 128, tokens, 128, provider)
+            records.append(bench.make_record(case, 1, (us, us, us), H200))
+    csv_path = tmp_path / "bench-lse.csv"
+    bench.write_csv(csv_path, records, H200)
+    report = targets.report(csv_path)
+    assert "2 shapes, output fp8, with output LSE" in report
+    assert "cuda <= vLLM CUDA: 2 of 2" in report
+    assert "geometric-mean speed-up over vLLM CUDA: cuda " in report
+    assert "T = 1 <= 1.3 us: 0 of 1" in report
+    assert "HBM" not in report and "triton" not in report
+
+    bench.write_csv(csv_path, [r for r in records if r.provider == "cuda"], H200)
+    with pytest.raises(SystemExit, match="cuda and vllm"):
+        targets.report(csv_path)
