@@ -18,7 +18,8 @@ static thread_local EmulatedDim3 threadIdx, blockIdx;
 static std::barrier<>* block_barrier = nullptr;
 
 static inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-// A warp barrier as the block's: stronger, and every thread of a block reaches it.
+// A warp barrier as the block's: stronger (every thread of the block that has not
+// returned reaches it, and the returned ones have dropped out of the barrier).
 static inline void __syncwarp(unsigned) { block_barrier->arrive_and_wait(); }
 static inline float __int_as_float(int i) {
   float f;
@@ -55,6 +56,11 @@ extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid
         threadIdx = {t, 0, 0};
         blockIdx = {b, 0, 0};
         attnmerge::attnmerge_merge_two(*params);
+        // A thread that has returned drops out of the block's barrier, so that the early
+        // exit of output-LSE instances does not hold the others at their warp barrier
+        // (whose mask holds only lanes that have not returned); no block barrier follows
+        // an early exit in the kernel.
+        block_barrier->arrive_and_drop();
       });
     }
     for (auto& th : threads) th.join();

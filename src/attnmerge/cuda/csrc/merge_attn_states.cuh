@@ -605,14 +605,17 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   const int lane = threadIdx.x % TEAM;
   const i64 col0 = (i64)lane * VEC;
   // A thread with no row, or none of whose columns are in the head, leaves at once where
-  // no barrier follows (no output LSE, weights per thread). Its rows come in increasing
+  // no block barrier follows: weights per thread, and no output LSE or one written after
+  // a barrier of the row's team within one warp, over the team's lanes that have
+  // columns (a whole team leaves when its first row does not exist, so every lane of that
+  // barrier's mask reaches it). Its rows come in increasing
   // order, so a thread past the test has its first row and columns, and the compiler
   // issues that row's loads unconditionally and early, not behind a branch on a
   // per-row predicate. With the prefix test on the row (rows_with_prefix, not t < P,
   // which waits for the token), this took bf16 -> FP8 on an H200 from 1.30 to 1.24 us at
   // 1 x 64, 1.31 to 1.25 at 1 x 128, 1.59 to 1.50 at 16 x 128 and 2.30 to 2.09 at
   // 64 x 128 (scripts/merge_cost.py, means of 6 rounds in one run).
-  constexpr bool kEarlyExit = !WRITE_LSE && !kWarp;
+  constexpr bool kEarlyExit = !kWarp && (!WRITE_LSE || TEAM <= kWarpSize);
   if (kEarlyExit && (first_row + team >= num_rows || col0 >= p.head_size)) return;
   const float scale = fp8 ? *p.scale : 1.0f;
   bool row_ok[ROWS], has_prefix[ROWS];
@@ -692,7 +695,11 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     // reads them: teams within one warp need a warp barrier, not the block's (over the
     // block's threads only, where a block is less than a warp).
     if (TEAM <= kWarpSize) {
-      __syncwarp(THREADS >= kWarpSize ? 0xffffffffu : (1u << THREADS) - 1u);
+      // the team's lanes with columns in the head; the others have left (kEarlyExit)
+      const i64 chunks = ((i64)p.head_size + VEC - 1) / VEC;
+      const int lanes = chunks < TEAM ? (int)chunks : TEAM;
+      const u32 mask = lanes >= kWarpSize ? ~0u : (1u << lanes) - 1u;
+      __syncwarp(mask << (threadIdx.x % kWarpSize / TEAM * TEAM));
     } else {
       __syncthreads();
     }
