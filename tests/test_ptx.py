@@ -62,7 +62,9 @@ if os.path.exists(tool):
     code = [line for line in text.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
     sass = {"row_loads": [i for i, x in enumerate(code) if re.search(r"LDG\.E\.(64|128)\b", x)],
             "exps": [i for i, x in enumerate(code) if "MUFU.EX2" in x]}
-print(json.dumps({"ptx": collections.Counter(ops), "sass": sass}))
+# Global loads and stores and block barriers in program order (the output LSE is written).
+order = re.findall(r"\b(ld\.global|st\.global|bar\.sync)\b", compiled.asm["ptx"])
+print(json.dumps({"ptx": collections.Counter(ops), "sass": sass, "order": order}))
 """
 
 
@@ -143,3 +145,18 @@ def test_row_loads_are_issued_before_the_weights(in_ty, out_ty, head_size, num_r
         pytest.skip("this Triton ships no cuobjdump to read the machine code with")
     assert sass["row_loads"] and sass["exps"], sass
     assert max(sass["row_loads"]) < min(sass["exps"]), sass
+
+
+@pytest.mark.parametrize(
+    "in_ty, head_size, num_rows",
+    [("bf16", 128, 1 << 20), ("bf16", 128, 128), ("fp32", 512, 1 << 20)],
+)
+def test_output_lse_is_stored_after_a_block_barrier(in_ty, head_size, num_rows):
+    # output_lse may alias prefix_lse, and the thread that stores a row's output LSE is
+    # not one of those that load its LSEs for the weights (the kernel's comment): every
+    # load comes before one block barrier, and the LSE store after it.
+    order = _compile(in_ty, "fp8e4nv", head_size, False, num_rows)["order"]
+    assert order.count("bar.sync") == 1, order
+    barrier = order.index("bar.sync")
+    assert "ld.global" not in order[barrier:], order
+    assert "st.global" in order[barrier:], order
