@@ -395,9 +395,25 @@ struct RowWeights {
   bool keep_prefix, keep_suffix;  // weight != 0 (or NaN), known before the weights are
 };
 
+// Pins a value to where it is computed: the compiler may not sink its computation past
+// a later barrier into the branch that uses it (an empty asm that reads and writes it).
+__device__ __forceinline__ void compute_here(float& v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("" : "+f"(v));
+#endif
+}
+__device__ __forceinline__ void compute_here(float*& v) {
+#ifdef __CUDA_ARCH__
+  u64 a = (u64)v;
+  asm volatile("" : "+l"(a));
+  v = (float*)a;
+#endif
+}
+
+// An empty row has max -inf and total 0, whose logarithm is -inf: its LSE is -inf with no
+// test, so the logarithm is not behind a branch (a NaN row has a NaN max and total).
 __device__ __forceinline__ float row_lse(const RowWeights& w, bool base_2) {
-  const float inf = __int_as_float(0x7f800000);
-  return w.total == 0.0f ? -inf : __fadd_rn(w.max, base_2 ? log2f(w.total) : logf(w.total));
+  return __fadd_rn(w.max, base_2 ? log2f(w.total) : logf(w.total));
 }
 
 // 1 / b for b in [1, 2] to within an ulp (the approximate reciprocal and one Newton
@@ -654,7 +670,9 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     }
   }
   const float inv_scale = fp8 ? __fdiv_rn(1.0f, scale) : 1.0f;
-  RowWeights weights[ROWS];  // weights per thread: each row's, for its output LSE
+  RowWeights weights[ROWS];  // weights per thread
+  float out_lse[ROWS];       // and each row's output LSE, with where it goes
+  float* out_lse_at[ROWS];
   if (kWarp) __syncthreads();
 
   // Combine and store; head sizes over TEAM * VEC take further chunks.
@@ -674,6 +692,17 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       ws = weights[r].suffix;
       keep_p = weights[r].keep_prefix;
       keep_s = weights[r].keep_suffix;
+      if (WRITE_LSE) {
+        // The logarithm and the address now, while the rows are still on their way: left
+        // to itself, the compiler computed both after the team barrier, in the one lane
+        // that stores them, so that the LSE store waited for the logarithm's ~25
+        // dependent instructions and for parameters in a further constant-cache line.
+        out_lse[r] = row_lse(weights[r], base_2);
+        out_lse_at[r] =
+            p.out_lse + offset_of(tok32[r], p.out_lse_stride_t, head32[r], p.out_lse_stride_h);
+        compute_here(out_lse[r]);
+        compute_here(out_lse_at[r]);
+      }
     }
     combine_store<P, S, O, VEC>(p.out, o_row[r] + col0, wp, keep_p, po[r], ws, keep_s, so[r],
                                 inv_scale);
@@ -706,9 +735,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
-        if (!row_ok[r]) continue;
-        p.out_lse[offset_of(tok32[r], p.out_lse_stride_t, head32[r], p.out_lse_stride_h)] =
-            row_lse(weights[r], base_2);
+        if (row_ok[r]) store_words<1>(out_lse_at[r], {float_bits(out_lse[r])});
       }
     }
   }
