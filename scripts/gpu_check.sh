@@ -32,6 +32,8 @@
 #                WEIGHT_MATH_COMPARE="FILE ..." also those kernel sources, e.g. the previous one)
 #   merge-cost   what separates the CUDA merge from the CUDA stream yardstick at small
 #                shapes (scripts/merge_cost.py: kernel variants that each remove one part)
+#   lse-cost     what writing the output LSE costs the CUDA merge at small shapes
+#                (scripts/lse_cost.py: output-LSE kernel variants that each remove one part)
 #   param-block  what kernel parameters in further constant-cache lines cost a launch
 #                (scripts/param_block_cost.py: the stream kernel with padded parameters)
 #   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
@@ -89,7 +91,7 @@ for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
     bench-lse | bench-nofp8) ;;
-    variants | small-variants | weight-math | merge-cost | param-block | profile) ;;
+    variants | small-variants | weight-math | merge-cost | lse-cost | param-block | profile) ;;
     launch-floor) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
@@ -134,6 +136,7 @@ for arg in "$@"; do
       step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py \
         ${WEIGHT_MATH_COMPARE:+--compare $WEIGHT_MATH_COMPARE} ;;
     merge-cost) step merge-cost "$limit" merge_cost.log python3 scripts/merge_cost.py ;;
+    lse-cost) step lse-cost "$limit" lse_cost.log python3 scripts/lse_cost.py ;;
     param-block)
       step param-block "$limit" param_block.log python3 scripts/param_block_cost.py ;;
     small-variants)

@@ -407,13 +407,14 @@ def test_stream_kernel_compiles():
 
 
 @pytest.mark.parametrize(
-    "script, count, vec",
-    [("weight_math_cost", 4, 16), ("merge_cost", 11, 8)],  # vec: the instance each times
+    "script, count, vec, write_lse",
+    # vec and write_lse: the instance each times
+    [("weight_math_cost", 4, 16, False), ("merge_cost", 11, 8, False), ("lse_cost", 6, 8, True)],
 )
-def test_kernel_variant_scripts_still_apply(script, count, vec):
-    """scripts/weight_math_cost.py and merge_cost.py edit the kernel source by text: each
-    of their variants must still differ from the kernel (the edited lines exist) and
-    compile."""
+def test_kernel_variant_scripts_still_apply(script, count, vec, write_lse):
+    """scripts/weight_math_cost.py, merge_cost.py and lse_cost.py edit the kernel source
+    by text: each of their variants must still differ from the kernel (the edited lines
+    exist) and compile."""
     import importlib.util
     import sys
 
@@ -432,7 +433,9 @@ def test_kernel_variant_scripts_still_apply(script, count, vec):
     assert len(set(variants.values())) == len(variants) == count
     if nvrtc.unavailable_reason() is not None:
         pytest.skip(nvrtc.unavailable_reason())
-    instance = backend.instance_for(torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, vec)
+    instance = backend.instance_for(
+        torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, vec, write_lse=write_lse
+    )
     define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {backend.template_arguments(instance)}\n"
     for name, text in variants.items():
         assert nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch="sm_90a").cubin
