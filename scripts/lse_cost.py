@@ -1,7 +1,7 @@
 """What writing the output LSE costs the CUDA merge kernel at small shapes.
 
 With an output LSE the CUDA merge takes longer than without (H200, bf16 -> FP8, git
-6e072b0: 1.34 against 1.24 us at 1 x 64, 2.45 against 2.08 at 64 x 128). This script
+c8798b8: 1.34 against 1.24 us at 1 x 64, 2.45 against 2.08 at 64 x 128). This script
 times textual variants of the output-LSE instance, each removing one part, next to the
 public call with and without the output LSE (bf16 -> FP8, D = 128, the instance and
 launch the call itself takes, vLLM's bench inputs). None but ``default`` is a correct
