@@ -13,7 +13,13 @@ in-place merge.
 * ``no_log``: the LSE without its logarithm (max + total);
 * ``no_sync_store``: neither barrier nor store: the instance without the output LSE,
   but compiled from the output-LSE path;
-* ``all_lanes_store``: no barrier, and every lane of the team stores the row's LSE.
+* ``all_lanes_store``: no barrier, and every lane of the team stores the row's LSE;
+* ``head_major``: a correct merge whose consecutive rows are the tokens of one head, not
+  the heads of one token, so that a block's ``[H, T]`` LSEs (vLLM's layout, the bench's)
+  are contiguous: the row's head by the multiply and shift of the token divisor, launched
+  with T in the place of H (right only without ``prefill_tokens_with_context``, as here);
+  ``head_major no LSE`` is the same for the instance without the output LSE, next to the
+  public call without it. Both are compared bit for bit with the public calls.
 
 ``--compare FILE [FILE ...]`` adds other kernel sources (named by the file's stem);
 ``--rounds N`` times every column N times in alternating order and prints the mean.
@@ -24,6 +30,7 @@ Run on a GPU: ``python3 scripts/lse_cost.py`` (``scripts/gpu_check.sh lse-cost``
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -42,6 +49,18 @@ _SYNC = "      __syncwarp(mask << (threadIdx.x % kWarpSize / TEAM * TEAM));\n"
 _STORE = "        if (row_ok[r]) store_words<1>(out_lse_at[r], {float_bits(out_lse[r])});\n"
 _LOG = "  return __fadd_rn(w.max, base_2 ? log2f(w.total) : logf(w.total));"
 _FIRST_LANE = "    if (lane == 0) {\n"
+_TOKEN_MAJOR = (
+    "    const u32 t = token_of(row_or_0, p.heads_multiplier, p.heads_shift);\n"
+    "    const u32 h = row_or_0 - t * heads;\n"
+)
+_HEAD_MAJOR = (
+    "    const u32 h = token_of(row_or_0, p.heads_multiplier, p.heads_shift);\n"
+    "    const u32 t = row_or_0 - h * heads;\n"
+)
+_ROW_PREFIX = (
+    "has_prefix[r] = row < p.rows_with_prefix;",
+    "has_prefix[r] = t < p.rows_with_prefix;",
+)
 
 
 def _replace(text: str, old: str, new: str) -> str:
@@ -59,11 +78,28 @@ def variants(source: str) -> dict[str, str]:
         "no_log": _replace(source, _LOG, "  return __fadd_rn(w.max, w.total);"),
         "no_sync_store": _replace(no_sync, _STORE, ""),
         "all_lanes_store": _replace(no_sync, _FIRST_LANE, "    {\n"),
+        "head_major": head_major(source),
     }
 
 
-def instance_of(num_rows: int) -> cuda_backend.Instance:
-    """The output-LSE instance a bf16 -> FP8 call at D = 128 with aligned tensors takes."""
+def head_major(source: str) -> str:
+    """The kernel with its rows in head-major order (see the module doc)."""
+    return _replace(_replace(source, _TOKEN_MAJOR, _HEAD_MAJOR), *_ROW_PREFIX)
+
+
+def head_major_params(params: bytes, num_tokens: int) -> bytes:
+    """The packed parameters of a call without prefill_tokens_with_context, for the
+    head-major kernel: T where the kernel reads H, and T's divisor for H's."""
+    fields = list(cuda_backend._PARAMS.unpack(params))
+    # MergeParams: 6 pointers, then num_rows, num_heads, head_size, rows_with_prefix,
+    # heads_multiplier, heads_shift, ...
+    fields[7] = fields[9] = num_tokens
+    fields[10], fields[11] = cuda_backend.head_divisor(num_tokens)
+    return cuda_backend._PARAMS.pack(*fields)
+
+
+def instance_of(num_rows: int, write_lse: bool = True) -> cuda_backend.Instance:
+    """The instance a bf16 -> FP8 call at D = 128 with aligned tensors takes."""
     chunk = cuda_backend.chunk_bytes_for(num_rows, 2, 1)
     return cuda_backend.instance_for(
         torch.bfloat16,
@@ -74,8 +110,33 @@ def instance_of(num_rows: int) -> cuda_backend.Instance:
         cuda_backend.rows_per_team(num_rows),
         cuda_backend.WEIGHTS,
         cuda_backend.data_threads(num_rows),
-        write_lse=True,
+        write_lse=write_lse,
     )
+
+
+def _load(text: str, instance: cuda_backend.Instance, name: str, dev: int, block: int):
+    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {cuda_backend.template_arguments(instance)}\n"
+    arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
+    cubin = nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch=arch).cubin
+    return driver.load_kernel(cubin, cuda_backend.KERNEL_NAME, dev, block)
+
+
+def _launcher(kernel, grid: int, params: bytes):
+    def launch() -> None:
+        # the current stream: do_bench_cudagraph captures on a side stream
+        kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
+
+    return launch
+
+
+def _same_bits(call, reference, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``call`` writes the same bits into ``tensors`` as ``reference`` does."""
+    reference()
+    want = [x.view(torch.uint8).clone() for x in tensors]
+    for x in tensors:
+        x.view(torch.uint8).zero_()
+    call()
+    return all(torch.equal(x.view(torch.uint8), w) for x, w in zip(tensors, want, strict=True))
 
 
 def main() -> None:
@@ -89,48 +150,45 @@ def main() -> None:
         help="TxH,... (default: 1x64,1x128,16x128,64x128,64x32)",
     )
     opts = parser.parse_args()
-    sources = variants(cuda_backend.source())
+    source = cuda_backend.source()
+    sources = variants(source)
     for path in opts.compare:
         sources[path.stem] = path.read_text()
     dev = torch.cuda.current_device()
-    arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
     scale = torch.tensor([bench.FP8_SCALE], device="cuda")
-    print(f"{torch.cuda.get_device_name(dev)}, bf16 -> FP8 with output LSE, D = 128, us")
-    print(f"{'T x H':>10} {'no LSE':>8} {'LSE':>8} " + " ".join(f"{n:>15}" for n in sources))
+    names = ["no LSE", "LSE", *sources, "head_major no LSE"]
+    print(f"{torch.cuda.get_device_name(dev)}, bf16 -> FP8, D = 128, mean of medians, us")
+    print(f"{'T x H':>10} " + " ".join(f"{n:>17}" for n in names))
     for T, H in opts.shapes:
         (s,) = bench.make_input_sets(bench.Case("bf16", True, True, 128, T, H, "cuda"), 1, "cuda")
         args = (
             s["output"], s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"]
         )  # fmt: skip
-        out_lse = s["output_lse"]
+        out, out_lse = s["output"], s["output_lse"]
         kernel, grid, params = cuda_backend.launch_arguments(*args, out_lse, None, scale, False)
-        instance = instance_of(T * H)
-        define = (
-            f"#define ATTNMERGE_MERGE_TWO_INSTANCE {cuda_backend.template_arguments(instance)}\n"
+        plain, plain_grid, plain_params = cuda_backend.launch_arguments(
+            *args, None, None, scale, False
         )
-        calls = [
-            lambda args=args: attnmerge.merge_attn_states(*args, None, None, scale, backend="cuda"),
-            lambda args=args, out_lse=out_lse: attnmerge.merge_attn_states(
-                *args, out_lse, None, scale, backend="cuda"
-            ),
-        ]
+        merge = functools.partial(attnmerge.merge_attn_states, backend="cuda")
+        public_plain = functools.partial(merge, *args, None, None, scale)
+        public_lse = functools.partial(merge, *args, out_lse, None, scale)
+        calls = [public_plain, public_lse]
         for name, text in sources.items():
-            variant = driver.load_kernel(
-                nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch=arch).cubin,
-                cuda_backend.KERNEL_NAME,
-                dev,
-                kernel.block,
-            )
-
-            def launch(variant=variant, grid=grid, params=params) -> None:
-                # the current stream: do_bench_cudagraph captures on a side stream
-                variant.launch(grid, torch.cuda.current_stream().cuda_stream, params)
-
-            calls.append(launch)
+            variant = _load(text, instance_of(T * H), name, dev, kernel.block)
+            major = head_major_params(params, T) if name == "head_major" else params
+            calls.append(_launcher(variant, grid, major))
+        variant = _load(head_major(source), instance_of(T * H, False), "hm", dev, plain.block)
+        calls.append(_launcher(variant, plain_grid, head_major_params(plain_params, T)))
+        checks = {
+            "head_major": _same_bits(calls[names.index("head_major")], public_lse, [out, out_lse]),
+            "head_major no LSE": _same_bits(calls[-1], public_plain, [out]),
+        }
         row = kernel_timing.mean_of_rounds(calls, opts.rounds)
+        bad = [name for name, ok in checks.items() if not ok]
         print(
             f"{f'{T} x {H}':>10} "
-            + " ".join(f"{x:8.2f}" if i < 2 else f"{x:15.2f}" for i, x in enumerate(row)),
+            + " ".join(f"{x:17.2f}" for x in row)
+            + (f"  MISMATCH: {', '.join(bad)}" if bad else ""),
             flush=True,
         )
 
