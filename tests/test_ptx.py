@@ -6,7 +6,9 @@ convert, the weights' division by the approximate reciprocal with Markstein's
 correction, and an ``exp`` that keeps subnormal weights in base 2 (``ex2.approx.ftz``
 flushes them, which would hide a NaN in a row of tiny but non-zero weight). In the
 sm_90a machine code (where Triton ships ``cuobjdump``) it checks that every row load is
-issued before the first exponential, which the kernel's register cap is for. The
+issued before the first exponential, which the kernel's register cap is for. For
+in-place merges it checks that the output LSE is stored after a block barrier (PTX) and
+that the output tile is stored in the layout its rows were loaded in (TTGIR). The
 compile runs in a subprocess because this test session runs Triton in its interpreter,
 where kernels cannot be compiled.
 """
@@ -64,7 +66,11 @@ if os.path.exists(tool):
             "exps": [i for i, x in enumerate(code) if "MUFU.EX2" in x]}
 # Global loads and stores and block barriers in program order (the output LSE is written).
 order = re.findall(r"\b(ld\.global|st\.global|bar\.sync)\b", compiled.asm["ptx"])
-print(json.dumps({"ptx": collections.Counter(ops), "sass": sass, "order": order}))
+# The layout (thread of each element) of every 2-D load and store: the row tiles.
+tiles = re.findall(r"tt\.(load|store) [^\n]*: tensor<\d+x\d+x!tt\.ptr<\w+>, (#\w+)>",
+                   compiled.asm["ttgir"])
+print(json.dumps({"ptx": collections.Counter(ops), "sass": sass, "order": order,
+                  "tiles": tiles}))
 """
 
 
@@ -160,3 +166,18 @@ def test_output_lse_is_stored_after_a_block_barrier(in_ty, head_size, num_rows):
     barrier = order.index("bar.sync")
     assert "ld.global" not in order[barrier:], order
     assert "st.global" in order[barrier:], order
+
+
+@pytest.mark.parametrize(
+    "in_ty, out_ty, head_size",
+    [("bf16", "fp8e4nv", 128), ("bf16", "bf16", 128), ("fp32", "fp32", 512)],
+)
+def test_output_elements_are_loaded_and_stored_by_one_thread(in_ty, out_ty, head_size):
+    # output may be prefix_output (in place) with no barrier in the kernel: that holds only
+    # while each element of the output tile is stored by the thread that loaded it, i.e.
+    # the row tiles' loads and the output's store share one layout.
+    tiles = _compile(in_ty, out_ty, head_size, False, 1 << 20)["tiles"]
+    assert [op for op, _ in tiles].count("load") == 2 and ("store" in [op for op, _ in tiles]), (
+        tiles
+    )
+    assert len({layout for _, layout in tiles}) == 1, tiles
