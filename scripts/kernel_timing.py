@@ -1,6 +1,7 @@
 """Timing helpers shared by the kernel-variant scripts (weight_math_cost.py,
-merge_cost.py, param_block_cost.py): CUDA-graph replay medians, the ``--compare``
-option, and means over rounds in alternating order."""
+merge_cost.py, lse_cost.py, param_block_cost.py): CUDA-graph replay medians, the
+``--compare``, ``--rounds`` and ``--shapes`` options, means over rounds in alternating
+order, and the build and launch of a merge-kernel variant."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 import triton.testing
+
+from attnmerge import bench
+from attnmerge.cuda import backend as cuda_backend
+from attnmerge.cuda import driver, nvrtc
 
 
 def median_us(fn: Callable[[], None]) -> float:
@@ -21,6 +27,38 @@ def add_compare_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare", type=Path, nargs="+", default=[], help="other kernel sources to time"
     )
+
+
+def add_rounds_and_shapes_arguments(
+    parser: argparse.ArgumentParser, rounds: int, shapes: Sequence[tuple[int, int]]
+) -> None:
+    """``--rounds N`` (times per column, their mean) and ``--shapes TxH,...``."""
+    parser.add_argument("--rounds", type=int, default=rounds, help="times per column (mean)")
+    listed = ",".join(f"{t}x{h}" for t, h in shapes)
+    parser.add_argument(
+        "--shapes", type=bench._shape_list, default=shapes, help=f"TxH,... (default: {listed})"
+    )
+
+
+def load_merge_variant(
+    text: str, instance: cuda_backend.Instance, name: str, device_index: int, block: int
+) -> driver.Kernel:
+    """A merge-kernel source (the kernel's or a variant's) built for ``instance`` on the
+    device's architecture and loaded, with ``block`` threads per block."""
+    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {cuda_backend.template_arguments(instance)}\n"
+    arch = cuda_backend.arch_of(torch.cuda.get_device_capability(device_index))
+    cubin = nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch=arch).cubin
+    return driver.load_kernel(cubin, cuda_backend.KERNEL_NAME, device_index, block)
+
+
+def on_current_stream(kernel: driver.Kernel, grid: int, params: bytes) -> Callable[[], None]:
+    """A call that launches ``kernel`` on the current stream (do_bench_cudagraph captures
+    on a side stream)."""
+
+    def launch() -> None:
+        kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
+
+    return launch
 
 
 def mean_of_rounds(calls: Sequence[Callable[[], None]], rounds: int) -> list[float]:

@@ -39,7 +39,6 @@ import torch
 import attnmerge
 from attnmerge import bench
 from attnmerge.cuda import backend as cuda_backend
-from attnmerge.cuda import driver, nvrtc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_timing
@@ -114,21 +113,6 @@ def instance_of(num_rows: int, write_lse: bool = True) -> cuda_backend.Instance:
     )
 
 
-def _load(text: str, instance: cuda_backend.Instance, name: str, dev: int, block: int):
-    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {cuda_backend.template_arguments(instance)}\n"
-    arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
-    cubin = nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch=arch).cubin
-    return driver.load_kernel(cubin, cuda_backend.KERNEL_NAME, dev, block)
-
-
-def _launcher(kernel, grid: int, params: bytes):
-    def launch() -> None:
-        # the current stream: do_bench_cudagraph captures on a side stream
-        kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
-
-    return launch
-
-
 def _same_bits(call, reference, tensors: list[torch.Tensor]) -> bool:
     """Whether ``call`` writes the same bits into ``tensors`` as ``reference`` does."""
     reference()
@@ -142,13 +126,7 @@ def _same_bits(call, reference, tensors: list[torch.Tensor]) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     kernel_timing.add_compare_argument(parser)
-    parser.add_argument("--rounds", type=int, default=4, help="times per column (mean)")
-    parser.add_argument(
-        "--shapes",
-        type=bench._shape_list,
-        default=SHAPES,
-        help="TxH,... (default: 1x64,1x128,16x128,64x128,64x32)",
-    )
+    kernel_timing.add_rounds_and_shapes_arguments(parser, 4, SHAPES)
     opts = parser.parse_args()
     source = cuda_backend.source()
     sources = variants(source)
@@ -174,11 +152,17 @@ def main() -> None:
         public_lse = functools.partial(merge, *args, out_lse, None, scale)
         calls = [public_plain, public_lse]
         for name, text in sources.items():
-            variant = _load(text, instance_of(T * H), name, dev, kernel.block)
+            variant = kernel_timing.load_merge_variant(
+                text, instance_of(T * H), name, dev, kernel.block
+            )
             major = head_major_params(params, T) if name == "head_major" else params
-            calls.append(_launcher(variant, grid, major))
-        variant = _load(head_major(source), instance_of(T * H, False), "hm", dev, plain.block)
-        calls.append(_launcher(variant, plain_grid, head_major_params(plain_params, T)))
+            calls.append(kernel_timing.on_current_stream(variant, grid, major))
+        variant = kernel_timing.load_merge_variant(
+            head_major(source), instance_of(T * H, False), "hm", dev, plain.block
+        )
+        calls.append(
+            kernel_timing.on_current_stream(variant, plain_grid, head_major_params(plain_params, T))
+        )
         checks = {
             "head_major": _same_bits(calls[names.index("head_major")], public_lse, [out, out_lse]),
             "head_major no LSE": _same_bits(calls[-1], public_plain, [out]),

@@ -51,7 +51,6 @@ import torch
 import attnmerge
 from attnmerge import bench
 from attnmerge.cuda import backend as cuda_backend
-from attnmerge.cuda import driver, nvrtc
 from attnmerge.cuda.stream import stream_two_states as stream_cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,14 +121,8 @@ def variants(source: str) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     kernel_timing.add_compare_argument(parser)
-    parser.add_argument("--rounds", type=int, default=1, help="times per column (mean)")
+    kernel_timing.add_rounds_and_shapes_arguments(parser, 1, SHAPES)
     parser.add_argument("--only", help="variants to time, comma-separated (default: all)")
-    parser.add_argument(
-        "--shapes",
-        type=bench._shape_list,
-        default=SHAPES,
-        help="TxH,... (default: 1x4,1x128,16x128,64x128,256x128)",
-    )
     opts = parser.parse_args()
     sources = variants(cuda_backend.source())
     if opts.only:
@@ -137,18 +130,11 @@ def main() -> None:
     for path in opts.compare:
         sources[path.stem] = path.read_text()
     dev = torch.cuda.current_device()
-    arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
     instance = cuda_backend.instance_for(
         torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, 8
     )
-    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {cuda_backend.template_arguments(instance)}\n"
     kernels = {
-        name: driver.load_kernel(
-            nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch=arch).cubin,
-            cuda_backend.KERNEL_NAME,
-            dev,
-            cuda_backend.DATA_THREADS,
-        )
+        name: kernel_timing.load_merge_variant(text, instance, name, dev, cuda_backend.DATA_THREADS)
         for name, text in sources.items()
     }
     print(f"{torch.cuda.get_device_name(dev)}, bf16 -> FP8, D = 128, median us")
@@ -166,13 +152,7 @@ def main() -> None:
         _, grid, params = cuda_backend.launch_arguments(
             *args, None, None, scale, False, chunk_bytes=16
         )
-        for kernel in kernels.values():
-
-            def launch(kernel=kernel, grid=grid, params=params) -> None:
-                # the current stream: do_bench_cudagraph captures on a side stream
-                kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
-
-            calls.append(launch)
+        calls += [kernel_timing.on_current_stream(k, grid, params) for k in kernels.values()]
         row = kernel_timing.mean_of_rounds(calls, opts.rounds)
         print(
             f"{f'{T} x {H}':>10} "

@@ -32,7 +32,6 @@ import torch
 import attnmerge
 from attnmerge import bench
 from attnmerge.cuda import backend as cuda_backend
-from attnmerge.cuda import driver, nvrtc
 from attnmerge.triton.stream_kernel import read_two_states, stream_two_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,7 +72,6 @@ def main() -> None:
     kernel_timing.add_compare_argument(parser)
     args = parser.parse_args()
     dev = torch.cuda.current_device()
-    arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
     sources = variants(cuda_backend.source())
     for path in args.compare:
         sources[path.stem] = path.read_text()
@@ -83,13 +81,9 @@ def main() -> None:
         instance = cuda_backend.instance_for(
             torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, vec, threads=threads
         )
-        prefix = (
-            f"#define ATTNMERGE_MERGE_TWO_INSTANCE {cuda_backend.template_arguments(instance)}\n"
-        )
         for name, text in sources.items():
-            cubin = nvrtc.compile_cubin(prefix + text, name=f"{name}.cu", arch=arch).cubin
-            kernels[name, layout] = driver.load_kernel(
-                cubin, cuda_backend.KERNEL_NAME, dev, cuda_backend.block_threads(1, threads)
+            kernels[name, layout] = kernel_timing.load_merge_variant(
+                text, instance, name, dev, cuda_backend.block_threads(1, threads)
             )
     columns = ["triton", "cuda", "stream", "read"] + [
         f"{n}/{lay}" for lay in LAYOUTS for n in sources
@@ -121,12 +115,7 @@ def _times(T: int, H: int, kernels: dict, names: list[str]) -> list[float]:
             *args, None, None, scale, False, chunk_bytes=chunk, threads=threads
         )
         for name in names:
-            kernel = kernels[name, layout]
-
-            def launch(kernel=kernel, grid=grid, params=params) -> None:
-                # the current stream: do_bench_cudagraph captures on a side stream
-                kernel.launch(grid, torch.cuda.current_stream().cuda_stream, params)
-
+            launch = kernel_timing.on_current_stream(kernels[name, layout], grid, params)
             times.append(kernel_timing.median_us(launch))
     return times
 
