@@ -34,6 +34,8 @@
 #                shapes (scripts/merge_cost.py: kernel variants that each remove one part)
 #   lse-cost     what writing the output LSE costs the CUDA merge at small shapes
 #                (scripts/lse_cost.py: output-LSE kernel variants that each remove one part)
+#   row-order    what the CUDA merge's head-major row order (output LSE stored [H, T]) does
+#                against token-major rows, over vLLM's grid (scripts/row_order_cost.py)
 #   param-block  what kernel parameters in further constant-cache lines cost a launch
 #                (scripts/param_block_cost.py: the stream kernel with padded parameters)
 #   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
@@ -137,6 +139,7 @@ for arg in "$@"; do
         ${WEIGHT_MATH_COMPARE:+--compare $WEIGHT_MATH_COMPARE} ;;
     merge-cost) step merge-cost "$limit" merge_cost.log python3 scripts/merge_cost.py ;;
     lse-cost) step lse-cost "$limit" lse_cost.log python3 scripts/lse_cost.py ;;
+    row-order) step row-order "$limit" row_order.log python3 scripts/row_order_cost.py ;;
     param-block)
       step param-block "$limit" param_block.log python3 scripts/param_block_cost.py ;;
     small-variants)

@@ -1,7 +1,8 @@
 """Timing helpers shared by the kernel-variant scripts (weight_math_cost.py,
 merge_cost.py, lse_cost.py, param_block_cost.py): CUDA-graph replay medians, the
 ``--compare``, ``--rounds`` and ``--shapes`` options, means over rounds in alternating
-order, and the build and launch of a merge-kernel variant."""
+order, the build and launch of a merge-kernel variant, and a bit-for-bit comparison of two
+calls."""
 
 from __future__ import annotations
 
@@ -71,3 +72,15 @@ def mean_of_rounds(calls: Sequence[Callable[[], None]], rounds: int) -> list[flo
         for i in order:
             times[i] += median_us(calls[i]) / rounds
     return times
+
+
+def same_bits(
+    call: Callable[[], None], reference: Callable[[], None], tensors: list[torch.Tensor]
+) -> bool:
+    """Whether ``call`` writes the same bits into ``tensors`` as ``reference`` does."""
+    reference()
+    want = [x.view(torch.uint8).clone() for x in tensors]
+    for x in tensors:
+        x.view(torch.uint8).zero_()
+    call()
+    return all(torch.equal(x.view(torch.uint8), w) for x, w in zip(tensors, want, strict=True))

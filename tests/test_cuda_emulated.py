@@ -237,6 +237,39 @@ def test_aliasing(emulated, alias):
     _check(make_case(16, 3, 256, dtype=torch.float32, alias=alias, lse_pattern="mixed"))
 
 
+@pytest.mark.parametrize(
+    ("P", "out_lse_layout", "alias", "head_major"),
+    [
+        (None, "ht", None, True),
+        (11, "ht", "lse_prefix", True),  # P = T: every token has a prefix
+        (0, "ht", "prefix", True),  # no token has one
+        (None, "ht", "lse_suffix", True),
+        (8, "ht", None, False),  # tokens 8.. have none: P x H rows are a row range
+        (None, "th", None, False),  # [T, H] output LSEs are contiguous token-major
+    ],
+)
+def test_row_order(emulated, monkeypatch, P, out_lse_layout, alias, head_major):
+    """Rows go to the kernel head-major where the output LSE is stored [H, T] and every
+    token or none has a prefix (head_major_rows), token-major otherwise; either way
+    the result is the reference's, in place too."""
+    inner_counts = []  # the kernel's num_heads field: H token-major, T head-major
+    launch = _EmulatedKernel.launch
+
+    def recording_launch(self, grid, stream, params):
+        inner_counts.append(cuda_backend._PARAMS.unpack(params)[7])
+        launch(self, grid, stream, params)
+
+    monkeypatch.setattr(_EmulatedKernel, "launch", recording_launch)
+    dtype = torch.bfloat16
+    out_dtype = dtype if alias == "prefix" else FP8
+    case = make_case(
+        11, 3, 64, dtype=dtype, out_dtype=out_dtype, scale=0.05 if out_dtype == FP8 else None,
+        lse_pattern="mixed", P=P, alias=alias, lse_layouts=("ht", "ht", out_lse_layout),
+    )  # fmt: skip
+    _check(case)
+    assert inner_counts == [11 if head_major else 3]
+
+
 def test_mixed_partial_dtypes_and_lse_layouts(emulated):
     case = make_case(
         7,

@@ -44,10 +44,13 @@ struct MergeParams {
   const float* suffix_lse;
   const float* scale;  // FP8 dequantisation scale (1 element); unused otherwise
   u32 num_rows;        // tokens * heads, < 2^31
+  // The rows' inner count: H (row = t * H + h), or T where the launcher orders the rows
+  // head-major (head_major_rows in attnmerge/cuda/backend.py: it then swaps every
+  // tensor's token and head strides, so "t" and "h" below are the head and the token).
   u32 num_heads;
   u32 head_size;
   // P x H: rows from here on (tokens t >= P) have no prefix. A row count, not P, so
-  // that the test needs no division (see merge_two_rows).
+  // that the test needs no division (see merge_two_rows). Head-major: 0 or num_rows.
   u32 rows_with_prefix;
   // row / num_heads as a multiply and shift (see token_of)
   u32 heads_multiplier;
