@@ -93,7 +93,8 @@ for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
     bench-lse | bench-nofp8) ;;
-    variants | small-variants | weight-math | merge-cost | lse-cost | param-block | profile) ;;
+    variants | small-variants | weight-math | merge-cost | lse-cost | row-order | param-block) ;;
+    profile) ;;
     launch-floor) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
