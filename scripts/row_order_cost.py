@@ -1,14 +1,16 @@
 """What the row order does to the CUDA merge with an output LSE, over vLLM's grid.
 
 The cuda backend hands rows to its kernel head-major (the tokens of one head
-consecutive) where the output LSE is stored ``[H, T]`` (``head_major_rows`` in
-attnmerge/cuda/backend.py). This times, for every shape of the grid, the call as the
-backend makes it next to the same kernel launched with token-major rows (the heads of one
-token consecutive), in one run, and checks that both write the same bits: vLLM's bench
-inputs, D = 128, FP8 output, ``[H, T]`` LSEs, no ``prefill_tokens_with_context``.
+consecutive) where the output LSE is stored ``[H, T]`` and the partials are small
+(``head_major_rows`` in attnmerge/cuda/backend.py). This times, for every shape of the
+grid, the call as the backend makes it next to the same kernel launched with token-major
+rows (the heads of one token consecutive), in one run, and checks that both write the
+same bits: vLLM's bench inputs, D = 128, FP8 output, ``[H, T]`` LSEs, no
+``prefill_tokens_with_context``. The ratio is the first column's time over the second's.
 
 Run on a GPU: ``python3 scripts/row_order_cost.py`` (``scripts/gpu_check.sh row-order``);
-``--rounds N`` times each column N times in alternating order and prints the mean.
+``--rounds N`` times each column N times in alternating order and prints the mean;
+``--head-major`` times head-major rows, not the backend's choice, in the first column.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def main() -> None:
     opts = parser.parse_args()
     scale = torch.tensor([bench.FP8_SCALE], device="cuda")
     print(f"{torch.cuda.get_device_name()}, -> FP8 with output LSE, D = 128, mean of medians, us")
-    print(f"{'dtype':>5} {'T x H':>10} {'backend':>8} {'token-major':>11} {'ratio':>6}")
+    first_name = "head-major" if opts.head_major else "backend"
+    print(f"{'dtype':>5} {'T x H':>10} {first_name:>10} {'token-major':>11} {'ratio':>6}")
     ratios = {}
     for dtype in opts.dtypes.split(","):
         for T, H in opts.shapes:
@@ -52,23 +55,30 @@ def main() -> None:
             public = functools.partial(
                 attnmerge.merge_attn_states, out, *args, out_lse, None, scale, backend="cuda"
             )
-            kernel, grid, params = cuda_backend.launch_arguments(
-                out, *args, out_lse, None, scale, False, head_major=False
+            token_major, head_major = (
+                kernel_timing.on_current_stream(
+                    *cuda_backend.launch_arguments(
+                        out, *args, out_lse, None, scale, False, head_major=order
+                    )
+                )
+                for order in (False, True)
             )
-            token_major = kernel_timing.on_current_stream(kernel, grid, params)
-            same = kernel_timing.same_bits(token_major, public, [out, out_lse])
-            backend_us, token_us = kernel_timing.mean_of_rounds([public, token_major], opts.rounds)
+            first = head_major if opts.head_major else public
+            same = kernel_timing.same_bits(token_major, first, [out, out_lse])
+            backend_us, token_us = kernel_timing.mean_of_rounds([first, token_major], opts.rounds)
             ratios.setdefault(dtype, []).append(backend_us / token_us)
-            order = "h" if cuda_backend.head_major_rows(out_lse, T, H, None) else "t"
+            partial_bytes = s["prefix_output"].numel() * s["prefix_output"].itemsize
+            chosen = cuda_backend.head_major_rows(out_lse, T, H, None, partial_bytes)
+            order = "h" if opts.head_major or chosen else "t"
             print(
-                f"{dtype:>5} {f'{T} x {H}':>10} {backend_us:7.2f}{order} {token_us:11.2f} "
+                f"{dtype:>5} {f'{T} x {H}':>10} {backend_us:9.2f}{order} {token_us:11.2f} "
                 f"{backend_us / token_us:6.3f}" + ("" if same else "  MISMATCH"),
                 flush=True,
             )
     for dtype, r in ratios.items():
         mean = math.exp(sum(map(math.log, r)) / len(r))
         print(
-            f"{dtype}: backend / token-major time, geometric mean {mean:.3f}, "
+            f"{dtype}: {first_name} / token-major time, geometric mean {mean:.3f}, "
             f"range {min(r):.3f}-{max(r):.3f} ({len(r)} shapes)"
         )
 

@@ -440,31 +440,45 @@ def row_divisor(n: int) -> tuple[int, int]:
 head_divisor = functools.cache(row_divisor)
 
 
+# Head-major rows only while one partial holds at most this many bytes (see
+# head_major_rows).
+HEAD_MAJOR_MAX_PARTIAL_BYTES = 16 << 20
+
+
 def head_major_rows(
     output_lse: torch.Tensor | None,
     num_tokens: int,
     num_heads: int,
     prefill_tokens_with_context: int | None,
+    partial_bytes: int,
 ) -> bool:
     """Whether a call's rows go to the kernel in head-major order (row = head x T +
-    token) rather than token-major (token x H + head).
+    token) rather than token-major (token x H + head); ``partial_bytes`` is the size of
+    the wider partial's rows (T x H x D x its element size).
 
     The kernel's thread teams take consecutive rows, and a block's output LSEs are one
     4-byte store per row. In vLLM's ``[H, T]`` LSE layout, token-major rows put each of
     those stores in its own 32-byte sector; head-major rows make a block's LSEs
-    contiguous. Every other access is a whole row either way. On an H200 (bf16 -> FP8,
-    D = 128, output LSE written, scripts/lse_cost.py, bit-identical outputs) head-major
-    rows took 16 x 128 from 1.73 to 1.64 us, 64 x 32 from 1.85 to 1.64 and 64 x 128 from
-    2.46 to 2.41; without the output LSE the order made no difference (within 0.01 us).
-    So: with an output LSE stored contiguously along tokens, more than one token and
-    head, and a prefix either on every token or on none (the kernel tests the prefix on
-    the row index, and P x H rows are a row range only in token-major order).
+    contiguous. Every other access is a whole row either way, but head-major rows are a
+    token stride apart in memory, which costs once the partials stream from HBM. On an
+    H200 (-> FP8 with the output LSE, D = 128, scripts/row_order_cost.py, bit-identical
+    outputs, one run) head-major rows took bf16 64 x 32 from 1.80 to 1.62 us, 64 x 128
+    from 2.45 to 2.40, 256 x 16 from 2.05 to 1.88, 1024 x 64 (16 MiB a partial) from
+    8.86 to 8.59, fp32 64 x 8 from 1.62 to 1.49; but bf16 1024 x 128 (32 MiB) from
+    21.83 to 22.14, 4096 x 128 from 80.14 to 84.46, fp32 1024 x 64 (32 MiB) from 19.40
+    to 19.65 and 4096 x 64 from 70.90 to 78.47. Without the output LSE the order made
+    no difference at small shapes (within 0.02 us). So: with an output LSE stored
+    contiguously along tokens, more than one token and head, partials of at most
+    HEAD_MAJOR_MAX_PARTIAL_BYTES each, and a prefix either on every token or on none
+    (the kernel tests the prefix on the row index, and P x H rows are a row range only
+    in token-major order).
     """
     return (
         output_lse is not None
         and num_tokens > 1
         and num_heads > 1
         and output_lse.stride(1) == 1
+        and partial_bytes <= HEAD_MAJOR_MAX_PARTIAL_BYTES
         and prefill_tokens_with_context in (None, 0, num_tokens)
     )
 
@@ -538,7 +552,9 @@ def launch_arguments(
     strides = (out_st[:2], pre_st[:2], suf_st[:2])
     lse_strides = (prefix_lse.stride(), suffix_lse.stride(), lse_out.stride())
     if head_major is None:
-        head_major = head_major_rows(output_lse, num_tokens, num_heads, P)
+        head_major = head_major_rows(
+            output_lse, num_tokens, num_heads, P, num_rows * head_size * widest
+        )
     if head_major:
         if P not in (None, 0, num_tokens):
             raise ValueError("head-major rows need a prefix on every token or on none")
