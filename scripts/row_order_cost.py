@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument(
         "--dtypes", default="bf16,fp32", help="partial dtypes (default: %(default)s)"
     )
+    parser.add_argument("--head-major", action="store_true", help="head-major rows at every shape")
     opts = parser.parse_args()
     scale = torch.tensor([bench.FP8_SCALE], device="cuda")
     print(f"{torch.cuda.get_device_name()}, -> FP8 with output LSE, D = 128, mean of medians, us")

@@ -586,8 +586,13 @@ def test_contract_8_aliasing_is_exact(backend_device, alias, dtype):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize(
     "dtype, T, H, D, runs",
-    [(torch.bfloat16, 4096, 128, 128, 1000), (torch.float32, 2048, 64, 512, 100)],
-    ids=["bf16-4096x128", "fp32-2048x64x512"],
+    [
+        (torch.bfloat16, 4096, 128, 128, 1000),
+        (torch.float32, 2048, 64, 512, 100),
+        # 16 MiB partials: both backends take the tokens of one head per block/program
+        (torch.bfloat16, 1024, 64, 128, 1000),
+    ],
+    ids=["bf16-4096x128", "fp32-2048x64x512", "bf16-1024x64-head-major"],
 )
 def test_contract_8_in_place_merges_repeated(backend, dtype, T, H, D, runs):
     """A race between the threads that read a row's LSEs and the one that writes its
@@ -596,7 +601,8 @@ def test_contract_8_in_place_merges_repeated(backend, dtype, T, H, D, runs):
     inputs, and must give the out-of-place result every time. On an H200 the Triton kernel
     without its barrier before the LSE store differed in 39 of 3000 runs at bf16
     4096 x 128 (so about 13 of these 1000) and 1 of 1000 at fp32 2048 x 64 x 512; with it,
-    and the cuda backend, in none."""
+    and the cuda backend, in none. The third grid is small enough for head-major rows
+    (cuda head_major_rows, triton head_major_programs)."""
     g = torch.Generator(device="cuda").manual_seed(21)
     prefix = torch.randn(T, H, D, device="cuda", dtype=dtype, generator=g)
     suffix = torch.randn(T, H, D, device="cuda", dtype=dtype, generator=g)

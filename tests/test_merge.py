@@ -293,3 +293,45 @@ def test_triton_rows_per_program_by_grid_size():
         case = make_case(T, 1, 8, dtype=torch.float16, device=device, lse_pattern="mixed",
                          seed=T, **out_spec("fp8", torch.float16))  # fmt: skip
         run_and_check(case, "triton")
+
+
+@pytest.mark.parametrize(
+    ("T", "P", "out_lse_layout", "alias", "head_major"),
+    [
+        (17, None, "ht", None, True),
+        (17, 9, "ht", "lse_prefix", True),  # tail tokens, output LSE in place
+        (17, None, "ht", "prefix", True),  # output in place
+        (3, None, "ht", None, False),  # fewer tokens than a program's 4 rows
+        (17, None, "th", None, False),  # [T, H] output LSEs are contiguous token-major
+    ],
+)
+def test_triton_program_order(T, P, out_lse_layout, alias, head_major):
+    """Triton programs take the tokens of one head (a 2-D grid) where the output LSE is
+    stored [H, T] and there are tokens enough (head_major_programs), consecutive
+    (token, head) rows otherwise; either way the result is the reference's."""
+    from attnmerge.triton import merge_kernel as mk
+
+    H, D, dtype = 3, 8, torch.bfloat16
+    kind = "same" if alias == "prefix" else "fp8"
+    case = make_case(
+        T, H, D, dtype=dtype, device="cuda" if ON_GPU else "cpu", lse_pattern="mixed", P=P,
+        alias=alias, lse_layouts=("ht", "ht", out_lse_layout), **out_spec(kind, dtype),
+    )  # fmt: skip
+    rows = mk.block_rows_for(D, dtype.itemsize, T * H)
+    output_lse = case.args()[5]
+    assert mk.head_major_programs(output_lse, T, H, rows, T * H * D * 2) == head_major
+    run_and_check(case, "triton")
+
+
+def test_triton_head_major_programs_rule():
+    from attnmerge.triton import merge_kernel as mk
+
+    limit = mk.HEAD_MAJOR_MAX_PARTIAL_BYTES
+    ht = torch.empty(3, 5)  # [H, T] storage
+    assert mk.head_major_programs(ht, 5, 3, 4, limit)
+    assert not mk.head_major_programs(ht, 5, 3, 4, limit + 1)  # HBM-bound: token-major
+    assert not mk.head_major_programs(ht, 5, 3, 8, 1)  # fewer tokens than a program's rows
+    assert not mk.head_major_programs(torch.empty(5, 3).t(), 5, 3, 4, 1)  # [T, H] storage
+    assert not mk.head_major_programs(None, 5, 3, 4, 1)
+    assert not mk.head_major_programs(torch.empty(1, 5), 5, 1, 4, 1)
+    assert not mk.head_major_programs(torch.empty(70000, 5), 5, 70000, 4, 1)  # grid's y limit

@@ -32,7 +32,7 @@ from triton.compiler import ASTSource
 from attnmerge.triton import merge_kernel as mk
 
 in_ty, out_ty, head_size, base_2 = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-num_rows = int(sys.argv[5])
+num_rows, head_major = int(sys.argv[5]), sys.argv[6] == "1"
 itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[in_ty]
 fn = mk._merge_two_kernel
 pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "prefix_ptr": in_ty,
@@ -41,7 +41,7 @@ pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "prefix_ptr": in_ty,
 block_d = triton.next_power_of_2(head_size)
 const = dict(NUM_HEADS=32, HEAD_SIZE=head_size, BLOCK_D=block_d,
              BLOCK_ROWS=mk.block_rows_for(head_size, itemsize, num_rows), LSE_BASE_2=base_2,
-             WRITE_LSE=True, FP8_OUT=out_ty == "fp8e4nv")
+             WRITE_LSE=True, FP8_OUT=out_ty == "fp8e4nv", HEAD_MAJOR=head_major)
 sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
        for n in fn.arg_names}
 # What Triton infers for aligned tensors and strides that are multiples of 16.
@@ -74,7 +74,9 @@ print(json.dumps({"ptx": collections.Counter(ops), "sass": sass, "order": order,
 """
 
 
-def _compile(in_ty: str, out_ty: str, head_size: int, base_2: bool, num_rows: int) -> dict:
+def _compile(
+    in_ty: str, out_ty: str, head_size: int, base_2: bool, num_rows: int, head_major: bool = False
+) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
@@ -88,6 +90,7 @@ def _compile(in_ty: str, out_ty: str, head_size: int, base_2: bool, num_rows: in
             str(head_size),
             str(int(base_2)),
             str(num_rows),
+            str(int(head_major)),
         ],
         capture_output=True,
         text=True,
@@ -154,14 +157,19 @@ def test_row_loads_are_issued_before_the_weights(in_ty, out_ty, head_size, num_r
 
 
 @pytest.mark.parametrize(
-    "in_ty, head_size, num_rows",
-    [("bf16", 128, 1 << 20), ("bf16", 128, 128), ("fp32", 512, 1 << 20)],
+    "in_ty, head_size, num_rows, head_major",
+    [
+        ("bf16", 128, 1 << 20, False),
+        ("bf16", 128, 128, False),
+        ("fp32", 512, 1 << 20, False),
+        ("bf16", 128, 8192, True),  # programs over (token block, head)
+    ],
 )
-def test_output_lse_is_stored_after_a_block_barrier(in_ty, head_size, num_rows):
+def test_output_lse_is_stored_after_a_block_barrier(in_ty, head_size, num_rows, head_major):
     # output_lse may alias prefix_lse, and the thread that stores a row's output LSE is
     # not one of those that load its LSEs for the weights (the kernel's comment): every
     # load comes before one block barrier, and the LSE store after it.
-    order = _compile(in_ty, "fp8e4nv", head_size, False, num_rows)["order"]
+    order = _compile(in_ty, "fp8e4nv", head_size, False, num_rows, head_major)["order"]
     assert order.count("bar.sync") == 1, order
     barrier = order.index("bar.sync")
     assert "ld.global" not in order[barrier:], order
@@ -169,14 +177,19 @@ def test_output_lse_is_stored_after_a_block_barrier(in_ty, head_size, num_rows):
 
 
 @pytest.mark.parametrize(
-    "in_ty, out_ty, head_size",
-    [("bf16", "fp8e4nv", 128), ("bf16", "bf16", 128), ("fp32", "fp32", 512)],
+    "in_ty, out_ty, head_size, head_major",
+    [
+        ("bf16", "fp8e4nv", 128, False),
+        ("bf16", "bf16", 128, False),
+        ("fp32", "fp32", 512, False),
+        ("bf16", "fp8e4nv", 128, True),
+    ],
 )
-def test_output_elements_are_loaded_and_stored_by_one_thread(in_ty, out_ty, head_size):
+def test_output_elements_are_loaded_and_stored_by_one_thread(in_ty, out_ty, head_size, head_major):
     # output may be prefix_output (in place) with no barrier in the kernel: that holds only
     # while each element of the output tile is stored by the thread that loaded it, i.e.
     # the row tiles' loads and the output's store share one layout.
-    tiles = _compile(in_ty, out_ty, head_size, False, 1 << 20)["tiles"]
+    tiles = _compile(in_ty, out_ty, head_size, False, 1 << 20, head_major)["tiles"]
     assert [op for op, _ in tiles].count("load") == 2 and ("store" in [op for op, _ in tiles]), (
         tiles
     )
