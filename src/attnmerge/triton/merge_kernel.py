@@ -1,11 +1,13 @@
 """Triton kernel: merge two partial attention states, optionally storing FP8.
 
 One program handles ``BLOCK_ROWS`` consecutive (token, head) rows as a
-``[BLOCK_ROWS, BLOCK_D]`` tile, so a program moves a few KB per input with
-16-byte vector loads, and small batches still spread over several programs.
-Only per-model values are compile-time constants (head count, head size, dtypes,
-flags); token counts and ``prefill_tokens_with_context`` are runtime values that
-Triton is told not to specialise on, so a new batch size never triggers a recompile.
+``[BLOCK_ROWS, BLOCK_D]`` tile (or, for some output-LSE calls, consecutive tokens of one
+head: head_major_programs), so a program moves a few KB per input with 16-byte vector
+loads, and small batches still spread over several programs. Only per-model values are
+compile-time constants (head count, head size, dtypes, flags); token counts and
+``prefill_tokens_with_context`` are runtime values that Triton is told not to
+specialise on, so a new batch size never triggers a recompile beyond the few instances
+(small-grid tiles, program order) that the grid size picks among, each compiled once.
 """
 
 from __future__ import annotations
