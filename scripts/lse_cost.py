@@ -4,9 +4,10 @@ With an output LSE the CUDA merge takes longer than without (H200, bf16 -> FP8, 
 c8798b8: 1.34 against 1.24 us at 1 x 64, 2.45 against 2.08 at 64 x 128). This script
 times textual variants of the output-LSE instance, each removing one part, next to the
 public call with and without the output LSE (bf16 -> FP8, D = 128, the instance and
-launch the call itself takes, vLLM's bench inputs). Only ``default`` and ``head_major``
-are correct merges. The public call stores rows in head-major order here (``[H, T]``
-output LSEs: cuda backend ``head_major_rows``), and so do the variants.
+launch the call itself takes, vLLM's bench inputs). Only ``default``, ``token_major``
+and ``head_major no LSE`` are correct merges. From T = 2 up the public call takes its
+rows in head-major order here (``[H, T]`` output LSEs: cuda backend
+``head_major_rows``), and so do the variants.
 
 * ``no_sync``: no team barrier before the LSE store (an in-place LSE could race);
 * ``no_store``: the LSE and its address computed (pinned by the kernel's compute_here)

@@ -454,7 +454,7 @@ def head_major_rows(
 ) -> bool:
     """Whether a call's rows go to the kernel in head-major order (row = head x T +
     token) rather than token-major (token x H + head); ``partial_bytes`` is the size of
-    the wider partial's rows (T x H x D x its element size).
+    the wider partial (T x H x D x its element size).
 
     The kernel's thread teams take consecutive rows, and a block's output LSEs are one
     4-byte store per row. In vLLM's ``[H, T]`` LSE layout, token-major rows put each of
@@ -465,9 +465,11 @@ def head_major_rows(
     outputs, one run) head-major rows took bf16 64 x 32 from 1.80 to 1.62 us, 64 x 128
     from 2.45 to 2.40, 256 x 16 from 2.05 to 1.88, 1024 x 64 (16 MiB a partial) from
     8.86 to 8.59, fp32 64 x 8 from 1.62 to 1.49; but bf16 1024 x 128 (32 MiB) from
-    21.83 to 22.14, 4096 x 128 from 80.14 to 84.46, fp32 1024 x 64 (32 MiB) from 19.40
-    to 19.65 and 4096 x 64 from 70.90 to 78.47. Without the output LSE the order made
-    no difference at small shapes (within 0.02 us). So: with an output LSE stored
+    21.83 to 22.14, 4096 x 128 from 80.14 to 84.46, fp32 1024 x 128 from 36.53 to 37.69
+    and 4096 x 128 from 139.35 to 143.84 (at some large shapes this measurement varies by
+    up to 6% between two launches of the same kernel; docs/performance.md). Without the
+    output LSE the order made no difference at small shapes (within 0.02 us). So: with
+    an output LSE stored
     contiguously along tokens, more than one token and head, partials of at most
     HEAD_MAJOR_MAX_PARTIAL_BYTES each, and a prefix either on every token or on none
     (the kernel tests the prefix on the row index, and P x H rows are a row range only

@@ -259,7 +259,7 @@ def head_major_programs(
     to 2.52, 1024 x 8 from 2.79 to 2.51, 1024 x 64 (16 MiB a partial) from 8.98 to
     8.60, fp32 64 x 8 from 1.67 to 1.51 and 256 x 128 from 7.15 to 6.53 (fp32 16 x 128
     1.79 -> 1.82). Past 16 MiB a partial the CUDA kernel's head-major rows lost (bf16
-    4096 x 128 80.14 -> 84.46 us, fp32 4096 x 64 70.90 -> 78.47), their rows a token
+    4096 x 128 80.14 -> 84.46 us, fp32 4096 x 128 139.35 -> 143.84), their rows a token
     stride apart once the partials stream from HBM; so not there. And not with fewer
     tokens than a program's rows, whose programs would be mostly idle.
     """
