@@ -69,7 +69,7 @@ def main() -> None:
             backend_us, token_us = kernel_timing.mean_of_rounds([first, token_major], opts.rounds)
             ratios.setdefault(dtype, []).append(backend_us / token_us)
             partial_bytes = s["prefix_output"].numel() * s["prefix_output"].itemsize
-            chosen = cuda_backend.head_major_rows(out_lse, T, H, None, partial_bytes)
+            chosen = cuda_backend.head_major_rows(out_lse.stride(1), T, H, None, partial_bytes)
             order = "h" if opts.head_major or chosen else "t"
             print(
                 f"{dtype:>5} {f'{T} x {H}':>10} {backend_us:9.2f}{order} {token_us:11.2f} "

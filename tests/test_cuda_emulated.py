@@ -276,14 +276,13 @@ def test_head_major_rows_rule():
     stride between a block's rows cost more than the LSE stores saved)."""
     rule = cuda_backend.head_major_rows
     limit = cuda_backend.HEAD_MAJOR_MAX_PARTIAL_BYTES
-    ht = torch.empty(3, 5)  # [H, T] storage
-    th = torch.empty(5, 3).t()  # [T, H] storage, as an [H, T] view
+    ht, th = 1, 3  # the output LSE's token stride: [H, T] storage, [T, H] storage
     assert rule(ht, 5, 3, None, limit) and rule(ht, 5, 3, 0, 1) and rule(ht, 5, 3, 5, 1)
     assert not rule(ht, 5, 3, None, limit + 1)
     assert not rule(ht, 5, 3, 4, 1)  # tokens 4.. have no prefix
     assert not rule(th, 5, 3, None, 1)
-    assert not rule(None, 5, 3, None, 1)
-    assert not rule(torch.empty(3, 1), 1, 3, None, 1) and not rule(torch.empty(1, 5), 5, 1, None, 1)
+    assert not rule(None, 5, 3, None, 1)  # no output LSE
+    assert not rule(ht, 1, 3, None, 1) and not rule(ht, 5, 1, None, 1)
 
 
 def test_mixed_partial_dtypes_and_lse_layouts(emulated):

@@ -318,8 +318,8 @@ def test_triton_program_order(T, P, out_lse_layout, alias, head_major):
         alias=alias, lse_layouts=("ht", "ht", out_lse_layout), **out_spec(kind, dtype),
     )  # fmt: skip
     rows = mk.block_rows_for(D, dtype.itemsize, T * H)
-    output_lse = case.args()[5]
-    assert mk.head_major_programs(output_lse, T, H, rows, T * H * D * 2) == head_major
+    lse_token_stride = case.args()[5].stride(1)
+    assert mk.head_major_programs(lse_token_stride, T, H, rows, T * H * D * 2) == head_major
     run_and_check(case, "triton")
 
 
@@ -327,11 +327,11 @@ def test_triton_head_major_programs_rule():
     from attnmerge.triton import merge_kernel as mk
 
     limit = mk.HEAD_MAJOR_MAX_PARTIAL_BYTES
-    ht = torch.empty(3, 5)  # [H, T] storage
+    ht = 1  # the output LSE's token stride: [H, T] storage
     assert mk.head_major_programs(ht, 5, 3, 4, limit)
     assert not mk.head_major_programs(ht, 5, 3, 4, limit + 1)  # HBM-bound: token-major
     assert not mk.head_major_programs(ht, 5, 3, 8, 1)  # fewer tokens than a program's rows
-    assert not mk.head_major_programs(torch.empty(5, 3).t(), 5, 3, 4, 1)  # [T, H] storage
-    assert not mk.head_major_programs(None, 5, 3, 4, 1)
-    assert not mk.head_major_programs(torch.empty(1, 5), 5, 1, 4, 1)
-    assert not mk.head_major_programs(torch.empty(70000, 5), 5, 70000, 4, 1)  # grid's y limit
+    assert not mk.head_major_programs(3, 5, 3, 4, 1)  # [T, H] storage: token stride H
+    assert not mk.head_major_programs(None, 5, 3, 4, 1)  # no output LSE
+    assert not mk.head_major_programs(ht, 5, 1, 4, 1)
+    assert not mk.head_major_programs(ht, 5, 70000, 4, 1)  # past the grid's y limit

@@ -436,8 +436,10 @@ def row_divisor(n: int) -> tuple[int, int]:
     return -(-(1 << (31 + log2_ceil)) // n), log2_ceil
 
 
-# Per model, so cached; a token count (head-major rows) is not, it changes every batch.
+# The head count is per model: cached for good. The token count (head-major rows) changes
+# with every batch: a bounded cache (the division by it costs ~0.2 us of host time).
 head_divisor = functools.cache(row_divisor)
+token_divisor = functools.lru_cache(maxsize=4096)(row_divisor)
 
 
 # Head-major rows only while one partial holds at most this many bytes (see
@@ -446,15 +448,17 @@ HEAD_MAJOR_MAX_PARTIAL_BYTES = 16 << 20
 
 
 def head_major_rows(
-    output_lse: torch.Tensor | None,
+    output_lse_token_stride: int | None,
     num_tokens: int,
     num_heads: int,
     prefill_tokens_with_context: int | None,
     partial_bytes: int,
 ) -> bool:
     """Whether a call's rows go to the kernel in head-major order (row = head x T +
-    token) rather than token-major (token x H + head); ``partial_bytes`` is the size of
-    the wider partial (T x H x D x its element size).
+    token) rather than token-major (token x H + head). ``output_lse_token_stride`` is
+    the output LSE's stride along tokens (None: no output LSE), ``partial_bytes`` the
+    size of the wider partial (T x H x D x its element size); plain numbers, because the
+    launcher has them at hand and the eager call path is host-bound.
 
     The kernel's thread teams take consecutive rows, and a block's output LSEs are one
     4-byte store per row. In vLLM's ``[H, T]`` LSE layout, token-major rows put each of
@@ -475,13 +479,13 @@ def head_major_rows(
     (the kernel tests the prefix on the row index, and P x H rows are a row range only
     in token-major order).
     """
+    with_prefix = prefill_tokens_with_context
     return (
-        output_lse is not None
+        output_lse_token_stride == 1
         and num_tokens > 1
         and num_heads > 1
-        and output_lse.stride(1) == 1
         and partial_bytes <= HEAD_MAJOR_MAX_PARTIAL_BYTES
-        and prefill_tokens_with_context in (None, 0, num_tokens)
+        and (with_prefix is None or with_prefix in (0, num_tokens))
     )
 
 
@@ -548,27 +552,31 @@ def launch_arguments(
         lse_base_2,
     )
     lse_out = output_lse if output_lse is not None else suffix_lse  # not written then
+    pl_st, sl_st, ol_st = prefix_lse.stride(), suffix_lse.stride(), lse_out.stride()
     # rows with a prefix (P x H <= num_rows: the API checks 0 <= P <= T)
     P = prefill_tokens_with_context
     rows_with_prefix = num_rows if P is None else P * num_heads
-    strides = (out_st[:2], pre_st[:2], suf_st[:2])
-    lse_strides = (prefix_lse.stride(), suffix_lse.stride(), lse_out.stride())
     if head_major is None:
         head_major = head_major_rows(
-            output_lse, num_tokens, num_heads, P, num_rows * head_size * widest
+            ol_st[1] if output_lse is not None else None,
+            num_tokens,
+            num_heads,
+            P,
+            num_rows * head_size * widest,
         )
+    # The kernel splits a row into an outer and an inner index by the inner count (H,
+    # token-major) and addresses the outer index with each tensor's token stride and the
+    # inner one with its head stride. Head-major: T is the inner count and every tensor's
+    # token and head strides trade places (o, i: which of a tensor's first two strides
+    # fills its first and its second field), so the same code walks the rows head by head.
     if head_major:
-        if P not in (None, 0, num_tokens):
+        if not (P is None or P in (0, num_tokens)):
             raise ValueError("head-major rows need a prefix on every token or on none")
-        # The kernel splits a row into (outer, inner) index by its inner count and takes
-        # the first tensor dimension's stride for the outer index: with T as the inner
-        # count and every tensor's token and head strides swapped, the same code walks
-        # the rows head by head.
-        inner, multiplier, shift = num_tokens, *row_divisor(num_tokens)
-        strides = tuple(st[::-1] for st in strides)
-        lse_strides = tuple(st[::-1] for st in lse_strides)
+        inner, (multiplier, shift) = num_tokens, token_divisor(num_tokens)
+        o, i = 1, 0
     else:
         inner, (multiplier, shift) = num_heads, head_divisor(num_heads)
+        o, i = 0, 1
     try:
         params = _PARAMS.pack(
             out_ptr,
@@ -583,13 +591,19 @@ def launch_arguments(
             rows_with_prefix,
             multiplier,
             shift,
-            *strides[0],
-            *strides[1],
-            *strides[2],
-            *lse_strides[0],
-            *lse_strides[1],
+            out_st[o],
+            out_st[i],
+            pre_st[o],
+            pre_st[i],
+            suf_st[o],
+            suf_st[i],
+            pl_st[o],
+            pl_st[i],
+            sl_st[o],
+            sl_st[i],
             output_lse.data_ptr() if output_lse is not None else 0,
-            *lse_strides[2],
+            ol_st[o],
+            ol_st[i],
         )
     except struct.error:  # a value past 32 bits: only a stride can be (rows are checked)
         named = {"output": output, "prefix_output": prefix_output, "prefix_lse": prefix_lse}

@@ -240,15 +240,16 @@ _MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension: the head cou
 
 
 def head_major_programs(
-    output_lse: torch.Tensor | None,
+    output_lse_token_stride: int | None,
     num_tokens: int,
     num_heads: int,
     rows_per_program: int,
     partial_bytes: int,
 ) -> bool:
     """Whether a call's programs take the tokens of one head (a 2-D grid over token
-    blocks and heads) rather than consecutive (token, head) rows; ``partial_bytes`` is
-    the size of the wider partial (T x H x D x its element size).
+    blocks and heads) rather than consecutive (token, head) rows.
+    ``output_lse_token_stride`` is the output LSE's stride along tokens (None: no output
+    LSE), ``partial_bytes`` the size of the wider partial (T x H x D x its element size).
 
     A program stores its rows' output LSEs from one 1-D layout: in vLLM's ``[H, T]``
     LSE layout, the heads of one token put each row's LSE in its own 32-byte sector,
@@ -264,10 +265,9 @@ def head_major_programs(
     tokens than a program's rows, whose programs would be mostly idle.
     """
     return (
-        output_lse is not None
+        output_lse_token_stride == 1
         and num_tokens >= rows_per_program
         and 1 < num_heads <= _MAX_GRID_Y
-        and output_lse.stride(1) == 1
         and partial_bytes <= HEAD_MAJOR_MAX_PARTIAL_BYTES
     )
 
@@ -330,10 +330,15 @@ def merge_two_states(
     itemsize = max(prefix_output.itemsize, suffix_output.itemsize)
     rows_per_program = block_rows or block_rows_for(head_size, itemsize, num_rows)
     write_lse = output_lse is not None
-    head_major = head_major_programs(
-        output_lse, num_tokens, num_heads, rows_per_program, num_rows * head_size * itemsize
-    )
     lse_out = output_lse if write_lse else suffix_lse  # never written when WRITE_LSE=False
+    out_lse_strides = lse_out.stride()
+    head_major = head_major_programs(
+        out_lse_strides[1] if write_lse else None,
+        num_tokens,
+        num_heads,
+        rows_per_program,
+        num_rows * head_size * itemsize,
+    )
     fp8 = output_scale is not None
     pointers = (
         output,
@@ -353,7 +358,7 @@ def merge_two_states(
         *suffix_output.stride()[:2],
         *prefix_lse.stride(),
         *suffix_lse.stride(),
-        *lse_out.stride(),
+        *out_lse_strides,
     )
     constexprs = (
         num_heads,
