@@ -215,7 +215,7 @@ def test_params_struct_layout_matches_the_launcher(tmp_path):
     assert [int(v) for v in out.split()] == values
 
 
-def _head_divisors_to_check() -> list[int]:
+def _divisors_to_check() -> list[int]:
     powers = [1 << k for k in range(1, 31)]
     near_powers = sorted({p + d for p in powers for d in (-1, 1)} | {2**31 - 1})
     g = torch.Generator().manual_seed(0)
@@ -234,7 +234,7 @@ def test_row_divisor_gives_the_token_of_every_row():
     last = 2**31 - 1
     g = torch.Generator().manual_seed(1)
     random_rows = torch.randint(0, last, (256,), generator=g)
-    for heads in _head_divisors_to_check():
+    for heads in _divisors_to_check():
         multiplier, shift = row_divisor(heads)
         assert 0 < multiplier < 2**32 and 0 <= shift < 32
         top = last // heads

@@ -74,7 +74,7 @@ __host__ __device__ __forceinline__ i64 offset_of(u32 t, u32 st, u32 h, u32 sh) 
 
 // The token of a row (row / num_heads) for rows below 2^31, from the launcher's
 // multiplier m = ceil(2^(31 + l) / num_heads) and shift l = ceil(log2(num_heads))
-// (head_divisor in attnmerge/cuda/backend.py): floor(row * m / 2^(31 + l)) is the
+// (row_divisor in attnmerge/cuda/backend.py): floor(row * m / 2^(31 + l)) is the
 // quotient, because m exceeds 2^(31 + l) / num_heads by less than 1, which adds less
 // than row / 2^(31 + l) < 1 / num_heads to row / num_heads: never enough to reach the
 // next integer. m fits in 32 bits; the high word of 2 row * m is floor(row * m / 2^31).
