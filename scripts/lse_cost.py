@@ -3,11 +3,11 @@
 With an output LSE the CUDA merge takes longer than without (H200, bf16 -> FP8, git
 c8798b8: 1.34 against 1.24 us at 1 x 64, 2.45 against 2.08 at 64 x 128). This script
 times textual variants of the output-LSE instance, each removing one part, next to the
-public call with and without the output LSE (bf16 -> FP8, D = 128, the instance and
-launch the call itself takes, vLLM's bench inputs). Only ``default``, ``token_major``
-and ``head_major no LSE`` are correct merges. From T = 2 up the public call takes its
-rows in head-major order here (``[H, T]`` output LSEs: cuda backend
-``head_major_rows``), and so do the variants.
+public call with and without the output LSE (bf16 -> FP8, or ``--dtype``'s partials;
+D = 128, the instance and launch the call itself takes, vLLM's bench inputs). Only
+``default``, ``token_major`` and ``head_major no LSE`` are correct merges. From T = 2 up
+the public call takes its rows in head-major order here (``[H, T]`` output LSEs: cuda
+backend ``head_major_rows``), and so do the variants.
 
 * ``no_sync``: no team barrier before the LSE store (an in-place LSE could race);
 * ``no_store``: the LSE and its address computed (pinned by the kernel's compute_here)
@@ -68,16 +68,16 @@ def variants(source: str) -> dict[str, str]:
     }
 
 
-def instance_of(num_rows: int) -> cuda_backend.Instance:
-    """The instance a bf16 -> FP8 call at D = 128 with aligned tensors and an output LSE
-    takes."""
-    chunk = cuda_backend.chunk_bytes_for(num_rows, 2, 1)
+def instance_of(num_rows: int, dtype: torch.dtype = torch.bfloat16) -> cuda_backend.Instance:
+    """The instance a ``dtype`` -> FP8 call at D = 128 with aligned tensors and an output
+    LSE takes."""
+    chunk = cuda_backend.chunk_bytes_for(num_rows, dtype.itemsize, 1)
     return cuda_backend.instance_for(
-        torch.bfloat16,
-        torch.bfloat16,
+        dtype,
+        dtype,
         torch.float8_e4m3fn,
         128,
-        cuda_backend.vector_width(128, 2, chunk),
+        cuda_backend.vector_width(128, dtype.itemsize, chunk),
         cuda_backend.rows_per_team(num_rows),
         cuda_backend.WEIGHTS,
         cuda_backend.data_threads(num_rows),
@@ -89,7 +89,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     kernel_timing.add_compare_argument(parser)
     kernel_timing.add_rounds_and_shapes_arguments(parser, 4, SHAPES)
+    parser.add_argument(
+        "--dtype", choices=sorted(bench.DTYPES), default="bf16", help="partials (bf16)"
+    )
     opts = parser.parse_args()
+    dtype = bench.DTYPES[opts.dtype]
     source = cuda_backend.source()
     sources = variants(source)
     for path in opts.compare:
@@ -97,10 +101,12 @@ def main() -> None:
     dev = torch.cuda.current_device()
     scale = torch.tensor([bench.FP8_SCALE], device="cuda")
     names = ["no LSE", "LSE", *sources, "token_major", "head_major no LSE"]
-    print(f"{torch.cuda.get_device_name(dev)}, bf16 -> FP8, D = 128, mean of medians, us")
+    print(f"{torch.cuda.get_device_name(dev)}, {opts.dtype} -> FP8, D = 128, mean of medians, us")
     print(f"{'T x H':>10} " + " ".join(f"{n:>17}" for n in names))
     for T, H in opts.shapes:
-        (s,) = bench.make_input_sets(bench.Case("bf16", True, True, 128, T, H, "cuda"), 1, "cuda")
+        (s,) = bench.make_input_sets(
+            bench.Case(opts.dtype, True, True, 128, T, H, "cuda"), 1, "cuda"
+        )
         args = (
             s["output"], s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"]
         )  # fmt: skip
@@ -118,7 +124,7 @@ def main() -> None:
         calls = [public_plain, public_lse]
         for name, text in sources.items():
             variant = kernel_timing.load_merge_variant(
-                text, instance_of(T * H), name, dev, kernel.block
+                text, instance_of(T * H, dtype), name, dev, kernel.block
             )
             calls.append(kernel_timing.on_current_stream(variant, grid, params))
         calls.append(kernel_timing.on_current_stream(kernel, grid, token_major_params))
