@@ -151,9 +151,16 @@ def test_vector_and_scalar_paths(emulated, monkeypatch):
     odd = make_case(6, H, D, dtype=torch.bfloat16, offsets=(1, 0, 0))
     _check(odd)
     assert emulated[-1][3] == 1
-    # the small-grid rule: 16-byte chunks for 2-byte partials
-    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {2: ((8192, 16),)})
+    # the small-grid rule: 16-byte chunks for 2-byte partials, its tiers chosen by
+    # whether the call writes the output LSE (make_case's cases do, unless with_lse=False)
+    tiers = {(2, False): ((8192, 16),), (2, True): ()}
+    monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", tiers)
     _check(aligned)
+    assert emulated[-1][3] == 16
+    no_lse = make_case(
+        6, H, D, dtype=torch.bfloat16, prefix_strides=padded(H, D, head_pad=8), with_lse=False
+    )
+    _check(no_lse)
     assert emulated[-1][3] == 8
 
 

@@ -335,23 +335,24 @@ def test_chunk_bytes_by_grid_size():
 
     dtype = {2: torch.bfloat16, 4: torch.float32}
     insts = backend.common_instances((128,))
-    for widest, tiers in backend.SMALL_GRID_CHUNKS.items():
+    assert set(backend.SMALL_GRID_CHUNKS) == {(w, lse) for w in (2, 4) for lse in (False, True)}
+    for (widest, lse), tiers in backend.SMALL_GRID_CHUNKS.items():
         first = 1
         for last, chunk in tiers:  # each tier's first and last grid sizes
-            assert backend.chunk_bytes_for(first, widest) == chunk
-            assert backend.chunk_bytes_for(last, widest) == chunk
+            assert backend.chunk_bytes_for(first, widest, 1, lse) == chunk
+            assert backend.chunk_bytes_for(last, widest, 1, lse) == chunk
             first = last + 1
-        assert backend.chunk_bytes_for(first, widest) == backend.CHUNK_BYTES
-        # every chunk size is built ahead of time
+        assert backend.chunk_bytes_for(first, widest, 1, lse) == backend.CHUNK_BYTES
+        # every chunk size is built ahead of time, for calls with and without output LSE
         chunks = {chunk for _, chunk in tiers} | {backend.CHUNK_BYTES}
-        assert {c for c, _, _ in backend._grid_layouts(widest)} == chunks
+        assert {c for c, _, _ in backend._grid_layouts(widest, 1, lse)} == chunks
         el = backend._ELEMENT[dtype[widest]]
-        vecs = {i[3] for i in insts if i[:3] == (el, el, "FP8E4M3")}
+        vecs = {i[3] for i in insts if i[:3] == (el, el, "FP8E4M3") and i[8] == lse}
         assert vecs == {1} | {c // widest for c in chunks}
         # into outputs of the partials' dtype, only chunks of at most 16 bytes of output
         capped = {min(c, backend.MAX_STORE_BYTES) for c in chunks}
-        assert {c for c, _, _ in backend._grid_layouts(widest, widest)} == capped
-        vecs = {i[3] for i in insts if i[:3] == (el, el, el)}
+        assert {c for c, _, _ in backend._grid_layouts(widest, widest, lse)} == capped
+        vecs = {i[3] for i in insts if i[:3] == (el, el, el) and i[8] == lse}
         assert vecs == {1} | {c // widest for c in capped}
 
 

@@ -73,17 +73,29 @@ WEIGHTS_WARP, WEIGHTS_PER_THREAD = 0, 1
 #: best variant of every shape, an oracle, would give 1.09).
 WEIGHTS = WEIGHTS_PER_THREAD
 CHUNK_BYTES = 32
-#: Small grids take smaller chunks: {widest partial's bytes: ((at most this many rows,
-#: chunk bytes), ...)}, the first tier that holds the grid. There every thread's combine
-#: is on the critical path of a latency-bound grid, and half the elements per thread
-#: shortens it. On an H200 (D = 128, FP8 out, small-variants grid, docs/performance.md),
-#: 16-byte chunks took bf16 1 x 32 from 1.55 to 1.45 us, 16 x 32 from 1.64 to 1.55 and
-#: 64 x 128 from 2.59 to 2.52, and lost from 32768 rows (256 x 128: 5.43 vs 4.24); with
-#: fp32 partials, 8-byte chunks took 1 x 8 from 1.55 to 1.41 and 1 x 128 from 1.59 to
-#: 1.52, and 16-byte chunks (with the 128-byte parameter struct, git 03625c9) took
-#: 16 x 32 from 1.56 to 1.46, 16 x 128 from 1.87 to 1.80 and 64 x 64 from 2.23 to 2.09,
-#: tied at 8192 rows (64 x 128: 2.89 vs 2.93) and lost at 16384 (256 x 64: 4.41 vs 3.80).
-SMALL_GRID_CHUNKS = {2: ((8192, 16),), 4: ((256, 8), (8192, 16))}
+#: Small grids take smaller chunks: {(widest partial's bytes, whether the output LSE is
+#: written): ((at most this many rows, chunk bytes), ...)}, the first tier that holds the
+#: grid. There every thread's combine is on the critical path of a latency-bound grid,
+#: and half the elements per thread shortens it. On an H200 (D = 128, FP8 out,
+#: small-variants grid, docs/performance.md), 16-byte chunks took bf16 1 x 32 from 1.55
+#: to 1.45 us, 16 x 32 from 1.64 to 1.55 and 64 x 128 from 2.59 to 2.52, and lost from
+#: 32768 rows (256 x 128: 5.43 vs 4.24); with fp32 partials, 8-byte chunks took 1 x 8
+#: from 1.55 to 1.41 and 1 x 128 from 1.59 to 1.52, and 16-byte chunks (with the
+#: 128-byte parameter struct, git 03625c9) took 16 x 32 from 1.56 to 1.46, 16 x 128 from
+#: 1.87 to 1.80 and 64 x 64 from 2.23 to 2.09. Writing the output LSE moves the ends of
+#: the 16-byte tiers down: half the threads per row then write a row's output LSE after
+#: a barrier of half the lanes. Same run, H200, 16- against 32-byte chunks: fp32 with
+#: the output LSE at 2048 rows 1.73 against 1.76 to 1.79 us, at 4096 rows 2.24 to 2.26
+#: against 2.15 to 2.17 (five shapes), at 8192 3.16 to 3.21 against 2.66 to 2.68, and
+#: without it tied at 4096 rows (1.97 to 2.02 against 1.98 to 2.01) and 2.67 against 2.50
+#: at 8192; bf16 with the output LSE at 8192 rows 2.39 to 2.44 against 2.31 to 2.35,
+#: tied at 4096 (1.88 against 1.90), and without it at 8192 2.07 against 2.19 to 2.21.
+SMALL_GRID_CHUNKS = {
+    (2, False): ((8192, 16),),
+    (2, True): ((4096, 16),),
+    (4, False): ((256, 8), (2048, 16)),
+    (4, True): ((256, 8), (2048, 16)),
+}
 #: Output bytes a thread stores per row chunk, at most: chunks are capped so that their
 #: output is one 16-byte store, and a warp's store instruction writes one contiguous
 #: span (whole 32-byte sectors). A thread's two 16-byte stores of a 32-byte output chunk
@@ -95,12 +107,13 @@ SMALL_GRID_CHUNKS = {2: ((8192, 16),), 4: ((256, 8), (8192, 16))}
 MAX_STORE_BYTES = 16
 
 
-def chunk_bytes_for(num_rows: int, widest: int, out_size: int = 1) -> int:
+def chunk_bytes_for(num_rows: int, widest: int, out_size: int = 1, write_lse: bool = False) -> int:
     """Chunk bytes for a grid of ``num_rows`` rows whose widest partial has ``widest``-byte
-    elements, into ``out_size``-byte outputs (1: FP8): :data:`SMALL_GRID_CHUNKS`, else
-    :data:`CHUNK_BYTES`, capped at :data:`MAX_STORE_BYTES` of output."""
+    elements, into ``out_size``-byte outputs (1: FP8), writing the output LSE or not:
+    :data:`SMALL_GRID_CHUNKS`, else :data:`CHUNK_BYTES`, capped at
+    :data:`MAX_STORE_BYTES` of output."""
     chunk = CHUNK_BYTES
-    for last_row, tier_chunk in SMALL_GRID_CHUNKS.get(widest, ()):
+    for last_row, tier_chunk in SMALL_GRID_CHUNKS.get((widest, write_lse), ()):
         if num_rows <= last_row:
             chunk = tier_chunk
             break
@@ -284,33 +297,37 @@ def vector_width(head_size: int, widest: int, chunk_bytes: int) -> int:
     return 1
 
 
-def _grid_sizes(widest: int) -> list[int]:
+def _grid_sizes(widest: int, write_lse: bool) -> list[int]:
     """One grid size (rows) from each range over which the grid rules (rows per team,
     data threads, chunk bytes) stay the same."""
     last = (SMALL_BLOCK_GRID_ROWS, SMALL_GRID_ROWS, LARGE_GRID_ROWS)
-    last += tuple(last_row for last_row, _ in SMALL_GRID_CHUNKS.get(widest, ()))
+    last += tuple(last_row for last_row, _ in SMALL_GRID_CHUNKS.get((widest, write_lse), ()))
     return sorted({1} | {n + 1 for n in last if 1 <= n + 1 <= _MAX_ROWS})
 
 
-def _grid_layouts(widest: int = 2, out_size: int = 1) -> list[tuple[int, int, int]]:
+def _grid_layouts(
+    widest: int = 2, out_size: int = 1, write_lse: bool = False
+) -> list[tuple[int, int, int]]:
     """The (chunk bytes, rows per team, data threads per block) that
     :func:`chunk_bytes_for`, :func:`rows_per_team` and :func:`data_threads` can return
     over every grid size, for partials of ``widest`` bytes into ``out_size``-byte
-    outputs."""
+    outputs, writing the output LSE or not."""
     return list(
         dict.fromkeys(
-            (chunk_bytes_for(n, widest, out_size), rows_per_team(n), data_threads(n))
-            for n in _grid_sizes(widest)
+            (chunk_bytes_for(n, widest, out_size, write_lse), rows_per_team(n), data_threads(n))
+            for n in _grid_sizes(widest, write_lse)
         )
     )
 
 
-def _variants(head_size: int, widest: int, out_size: int) -> list[tuple[int, int, int]]:
+def _variants(
+    head_size: int, widest: int, out_size: int, write_lse: bool
+) -> list[tuple[int, int, int]]:
     """(vector width, rows per team, data threads) a call signature can need: vector or
     scalar accesses (alignment is a property of each call's tensors), and every grid
     size."""
     found = []
-    for chunk, rows, threads in _grid_layouts(widest, out_size):
+    for chunk, rows, threads in _grid_layouts(widest, out_size, write_lse):
         vec = vector_width(head_size, widest, chunk)
         if vec > 1:
             found.append((vec, rows, threads))
@@ -330,11 +347,11 @@ def common_instances(head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False) -
     found = {}
     for p, s in pairs:
         for out in _OUTPUT_DTYPES:
-            for head_size in head_sizes:
-                for v, r, t in _variants(head_size, max(p.itemsize, s.itemsize), out.itemsize):
-                    for lse, base_2 in itertools.product((False, True), repeat=2):
-                        instance = instance_for(p, s, out, head_size, v, r, WEIGHTS, t, lse, base_2)
-                        found.setdefault(instance)
+            for head_size, lse, base_2 in itertools.product(head_sizes, (False, True), (False, True)):
+                widest = max(p.itemsize, s.itemsize)
+                for v, r, t in _variants(head_size, widest, out.itemsize, lse):
+                    instance = instance_for(p, s, out, head_size, v, r, WEIGHTS, t, lse, base_2)
+                    found.setdefault(instance)
     return list(found)
 
 
@@ -357,7 +374,7 @@ def prepare(
     if head_size == 0:
         return
     widest = max(prefix_dtype.itemsize, suffix_dtype.itemsize)
-    for v, r, t in _variants(head_size, widest, out_dtype.itemsize):
+    for v, r, t in _variants(head_size, widest, out_dtype.itemsize, write_lse):
         _launcher(
             device_index, prefix_dtype, suffix_dtype, out_dtype, head_size, v, r, WEIGHTS, t,
             write_lse, lse_base_2,
@@ -528,7 +545,9 @@ def launch_arguments(
     pre_size, suf_size = prefix_output.itemsize, suffix_output.itemsize
     widest = max(pre_size, suf_size)
     chunk = (
-        chunk_bytes_for(num_rows, widest, output.itemsize) if chunk_bytes is None else chunk_bytes
+        chunk_bytes_for(num_rows, widest, output.itemsize, output_lse is not None)
+        if chunk_bytes is None
+        else chunk_bytes
     )
     vec = vector_width(head_size, widest, chunk)
     if vec > 1 and not (
