@@ -83,18 +83,21 @@ CHUNK_BYTES = 32
 #: from 1.55 to 1.41 and 1 x 128 from 1.59 to 1.52, and 16-byte chunks (with the
 #: 128-byte parameter struct, git 03625c9) took 16 x 32 from 1.56 to 1.46, 16 x 128 from
 #: 1.87 to 1.80 and 64 x 64 from 2.23 to 2.09. Writing the output LSE moves the ends of
-#: the 16-byte tiers down: half the threads per row then write a row's output LSE after
-#: a barrier of half the lanes. Same run, H200, 16- against 32-byte chunks: fp32 with
-#: the output LSE at 2048 rows 1.73 against 1.76 to 1.79 us, at 4096 rows 2.24 to 2.26
-#: against 2.15 to 2.17 (five shapes), at 8192 3.16 to 3.21 against 2.66 to 2.68, and
-#: without it tied at 4096 rows (1.97 to 2.02 against 1.98 to 2.01) and 2.67 against 2.50
-#: at 8192; bf16 with the output LSE at 8192 rows 2.39 to 2.44 against 2.31 to 2.35,
-#: tied at 4096 (1.88 against 1.90), and without it at 8192 2.07 against 2.19 to 2.21.
+#: the small-chunk tiers down: the lanes of a row's team wait at a barrier before its
+#: output LSE is stored, and smaller chunks make wider teams. Same runs, H200, 16- against
+#: 32-byte chunks: fp32 with the output LSE at 2048 rows 1.73 against 1.76 to 1.79 us,
+#: at 4096 rows 2.24 to 2.26 against 2.15 to 2.17 (five shapes), at 8192 3.16 to 3.21
+#: against 2.66 to 2.68, and without it tied at 4096 rows (1.97 to 2.02 against 1.98 to
+#: 2.01) and 2.67 against 2.50 at 8192; bf16 with the output LSE at 8192 rows 2.39 to
+#: 2.44 against 2.31 to 2.35, tied at 4096 (1.88 against 1.90), and without it at 8192
+#: 2.07 against 2.19 to 2.21. fp32 with the output LSE up to 256 rows takes no 8-byte
+#: chunks (teams of two warps, which meet at a block barrier): 16-byte ones took 1 x 4
+#: 1.26 against 1.35 us, 1 x 128 1.34 against 1.46, 16 x 16 1.36 against 1.54.
 SMALL_GRID_CHUNKS = {
     (2, False): ((8192, 16),),
     (2, True): ((4096, 16),),
     (4, False): ((256, 8), (2048, 16)),
-    (4, True): ((256, 8), (2048, 16)),
+    (4, True): ((2048, 16),),
 }
 #: Output bytes a thread stores per row chunk, at most: chunks are capped so that their
 #: output is one 16-byte store, and a warp's store instruction writes one contiguous
@@ -345,13 +348,13 @@ def common_instances(head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False) -
     partials only, or with ``mixed_dtypes`` every pair."""
     pairs = [(p, s) for p in _PARTIAL_DTYPES for s in _PARTIAL_DTYPES if mixed_dtypes or p == s]
     found = {}
-    for p, s in pairs:
-        for out in _OUTPUT_DTYPES:
-            for head_size, lse, base_2 in itertools.product(head_sizes, (False, True), (False, True)):
-                widest = max(p.itemsize, s.itemsize)
-                for v, r, t in _variants(head_size, widest, out.itemsize, lse):
-                    instance = instance_for(p, s, out, head_size, v, r, WEIGHTS, t, lse, base_2)
-                    found.setdefault(instance)
+    flags = list(itertools.product((False, True), repeat=2))  # output LSE, base 2
+    for (p, s), out, head_size in itertools.product(pairs, _OUTPUT_DTYPES, head_sizes):
+        widest = max(p.itemsize, s.itemsize)
+        for lse, base_2 in flags:
+            for v, r, t in _variants(head_size, widest, out.itemsize, lse):
+                instance = instance_for(p, s, out, head_size, v, r, WEIGHTS, t, lse, base_2)
+                found.setdefault(instance)
     return list(found)
 
 
