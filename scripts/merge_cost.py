@@ -64,7 +64,7 @@ _COMBINE = (
 _SELECT = "    acc[i] = wp > ws ? P::load(pk.get(i)) : S::load(sk.get(i));"
 # the skeleton's weights, made the LSEs, so that the select above depends on them
 _SELECT_WEIGHTS = "weights[r] = RowWeights{lp[r], ls[r], lp[r], ls[r], true, true};"
-_NO_P = ("has_prefix[r] = has_prefix_at<WRITE_LSE>(row, h, p);", "has_prefix[r] = true;")
+_NO_P = ("has_prefix[r] = row < p.rows_with_prefix;", "has_prefix[r] = true;")
 _NO_SCALE_DIV = ("__fdiv_rn(1.0f, scale)", "scale")
 # stride arithmetic -> contiguous offsets (the kernel's data threads)
 _CONTIGUOUS = {

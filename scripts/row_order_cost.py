@@ -6,8 +6,7 @@ consecutive) where the output LSE is stored ``[H, T]`` and the partials are smal
 grid, the call as the backend makes it next to the same kernel launched with token-major
 rows (the heads of one token consecutive), in one run, and checks that both write the
 same bits: vLLM's bench inputs, D = 128, FP8 output, ``[H, T]`` LSEs, no
-``prefill_tokens_with_context`` (``--half-prefix``: P = T // 2). The ratio is the first
-column's time over the second's.
+``prefill_tokens_with_context``. The ratio is the first column's time over the second's.
 
 Run on a GPU: ``python3 scripts/row_order_cost.py`` (``scripts/gpu_check.sh row-order``);
 ``--rounds N`` times each column N times in alternating order and prints the mean;
@@ -42,16 +41,9 @@ def main() -> None:
         "--dtypes", default="bf16,fp32", help="partial dtypes (default: %(default)s)"
     )
     parser.add_argument("--head-major", action="store_true", help="head-major rows at every shape")
-    parser.add_argument(
-        "--half-prefix", action="store_true", help="prefill_tokens_with_context = T // 2"
-    )
     opts = parser.parse_args()
     scale = torch.tensor([bench.FP8_SCALE], device="cuda")
-    with_p = ", P = T // 2" if opts.half_prefix else ""
-    print(
-        f"{torch.cuda.get_device_name()}, -> FP8 with output LSE{with_p}, D = 128, "
-        "mean of medians, us"
-    )
+    print(f"{torch.cuda.get_device_name()}, -> FP8 with output LSE, D = 128, mean of medians, us")
     first_name = "head-major" if opts.head_major else "backend"
     print(f"{'dtype':>5} {'T x H':>10} {first_name:>10} {'token-major':>11} {'ratio':>6}")
     ratios = {}
@@ -61,14 +53,13 @@ def main() -> None:
             (s,) = bench.make_input_sets(case, 1, "cuda")
             args = (s["prefix_output"], s["prefix_lse"], s["suffix_output"], s["suffix_lse"])
             out, out_lse = s["output"], s["output_lse"]
-            P = T // 2 if opts.half_prefix else None
             public = functools.partial(
-                attnmerge.merge_attn_states, out, *args, out_lse, P, scale, backend="cuda"
+                attnmerge.merge_attn_states, out, *args, out_lse, None, scale, backend="cuda"
             )
             token_major, head_major = (
                 kernel_timing.on_current_stream(
                     *cuda_backend.launch_arguments(
-                        out, *args, out_lse, P, scale, False, head_major=order
+                        out, *args, out_lse, None, scale, False, head_major=order
                     )
                 )
                 for order in (False, True)
@@ -78,7 +69,7 @@ def main() -> None:
             backend_us, token_us = kernel_timing.mean_of_rounds([first, token_major], opts.rounds)
             ratios.setdefault(dtype, []).append(backend_us / token_us)
             partial_bytes = s["prefix_output"].numel() * s["prefix_output"].itemsize
-            chosen = cuda_backend.head_major_rows(out_lse.stride(1), T, H, partial_bytes)
+            chosen = cuda_backend.head_major_rows(out_lse.stride(1), T, H, None, partial_bytes)
             order = "h" if opts.head_major or chosen else "t"
             print(
                 f"{dtype:>5} {f'{T} x {H}':>10} {backend_us:9.2f}{order} {token_us:11.2f} "

@@ -45,7 +45,7 @@ class _EmulatedKernel:
         self._launched = launched
 
     def launch(self, grid: int, stream: int, params: bytes) -> None:
-        assert len(params) == cuda_backend._PARAMS.size == 136
+        assert len(params) == cuda_backend._PARAMS.size == 128
         assert self._lib.emulate_merge(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0
         self._launched.append(self._instance)
 
@@ -251,17 +251,14 @@ def test_aliasing(emulated, alias):
         (11, "ht", "lse_prefix", True),  # P = T: every token has a prefix
         (0, "ht", "prefix", True),  # no token has one
         (None, "ht", "lse_suffix", True),
-        (8, "ht", None, True),  # tokens 8.. have none: the kernel tests the token
-        (1, "ht", "lse_prefix", True),
-        (10, "ht", "prefix", True),
-        (8, "th", None, False),  # [T, H] output LSEs are contiguous token-major
-        (None, "th", None, False),
+        (8, "ht", None, False),  # tokens 8.. have none: P x H rows are a row range
+        (None, "th", None, False),  # [T, H] output LSEs are contiguous token-major
     ],
 )
 def test_row_order(emulated, monkeypatch, P, out_lse_layout, alias, head_major):
-    """Rows go to the kernel head-major where the output LSE is stored [H, T]
-    (head_major_rows), token-major otherwise; either way, with any
-    prefill_tokens_with_context, the result is the reference's, in place too."""
+    """Rows go to the kernel head-major where the output LSE is stored [H, T] and every
+    token or none has a prefix (head_major_rows), token-major otherwise; either way
+    the result is the reference's, in place too."""
     inner_counts = []  # the kernel's num_heads field: H token-major, T head-major
     launch = _EmulatedKernel.launch
 
@@ -281,30 +278,18 @@ def test_row_order(emulated, monkeypatch, P, out_lse_layout, alias, head_major):
 
 
 def test_head_major_rows_rule():
-    """Head-major rows: output LSE [H, T], T > 1, H > 1 and partials of at most
-    HEAD_MAJOR_MAX_PARTIAL_BYTES (past it, HBM-bound, the token stride between a block's
-    rows cost more than the LSE stores saved)."""
+    """Head-major rows: output LSE [H, T], T > 1, H > 1, a prefix on every token or none,
+    and partials of at most HEAD_MAJOR_MAX_PARTIAL_BYTES (past it, HBM-bound, the token
+    stride between a block's rows cost more than the LSE stores saved)."""
     rule = cuda_backend.head_major_rows
     limit = cuda_backend.HEAD_MAJOR_MAX_PARTIAL_BYTES
     ht, th = 1, 3  # the output LSE's token stride: [H, T] storage, [T, H] storage
-    assert rule(ht, 5, 3, limit) and rule(ht, 5, 3, 1)
-    assert not rule(ht, 5, 3, limit + 1)
-    assert not rule(th, 5, 3, 1)
-    assert not rule(None, 5, 3, 1)  # no output LSE
-    assert not rule(ht, 1, 3, 1) and not rule(ht, 5, 1, 1)
-
-
-def test_head_major_rows_without_output_lse_need_a_prefix_on_all_tokens_or_none(emulated):
-    """Only output-LSE instances test the prefix on the token, so the tuning keyword
-    head_major=True refuses a call without an output LSE whose P is neither 0 nor T, and
-    takes the others."""
-    case = make_case(6, 3, 64, dtype=torch.bfloat16, P=4, with_lse=False)
-    args = (case.output, case.prefix_output, case.prefix_lse, case.suffix_output)
-    args += (case.suffix_lse, None)
-    with pytest.raises(ValueError, match="need P in"):
-        cuda_backend.launch_arguments(*args, 4, None, False, head_major=True)
-    for P in (None, 0, 6):
-        assert cuda_backend.launch_arguments(*args, P, None, False, head_major=True)
+    assert rule(ht, 5, 3, None, limit) and rule(ht, 5, 3, 0, 1) and rule(ht, 5, 3, 5, 1)
+    assert not rule(ht, 5, 3, None, limit + 1)
+    assert not rule(ht, 5, 3, 4, 1)  # tokens 4.. have no prefix
+    assert not rule(th, 5, 3, None, 1)
+    assert not rule(None, 5, 3, None, 1)  # no output LSE
+    assert not rule(ht, 1, 3, None, 1) and not rule(ht, 5, 1, None, 1)
 
 
 def test_mixed_partial_dtypes_and_lse_layouts(emulated):

@@ -139,12 +139,11 @@ _ELEMENT = {
     torch.float8_e4m3fn: "FP8E4M3",
 }
 
-# MergeParams: 6 pointers, 16 uint32, then the output LSE's pointer and 3 uint32 (136
-# bytes with the padding; the kernel source says why it is this small). Sizes and
-# strides are 32-bit: packing a stride of 2^32 elements or more fails (see
-# launch_arguments).
-_PARAMS = struct.Struct("<6Q16IQ3I4x")
-assert _PARAMS.size == 136
+# MergeParams: 6 pointers, 16 uint32, then the output LSE's pointer and 2 uint32 (128
+# bytes; the kernel source says why it is this small). Sizes and strides are 32-bit:
+# packing a stride of 2^32 elements or more fails (see launch_arguments).
+_PARAMS = struct.Struct("<6Q16IQ2I")
+assert _PARAMS.size == 128
 
 
 @functools.cache
@@ -472,6 +471,7 @@ def head_major_rows(
     output_lse_token_stride: int | None,
     num_tokens: int,
     num_heads: int,
+    prefill_tokens_with_context: int | None,
     partial_bytes: int,
 ) -> bool:
     """Whether a call's rows go to the kernel in head-major order (row = head x T +
@@ -493,16 +493,19 @@ def head_major_rows(
     and 4096 x 128 from 139.35 to 143.84 (at some large shapes this measurement varies by
     up to 6% between two launches of the same kernel; docs/performance.md). Without the
     output LSE the order made no difference at small shapes (within 0.02 us). So: with
-    an output LSE stored contiguously along tokens, more than one token and head, and
-    partials of at most HEAD_MAJOR_MAX_PARTIAL_BYTES each. Any
-    ``prefill_tokens_with_context``: output-LSE instances test the prefix on the token
-    in either order (has_prefix_at in the kernel source).
+    an output LSE stored
+    contiguously along tokens, more than one token and head, partials of at most
+    HEAD_MAJOR_MAX_PARTIAL_BYTES each, and a prefix either on every token or on none
+    (the kernel tests the prefix on the row index, and P x H rows are a row range only
+    in token-major order).
     """
+    with_prefix = prefill_tokens_with_context
     return (
         output_lse_token_stride == 1
         and num_tokens > 1
         and num_heads > 1
         and partial_bytes <= HEAD_MAJOR_MAX_PARTIAL_BYTES
+        and (with_prefix is None or with_prefix in (0, num_tokens))
     )
 
 
@@ -527,9 +530,8 @@ def launch_arguments(
 
     For tuning, ``rows`` (rows per thread team) overrides :func:`rows_per_team`,
     ``chunk_bytes`` :func:`chunk_bytes_for`, ``weights`` :data:`WEIGHTS`, ``threads``
-    (data threads per block) :func:`data_threads` and ``head_major`` (the row order;
-    without an output LSE it needs a prefix on every token or none)
-    :func:`head_major_rows`.
+    (data threads per block) :func:`data_threads` and ``head_major`` (the row order; it
+    needs a prefix on every token or none) :func:`head_major_rows`.
     """
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
@@ -573,12 +575,15 @@ def launch_arguments(
     )
     lse_out = output_lse if output_lse is not None else suffix_lse  # not written then
     pl_st, sl_st, ol_st = prefix_lse.stride(), suffix_lse.stride(), lse_out.stride()
-    P = prefill_tokens_with_context  # 0 <= P <= T (the API checks it)
+    # rows with a prefix (P x H <= num_rows: the API checks 0 <= P <= T)
+    P = prefill_tokens_with_context
+    rows_with_prefix = num_rows if P is None else P * num_heads
     if head_major is None:
         head_major = head_major_rows(
             ol_st[1] if output_lse is not None else None,
             num_tokens,
             num_heads,
+            P,
             num_rows * head_size * widest,
         )
     # The kernel splits a row into an outer and an inner index by the inner count (H,
@@ -586,20 +591,14 @@ def launch_arguments(
     # inner one with its head stride. Head-major: T is the inner count and every tensor's
     # token and head strides trade places (o, i: which of a tensor's first two strides
     # fills its first and its second field), so the same code walks the rows head by head.
-    # Rows with a prefix: token-major, the first P x H; head-major, those whose inner
-    # index (the token) is below P, a test only output-LSE instances make.
     if head_major:
-        if output_lse is None and P not in (None, 0, num_tokens):
-            raise ValueError("head-major rows without an output LSE need P in (None, 0, T)")
+        if not (P is None or P in (0, num_tokens)):
+            raise ValueError("head-major rows need a prefix on every token or on none")
         inner, (multiplier, shift) = num_tokens, token_divisor(num_tokens)
         o, i = 1, 0
-        rows_with_prefix = 0 if P == 0 else num_rows
-        inner_with_prefix = num_tokens if P is None else P
     else:
         inner, (multiplier, shift) = num_heads, head_divisor(num_heads)
         o, i = 0, 1
-        rows_with_prefix = num_rows if P is None else P * num_heads
-        inner_with_prefix = num_heads
     try:
         params = _PARAMS.pack(
             out_ptr,
@@ -627,7 +626,6 @@ def launch_arguments(
             output_lse.data_ptr() if output_lse is not None else 0,
             ol_st[o],
             ol_st[i],
-            inner_with_prefix,
         )
     except struct.error:  # a value past 32 bits: only a stride can be (rows are checked)
         named = {"output": output, "prefix_output": prefix_output, "prefix_lse": prefix_lse}

@@ -22,7 +22,7 @@ typedef long long i64;
 typedef unsigned long long u64;
 
 // Kernel parameters, passed by value as one struct. The layout is fixed (6 pointers,
-// 16 uint32, then the output LSE's pointer and 3 uint32 = 136 bytes) because the Python
+// 16 uint32, then the output LSE's pointer and 2 uint32 = 128 bytes) because the Python
 // launcher packs it byte by byte; keep it in sync with _PARAMS in
 // attnmerge/cuda/backend.py.
 //
@@ -35,7 +35,7 @@ typedef unsigned long long u64;
 // stream kernel's 88 bytes. So what every instance reads fits in the first 112 bytes:
 // sizes and strides are 32-bit (in elements; the launcher checks that they fit and
 // offsets are still computed in 64 bits), and the fields only output-LSE instances read
-// come last (bytes 112 to 131: one more line, which those instances read anyway).
+// come last.
 struct MergeParams {
   void* out;
   const void* prefix;
@@ -50,8 +50,7 @@ struct MergeParams {
   u32 num_heads;
   u32 head_size;
   // P x H: rows from here on (tokens t >= P) have no prefix. A row count, not P, so
-  // that the test needs no division (see merge_two_rows). Head-major: num_rows, and
-  // inner_with_prefix holds P.
+  // that the test needs no division (see merge_two_rows). Head-major: 0 or num_rows.
   u32 rows_with_prefix;
   // row / num_heads as a multiply and shift (see token_of)
   u32 heads_multiplier;
@@ -64,12 +63,8 @@ struct MergeParams {
   // read by instances that write the output LSE (WRITE_LSE) only
   float* out_lse;
   u32 out_lse_stride_h, out_lse_stride_t;
-  // Rows whose inner index is at or past this have no prefix: P where the rows are
-  // head-major (the inner index is then the token; only output-LSE calls take that
-  // order), else the inner count, which no inner index reaches (see has_prefix_at).
-  u32 inner_with_prefix;
 };
-static_assert(sizeof(MergeParams) == 136, "MergeParams layout is shared with the launcher");
+static_assert(sizeof(MergeParams) == 128, "MergeParams layout is shared with the launcher");
 
 // The element offset of (token t, head h) in a tensor with strides st, sh: 32-bit
 // operands, a 64-bit result (a product can pass 2^32).
@@ -92,13 +87,6 @@ __host__ __device__ __forceinline__ u32 token_of(u32 row, u32 multiplier, u32 sh
 #else
   return (u32)(((unsigned long long)(row << 1) * multiplier) >> 32) >> shift;
 #endif
-}
-
-// Whether a row (its inner index h) has a prefix. Only output-LSE instances can get
-// head-major rows, whose prefix rows are no row range, so only they test h as well.
-template <bool WRITE_LSE>
-__host__ __device__ __forceinline__ bool has_prefix_at(u32 row, u32 h, const MergeParams& p) {
-  return row < p.rows_with_prefix && (!WRITE_LSE || h < p.inner_with_prefix);
 }
 
 __host__ __device__ __forceinline__ u32 float_bits(float x) {
@@ -613,7 +601,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       const u32 t = token_of(r32, p.heads_multiplier, p.heads_shift), h = r32 - t * heads;
       const float inf = __int_as_float(0x7f800000);
       const float lp =
-          has_prefix_at<WRITE_LSE>(r32, h, p)
+          r32 < p.rows_with_prefix
               ? p.prefix_lse[offset_of(t, p.prefix_lse_stride_t, h, p.prefix_lse_stride_h)]
               : -inf;
       const float ls = p.suffix_lse[offset_of(t, p.suffix_lse_stride_t, h, p.suffix_lse_stride_h)];
@@ -643,8 +631,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   // order, so a thread past the test has its first row and columns, and the compiler
   // issues that row's loads unconditionally and early, not behind a branch on a
   // per-row predicate. With the prefix test on the row (rows_with_prefix, not t < P,
-  // which waits for the token; output-LSE instances test the inner index too, for
-  // head-major rows: has_prefix_at), this took bf16 -> FP8 on an H200 from 1.30 to 1.24 us at
+  // which waits for the token), this took bf16 -> FP8 on an H200 from 1.30 to 1.24 us at
   // 1 x 64, 1.31 to 1.25 at 1 x 128, 1.59 to 1.50 at 16 x 128 and 2.30 to 2.09 at
   // 64 x 128 (scripts/merge_cost.py, means of 6 rounds in one run).
   constexpr bool kEarlyExit = !kWarp && (!WRITE_LSE || TEAM <= kWarpSize);
@@ -665,7 +652,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     const u32 h = row_or_0 - t * heads;
     tok32[r] = t;
     head32[r] = h;
-    has_prefix[r] = has_prefix_at<WRITE_LSE>(row, h, p);
+    has_prefix[r] = row < p.rows_with_prefix;
     o_row[r] = offset_of(t, p.out_stride_t, h, p.out_stride_h);
     if (!kWarp) {
       const float inf = __int_as_float(0x7f800000);
