@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_timing
 
 SHAPES = [(1, 64), (1, 128), (16, 128), (64, 128), (64, 32)]
-_SYNC = "      __syncwarp(mask << (threadIdx.x % kWarpSize / TEAM * TEAM));\n"
-_STORE = "        if (row_ok[r]) store_words<1>(out_lse_at[r], {float_bits(out_lse[r])});\n"
+_SYNC = "    __syncwarp(mask << (threadIdx.x % kWarpSize / TEAM * TEAM));\n"
+_STORE = "      if (row_ok[r]) store_words<1>(at[r], {float_bits(lse[r])});\n"
 _LOG = "  return __fadd_rn(w.max, base_2 ? log2f(w.total) : logf(w.total));"
-_FIRST_LANE = "    if (lane == 0) {\n"
+_FIRST_LANE = "  if (lane == 0) {\n"
 
 
 def _replace(text: str, old: str, new: str) -> str:
@@ -65,7 +65,7 @@ def variants(source: str) -> dict[str, str]:
         "no_store": _replace(source, _STORE, ""),
         "no_log": _replace(source, _LOG, "  return __fadd_rn(w.max, w.total);"),
         "no_sync_store": _replace(no_sync, _STORE, ""),
-        "all_lanes_store": _replace(no_sync, _FIRST_LANE, "    {\n"),
+        "all_lanes_store": _replace(no_sync, _FIRST_LANE, "  {\n"),
     }
 
 

@@ -245,6 +245,33 @@ def test_aliasing(emulated, alias):
 
 
 @pytest.mark.parametrize(
+    ("dtype", "out_dtype", "D", "vec"),
+    [
+        (torch.bfloat16, FP8, 128, 16),  # teams of 8 lanes: a warp barrier
+        (torch.float32, torch.bfloat16, 64, 8),
+        (torch.float32, FP8, 576, 8),  # 72 chunks: a team of 128, the block barrier
+    ],
+)
+@pytest.mark.parametrize("alias", [None, "lse_prefix", "lse_suffix"])
+@pytest.mark.parametrize("small_grid_chunks", [True, False])
+def test_output_lse_before_or_after_the_combine(
+    emulated, monkeypatch, dtype, out_dtype, D, vec, alias, small_grid_chunks
+):
+    """Output-LSE instances with 32-byte chunks store the output LSE before the combine,
+    the others after it (kLseFirst in the kernel): both orders give the reference's
+    result, in place too. Without the small-grid tiers these grids take 32-byte chunks."""
+    if not small_grid_chunks:
+        monkeypatch.setattr(cuda_backend, "SMALL_GRID_CHUNKS", {})
+    scale = 0.05 if out_dtype == FP8 else None
+    case = make_case(
+        9, 3, D, dtype=dtype, out_dtype=out_dtype, scale=scale, lse_pattern="mixed", P=7,
+        alias=alias,
+    )  # fmt: skip
+    _check(case)
+    assert (emulated[-1][3] == vec) != small_grid_chunks
+
+
+@pytest.mark.parametrize(
     ("P", "out_lse_layout", "alias", "head_major"),
     [
         (None, "ht", None, True),

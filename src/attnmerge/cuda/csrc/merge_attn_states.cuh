@@ -530,6 +530,32 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp, b
   store_row<O, VEC>(out, offset, acc, inv_scale);
 }
 
+// A team's output LSEs, which may be the very input LSEs (in place): the team's first
+// thread writes its rows' after a barrier that follows every read of the team's input
+// LSEs. Only a row's own team reads them: teams within one warp need a warp barrier, not
+// the block's (over the block's threads only, where a block is less than a warp).
+template <int VEC, int TEAM, int ROWS>
+__device__ __forceinline__ void store_output_lses(const MergeParams& p, int lane,
+                                                  const bool (&row_ok)[ROWS],
+                                                  float* const (&at)[ROWS],
+                                                  const float (&lse)[ROWS]) {
+  if (TEAM <= kWarpSize) {
+    // the team's lanes with columns in the head; the others have left (kEarlyExit)
+    const i64 chunks = ((i64)p.head_size + VEC - 1) / VEC;
+    const int lanes = chunks < TEAM ? (int)chunks : TEAM;
+    const u32 mask = lanes >= kWarpSize ? ~0u : (1u << lanes) - 1u;
+    __syncwarp(mask << (threadIdx.x % kWarpSize / TEAM * TEAM));
+  } else {
+    __syncthreads();
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (row_ok[r]) store_words<1>(at[r], {float_bits(lse[r])});
+    }
+  }
+}
+
 // A block's THREADS data threads form THREADS / TEAM teams; a team of TEAM threads owns
 // ROWS rows and walks them in chunks of VEC elements. The rows of a block are
 // consecutive and interleaved over teams (row r of team k is block row r * teams + k),
@@ -557,7 +583,8 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float wp, b
 // WEIGHTS == kWeightPerThread: no weight warp; every thread loads its rows' LSEs with
 // their data and computes the weights itself. A row's output LSE is written by its
 // team's first thread after a barrier (the warp's, or the block's for teams wider than
-// a warp) that follows every read of the team's input LSEs.
+// a warp) that follows every read of the team's input LSEs (store_output_lses), before
+// the combine or after it (kLseFirst in merge_two_rows).
 // The 140 us above predate holding loaded chunks as 32-bit words (see Chunk), when a
 // thread's loads went out one after another. Since then, with 32-byte chunks and one
 // row per team, this mode is the fastest on an H200: bf16 4096x128 in 78.8 us, the
@@ -677,6 +704,28 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   float out_lse[ROWS];       // and each row's output LSE, with where it goes
   float* out_lse_at[ROWS];
   if (kWarp) __syncthreads();
+  // When: output-LSE instances with 32-byte chunks, which the launcher gives grids past
+  // the small-grid tiers (chunk_bytes_for), weigh every row and store the output LSEs
+  // before the combine, while the rows are still on their way; the others after it. On
+  // an H200 (-> FP8, D = 128, scripts/lse_cost.py, one run, bit-identical outputs) the
+  // LSE first took bf16 64 x 128 from 2.34 to 2.22 us, 256 x 64 from 3.00 to 2.84, fp32
+  // 64 x 64 from 2.15 to 2.05 and 256 x 64 from 3.76 to 3.56 (32-byte chunks), but
+  // bf16 1 x 4 from 1.31 to 1.35 and fp32 16 x 16 from 1.36 to 1.40 (16-byte chunks).
+  constexpr int kWidestBytes = sizeof(typename P::storage) > sizeof(typename S::storage)
+                                   ? sizeof(typename P::storage)
+                                   : sizeof(typename S::storage);
+  constexpr bool kLseFirst = !kWarp && WRITE_LSE && VEC * kWidestBytes >= 32;
+  if (kLseFirst) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (!row_ok[r] || col0 >= p.head_size) continue;
+      weights[r] = row_weights(lp[r], ls[r], base_2);
+      out_lse[r] = row_lse(weights[r], base_2);
+      out_lse_at[r] =
+          p.out_lse + offset_of(tok32[r], p.out_lse_stride_t, head32[r], p.out_lse_stride_h);
+    }
+    store_output_lses<VEC, TEAM, ROWS>(p, lane, row_ok, out_lse_at, out_lse);
+  }
 
   // Combine and store; head sizes over TEAM * VEC take further chunks.
 #pragma unroll
@@ -690,12 +739,12 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       keep_p = wp != 0.0f;
       keep_s = ws != 0.0f;
     } else {
-      weights[r] = row_weights(lp[r], ls[r], base_2);
+      if (!kLseFirst) weights[r] = row_weights(lp[r], ls[r], base_2);
       wp = weights[r].prefix;  // lane 0 (col0 = 0) always gets here for a valid row
       ws = weights[r].suffix;
       keep_p = weights[r].keep_prefix;
       keep_s = weights[r].keep_suffix;
-      if (WRITE_LSE) {
+      if (WRITE_LSE && !kLseFirst) {
         // The logarithm and the address now, while the rows are still on their way: left
         // to itself, the compiler computed both after the team barrier, in the one lane
         // that stores them, so that the LSE store waited for the logarithm's ~25
@@ -720,27 +769,8 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
                                   inv_scale);
     }
   }
-
-  if (!kWarp && WRITE_LSE) {
-    // The team's first thread writes its rows' output LSEs, which may be the very input
-    // LSEs (in place), so it waits until the team has read them. Only a row's own team
-    // reads them: teams within one warp need a warp barrier, not the block's (over the
-    // block's threads only, where a block is less than a warp).
-    if (TEAM <= kWarpSize) {
-      // the team's lanes with columns in the head; the others have left (kEarlyExit)
-      const i64 chunks = ((i64)p.head_size + VEC - 1) / VEC;
-      const int lanes = chunks < TEAM ? (int)chunks : TEAM;
-      const u32 mask = lanes >= kWarpSize ? ~0u : (1u << lanes) - 1u;
-      __syncwarp(mask << (threadIdx.x % kWarpSize / TEAM * TEAM));
-    } else {
-      __syncthreads();
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        if (row_ok[r]) store_words<1>(out_lse_at[r], {float_bits(out_lse[r])});
-      }
-    }
+  if (!kWarp && WRITE_LSE && !kLseFirst) {
+    store_output_lses<VEC, TEAM, ROWS>(p, lane, row_ok, out_lse_at, out_lse);
   }
 }
 
