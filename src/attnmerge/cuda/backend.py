@@ -494,11 +494,10 @@ def head_major_rows(
     and 4096 x 128 from 139.35 to 143.84 (at some large shapes this measurement varies by
     up to 6% between two launches of the same kernel; docs/performance.md). Without the
     output LSE the order made no difference at small shapes (within 0.02 us). So: with
-    an output LSE stored
-    contiguously along tokens, more than one token and head, partials of at most
-    HEAD_MAJOR_MAX_PARTIAL_BYTES each, and a prefix either on every token or on none
-    (the kernel tests the prefix on the row index, and P x H rows are a row range only
-    in token-major order).
+    an output LSE stored contiguously along tokens, more than one token and head,
+    partials of at most HEAD_MAJOR_MAX_PARTIAL_BYTES each, and a prefix either on every
+    token or on none (the kernel tests the prefix on the row index, and P x H rows are a
+    row range only in token-major order).
     """
     with_prefix = prefill_tokens_with_context
     return (

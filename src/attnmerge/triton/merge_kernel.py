@@ -370,12 +370,10 @@ def merge_two_states(
         fp8,
         head_major,
     )
-    if head_major:
-        grid = (triton.cdiv(num_tokens, rows_per_program), num_heads, 1)
-        args = (*pointers, num_tokens, tokens_with_prefix, *strides)
-    else:
-        grid = (triton.cdiv(num_rows, rows_per_program), 1, 1)
-        args = (*pointers, num_rows, tokens_with_prefix, *strides)
+    # Head-major programs: the kernel's num_rows holds the token count.
+    count = num_tokens if head_major else num_rows
+    grid = (triton.cdiv(count, rows_per_program), num_heads if head_major else 1, 1)
+    args = (*pointers, count, tokens_with_prefix, *strides)
     device = output.device
     if device.type != "cuda" or _INTERPRETING:  # no compiled kernels to cache
         _merge_two_kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)

@@ -654,10 +654,9 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   // no block barrier follows: weights per thread, and no output LSE or one written after
   // a barrier of the row's team within one warp, over the team's lanes that have
   // columns (a whole team leaves when its first row does not exist, so every lane of that
-  // barrier's mask reaches it). Its rows come in increasing
-  // order, so a thread past the test has its first row and columns, and the compiler
-  // issues that row's loads unconditionally and early, not behind a branch on a
-  // per-row predicate. With the prefix test on the row (rows_with_prefix, not t < P,
+  // barrier's mask reaches it). Its rows come in increasing order, so a thread past the
+  // test has its first row and columns, and the compiler issues that row's loads
+  // unconditionally and early, not behind a branch on a per-row predicate. With the prefix test on the row (rows_with_prefix, not t < P,
   // which waits for the token), this took bf16 -> FP8 on an H200 from 1.30 to 1.24 us at
   // 1 x 64, 1.31 to 1.25 at 1 x 128, 1.59 to 1.50 at 16 x 128 and 2.30 to 2.09 at
   // 64 x 128 (scripts/merge_cost.py, means of 6 rounds in one run).
@@ -704,9 +703,11 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   float out_lse[ROWS];       // and each row's output LSE, with where it goes
   float* out_lse_at[ROWS];
   if (kWarp) __syncthreads();
-  // When: output-LSE instances with 32-byte chunks, which the launcher gives grids past
-  // the small-grid tiers (chunk_bytes_for), weigh every row and store the output LSEs
-  // before the combine, while the rows are still on their way; the others after it. On
+  // Output-LSE instances with 32-byte chunks, which the launcher gives grids past the
+  // small-grid tiers (chunk_bytes_for), weigh every row and store the output LSEs before
+  // the combine, while the rows are still on their way; the others store them after it
+  // (their weights and LSEs are computed in the combine loop: written out there again,
+  // not shared, so that the sm_90a code of those instances stays what was measured). On
   // an H200 (-> FP8, D = 128, scripts/lse_cost.py, one run, bit-identical outputs) the
   // LSE first took bf16 64 x 128 from 2.34 to 2.22 us, 256 x 64 from 3.00 to 2.84, fp32
   // 64 x 64 from 2.15 to 2.05 and 256 x 64 from 3.76 to 3.56 (32-byte chunks), but
