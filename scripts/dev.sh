@@ -21,6 +21,8 @@ case "$job" in
   test) exec "$py" -m pytest -n auto -q "$@" ;;
   demo) exec "$py" -m attnmerge demo "$@" ;;
   build) exec "$py" -m attnmerge build "$@" ;;
-  lint) "$venv/bin/ruff" check src tests scripts && exec "$venv/bin/ruff" format --check src tests scripts ;;
+  lint)
+    "$venv/bin/ruff" check src tests scripts benchmarks
+    exec "$venv/bin/ruff" format --check src tests scripts benchmarks ;;
   *) echo "usage: $0 {test|demo|lint|build} [args]" >&2; exit 2 ;;
 esac

@@ -14,40 +14,29 @@
 #   fuzz-triton  the fuzz of the triton backend only
 #   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
 #   demo         attnmerge demo
-#   bench        attnmerge bench over vLLM's grid (cuda, triton, unfused, stream, stream-cuda,
-#                read, vLLM's own kernels where `vllm` imports), CSV and PNG
-#   bench-lse    the same grid in bf16 and fp32 with the output LSE written (cuda, triton,
+#   bench        the benchmark grid (benchmarks/grid.py) over vLLM's grid: cuda, triton,
+#                unfused, the stream, stream-cuda and read yardsticks, vLLM's own kernels
+#                where `vllm` imports; CSV and PNG
+#   bench-lse    attnmerge bench in bf16 and fp32 with the output LSE written (cuda, triton,
 #                vLLM's CUDA kernel where it imports), CSV
-#   bench-nofp8  bf16 and fp32 into their own dtype, T in 1..4096 x H in 128/32/8 (cuda and
-#                its 16-byte chunks, triton, stream-cuda, vLLM's CUDA kernel), CSV
-#   profile      Nsight Compute on the CUDA and Triton kernels and the CUDA tuning variants
-#                (scripts/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
-#   launch-floor host time of one kernel launch from C, no Python (scripts/launch_floor.cu),
-#                and the eager host overhead of each layer of an attnmerge call
-#   variants     attnmerge bench of the kernel variants (cuda: rows per team 1/2/4, 8-, 16-
-#                and 32-byte chunks, weights per thread or a weight warp; triton: its tile
-#                rule and 4 or 8 rows per program)
-#   weight-math  what the CUDA kernel's weight math costs (scripts/weight_math_cost.py:
-#                kernel variants with IEEE or approximate division, or no weights; with
-#                WEIGHT_MATH_COMPARE="FILE ..." also those kernel sources, e.g. the previous one)
-#   merge-cost   what separates the CUDA merge from the CUDA stream yardstick at small
-#                shapes (scripts/merge_cost.py: kernel variants that each remove one part)
-#   lse-cost     what writing the output LSE costs the CUDA merge at small shapes
-#                (scripts/lse_cost.py: output-LSE kernel variants that each remove one part)
-#   row-order    what the CUDA merge's head-major row order (output LSE stored [H, T]) does
-#                against token-major rows, over vLLM's grid (scripts/row_order_cost.py)
-#   param-block  what kernel parameters in further constant-cache lines cost a launch
-#                (scripts/param_block_cost.py: the stream kernel with padded parameters)
-#   small-variants  the variants that matter below ~32768 rows (cuda: 8/16/32-byte chunks x
-#                8/16/32/64/128 data threads per block; triton: 1/2/4/8/16 rows per
-#                program), with stream and vLLM's kernels where `vllm` imports
+#   bench-nofp8  bf16 and fp32 into their own dtype, T in 1..4096 x H in 128/32/8 (cuda,
+#                triton, stream-cuda, vLLM's CUDA kernel), CSV
+#   profile      Nsight Compute on the CUDA and Triton kernels and vLLM's
+#                (benchmarks/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
+#   launch-floor host time of one kernel launch from C, no Python (benchmarks/launch_floor.cu),
+#                and the host time per eager call of each backend (attnmerge bench --eager)
+#   compare-outputs  every output bit against a base revision ($BASE_REV, default c9a2f13) on
+#                the fixed corpus of benchmarks/compare (torch, triton, cuda; $COMPARE_CASES)
+#   compare-speed    device time per shape of vLLM's grid against $BASE_REV (cuda, triton),
+#                FP8 out; compare-speed-lse the same with the output LSE
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
 # call of the device tool runs at most 10 minutes: on an H100/H200 "tests" takes ~4,
 # the other steps one or two.
 set -u
 OUT=${OUT:-./gpu_logs}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# src for attnmerge, the root for `python3 -m benchmarks.*`
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export ATTNMERGE_FUZZ_EXAMPLES=${ATTNMERGE_FUZZ_EXAMPLES:-200}
 export ATTNMERGE_CACHE_DIR=${ATTNMERGE_CACHE_DIR:-/tmp/attnmerge-cache}
 # each fuzz shard records its passed cases here (counted even if a time limit hits); kept
@@ -92,10 +81,8 @@ echo "vllm providers: ${VLLM:-none}" >>"$OUT/env.txt"
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    bench-lse | bench-nofp8) ;;
-    variants | small-variants | weight-math | merge-cost | lse-cost | row-order | param-block) ;;
-    profile) ;;
-    launch-floor) ;;
+    bench-lse | bench-nofp8 | profile | launch-floor) ;;
+    compare-outputs | compare-speed | compare-speed-lse) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -123,45 +110,34 @@ for arg in "$@"; do
       done ;;
     demo) step demo "$limit" demo.log python3 -m attnmerge demo ;;
     bench)
-      step bench "$limit" bench.log python3 -m attnmerge bench --rep-ms 25 --host-overhead \
+      step bench "$limit" bench.log python3 -m benchmarks.grid --rep-ms 25 \
         --providers "cuda,triton,unfused,stream,stream-cuda,read$VLLM" \
-        --no-progress --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
+        --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
     bench-lse)
       step bench-lse "$limit" bench_lse.log python3 -m attnmerge bench --rep-ms 25 \
         --dtypes bf16,fp32 --output-lse on --providers "cuda,triton${VLLM:+,vllm}" \
-        --no-progress --csv "$OUT/bench-lse.csv" ;;
+        --csv "$OUT/bench-lse.csv" ;;
     bench-nofp8)
-      step bench-nofp8 "$limit" bench_nofp8.log python3 -m attnmerge bench --rep-ms 25 \
+      step bench-nofp8 "$limit" bench_nofp8.log python3 -m benchmarks.grid --rep-ms 25 \
         --fp8 off --dtypes bf16,fp32 --tokens 1,64,256,1024,4096 --heads 128,32,8 \
-        --providers "cuda,triton,stream-cuda${VLLM:+,vllm}" --cuda-chunk-bytes 16 \
-        --no-progress --csv "$OUT/bench-nofp8.csv" ;;
-    weight-math)
-      step weight-math "$limit" weight_math.log python3 scripts/weight_math_cost.py \
-        ${WEIGHT_MATH_COMPARE:+--compare $WEIGHT_MATH_COMPARE} ;;
-    merge-cost) step merge-cost "$limit" merge_cost.log python3 scripts/merge_cost.py ;;
-    lse-cost) step lse-cost "$limit" lse_cost.log python3 scripts/lse_cost.py ;;
-    row-order) step row-order "$limit" row_order.log python3 scripts/row_order_cost.py ;;
-    param-block)
-      step param-block "$limit" param_block.log python3 scripts/param_block_cost.py ;;
-    small-variants)
-      step small-variants "$limit" small_variants.log python3 -m attnmerge bench \
-        --shapes 1x128,1x32,1x8,16x128,16x32,64x128,64x32,256x128,256x32,1024x32,4096x8 \
-        --dtypes bf16,fp32 --providers "cuda,triton,stream$VLLM" --block-rows 1,2,4,8 \
-        --cuda-chunk-bytes 8,16 --cuda-block-threads 8,16,32,64 --rep-ms 10 --no-progress \
-        --csv "$OUT/small_variants.csv" ;;
+        --providers "cuda,triton,stream-cuda${VLLM:+,vllm}" --csv "$OUT/bench-nofp8.csv" ;;
     profile)
       step profile "$limit" profile.log ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section WarpStateStats python3 scripts/profile_cases.py ;;
+        --section WarpStateStats python3 -m benchmarks.profile_cases ;;
     launch-floor)
       step launch-floor "$limit" launch_floor.log bash -c 'nvcc -O2 -o /tmp/launch_floor \
-        scripts/launch_floor.cu && /tmp/launch_floor && python3 -m attnmerge bench \
-        --shapes 1x8 --dtypes bf16 --providers cuda,triton --host-overhead --no-progress' ;;
-    variants)  # bf16 and fp32 (fp16 times like bf16): ~1500 cases, about 3 minutes
-      step variants "$limit" variants.log python3 -m attnmerge bench --providers triton \
-        --block-rows 4,8 --dtypes bf16,fp32 --cuda-rows 1,2,4 --cuda-chunk-bytes 8,16 \
-        --cuda-weight-warp \
-        --rep-ms 25 --host-overhead --no-progress --csv "$OUT/variants.csv" ;;
+        benchmarks/launch_floor.cu && /tmp/launch_floor && python3 -m attnmerge bench --eager' ;;
+    compare-outputs)
+      step compare-outputs "$limit" compare_outputs.log python3 benchmarks/compare/compare_outputs.py \
+        --base-rev "${BASE_REV:-c9a2f13}" --cases "${COMPARE_CASES:-2000}" ;;
+    compare-speed)
+      step compare-speed "$limit" compare_speed.log python3 benchmarks/compare/compare_speed.py \
+        --base-rev "${BASE_REV:-c9a2f13}" --csv "$OUT/compare_speed.csv" ;;
+    compare-speed-lse)
+      step compare-speed-lse "$limit" compare_speed_lse.log \
+        python3 benchmarks/compare/compare_speed.py --base-rev "${BASE_REV:-c9a2f13}" \
+        --output-lse --csv "$OUT/compare_speed_lse.csv" ;;
   esac
 done
 
@@ -186,16 +162,14 @@ for tool in memcheck racecheck initcheck; do
   [ -f "$OUT/sanitize_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|MISMATCH|all ok" "$OUT/sanitize_$tool.log" | tail -n 2
 done
 [ -f "$OUT/demo.log" ] && tail -n 12 "$OUT/demo.log"
-[ -f "$OUT/weight_math.log" ] && cat "$OUT/weight_math.log"
-[ -f "$OUT/merge_cost.log" ] && cat "$OUT/merge_cost.log"
-[ -f "$OUT/param_block.log" ] && cat "$OUT/param_block.log"
+for log in compare_outputs.log compare_speed.log compare_speed_lse.log; do
+  [ -f "$OUT/$log" ] && echo "--- $log" && tail -n 8 "$OUT/$log"
+done
 [ -f "$OUT/launch_floor.log" ] && grep -E "^launch floor" "$OUT/launch_floor.log"
 # the performance targets, from a whole-grid bench with vLLM's kernels
 for csv in bench.csv bench-lse.csv bench-nofp8.csv; do
-  [ -f "$OUT/$csv" ] && [ -n "$VLLM" ] && python3 scripts/targets.py "$OUT/$csv"
+  [ -f "$OUT/$csv" ] && [ -n "$VLLM" ] && python3 -m benchmarks.targets "$OUT/$csv"
 done
-for log in bench.log variants.log small_variants.log launch_floor.log; do
-  [ -f "$OUT/$log" ] && sed -n '/^host overhead/,$p' "$OUT/$log"
-done
+[ -f "$OUT/launch_floor.log" ] && sed -n '/^host time per eager call/,$p' "$OUT/launch_floor.log"
 [ -f "$OUT/profile.log" ] && grep -E "^profiled:|merge_two|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread" "$OUT/profile.log" | head -80
 printf '%s\n' "${summary[@]}"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attnmerge
-from attnmerge import cli, dispatch
+from attnmerge import api, cli, demo, dispatch
 
 SMALL = ["--requests", "2", "--query-tokens", "4", "--prefix-len", "64", "--heads", "4"]
 
@@ -31,7 +31,7 @@ def _table_rows(out: str) -> dict[tuple[str, str], str]:
     rows = {}
     for line in out.splitlines():
         fields = re.split(r"\s{2,}", line.strip())  # columns are 2+ spaces apart
-        if len(fields) >= 7 and fields[0] in dispatch.AUTO_ORDER:
+        if len(fields) >= 7 and fields[0] in demo.BACKENDS:
             rows[fields[0], fields[1]] = fields[-1]
     return rows
 
@@ -96,7 +96,7 @@ def test_demo(dtype: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "result: ok" in out
     rows = _table_rows(out)
     # Each backend either ran into both outputs and passed, or says why it did not run.
-    for name in dispatch.AUTO_ORDER:
+    for name in demo.BACKENDS:
         if f"  {name}: not run: " not in out:
             assert rows[name, dtype] == "ok"
             assert rows[name, "fp8_e4m3"] == "ok"
@@ -111,9 +111,9 @@ def _ignore_prefill_tokens(args: tuple, kwargs: dict) -> None:
 def _corrupting(
     before: Callable[[tuple, dict], None] | None, after: Callable[[tuple], None] | None
 ) -> Callable[..., None]:
-    """``attnmerge.merge_attn_states`` with ``before`` applied to its arguments and
-    ``after`` to its results (``args[0]`` output, ``args[5]`` output_lse)."""
-    real = attnmerge.merge_attn_states
+    """``merge_attn_states`` with ``before`` applied to its arguments and ``after`` to its
+    results (``args[0]`` output, ``args[5]`` output_lse)."""
+    real = api.merge_attn_states
 
     def merge_attn_states(*args, **kwargs) -> None:
         if before is not None:
@@ -153,7 +153,7 @@ def test_demo_catches_corruption(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(attnmerge, "merge_attn_states", _corrupting(before, after))
+    monkeypatch.setattr(api, "merge_attn_states", _corrupting(before, after))
     code, out = _run(["demo", *SMALL], capsys)
     assert code == 1
     assert "result: FAIL" in out
@@ -161,3 +161,25 @@ def test_demo_catches_corruption(
     assert rows
     for check in rows.values():
         assert check.startswith("FAIL:") and expect in check, out
+
+
+def test_cascade_batch() -> None:
+    """The answer is float64 attention over all keys; prefix rows past P are NaN garbage."""
+    batch = demo.make_cascade_batch(
+        requests=3,
+        query_tokens=2,
+        prefix_len=16,
+        heads=2,
+        head_size=8,
+        dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+    )
+    assert batch.tokens_with_prefix == 4 and len(batch.suffix_lens) == 3
+    assert batch.reference.dtype == batch.reference_lse.dtype == torch.float64
+    assert batch.prefix_output.dtype == batch.suffix_output.dtype == torch.bfloat16
+    assert batch.prefix_output[4:].isnan().all() and batch.prefix_lse[:, 4:].isnan().all()
+    assert not batch.prefix_output[:4].isnan().any()
+    # The last request has no prefix: its answer is its suffix attention alone.
+    torch.testing.assert_close(batch.suffix_lse[:, 4:].double(), batch.reference_lse[:, 4:])
+    bounds = demo.error_bounds(torch.bfloat16, torch.float8_e4m3fn, amax=2.0)
+    assert bounds.rel > bounds.max_abs / 2 > 2**-4  # FP8's unit roundoff dominates

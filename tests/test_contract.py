@@ -1,4 +1,8 @@
-"""One named test per item of DESIGN.md's semantics contract, plus the layout rules.
+"""The semantics contract of docs/contract.md: named tests per item, and the layout rules.
+
+Each test's docstring names the items it checks ("docs/contract.md C<n>"). The digits in
+the test names (test_contract_1 to test_contract_8) are an older numbering of the same
+rules, not the C numbers.
 
 Where the contract promises an exact result (empty rows, zero weights, rows past P,
 aliasing, FP8 bits) the tests compare bit for bit; elsewhere they use the shared
@@ -48,11 +52,13 @@ def _scale_for(dtype):
 
 
 # ---------------------------------------------------------------------------
-# 1. +inf LSE is "empty".
+# +inf LSE is "empty" (docs/contract.md C4).
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=dtype_name)
 def test_contract_1_pos_inf_lse_is_empty(backend_device, out_dtype):
+    """docs/contract.md C4: +inf reads as -inf, bit for bit; and C6: a row whose only
+    non-empty partial is one side is that side's row and LSE, bit for bit."""
     backend, device = backend_device
     T, H, D = 6, 2, 16
     # columns: prefix empty (+inf) / suffix empty (+inf) / both / mixed +inf and -inf
@@ -92,12 +98,14 @@ def test_contract_1_pos_inf_lse_is_empty(backend_device, out_dtype):
 
 
 # ---------------------------------------------------------------------------
-# 2. All partials empty: exactly 0, LSE -inf, no NaN.
+# All partials empty: exactly 0, LSE -inf, no NaN (docs/contract.md C5).
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("base", ["e", 2])
 def test_contract_2_all_empty_row_is_zero(backend_device, out_dtype, base):
+    """docs/contract.md C5: all-empty rows are exactly 0 with LSE -inf, whatever the rows
+    hold; in both bases (C3) and every output dtype."""
     backend, device = backend_device
     T, H, D = 4, 3, 24
     combos = [(-INF, -INF), (INF, INF), (INF, -INF), (-INF, INF)]
@@ -125,6 +133,7 @@ def test_contract_2_all_empty_row_is_zero(backend_device, out_dtype, base):
 
 
 def test_contract_2_empty_rows_among_others(backend_device):
+    """docs/contract.md C5: empty rows next to ordinary rows."""
     # Empty rows next to ordinary rows in the same program.
     backend, device = backend_device
     case = make_case(
@@ -139,7 +148,7 @@ def test_contract_2_empty_rows_among_others(backend_device):
 
 
 # ---------------------------------------------------------------------------
-# 3. A zero-weight partial contributes exactly 0, whatever its row holds.
+# A zero-weight partial contributes exactly 0, whatever its row holds (docs/contract.md C6).
 
 
 @pytest.mark.parametrize("gap", [INF, 1e4, 1e30], ids=["empty", "gap1e4", "gap1e30"])
@@ -148,6 +157,9 @@ def test_contract_2_empty_rows_among_others(backend_device):
 def test_contract_3_zero_weight_partial_contributes_exactly_zero(
     backend_device, gap, out_dtype, base
 ):
+    """docs/contract.md C6: a zero-weight partial (empty, or an exp that underflows to 0)
+    contributes exactly 0 despite NaN/inf in its row; in both bases (C3), also into FP8
+    (C9)."""
     backend, device = backend_device
     T, H, D = 4, 2, 24
     hi = torch.tensor([[0.7, -3.0, 5.0, 1e3], [-1e3, 2.0, 0.0, 40.0]])
@@ -181,11 +193,13 @@ def test_contract_3_zero_weight_partial_contributes_exactly_zero(
 
 
 # ---------------------------------------------------------------------------
-# 4. NaN stays visible.
+# NaN stays visible (docs/contract.md C7).
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=dtype_name)
 def test_contract_4_nan_lse_propagates(backend_device, out_dtype):
+    """docs/contract.md C7: a NaN LSE against a finite LSE, -inf, +inf, 1e30 or NaN gives
+    a NaN row (the FP8 NaN code, C9) and a NaN output LSE."""
     backend, device = backend_device
     T, H, D = 5, 1, 16
     # a NaN LSE against: a finite LSE, -inf, +inf, 1e30, another NaN
@@ -212,6 +226,8 @@ def test_contract_4_nan_lse_propagates(backend_device, out_dtype):
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=dtype_name)
 def test_contract_4_nan_in_weighted_row_propagates(backend_device, out_dtype):
+    """docs/contract.md C7: exactly the NaN elements of rows with non-zero weight are NaN;
+    the output LSE is not."""
     backend, device = backend_device
     T, H, D = 3, 2, 16
     p = _lse([[0.0, 0.0, 5.0], [1.0, -INF, 80.0]])
@@ -246,6 +262,8 @@ def test_contract_4_nan_in_weighted_row_propagates(backend_device, out_dtype):
 
 @pytest.mark.parametrize(("base", "gap"), [("e", 95.0), ("e", 100.0), (2, 130.0), (2, 140.0)])
 def test_contract_4_nan_in_row_with_subnormal_weight(backend_device, base, gap):
+    """docs/contract.md C3 and C6: a subnormal weight is not zero, so the NaN and inf of its
+    row show (C7), in both bases."""
     # exp(-gap) is subnormal in fp32 but not zero: that partial's weight is non-zero, so a
     # NaN (or inf) in its row must show, exactly as in the reference. (A kernel whose exp
     # flushes subnormal results to zero would silently drop them.)
@@ -279,11 +297,13 @@ def test_contract_4_nan_in_row_with_subnormal_weight(backend_device, base, gap):
 
 
 # ---------------------------------------------------------------------------
-# 5. LSE base 2.
+# LSE base 2 (docs/contract.md C3).
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, FP8], ids=dtype_name)
 def test_contract_5_base_2_equals_base_e_rescaled(backend_device, out_dtype):
+    """docs/contract.md C3: a base-2 call is the base-e merge of the rescaled LSEs (up to the
+    rounding of the rescaling), with its output LSE in base 2."""
     backend, device = backend_device
     T, H, D = T_MANY, 3, 32
     log2e = 1 / math.log(2.0)
@@ -337,6 +357,7 @@ def test_contract_5_base_2_equals_base_e_rescaled(backend_device, out_dtype):
 
 
 def test_contract_5_base_2_weights(backend_device):
+    """docs/contract.md C1 and C3: the weights and LSE of one row in base 2 and in base e."""
     # LSEs 1 and 0: base 2 weights are 2/3 and 1/3 and the LSE is log2(3); base e
     # would give e/(1+e) and 1/(1+e).
     backend, device = backend_device
@@ -365,7 +386,7 @@ def test_contract_5_base_2_weights(backend_device):
 
 
 # ---------------------------------------------------------------------------
-# 6. FP8 static output.
+# FP8 static output (docs/contract.md C9).
 
 
 def _fp8_spec(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -385,6 +406,8 @@ def _assert_fp8_equal(actual: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
 def test_contract_6_fp8_saturates_and_keeps_nan(backend_device, dtype):
+    """docs/contract.md C9: FP8 stores saturate to +-448 (inf included), keep NaN, and
+    round tiny values to +-0."""
     backend, device = backend_device
     T, H, D = 3, 2, 16
     sv = torch.randn(T, H, D)
@@ -431,6 +454,8 @@ def _reciprocal_sensitive_values(scale: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("scale", [0.37, 3.3, 1e-3])
 def test_contract_6_fp8_bit_exact_reciprocal_then_multiply(backend_device, scale):
+    """docs/contract.md C9: reciprocal in fp32, then multiply, bit for bit, on values where
+    a division by the scale would round differently."""
     backend, device = backend_device
     sensitive = _reciprocal_sensitive_values(scale)
     assert sensitive.numel() > 0
@@ -471,6 +496,8 @@ def test_contract_6_fp8_bit_exact_reciprocal_then_multiply(backend_device, scale
 
 @pytest.mark.parametrize("scale", [1e-3, 0.05, 10.0])
 def test_contract_6_fp8_merged_matches_formula(backend_device, scale):
+    """docs/contract.md C9 and C23: real merges into FP8 with scales from 1e-3 to 10, within
+    the tolerance table."""
     # A real two-way merge: the codes equal the formula applied to the reference's fp32
     # output, up to the shared tolerance (the fp32 output itself may differ by an ulp).
     backend, device = backend_device
@@ -489,12 +516,14 @@ def test_contract_6_fp8_merged_matches_formula(backend_device, scale):
 
 
 # ---------------------------------------------------------------------------
-# 7. prefill_tokens_with_context.
+# prefill_tokens_with_context (docs/contract.md C8).
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, FP8], ids=dtype_name)
 @pytest.mark.parametrize("P", ["zero", "mid", "all"])
 def test_contract_7_tokens_past_P_take_the_suffix(backend_device, out_dtype, P):
+    """docs/contract.md C8: rows past P are the suffix row and LSE, bit for bit, and the
+    prefix rows and LSEs there (NaN/inf) are not read."""
     backend, device = backend_device
     T, H, D = T_MANY, 3, 40
     P = {"zero": 0, "mid": T // 2, "all": T}[P]
@@ -521,6 +550,7 @@ def test_contract_7_tokens_past_P_take_the_suffix(backend_device, out_dtype, P):
 
 
 def test_contract_7_P_equal_T_is_no_P(backend_device):
+    """docs/contract.md C8: P = T gives the bits of P = None."""
     backend, device = backend_device
     T = 9
     a = make_case(T, 2, 16, device=device, lse_pattern="mixed", P=T, seed=12)
@@ -532,6 +562,7 @@ def test_contract_7_P_equal_T_is_no_P(backend_device):
 
 
 def test_contract_7_empty_suffix_past_P(backend_device):
+    """docs/contract.md C8 and C5: past P an empty suffix (-inf or +inf) leaves nothing."""
     # Past P with an empty suffix nothing is left: the row is 0 and the LSE -inf.
     backend, device = backend_device
     T, H, D = 4, 1, 8
@@ -551,12 +582,14 @@ def test_contract_7_empty_suffix_past_P(backend_device):
 
 
 # ---------------------------------------------------------------------------
-# 8. Aliasing.
+# Aliasing (docs/contract.md C16).
 
 
 @pytest.mark.parametrize("alias", ["prefix", "suffix", "lse_prefix", "lse_suffix"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 def test_contract_8_aliasing_is_exact(backend_device, alias, dtype):
+    """docs/contract.md C16: in place (output as a partial output, output LSE as a partial
+    LSE) gives the out-of-place bits, with P < T and padded strides."""
     backend, device = backend_device
     T, H, D = T_MANY, 5, 72
     kw = dict(
@@ -595,7 +628,9 @@ def test_contract_8_aliasing_is_exact(backend_device, alias, dtype):
     ids=["bf16-4096x128", "fp32-2048x64x512", "bf16-1024x64-head-major"],
 )
 def test_contract_8_in_place_merges_repeated(backend, dtype, T, H, D, runs):
-    """A race between the threads that read a row's LSEs and the one that writes its
+    """docs/contract.md C16 and C24: in-place merges repeated on large grids.
+
+    A race between the threads that read a row's LSEs and the one that writes its
     output LSE shows only now and then, so the in-place merge (output is prefix_output,
     output_lse is prefix_lse) runs many times on large grids, each time from the same
     inputs, and must give the out-of-place result every time. On an H200 the Triton kernel
@@ -625,13 +660,15 @@ def test_contract_8_in_place_merges_repeated(backend, dtype, T, H, D, runs):
 
 
 # ---------------------------------------------------------------------------
-# Layouts.
+# Layouts (docs/contract.md C11 to C15).
 
 
 @pytest.mark.parametrize(
     "layouts", [("th", "th", "th"), ("th", "ht", "th"), ("ht", "th", "ht")], ids="-".join
 )
 def test_layout_lse_t_h_strided_views(backend_device, layouts):
+    """docs/contract.md C13 and C24: [T, H]-stored LSEs passed as .t() views, with padding,
+    give the bits of contiguous [H, T] ones."""
     backend, device = backend_device
     T, H, D = T_MANY, 4, 24
     case = make_case(
@@ -654,6 +691,8 @@ def test_layout_lse_t_h_strided_views(backend_device, layouts):
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, FP8], ids=dtype_name)
 def test_layout_independent_strides(backend_device, out_dtype):
+    """docs/contract.md C12: each tensor its own token and head strides; the padding keeps
+    its bytes."""
     # Prefix: padded-V view (head stride 192, D = 128); suffix: padded tokens; output:
     # its own token stride. Padding holds NaN (inputs) or a sentinel (output) and is
     # checked untouched.
@@ -678,6 +717,7 @@ def test_layout_independent_strides(backend_device, out_dtype):
 
 
 def test_layout_unaligned_storage_offsets(backend_device):
+    """docs/contract.md C12: storage offsets not aligned to 16 bytes."""
     # Views starting one element into their storage (not 16-byte aligned).
     backend, device = backend_device
     case = make_case(
@@ -695,6 +735,8 @@ def test_layout_unaligned_storage_offsets(backend_device):
 
 
 def test_layout_specialisation_changes_between_calls(backend_device):
+    """docs/contract.md C12 and C13: alignments, strides, LSE layouts and head counts that
+    change from call to call."""
     # The same dtypes and head size, called in turn with arguments that compiled kernels
     # specialise on differently: aligned / unaligned pointers, strides that are or are
     # not multiples of 16, one head, then the first form again. A kernel cached for one
@@ -732,6 +774,7 @@ def test_layout_specialisation_changes_between_calls(backend_device):
     ids=str,
 )
 def test_layout_output_dtype_differs_from_inputs(backend_device, dtype, out_dtype):
+    """docs/contract.md C11: an output dtype other than the partials'."""
     backend, device = backend_device
     case = make_case(
         T_MANY,
@@ -748,6 +791,7 @@ def test_layout_output_dtype_differs_from_inputs(backend_device, dtype, out_dtyp
 
 
 def test_layout_prefix_and_suffix_of_different_dtypes(backend_device):
+    """docs/contract.md C11: prefix and suffix of different dtypes."""
     backend, device = backend_device
     case = make_case(
         T_MANY,
@@ -765,6 +809,8 @@ def test_layout_prefix_and_suffix_of_different_dtypes(backend_device):
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=dtype_name)
 def test_layout_single_token(backend_device, out_dtype):
+    """docs/contract.md C14: one token, one head, a head size that is not a power of two,
+    every output dtype."""
     backend, device = backend_device
     case = make_case(
         1,
@@ -782,6 +828,8 @@ def test_layout_single_token(backend_device, out_dtype):
 @pytest.mark.parametrize("with_lse", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, FP8], ids=dtype_name)
 def test_layout_zero_tokens_is_a_no_op(backend_device, out_dtype, with_lse):
+    """docs/contract.md C15: T = 0 writes nothing (the storage around the views keeps its
+    bytes)."""
     backend, device = backend_device
     case = make_case(
         0,
@@ -805,6 +853,8 @@ def test_layout_zero_tokens_is_a_no_op(backend_device, out_dtype, with_lse):
 @pytest.mark.parametrize("with_lse", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, FP8], ids=dtype_name)
 def test_layout_zero_tokens_fresh_tensors(backend_device, out_dtype, with_lse):
+    """docs/contract.md C15 and C20: T = 0 with fresh empty tensors, through both
+    functions."""
     # T = 0 as an engine passes it: freshly allocated empty tensors (which hold no
     # memory, so their data pointers coincide).
     backend, device = backend_device

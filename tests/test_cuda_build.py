@@ -399,3 +399,21 @@ def test_cached_nvrtc_build(caplog: pytest.LogCaptureFixture) -> None:
     assert first == second and len(calls) == 1
     _check_cubin(first)
     assert sum("building scale kernel" in r.getMessage() for r in caplog.records) == 1
+
+
+@needs_nvrtc
+def test_compile_with_headers() -> None:
+    # The kernel sources are split into headers (merge.cuh includes epilogues.cuh, which
+    # includes common.cuh): headers given by name resolve #include, nested ones too, and
+    # a header left out is a BuildError that names it.
+    source = '#include "outer.h"\nextern "C" __global__ void k(float* x) { x[0] = kOuter; }\n'
+    headers = {
+        "outer.h": '#pragma once\n#include "inner.h"\nconstexpr float kOuter = 2.0f * kInner;\n',
+        "inner.h": "#pragma once\nconstexpr float kInner = 3.0f;\n",
+    }
+    module = nvrtc.compile_cubin(source, name="headers.cu", arch="sm_90a", headers=headers)
+    _check_cubin(module.cubin)
+    with pytest.raises(BuildError, match=r"inner\.h"):
+        nvrtc.compile_cubin(
+            source, name="headers.cu", arch="sm_90a", headers={"outer.h": headers["outer.h"]}
+        )

@@ -1,10 +1,15 @@
-"""The CUDA sources, checked without a GPU.
+"""The CUDA sources and the launcher's rules, checked without a GPU.
 
 * The software float32 -> e4m3fn conversion (used on GPUs without FP8 hardware) is
   compiled for the host with the system C++ compiler and compared bit for bit with
   torch's cast on every tie point, its neighbours and random values.
-* The kernels compile with nvcc for every target architecture (sm_80, sm_90a, and
-  sm_100a where the toolkit has it), as a user's first-use build would.
+* Every kernel configuration ``attnmerge build`` prepares compiles with nvcc for every
+  target architecture (sm_80, sm_90a, and sm_100a where the toolkit has it), without
+  spilling, as a user's first-use build would.
+* The parameter block the launcher packs (derived from the ``MergeParams`` declaration)
+  has the C++ struct's layout, field by field.
+* The launcher's rules: the row divisor, vector widths, chunk sizes, kernel
+  configurations, and that every output format names epilogues that exist.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -23,7 +29,7 @@ CSRC = Path(__file__).resolve().parents[1] / "src" / "attnmerge" / "cuda" / "csr
 _HOST_HARNESS = r"""
 #include <cstdio>
 #include <cstdint>
-#include "merge_attn_states.cuh"
+#include "common.cuh"
 int main() {
   uint32_t bits;
   while (fread(&bits, 4, 1, stdin) == 1) {
@@ -118,36 +124,37 @@ def _nvcc_archs() -> list[str]:
     return archs
 
 
-_INSTANTIATIONS = r"""
-#include "merge_attn_states.cuh"
-namespace attnmerge {
-#define INSTANCE(...) template __global__ void merge_two_kernel<__VA_ARGS__>(const MergeParams);
-// the last two arguments: whether the instance writes the output LSE, LSEs in base 2
-INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 1, 0, 128, true, false)
-INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 4, 0, 128, false, true)
-INSTANCE(F16, F16, F16, 8, 16, 2, 0, 128, true, false)
-INSTANCE(F32, F32, FP8E4M3, 4, 32, 2, 0, 128, false, false)
-// a team of 128: the loop over further column chunks
-INSTANCE(F32, BF16, BF16, 1, 128, 1, 0, 128, true, true)
-INSTANCE(F32, F32, F32, 4, 128, 1, 1, 128, true, false)
-// the per-thread-weights variant (WEIGHTS = 1, the default), with 32- and 16-byte chunks
-INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128, false, false)
-INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 128, true, true)
-INSTANCE(BF16, BF16, FP8E4M3, 8, 16, 1, 1, 128, false, false)
-INSTANCE(F32, F32, FP8E4M3, 4, 32, 2, 1, 128, true, false)
-// small blocks: one team of 8 threads, and two teams of 16
-INSTANCE(BF16, BF16, FP8E4M3, 16, 8, 1, 1, 8, true, true)
-INSTANCE(F16, F16, F16, 8, 16, 1, 0, 32, false, false)
-}
-"""
+def _instantiations(configs) -> str:
+    """A translation unit with one kernel per configuration, as the launcher's build
+    instantiates them (merge_two_rows<KernelConfig.template_arguments()>), and the
+    launcher's own entry point (attnmerge_merge) for the first."""
+    lines = [
+        f"#define ATTNMERGE_MERGE_INSTANCE {configs[0].template_arguments()}",
+        '#include "merge.cuh"',
+        "namespace attnmerge {",
+    ]
+    for i, config in enumerate(configs):
+        lines.append(
+            f'extern "C" __global__ void __launch_bounds__(kBlockThreads) config_{i}('
+            f"const MergeParams p) {{ merge_two_rows<{config.template_arguments()}>(p); }}"
+        )
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 @pytest.mark.parametrize(
     "arch", _nvcc_archs() or [pytest.param("none", marks=pytest.mark.skip(reason="no nvcc"))]
 )
-def test_kernels_compile_with_nvcc(arch, tmp_path):
+def test_every_common_config_compiles_with_nvcc(arch, tmp_path):
+    """Every configuration `attnmerge build` prepares (common_configs: all the code paths
+    the launcher can pick for the common head sizes) compiles for every target, with
+    registers only: no kernel spills to local memory. sm_80 takes the software FP8
+    conversion, sm_90a and later the hardware one."""
+    from attnmerge.cuda import backend
+
+    configs = backend.common_configs()
     src = tmp_path / "instantiate.cu"
-    src.write_text(_INSTANTIATIONS)
+    src.write_text(_instantiations(configs))
     number = arch[3:]
     proc = subprocess.run(
         [
@@ -166,53 +173,130 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # Registers only: no kernel spills to local memory.
-    spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
-    assert spills and all(n == "0" for n in spills), proc.stderr[-4000:]
+    spills = dict(
+        re.findall(
+            r"Function properties for (\w+)\n\s*\d+ bytes stack frame, (\d+) bytes spill",
+            proc.stderr,
+        )
+    )
+    names = {f"config_{i}": c.template_arguments() for i, c in enumerate(configs)}
+    names["attnmerge_merge"] = configs[0].template_arguments()
+    assert spills.keys() == names.keys(), proc.stderr[-4000:]
+    spilling = {names[f]: f"{n} bytes" for f, n in spills.items() if n != "0"}
+    assert not spilling, f"kernels that spill on {arch}: {spilling}"
     assert (tmp_path / "k.cubin").read_bytes()[:4] == b"\x7fELF"
 
 
+def _param_layout(block) -> dict[str, tuple[int, int]]:
+    """{field: (offset, size)} where ``block.pack`` puts each field: found by packing one
+    field at a time with a value whose every byte is nonzero (a 64-bit one where it fits,
+    else a 32-bit one) and the others zero."""
+    layout = {}
+    for field in block.fields:
+        zeros = dict.fromkeys(block.fields, 0)
+        for value in (0x0102030405060708, 0x01020304):
+            try:
+                packed = block.pack(**{**zeros, field: value})
+            except struct.error:  # a 32-bit field
+                continue
+            break
+        nonzero = [i for i, b in enumerate(packed) if b]
+        layout[field] = (nonzero[0], nonzero[-1] + 1 - nonzero[0])
+    return layout
+
+
 _PARAMS_HARNESS = r"""
+#include <cstddef>
 #include <cstdio>
-#include "merge_attn_states.cuh"
+#include "merge.cuh"
+using attnmerge::MergeParams;
+
+// The number of members of an aggregate: the most initialisers it accepts.
+struct Any {
+  template <class T>
+  constexpr operator T() const;
+};
+template <class T, class... A>
+constexpr int count_members() {
+  if constexpr (requires { T{A{}..., Any{}}; }) {
+    return count_members<T, A..., Any>();
+  } else {
+    return sizeof...(A);
+  }
+}
+
 int main() {
-  attnmerge::MergeParams p;
+  printf("%d %zu\n", count_members<MergeParams>(), sizeof(MergeParams));
+#define FIELD(f) printf(#f " %zu %zu\n", offsetof(MergeParams, f), sizeof(MergeParams::f));
+  FIELDS
+  // a packed block, read as the kernel reads it
+  MergeParams p;
   if (fread(&p, sizeof(p), 1, stdin) != 1) return 1;
-  const unsigned long long fields[] = {
-      (unsigned long long)p.out, (unsigned long long)p.prefix,
-      (unsigned long long)p.prefix_lse, (unsigned long long)p.suffix,
-      (unsigned long long)p.suffix_lse, (unsigned long long)p.scale, p.num_rows, p.num_heads,
-      p.head_size, p.rows_with_prefix, p.heads_multiplier, p.heads_shift,
-      p.out_stride_t, p.out_stride_h, p.prefix_stride_t, p.prefix_stride_h,
-      p.suffix_stride_t, p.suffix_stride_h, p.prefix_lse_stride_h, p.prefix_lse_stride_t,
-      p.suffix_lse_stride_h, p.suffix_lse_stride_t, (unsigned long long)p.out_lse,
-      p.out_lse_stride_h, p.out_lse_stride_t};
-  for (unsigned long long f : fields) printf("%llu\n", f);
+#undef FIELD
+#define FIELD(f) printf("%llu\n", (unsigned long long)p.f);
+  FIELDS
   return 0;
 }
 """
 
 
 def test_params_struct_layout_matches_the_launcher(tmp_path):
-    """The Python launcher packs MergeParams byte by byte: every field must land where the
-    kernel reads it."""
+    """The launcher packs MergeParams byte by byte from its own reading of the declaration
+    (cuda_backend.PARAMS): the struct compiled by g++ must have exactly those fields, each
+    at the offset and of the size the packing gives it, and a packed block must read back
+    field by field with the values packed (pointers and strides over all their bits)."""
     from attnmerge.cuda import backend
 
     cxx = shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
-    (tmp_path / "p.cpp").write_text(_PARAMS_HARNESS)
+    params = backend.PARAMS
+    fields = " ".join(f"FIELD({f})" for f in params.fields)
+    (tmp_path / "p.cpp").write_text(_PARAMS_HARNESS.replace("FIELDS", fields))
     exe = tmp_path / "p"
     subprocess.run(
-        [cxx, "-std=c++17", f"-I{CSRC}", str(tmp_path / "p.cpp"), "-o", str(exe)], check=True
+        [cxx, "-std=c++20", f"-I{CSRC}", str(tmp_path / "p.cpp"), "-o", str(exe)], check=True
     )
-    pointers = [2**48 + 1000 + i for i in range(6)]
-    words = [2**32 - 3, 2**31 - 1, 576, 12345, 2**32 - 1, 31]
-    words += [2**32 - 100 - i for i in range(10)]  # strides: all 32 bits
-    values = [*pointers, *words, 2**47 + 7, 2**31 + 5, 3]
-    packed = backend._PARAMS.pack(*values)
-    out = subprocess.run([str(exe)], input=packed, capture_output=True, check=True).stdout
-    assert [int(v) for v in out.split()] == values
+    layout = _param_layout(params)
+    values = {}
+    for i, (field, (_, size)) in enumerate(layout.items()):
+        values[field] = (2**48 if size == 8 else 2**31) + 1000 * i + 7  # top bits set too
+    out = (
+        subprocess.run([str(exe)], input=params.pack(**values), capture_output=True, check=True)
+        .stdout.decode()
+        .splitlines()
+    )
+    members, size = map(int, out[0].split())
+    assert members == len(params.fields) == len(layout)  # no field missed or invented
+    assert size == params.size == 128  # static_assert(sizeof(MergeParams) == 128)
+    cxx_layout = {f: (int(o), int(n)) for f, o, n in (line.split() for line in out[1:][:members])}
+    assert cxx_layout == layout
+    assert [int(v) for v in out[1 + members :]] == list(values.values())
+
+
+def test_param_block_rejects_what_it_cannot_pack():
+    """ParamBlock reads pointers and 32-bit fields only: any other field type is refused
+    at import (naming it), as is a missing struct; PARAMS.pack takes every field by
+    keyword and refuses a missing or an unknown one."""
+    from attnmerge.cuda import backend
+    from attnmerge.cuda.params import ParamBlock
+
+    struct_source = "struct P {\n  void* a;\n  u32 n, m;\n  double x;\n};\n"
+    with pytest.raises(ValueError, match="'double' is not supported"):
+        ParamBlock(struct_source, "P")
+    with pytest.raises(ValueError, match="no struct Q"):
+        ParamBlock(struct_source, "Q")
+    ok = ParamBlock(struct_source.replace("  double x;\n", ""), "P")
+    assert ok.fields == ("a", "n", "m") and ok.size == 16
+    values = dict.fromkeys(backend.PARAMS.fields, 0)
+    assert len(backend.PARAMS.pack(**values)) == backend.PARAMS.size
+    missing = {k: v for k, v in values.items() if k != "inner_count"}
+    with pytest.raises(TypeError, match="inner_count"):
+        backend.PARAMS.pack(**missing)
+    with pytest.raises(TypeError, match="bogus"):
+        backend.PARAMS.pack(**values, bogus=1)
+    with pytest.raises(struct.error):  # a value past its field's 32 bits
+        backend.PARAMS.pack(**{**values, "out_stride_outer": 2**32})
 
 
 def _divisors_to_check() -> list[int]:
@@ -223,9 +307,9 @@ def _divisors_to_check() -> list[int]:
     return sorted(set(range(1, 1100)) | set(powers) | set(near_powers) | set(random))
 
 
-def test_row_divisor_gives_the_token_of_every_row():
+def test_row_divisor_gives_the_outer_index_of_every_row():
     """The kernel divides row indices by their inner count (the head count, or the token
-    count for head-major rows) with the launcher's multiplier and shift (token_of): the
+    count for head-major rows) with the launcher's multiplier and shift (outer_of): the
     quotient must be exact for every row below 2^31 and any count. Checked at the rows
     where an error would show first (multiples of the count and their neighbours, the
     largest rows) and at random rows."""
@@ -234,107 +318,84 @@ def test_row_divisor_gives_the_token_of_every_row():
     last = 2**31 - 1
     g = torch.Generator().manual_seed(1)
     random_rows = torch.randint(0, last, (256,), generator=g)
-    for heads in _divisors_to_check():
-        multiplier, shift = row_divisor(heads)
+    for count in _divisors_to_check():
+        multiplier, shift = row_divisor(count)
         assert 0 < multiplier < 2**32 and 0 <= shift < 32
-        top = last // heads
+        top = last // count
         k = torch.tensor([1, 2, 3, top - 1, top, max(top // 2, 1)])
-        edges = torch.cat([k * heads - 1, k * heads, k * heads + 1])
+        edges = torch.cat([k * count - 1, k * count, k * count + 1])
         rows = torch.cat([torch.tensor([0, 1, last, last - 1]), edges, random_rows])
         rows = rows[(rows >= 0) & (rows <= last)]
-        # token_of: the high word of 2 row * m, i.e. floor(row * m / 2^31), shifted
+        # outer_of: the high word of 2 row * m, i.e. floor(row * m / 2^31), shifted
         got = ((rows * multiplier) >> 31) >> shift
-        assert torch.equal(got, rows // heads), heads
+        assert torch.equal(got, rows // count), count
 
 
-def test_instance_choice():
+def test_kernel_configs():
+    """Vector widths (32-byte chunks of the widest partial where the head size allows,
+    else 16-byte ones, else scalar), teams of ceil(D / vec) threads rounded up to a power
+    of two and at most a block, and the template arguments each configuration names."""
     from attnmerge.cuda.backend import (
-        ROWS_LARGE,
-        ROWS_SMALL,
-        WEIGHTS,
-        common_instances,
-        instance_for,
+        BLOCK_THREADS,
+        COMMON_HEAD_SIZES,
+        KernelConfig,
+        common_configs,
+        config_for,
         vector_width,
     )
+    from attnmerge.formats import FormatKey, FP8Static, Plain
 
-    # 32-byte chunks of the widest input where the head size allows, else 16-byte ones;
-    # one row per team of ceil(D / vec) threads (pow2).
     bf16, f32 = torch.bfloat16, torch.float32
+    fp8 = FormatKey(FP8Static, torch.float8_e4m3fn)
     assert vector_width(128, 2, 32) == 16 and vector_width(128, 4, 32) == 8
     assert vector_width(72, 2, 32) == 8 and vector_width(36, 4, 32) == 4  # 16-byte fallback
     assert vector_width(13, 2, 32) == 1 and vector_width(20, 4, 32) == 4
     assert vector_width(6, 4, 32) == 1 and vector_width(128, 2, 8) == 4
-    assert instance_for(bf16, bf16, torch.float8_e4m3fn, 128, 16) == (
-        "BF16", "BF16", "FP8E4M3", 16, 8, ROWS_SMALL, WEIGHTS, 128, 0, 0
-    )  # fmt: skip
-    # 144 chunks: the team of 128 loops; weights computed by a warp (a tuning variant)
-    assert instance_for(f32, f32, f32, 576, 4, ROWS_LARGE, 0, write_lse=True) == (
-        "F32", "F32", "F32", 4, 128, ROWS_LARGE, 0, 128, 1, 0
-    )  # fmt: skip
-    assert instance_for(f32, f32, f32, 64, 8, lse_base_2=True)[8:] == (0, 1)
-    # blocks smaller than 128 data threads hold whole teams, and at least one
-    assert instance_for(bf16, bf16, bf16, 128, 16, threads=16)[4:8] == (8, ROWS_SMALL, WEIGHTS, 16)
-    assert instance_for(bf16, bf16, bf16, 128, 4, threads=16)[7] == 32  # one team of 32
-    assert instance_for(bf16, bf16, bf16, 128, 16, threads=24)[7] == 32  # whole teams: pow2
-    assert instance_for(bf16, bf16, bf16, 128, 16, threads=512)[7] == 128
-    assert instance_for(torch.float16, torch.float16, torch.float16, 72, 1)[4] == 128
-    insts = common_instances((128, 72))
-    for vec, team, rows in ((16, 8, ROWS_SMALL), (8, 16, ROWS_SMALL), (1, 128, 1)):
-        for lse, base_2 in itertools.product((0, 1), repeat=2):  # output LSE, LSE base
-            inst = ("BF16", "BF16", "FP8E4M3", vec, team, rows, WEIGHTS, 128, lse, base_2)
-            assert inst in insts
-    # every grid takes one row per team: no other row count is built ahead of time
-    assert {inst[5] for inst in insts} == {ROWS_SMALL}
-    assert instance_for(bf16, bf16, bf16, 13, 1, 4)[5] == 1  # scalar fallback: one row a team
-    assert len(insts) == len(set(insts))
-
-
-def test_rows_per_team_by_grid_size(monkeypatch):
-    from attnmerge.cuda import backend
-
-    assert {backend.rows_per_team(n) for n in (1, 8192, 2**31 - 1)} == {backend.ROWS_SMALL}
-    # the rule that tuning runs switch on
-    monkeypatch.setattr(backend, "SMALL_GRID_ROWS", 100)
-    monkeypatch.setattr(backend, "LARGE_GRID_ROWS", 1000)
-    assert [backend.rows_per_team(n) for n in (1, 100, 101, 1000, 1001)] == [
-        backend.ROWS_SMALL,
-        backend.ROWS_SMALL,
-        backend.ROWS_MEDIUM,
-        backend.ROWS_MEDIUM,
-        backend.ROWS_LARGE,
-    ]
-    monkeypatch.setattr(backend, "SMALL_GRID_CHUNKS", {})
-    assert [r for _, r, _ in backend._grid_layouts()] == [
-        backend.ROWS_SMALL,
-        backend.ROWS_MEDIUM,
-        backend.ROWS_LARGE,
-    ]
-    assert backend.ROWS_SMALL < backend.ROWS_MEDIUM < backend.ROWS_LARGE
-
-
-def test_data_threads_by_grid_size(monkeypatch):
-    from attnmerge.cuda import backend
-
-    monkeypatch.setattr(backend, "SMALL_BLOCK_GRID_ROWS", 100)
-    monkeypatch.setattr(backend, "SMALL_BLOCK_THREADS", 32)
-    monkeypatch.setattr(backend, "SMALL_GRID_CHUNKS", {})
-    assert [backend.data_threads(n) for n in (1, 100, 101)] == [32, 32, backend.DATA_THREADS]
-    assert backend._grid_layouts() == [
-        (backend.CHUNK_BYTES, backend.ROWS_SMALL, 32),
-        (backend.CHUNK_BYTES, backend.ROWS_SMALL, backend.DATA_THREADS),
-    ]
-    # both block sizes are built ahead of time, for vector and scalar accesses
-    insts = backend.common_instances((128,))
-    bf16 = ("BF16", "BF16", "FP8E4M3")
-    assert {i[7] for i in insts if i[:3] == bf16 and i[3] == 16} == {32, backend.DATA_THREADS}
-    assert {i[7] for i in insts if i[:3] == bf16 and i[3] == 1} == {backend.DATA_THREADS}
+    config = config_for((bf16, bf16), fp8, 128, 16)
+    assert config == KernelConfig(
+        ("BF16", "BF16"), "FP8StaticStore", "FP8E4M3", 16, 8, False, False
+    )
+    assert config.template_arguments() == (
+        "attnmerge::BF16, attnmerge::BF16, attnmerge::FP8StaticStore<attnmerge::FP8E4M3>, "
+        "16, 8, false, false"
+    )
+    assert config.rows_per_block == BLOCK_THREADS // 8 == 16
+    # 144 chunks: the team of a whole block loops; the flags are the last arguments
+    wide = config_for((f32, bf16), FormatKey(Plain, f32), 576, 4, write_lse=True, lse_base_2=True)
+    assert (wide.team, wide.rows_per_block, wide.partial_elements) == (128, 1, ("F32", "BF16"))
+    assert wide.template_arguments().endswith(
+        "attnmerge::PlainStore<attnmerge::F32>, 4, 128, true, true"
+    )
+    assert config_for((bf16, bf16), fp8, 72, 1).team == 128  # scalar: 72 threads, pow2
+    assert config_for((bf16, bf16), fp8, 8, 8).team == 1  # a row per thread
+    # every (vec, team) a bf16 -> FP8 call with D = 128 or 72 can take, in every flag pair
+    configs = common_configs((128, 72))
+    for vec, team in ((16, 8), (8, 16), (1, 128)):
+        for lse, base_2 in itertools.product((False, True), repeat=2):
+            want = KernelConfig(
+                ("BF16", "BF16"), "FP8StaticStore", "FP8E4M3", vec, team, lse, base_2
+            )
+            assert want in configs
+    everything = common_configs()
+    assert COMMON_HEAD_SIZES == (64, 80, 96, 128, 192, 256, 512)
+    # what `attnmerge build` prepares by default (docs/cuda-backend.md gives its build time)
+    assert len(everything) == len(set(everything)) == 392
+    assert all(c.team & (c.team - 1) == 0 and c.team <= BLOCK_THREADS for c in everything)
+    mixed = common_configs((128,), mixed_dtypes=True)
+    assert {c.partial_elements for c in mixed} == {
+        (p, s) for p in ("F32", "F16", "BF16") for s in ("F32", "F16", "BF16")
+    }
 
 
 def test_chunk_bytes_by_grid_size():
+    """Each small-grid tier's chunk size applies from its first grid size to its last,
+    CHUNK_BYTES past them, capped at MAX_STORE_BYTES of output; and every chunk size a
+    call can get is among the configurations built ahead of time, with and without the
+    output LSE."""
     from attnmerge.cuda import backend
 
     dtype = {2: torch.bfloat16, 4: torch.float32}
-    insts = backend.common_instances((128,))
+    configs = backend.common_configs((128,))
     assert set(backend.SMALL_GRID_CHUNKS) == {(w, lse) for w in (2, 4) for lse in (False, True)}
     for (widest, lse), tiers in backend.SMALL_GRID_CHUNKS.items():
         first = 1
@@ -343,20 +404,26 @@ def test_chunk_bytes_by_grid_size():
             assert backend.chunk_bytes_for(last, widest, 1, lse) == chunk
             first = last + 1
         assert backend.chunk_bytes_for(first, widest, 1, lse) == backend.CHUNK_BYTES
-        # every chunk size is built ahead of time, for calls with and without output LSE
+        assert backend.chunk_bytes_for(2**31 - 1, widest, 1, lse) == backend.CHUNK_BYTES
         chunks = {chunk for _, chunk in tiers} | {backend.CHUNK_BYTES}
-        assert {c for c, _, _ in backend._grid_layouts(widest, 1, lse)} == chunks
         el = backend._ELEMENT[dtype[widest]]
-        vecs = {i[3] for i in insts if i[:3] == (el, el, "FP8E4M3") and i[8] == lse}
+        # into FP8 every chunk size, as vectors of the head size 128 divides, and scalars
+        vecs = {c.vec for c in configs if c.partial_elements == (el, el)
+                and c.epilogue == "FP8StaticStore" and c.write_lse == lse}  # fmt: skip
         assert vecs == {1} | {c // widest for c in chunks}
         # into outputs of the partials' dtype, only chunks of at most 16 bytes of output
         capped = {min(c, backend.MAX_STORE_BYTES) for c in chunks}
-        assert {c for c, _, _ in backend._grid_layouts(widest, widest, lse)} == capped
-        vecs = {i[3] for i in insts if i[:3] == (el, el, el) and i[8] == lse}
+        assert {backend.chunk_bytes_for(n, widest, widest, lse) for n in (1, first)} <= capped
+        assert backend.chunk_bytes_for(first, widest, widest, lse) == backend.MAX_STORE_BYTES
+        vecs = {c.vec for c in configs if c.partial_elements == (el, el)
+                and c.epilogue == "PlainStore" and c.output_element == el
+                and c.write_lse == lse}  # fmt: skip
         assert vecs == {1} | {c // widest for c in capped}
 
 
 def test_vector_accesses_need_aligned_row_chunks():
+    """Vector accesses need every row chunk aligned to min(16, vec * itemsize) bytes:
+    base pointer, token stride and head stride."""
     from attnmerge.cuda.backend import _aligned
 
     def aligned(t: torch.Tensor) -> bool:
@@ -374,6 +441,9 @@ def test_vector_accesses_need_aligned_row_chunks():
 
 
 def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch):
+    """`attnmerge build` compiles every configuration of common_configs() with NVRTC into
+    the cache through build_kernel (the first-use path), each a cubin; two processes
+    building every pair of partial dtypes at once fill the same cache."""
     from attnmerge import cli
     from attnmerge.cuda import backend, cache, nvrtc
 
@@ -381,84 +451,64 @@ def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch
     if reason is not None:
         pytest.skip(reason)
     monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
-    assert cli.main(["build", "--arch", "sm_90a", "--head-sizes", "128", "--jobs", "1"]) == 0
+    assert cli.main(["build", "--arch", "sm_90a", "--jobs", "2"]) == 0  # the default sizes
     built = [e for e in cache.entries() if e["path"].endswith(".cubin")]
-    assert len(built) == len(backend.common_instances((128,)))
-    assert len(built) >= 12  # 3 partial dtypes x 4 outputs x (vector, scalar)
+    assert len(built) == len(backend.common_configs()) == 392
     assert all(Path(e["path"]).read_bytes()[:4] == b"\x7fELF" for e in built)
+    assert {e["key"]["kernel"] for e in built} == {
+        c.template_arguments() for c in backend.common_configs()
+    }
     # every pair of partial dtypes, built by two processes at once into the same cache
     args = ["build", "--arch", "sm_90a", "--head-sizes", "128", "--mixed-dtypes", "--jobs", "2"]
     assert cli.main(args) == 0
-    mixed = backend.common_instances((128,), mixed_dtypes=True)
-    assert len(mixed) > len(built)
-    assert len([e for e in cache.entries() if e["path"].endswith(".cubin")]) == len(mixed)
+    mixed = {c.template_arguments() for c in backend.common_configs((128,), mixed_dtypes=True)}
+    entries = [e for e in cache.entries() if e["path"].endswith(".cubin")]
+    assert {e["key"]["kernel"] for e in entries} == mixed | {e["key"]["kernel"] for e in built}
     assert cli.main(["build", "--jobs", "0"]) == 2
 
 
-def test_stream_kernel_compiles():
-    """The bench's CUDA stream yardstick (attnmerge/cuda/stream.py) builds for the element
-    types and vector widths it is launched with, and its parameter struct matches."""
-    from attnmerge.cuda import nvrtc, stream
+def test_every_output_format_names_epilogues_that_exist():
+    """Each output format class in attnmerge.formats names its CUDA store (a functor
+    template over the element type in cuda/csrc/epilogues.cuh) and its Triton store (a
+    @triton.jit function in attnmerge.triton.epilogues); the launcher's configurations
+    name the format's CUDA store."""
+    import triton
 
-    assert stream._PARAMS.size == 88  # static_assert(sizeof(StreamParams) == 88) in the source
+    from attnmerge import formats
+    from attnmerge.cuda import backend
+    from attnmerge.triton import epilogues
+
+    classes = [
+        c for c in vars(formats).values()
+        if isinstance(c, type) and issubclass(c, formats.OutputFormat)
+        and c is not formats.OutputFormat and c.__module__ == formats.__name__
+    ]  # fmt: skip
+    assert {c.__name__ for c in classes} >= {"Plain", "FP8Static"}
+    cuda_source = backend.sources()["epilogues.cuh"]
+    for cls in classes:
+        functor = re.escape(cls.cuda_epilogue)
+        assert re.search(rf"template <typename E>\s*struct {functor}\s*\{{", cuda_source), cls
+        store = getattr(epilogues, cls.triton_epilogue, None)
+        # a @triton.jit function (an interpreted one under TRITON_INTERPRET=1) of the
+        # epilogue's arguments: store(ptrs, acc, mask, operand_ptr)
+        assert isinstance(store, triton.runtime.jit.KernelInterface), cls
+        assert list(store.arg_names)[:3] == ["ptrs", "acc", "mask"], cls
+        assert len(store.arg_names) == 4, cls
+        dtype = torch.float8_e4m3fn if cls is formats.FP8Static else torch.float16
+        config = backend.config_for((torch.float16,) * 2, formats.FormatKey(cls, dtype), 64, 8)
+        assert config.epilogue == cls.cuda_epilogue
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_weight_division_kernels_compile(arch):
+    """tests/test_weight_division.py (GPU only) checks the kernel's weight functions
+    (two_partial_state, divide_weight, reciprocal_weight, weight_reciprocal) through test
+    kernels that call them by name: those kernels still compile, so a renamed function or
+    field shows here, without a GPU."""
+    from attnmerge.cuda import nvrtc
+
     if nvrtc.unavailable_reason() is not None:
         pytest.skip(nvrtc.unavailable_reason())
-    for instance in ("BF16, FP8E4M3, 8, 16", "F32, FP8E4M3, 2, 64", "F16, F16, 1, 128"):
-        text = f"#define ATTNMERGE_STREAM_TWO_INSTANCE {instance}\n" + stream.source()
-        assert nvrtc.compile_cubin(text, name="stream_two.cu", arch="sm_90a").cubin
+    from test_weight_division import _compile
 
-
-@pytest.mark.parametrize(
-    "script, count, vec, write_lse",
-    # vec and write_lse: the instance each times
-    [("weight_math_cost", 4, 16, False), ("merge_cost", 11, 8, False), ("lse_cost", 6, 8, True)],
-)
-def test_kernel_variant_scripts_still_apply(script, count, vec, write_lse):
-    """scripts/weight_math_cost.py, merge_cost.py and lse_cost.py edit the kernel source
-    by text: each of their variants must still differ from the kernel (the edited lines
-    exist) and compile."""
-    import importlib.util
-    import sys
-
-    from attnmerge.cuda import backend, nvrtc
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    sys.path.insert(0, str(scripts))  # merge_cost imports weight_math_cost
-    try:
-        spec = importlib.util.spec_from_file_location(script, scripts / f"{script}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(scripts))
-    variants = module.variants(backend.source())
-    assert variants["default"] == backend.source()
-    assert len(set(variants.values())) == len(variants) == count
-    if nvrtc.unavailable_reason() is not None:
-        pytest.skip(nvrtc.unavailable_reason())
-    instance = backend.instance_for(
-        torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 128, vec, write_lse=write_lse
-    )
-    define = f"#define ATTNMERGE_MERGE_TWO_INSTANCE {backend.template_arguments(instance)}\n"
-    for name, text in variants.items():
-        assert nvrtc.compile_cubin(define + text, name=f"{name}.cu", arch="sm_90a").cubin
-
-
-def test_param_block_script_pads_the_stream_kernel():
-    """scripts/param_block_cost.py pads the stream kernel's parameters by editing its
-    source: every padded source must differ, and compile (its static_assert checks the
-    padded size)."""
-    import importlib.util
-
-    from attnmerge.cuda import nvrtc, stream
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "param_block_cost.py"
-    spec = importlib.util.spec_from_file_location("param_block_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sources = [module.padded_source(n) for n in module.PADDINGS]
-    assert sources[0] == stream.source() and len(set(sources)) == len(sources)
-    if nvrtc.unavailable_reason() is not None:
-        pytest.skip(nvrtc.unavailable_reason())
-    for n, text in zip(module.PADDINGS, sources, strict=True):
-        text = "#define ATTNMERGE_STREAM_TWO_INSTANCE BF16, FP8E4M3, 8, 16\n" + text
-        assert nvrtc.compile_cubin(text, name=f"pad{n}.cu", arch="sm_90a").cubin
+    assert _compile(arch)[:4] == b"\x7fELF"

@@ -20,6 +20,12 @@ import attnmerge
 from attnmerge import dispatch
 from attnmerge.cuda import backend as cuda_backend
 from attnmerge.cuda import cache, nvrtc
+from attnmerge.formats import Plain
+
+
+def _config(dtype, fmt, vec, write_lse=False, lse_base_2=False):
+    return cuda_backend.config_for((dtype, dtype), fmt.key, 128, vec, write_lse, lse_base_2)
+
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -90,7 +96,7 @@ def test_failing_build_leaves_no_cache_entry(monkeypatch, tmp_path):
 
     monkeypatch.setattr(nvrtc, "compile_cubin", broken)
     with pytest.raises(nvrtc.BuildError, match="simulated"):
-        cuda_backend.build_instance(("BF16", "BF16", "BF16", 8, 16, 1, 0, 128, 0, 0), "sm_90a")
+        cuda_backend.build_kernel(_config(torch.bfloat16, Plain(torch.bfloat16), 8), "sm_90a")
     assert cache.entries() == []
 
 
@@ -100,7 +106,9 @@ def test_builds_forbidden_raise_before_compiling(monkeypatch, tmp_path):
     monkeypatch.setattr(nvrtc, "version", lambda: (13, 0))
     monkeypatch.setattr(nvrtc, "compile_cubin", lambda *a, **k: pytest.fail("compiled"))
     with pytest.raises(nvrtc.BuildError, match="attnmerge build"):
-        cuda_backend.build_instance(("F32", "F32", "F32", 4, 32, 1, 0, 128, 1, 1), "sm_90a")
+        cuda_backend.build_kernel(
+            _config(torch.float32, Plain(torch.float32), 4, True, True), "sm_90a"
+        )
 
 
 @pytest.mark.gpu

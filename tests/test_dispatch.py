@@ -1,7 +1,7 @@
 """Backend selection: "auto", the ATTNMERGE_BACKEND override, logging of fallbacks.
 
-Which backend ran is observed by wrapping the run functions that ``dispatch._RUNNERS``
-(the table ``select`` picks from) hands out; every test starts and ends with
+Which backend ran is observed by wrapping the backend objects of ``dispatch.REGISTRY``
+(the table ``select`` picks from); every test starts and ends with
 ``dispatch.reset()`` (the ``clean_dispatch`` fixture) so cached decisions and logged
 reasons do not leak between tests.
 """
@@ -17,28 +17,42 @@ from utils import ON_GPU, make_case, run_and_check
 
 import attnmerge
 from attnmerge import dispatch
+from attnmerge.call import CallSignature
+from attnmerge.formats import Plain
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+class _Spy:
+    """A backend that records the calls it runs and the signatures it is asked about."""
+
+    def __init__(self, name: str, backend, calls: list[str], asked: list[str]) -> None:
+        self.name, self.backend, self.calls, self.asked = name, backend, calls, asked
+
+    def unsupported(self, signature):
+        self.asked.append(self.name)
+        return self.backend.unsupported(signature)
+
+    def run(self, call) -> None:
+        self.calls.append(self.name)
+        self.backend.run(call)
+
+
 @pytest.fixture
-def spies(monkeypatch, clean_dispatch):
-    """Wrap every runner; returns the list of backend names called, in order."""
+def spied(monkeypatch, clean_dispatch):
+    """Wrap every backend; returns (backends run, backends asked), in order."""
     calls: list[str] = []
-    for name, runner in list(dispatch._RUNNERS.items()):
-
-        def spy_runner(_name=name, _runner=runner):
-            run = _runner()
-
-            def spy(*args):
-                calls.append(_name)
-                return run(*args)
-
-            return spy
-
-        monkeypatch.setitem(dispatch._RUNNERS, name, spy_runner)
+    asked: list[str] = []
+    for name, backend in list(dispatch.REGISTRY.items()):
+        monkeypatch.setitem(dispatch.REGISTRY, name, _Spy(name, backend, calls, asked))
     dispatch.reset()
-    return calls
+    return calls, asked
+
+
+@pytest.fixture
+def spies(spied):
+    """The list of backend names called, in order."""
+    return spied[0]
 
 
 def _first_available(device) -> str:
@@ -172,15 +186,47 @@ def test_gpu_auto_for_cpu_tensors_uses_torch(spies, monkeypatch):
     assert spies == ["torch"]
 
 
-def test_decision_is_cached_per_signature(spies, monkeypatch):
+def test_decision_is_cached_per_signature(spied):
     # After the first call, a second one with the same signature does not ask the
     # backends again (the reasons are not re-evaluated).
+    calls, asked = spied
     make_case(3, 1, 8, device=DEVICE).run("auto")
-    asked = []
-    for name, fn in list(dispatch._REASONS.items()):
-        monkeypatch.setitem(
-            dispatch._REASONS, name, lambda d, k, _n=name, _f=fn: asked.append(_n) or _f(d, k)
-        )
+    assert asked
+    asked.clear()
     make_case(3, 1, 8, device=DEVICE, seed=1).run("auto")
     assert asked == []
-    assert len(spies) == 2
+    assert len(calls) == 2
+
+
+def _signature(**changes) -> CallSignature:
+    fields = {
+        "device": torch.device(DEVICE),
+        "partial_dtypes": (torch.float32, torch.float32),
+        "head_size": 64,
+        "output_format": Plain(torch.float32).key,
+        "write_lse": False,
+        "lse_base_2": False,
+    }
+    return CallSignature(**(fields | changes))
+
+
+class _WholeTokenFormat(Plain):
+    """A format whose store needs every head of a token in one program."""
+
+    whole_token_tiles = True
+
+
+def test_backends_say_why_they_cannot_serve_a_signature(clean_dispatch):
+    # The kernels merge two partials and tile by rows; the reference serves anything.
+    three = _signature(partial_dtypes=(torch.float32,) * 3)
+    whole = _signature(output_format=_WholeTokenFormat(torch.float32).key)
+    assert dispatch.REGISTRY["torch"].unsupported(three) is None
+    assert dispatch.REGISTRY["torch"].unsupported(whole) is None
+    for name in ("cuda", "triton"):
+        if dispatch.REGISTRY[name].unsupported(_signature()) is not None:
+            continue  # not available here at all (cuda on a CPU)
+        assert "2 partials" in dispatch.REGISTRY[name].unsupported(three)
+        assert "whole tokens" in dispatch.REGISTRY[name].unsupported(whole)
+    with pytest.raises(attnmerge.BackendError, match="whole tokens"):
+        dispatch.select("triton", whole)
+    assert dispatch.select("auto", whole) == dispatch.REGISTRY["torch"].run

@@ -40,8 +40,6 @@ from utils import (
     run_batch_and_check,
 )
 
-from attnmerge.cuda import backend as cuda_backend
-
 MAX_T, MAX_H = (300, 16) if ON_GPU else (12, 4)
 HEAD_SIZES = (
     # fewer sizes on a GPU: each distinct size is another kernel compilation
@@ -56,10 +54,6 @@ SHARDS = 48 if ON_GPU else 2
 # Cases per hypothesis example on a GPU (one host-device round trip each).
 GPU_BATCH = 25
 CASES_PER_EXAMPLE = GPU_BATCH if ON_GPU else 1
-# The CUDA kernel's rows per thread team, by shard: the default (one row at every grid
-# size, see attnmerge.cuda.backend.rows_per_team) and the row counts tuning runs can
-# switch on each meet every kind of case.
-CUDA_ROWS = (cuda_backend.ROWS_SMALL, cuda_backend.ROWS_MEDIUM, cuda_backend.ROWS_LARGE)
 
 FUZZ = settings(
     max_examples=math.ceil(FUZZ_EXAMPLES / (SHARDS * CASES_PER_EXAMPLE)),
@@ -160,11 +154,7 @@ def _progress_writer(name: str):
         )
     ],
 )
-def test_fuzz_against_reference(backend, device, shard, monkeypatch):
-    if backend == "cuda":
-        rows = CUDA_ROWS[shard % len(CUDA_ROWS)]
-        monkeypatch.setattr(cuda_backend, "rows_per_team", lambda num_rows: rows)
-
+def test_fuzz_against_reference(backend, device, shard):
     progress = _progress_writer(f"{backend}-{device}-{shard}")
     passed = 0
 

@@ -29,24 +29,28 @@ import collections, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from attnmerge.triton import merge_kernel as mk
+from attnmerge import formats
+from attnmerge.triton import epilogues, merge_kernel as mk
 
 in_ty, out_ty, head_size, base_2 = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 num_rows, head_major = int(sys.argv[5]), sys.argv[6] == "1"
 itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[in_ty]
 fn = mk._merge_two_kernel
-pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "prefix_ptr": in_ty,
-            "prefix_lse_ptr": "fp32", "suffix_ptr": in_ty, "suffix_lse_ptr": "fp32",
-            "scale_ptr": "fp32"}
+pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "partial0_ptr": in_ty,
+            "lse0_ptr": "fp32", "partial1_ptr": in_ty, "lse1_ptr": "fp32",
+            "operand_ptr": "fp32"}
+# the output format's store, as the launcher passes it (OutputFormat.triton_epilogue)
+output_format = formats.FP8Static if out_ty == "fp8e4nv" else formats.Plain
+store = getattr(epilogues, output_format.triton_epilogue)
 block_d = triton.next_power_of_2(head_size)
 const = dict(NUM_HEADS=32, HEAD_SIZE=head_size, BLOCK_D=block_d,
              BLOCK_ROWS=mk.block_rows_for(head_size, itemsize, num_rows), LSE_BASE_2=base_2,
-             WRITE_LSE=True, FP8_OUT=out_ty == "fp8e4nv", HEAD_MAJOR=head_major)
+             WRITE_LSE=True, STORE=store, HEAD_MAJOR=head_major)
 sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
        for n in fn.arg_names}
 # What Triton infers for aligned tensors and strides that are multiples of 16.
-aligned = [n for n in fn.arg_names if n in pointers or n.startswith(("out_stride", "prefix_stride",
-           "suffix_stride"))]
+aligned = [n for n in fn.arg_names if n in pointers
+           or n.startswith(("out_stride", "partial0_stride", "partial1_stride"))]
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 options = {"num_warps": mk._NUM_WARPS, "maxnreg": mk._MAX_REGISTERS}  # as the launcher's
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),

@@ -1,12 +1,13 @@
-"""GPU only: the CUDA kernel's row weights (``row_weights`` in the kernel source) are
+"""GPU only: the CUDA kernel's row weights (``two_partial_state`` in csrc/merge.cuh) are
 the textbook formula's, bit for bit. The kernel computes one exponential per row and
-divides by Markstein's sequence (``divide_weight``) on a shared reciprocal, instead of
-two exponentials and two IEEE divisions (``__fdiv_rn``); both live on the merge's
-critical path, so they are checked on their own, over millions of inputs: the division
-against the CPU's float32 division, the weights against the textbook formula computed
-with the same device's ``expf``/``exp2f`` and ``__fdiv_rn``. The Triton kernel divides
-its weights by the same sequence (``_weights_of``): its quotients and reciprocals are
-checked against the CPU's division on the same inputs."""
+divides by Markstein's sequence (``divide_weight``, ``reciprocal_weight``) on a shared
+approximate reciprocal (``weight_reciprocal``), instead of two exponentials and two IEEE
+divisions (``__fdiv_rn``); both live on the merge's critical path, so they are checked on
+their own, over millions of inputs: the division against the CPU's float32 division, the
+weights against the textbook formula computed with the same device's ``expf``/``exp2f``
+and ``__fdiv_rn``. The Triton kernel divides its weights by the same sequence
+(``_weights_of``): its quotients and reciprocals are checked against the CPU's division
+on the same inputs."""
 
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ from attnmerge.triton import merge_kernel
 pytestmark = pytest.mark.gpu
 
 _KERNELS = r"""
+#include "merge.cuh"
+namespace attnmerge {
+
 struct PairArgs {
   const float* a;
   const float* b;
-  float* out;  // divide: n quotients; weights: n x {prefix, suffix, textbook prefix,
-               // textbook suffix, max, total, textbook max, textbook total, keep prefix,
-               // keep suffix}
+  float* out;  // divide: n x {a / b, 1 / b}; weights: n x {weight0, weight1, textbook
+               // weight0, textbook weight1, max, total, textbook max, textbook total,
+               // keep0, keep1}
   long long n;
   int base_2;
 };
@@ -38,39 +42,52 @@ extern "C" __global__ void divide_weights(const PairArgs args) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < args.n) {
     const float b = args.b[i];
-    args.out[i] = attnmerge::divide_weight(args.a[i], b, attnmerge::weight_reciprocal(b));
+    const float y = weight_reciprocal(b);
+    args.out[2 * i] = divide_weight(args.a[i], b, y);
+    args.out[2 * i + 1] = reciprocal_weight(b, y);
   }
 }
 
-extern "C" __global__ void row_weights(const PairArgs args) {
+extern "C" __global__ void two_partial_states(const PairArgs args) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= args.n) return;
   const bool base_2 = args.base_2 != 0;
-  const float lp = args.a[i], ls = args.b[i];
-  const attnmerge::RowWeights w = attnmerge::row_weights(lp, ls, base_2);
+  const float l0 = args.a[i], l1 = args.b[i];
+  const TwoPartialState w = two_partial_state(l0, l1, base_2);
   // the textbook formula: both exponentials, IEEE division
   const float inf = __int_as_float(0x7f800000);
-  const float p = lp == inf ? -inf : lp, s = ls == inf ? -inf : ls;
+  const float p = l0 == inf ? -inf : l0, s = l1 == inf ? -inf : l1;
   float m = (p != p || s != s) ? __int_as_float(0x7fffffff) : fmaxf(p, s);
   const bool empty = m == -inf;
   if (empty) m = 0.0f;
-  const float ep = base_2 ? exp2f(p - m) : expf(p - m);
-  const float es = base_2 ? exp2f(s - m) : expf(s - m);
-  const float total = ep + es;
+  const float e0 = base_2 ? exp2f(p - m) : expf(p - m);
+  const float e1 = base_2 ? exp2f(s - m) : expf(s - m);
+  const float total = e0 + e1;
   float* out = args.out + 10 * i;
-  out[0] = w.prefix;
-  out[1] = w.suffix;
-  out[2] = empty ? 0.0f : __fdiv_rn(ep, total);
-  out[3] = empty ? 0.0f : __fdiv_rn(es, total);
+  out[0] = w.weight0;
+  out[1] = w.weight1;
+  out[2] = empty ? 0.0f : __fdiv_rn(e0, total);
+  out[3] = empty ? 0.0f : __fdiv_rn(e1, total);
   out[4] = w.max;
   out[5] = w.total;
   out[6] = m;
   out[7] = total;
-  out[8] = w.keep_prefix ? 1.0f : 0.0f;
-  out[9] = w.keep_suffix ? 1.0f : 0.0f;
+  out[8] = w.keep0 ? 1.0f : 0.0f;
+  out[9] = w.keep1 ? 1.0f : 0.0f;
 }
+
+}  // namespace attnmerge
 """
 _BLOCK = 256
+
+
+def _compile(arch: str) -> bytes:
+    """The test kernels, built as the launcher builds the merge kernel: NVRTC, with the
+    kernel sources as headers (merge.cuh includes epilogues.cuh, which includes
+    common.cuh)."""
+    return nvrtc.compile_cubin(
+        _KERNELS, name="two_partial_states.cu", arch=arch, headers=cuda_backend.sources()
+    ).cubin
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +99,10 @@ def kernels():
         pytest.skip(reason)
     dev = torch.cuda.current_device()
     arch = cuda_backend.arch_of(torch.cuda.get_device_capability(dev))
-    source = cuda_backend.source() + "\nnamespace attnmerge {\n" + _KERNELS + "}\n"
-    cubin = nvrtc.compile_cubin(source, name="row_weights.cu", arch=arch).cubin
+    cubin = _compile(arch)
     loaded = {
         name: driver.load_kernel(cubin, name, dev, _BLOCK)
-        for name in ("divide_weights", "row_weights")
+        for name in ("divide_weights", "two_partial_states")
     }
 
     def run(name: str, a: torch.Tensor, b: torch.Tensor, width: int, base_2: bool = False):
@@ -115,10 +131,10 @@ def _triton_divide(a_ptr, b_ptr, quotient_ptr, reciprocal_ptr, n, BLOCK: tl.cons
 
 @pytest.fixture(scope="module", params=["cuda", "triton"])
 def divide(request):
-    """a / b (and, triton, 1 / b) by one kernel's weight division, on the GPU."""
+    """(a / b, 1 / b) by one kernel's weight division, on the GPU."""
     if request.param == "cuda":
         run = request.getfixturevalue("kernels")
-        return lambda a, b: (run("divide_weights", a, b, 1)[:, 0], None)
+        return lambda a, b: tuple(run("divide_weights", a, b, 2).unbind(1))
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     assert merge_kernel._RECIPROCAL_DIVISION, "the interpreter's path would be checked"
@@ -151,8 +167,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str, inputs) -> No
 def _check_division(divide, a: torch.Tensor, b: torch.Tensor) -> None:
     quotient, reciprocal = divide(a, b)
     _assert_same(quotient, a / b, "quotients", (a, b))  # CPU float32: IEEE, nearest even
-    if reciprocal is not None:
-        _assert_same(reciprocal, 1.0 / b, "reciprocals", (b,))
+    _assert_same(reciprocal, 1.0 / b, "reciprocals", (b,))
 
 
 def _exponentials(n: int, g: torch.Generator) -> torch.Tensor:
@@ -163,7 +178,7 @@ def _exponentials(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def test_division_of_a_rows_operands(divide):
-    # b = 1 + e, a = 1 or e: exactly the operands row_weights gives it
+    # b = 1 + e, a = 1 or e: exactly the operands two_partial_state gives it
     g = torch.Generator().manual_seed(0)
     e = _exponentials(1 << 23, g)
     b = 1.0 + e
@@ -195,21 +210,21 @@ def test_division_by_one_keeps_subnormals(divide):
     _check_division(divide, torch.tensor([float("nan")] * 3), torch.tensor([1.0, 1.5, 2.0]))
 
 
-def _check_weights(kernels, lp: torch.Tensor, ls: torch.Tensor, base_2: bool) -> None:
-    out = kernels("row_weights", lp, ls, 10, base_2)
-    inputs = (lp, ls)
-    _assert_same(out[:, 0], out[:, 2], "prefix weights", inputs)
-    _assert_same(out[:, 1], out[:, 3], "suffix weights", inputs)
+def _check_weights(kernels, l0: torch.Tensor, l1: torch.Tensor, base_2: bool) -> None:
+    out = kernels("two_partial_states", l0, l1, 10, base_2)
+    inputs = (l0, l1)
+    _assert_same(out[:, 0], out[:, 2], "first partial's weights", inputs)
+    _assert_same(out[:, 1], out[:, 3], "second partial's weights", inputs)
     # the rows the combine keeps, decided before the weights: those of nonzero (or NaN)
     # weight, exactly
-    for keep, weight, what in ((8, 2, "kept prefixes"), (9, 3, "kept suffixes")):
+    for keep, weight, what in ((8, 2, "kept first partials"), (9, 3, "kept second partials")):
         wrong = (out[:, keep] != 0) != (out[:, weight] != 0)
-        assert not bool(wrong.any()), f"{what}: wrong at inputs {lp[wrong][:4]}, {ls[wrong][:4]}"
+        assert not bool(wrong.any()), f"{what}: wrong at inputs {l0[wrong][:4]}, {l1[wrong][:4]}"
     # the output LSE's terms: the same max and sum of exponentials (0 marks empty)
     empty = out[:, 5] == 0
-    _assert_same(out[:, 4][~empty], out[:, 6][~empty], "maxima", (lp[~empty], ls[~empty]))
-    _assert_same(out[:, 5][~empty], out[:, 7][~empty], "totals", (lp[~empty], ls[~empty]))
-    textbook_empty = (lp.isinf() & ls.isinf()).cpu()
+    _assert_same(out[:, 4][~empty], out[:, 6][~empty], "maxima", (l0[~empty], l1[~empty]))
+    _assert_same(out[:, 5][~empty], out[:, 7][~empty], "totals", (l0[~empty], l1[~empty]))
+    textbook_empty = (l0.isinf() & l1.isinf()).cpu()
     assert torch.equal(empty, textbook_empty)
 
 
@@ -217,11 +232,11 @@ def _check_weights(kernels, lp: torch.Tensor, ls: torch.Tensor, base_2: bool) ->
 def test_weights_on_random_lses(kernels, base_2):
     g = torch.Generator().manual_seed(2 + base_2)
     n = 1 << 22
-    lp = 40.0 * torch.randn(n, generator=g)
+    l0 = 40.0 * torch.randn(n, generator=g)
     # gaps spread over 0 to 160 (past every exponential's underflow), either sign
     gap = 160.0 * torch.rand(n, generator=g) ** 2
-    ls = lp + torch.where(torch.rand(n, generator=g) < 0.5, gap, -gap)
-    _check_weights(kernels, lp, ls, base_2)
+    l1 = l0 + torch.where(torch.rand(n, generator=g) < 0.5, gap, -gap)
+    _check_weights(kernels, l0, l1, base_2)
 
 
 @pytest.mark.parametrize("base_2", [False, True], ids=["base_e", "base_2"])
@@ -230,8 +245,8 @@ def test_weights_on_special_lses(kernels, base_2):
     values = [-inf, inf, nan, 0.0, -0.0, 1.0, -1.0, 87.0, -87.0, 104.0, 150.0, -150.0,
               1e30, -1e30, 3.4e38, -3.4e38, 1e-40]  # fmt: skip
     v = torch.tensor(values)
-    lp, ls = v.repeat_interleave(len(values)), v.repeat(len(values))
-    _check_weights(kernels, lp, ls, base_2)
+    l0, l1 = v.repeat_interleave(len(values)), v.repeat(len(values))
+    _check_weights(kernels, l0, l1, base_2)
     # equal LSEs and neighbours one ulp apart
     x = 30.0 * torch.randn(1 << 16, generator=torch.Generator().manual_seed(4))
     up = (x.view(torch.int32) + 1).view(torch.float32)

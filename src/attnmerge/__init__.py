@@ -4,7 +4,8 @@ Public API:
 
 * :func:`merge_attn_states`: vLLM-compatible out-variant (drop-in replacement).
 * :func:`merge`: functional form returning a :class:`MergeResult`.
-* :class:`FP8Static`: static per-tensor FP8 output spec (``quant=`` argument).
+* :class:`FP8Static`: static per-tensor FP8 output (``quant=`` argument); :class:`Plain`
+  the unquantised output formats.
 * :class:`BackendError`: an explicitly requested backend cannot serve a call.
 
 Importing attnmerge never initialises CUDA and does not import Triton.
@@ -13,14 +14,15 @@ Importing attnmerge never initialises CUDA and does not import Triton.
 from . import ops as _ops  # noqa: F401  (registers torch.ops.attnmerge.*)
 from .api import MergeResult, merge, merge_attn_states
 from .dispatch import BackendError
-from .quant import FP8Static, QuantSpec
-
-__version__ = "0.1.0"
+from .formats import FP8Static, OutputFormat, Plain, QuantSpec
+from .version import __version__
 
 __all__ = [
     "BackendError",
     "FP8Static",
     "MergeResult",
+    "OutputFormat",
+    "Plain",
     "QuantSpec",
     "__version__",
     "merge",

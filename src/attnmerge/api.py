@@ -10,8 +10,10 @@ Two forms of the same operation:
 Eager calls go straight to the backend; only under ``torch.compile`` do they go
 through the registered custom op (the dispatcher adds a few microseconds per call,
 see docs/host-overhead.md).
-Every check runs before anything is written: a call that raises leaves its output
-tensors untouched.
+
+Every check runs once, in ``_build_call``, which describes the call as a
+:class:`~attnmerge.call.MergeCall` for the backend that dispatch selects. The checks
+run before anything is written: a call that raises leaves its output tensors untouched.
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch
-from .quant import FP8Static, QuantSpec
+from .call import CallSignature, MergeCall
+from .formats import FLOAT_DTYPES, FP8Static, OutputFormat, Plain, QuantSpec, dtype_names
 
 __all__ = ["MergeResult", "merge", "merge_attn_states"]
 
-_PARTIAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PARTIAL_DTYPES = FLOAT_DTYPES
 _OUTPUT_DTYPES = (*_PARTIAL_DTYPES, torch.float8_e4m3fn)
 _FP8_DTYPES = (torch.float8_e4m3fn,)
 _LSE_BASES = ("e", 2)
 
 
-def _names(dtypes: Sequence[torch.dtype]) -> str:
-    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+_names = dtype_names
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -99,7 +101,23 @@ def _check_written(name: str, t: torch.Tensor, reads: Sequence[tuple[str, torch.
             )
 
 
-def _validate(
+def _output_format(output: torch.Tensor, output_scale: object) -> OutputFormat:
+    """The format vLLM's arguments ask for: FP8 exactly when an ``output_scale`` is given."""
+    fp8 = output.dtype in _FP8_DTYPES
+    if output_scale is None:
+        if fp8:
+            raise ValueError(f"output is {output.dtype}: output_scale is required")
+        return Plain(output.dtype)
+    _check_tensor("output_scale", output_scale)
+    if not fp8:
+        raise ValueError(
+            f"output_scale was given but output is {output.dtype}; a scaled store needs "
+            f"a float8_e4m3fn output"
+        )
+    return FP8Static(output_scale)
+
+
+def _build_call(
     output: object,
     prefix_output: object,
     prefix_lse: object,
@@ -111,8 +129,8 @@ def _validate(
     lse_base: object,
     backend: object,
     real_tensors: bool,
-) -> tuple[bool, tuple]:
-    """Check every argument; return ``(lse_base_2, dispatch_key)``.
+) -> MergeCall:
+    """Check every argument of vLLM's form and describe the call.
 
     ``real_tensors`` is False while tracing under torch.compile (fake tensors carry no
     memory, so the aliasing checks wait for the real call).
@@ -133,29 +151,10 @@ def _validate(
     _check_lse("suffix_lse", suffix_lse, heads, tokens, device)
     if output_lse is not None:
         _check_lse("output_lse", output_lse, heads, tokens, device)
+    output_format = _output_format(output, output_scale)
+    output_format.check(output)
 
-    fp8 = output.dtype in _FP8_DTYPES
-    if output_scale is None:
-        if fp8:
-            raise ValueError(f"output is {output.dtype}: output_scale is required")
-    else:
-        _check_tensor("output_scale", output_scale)
-        if not fp8:
-            raise ValueError(
-                f"output_scale was given but output is {output.dtype}; a scaled store needs "
-                f"a float8_e4m3fn output"
-            )
-        if output_scale.dtype != torch.float32:
-            raise TypeError(
-                f"output_scale must be a 1-element float32 tensor, got {output_scale.dtype}"
-            )
-        if output_scale.numel() != 1:
-            raise ValueError(
-                f"output_scale must be a 1-element float32 tensor, got "
-                f"{output_scale.numel()} elements"
-            )
-        _check_device("output_scale", output_scale, device)
-
+    tokens_with_first = tokens
     if prefill_tokens_with_context is not None:
         if isinstance(prefill_tokens_with_context, bool) or not isinstance(
             prefill_tokens_with_context, (int, torch.SymInt)
@@ -169,6 +168,7 @@ def _validate(
                 f"prefill_tokens_with_context must be in [0, {tokens}] (the number of "
                 f"tokens), got {prefill_tokens_with_context}"
             )
+        tokens_with_first = prefill_tokens_with_context
     if lse_base not in _LSE_BASES:
         raise ValueError(f"lse_base must be 'e' or 2, got {lse_base!r}")
     if backend not in dispatch.BACKENDS:
@@ -180,26 +180,31 @@ def _validate(
         if output_lse is not None:
             lse_reads = (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse))
             _check_written("output_lse", output_lse, lse_reads)
-    lse_base_2 = lse_base == 2
-    write_lse = output_lse is not None
-    key = (
-        prefix_output.dtype,
-        suffix_output.dtype,
-        output.dtype,
-        shape[2],
-        write_lse,
-        lse_base_2,
-        fp8,
+    signature = CallSignature(
+        device=device,
+        partial_dtypes=(prefix_output.dtype, suffix_output.dtype),
+        head_size=shape[2],
+        output_format=output_format.key,
+        write_lse=output_lse is not None,
+        lse_base_2=lse_base == 2,
     )
-    return lse_base_2, key
+    return MergeCall(
+        output=output,
+        output_lse=output_lse,
+        partials=(prefix_output, suffix_output),
+        lses=(prefix_lse, suffix_lse),
+        output_format=output_format,
+        tokens_with_first=tokens_with_first,
+        signature=signature,
+    )
 
 
 def _merge_attn_states_impl(args: tuple, lse_base: str | int, backend: str) -> None:
     """Validate on real tensors, select a backend, run. ``args`` are the op's tensor and
     size arguments in vLLM's order (output ... output_scale). Shared by the eager path
     and the custom op's implementation."""
-    lse_base_2, key = _validate(*args, lse_base, backend, real_tensors=True)
-    dispatch.select(backend, args[0].device, key)(*args, lse_base_2)
+    call = _build_call(*args, lse_base, backend, real_tensors=True)
+    dispatch.select(backend, call.signature)(call)
 
 
 def merge_attn_states(
@@ -253,10 +258,10 @@ def merge_attn_states(
             ``ATTNMERGE_BACKEND`` environment variable), ``"cuda"``, ``"triton"`` or
             ``"torch"``.
 
-    Contract on special values: rows where both partials are empty are exactly 0 with
-    LSE ``-inf`` (never NaN); a partial with zero weight contributes exactly 0 even if
-    its row holds NaN or inf; a NaN LSE, or a NaN in a partial with non-zero weight,
-    gives NaN (the FP8 NaN code), never a finite value.
+    Special values (docs/contract.md C4-C7): rows where both partials are empty are
+    exactly 0 with LSE ``-inf`` (never NaN); a partial with zero weight contributes
+    exactly 0 even if its row holds NaN or inf; a NaN LSE, or a NaN in a partial with
+    non-zero weight, gives NaN (the FP8 NaN code), never a finite value.
 
     Raises:
         TypeError: an argument of the wrong type or dtype.
@@ -286,7 +291,7 @@ def merge_attn_states(
     )
     if torch.compiler.is_compiling():
         # Checks at trace time (fake tensors: no aliasing checks), then the opaque op.
-        _validate(*args, lse_base, backend, real_tensors=False)
+        _build_call(*args, lse_base, backend, real_tensors=False)
         torch.ops.attnmerge.merge_attn_states(*args, lse_base == 2, backend)
         return
     _merge_attn_states_impl(args, lse_base, backend)
@@ -365,10 +370,10 @@ def merge(
         dtype = first.dtype if out_dtype is None else out_dtype
         if dtype in _FP8_DTYPES:
             raise ValueError("an FP8 output needs quant=attnmerge.FP8Static(scale), not out_dtype")
-    elif isinstance(quant, FP8Static):
+    elif isinstance(quant, FP8Static):  # the one format the op's schema carries
         if out_dtype is not None and out_dtype != quant.dtype:
             raise ValueError(f"out_dtype={out_dtype} conflicts with quant dtype {quant.dtype}")
-        dtype, scale = quant.dtype, quant.scale
+        dtype, scale = quant.dtype, quant.kernel_operand()
     else:
         raise TypeError(
             f"quant must be None or an attnmerge quant spec, got {type(quant).__name__}"

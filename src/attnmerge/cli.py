@@ -1,8 +1,8 @@
-"""The ``attnmerge`` command line: ``attnmerge info`` and ``attnmerge demo``.
+"""The ``attnmerge`` command line: ``info``, ``demo``, ``build`` and ``bench``.
 
 Each subcommand is one entry of :data:`_COMMANDS`: a name, a help text, a function
 that adds its options to its subparser and a function that runs it and returns the
-exit code. A new subcommand (``bench``, ``build``) is one more entry.
+exit code. ``bench`` is imported only when it is used.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from importlib import metadata
 
 import torch
 
-import attnmerge
-
 from . import demo, dispatch
+from .version import __version__
 
 __all__ = ["main"]
 
@@ -87,7 +86,7 @@ def _backend_lines(device: torch.device) -> list[str]:
 
 def _run_info(args: argparse.Namespace) -> int:
     """Print versions, devices and which backend can run where."""
-    print(f"attnmerge  {attnmerge.__version__}")
+    print(f"attnmerge  {__version__}")
     print(f"python     {platform.python_version()} ({sys.executable})")
     print(f"torch      {_torch_line()}")
     print(f"triton     {_triton_line()}")
@@ -159,9 +158,9 @@ def _run_build(args: argparse.Namespace) -> int:
     """Compile the CUDA kernels for the given architectures into the cache."""
     import time
 
-    from .cuda import backend, cache
+    from .cuda import backend, cache, nvrtc
 
-    reason = backend.nvrtc.unavailable_reason()
+    reason = nvrtc.unavailable_reason()
     if reason is not None:
         print(f"attnmerge build: cannot compile: {reason}", file=sys.stderr)
         return 1
@@ -170,19 +169,19 @@ def _run_build(args: argparse.Namespace) -> int:
         return 2
     archs = args.arch or _default_archs()
     head_sizes = tuple(int(d) for d in args.head_sizes.split(",") if d)
-    instances = backend.common_instances(head_sizes, mixed_dtypes=args.mixed_dtypes)
+    configs = backend.common_configs(head_sizes, mixed_dtypes=args.mixed_dtypes)
     where = cache.cache_dir()
-    print(f"building {len(instances)} kernel instances for {', '.join(archs)} into {where}")
+    print(f"building {len(configs)} kernels for {', '.join(archs)} into {where}")
     for arch in archs:
         start = time.perf_counter()
         if args.jobs == 1:
-            for instance in instances:
-                backend.build_instance(instance, arch)
+            for config in configs:
+                backend.build_kernel(config, arch)
         else:  # NVRTC runs in the calling thread: processes, each with its own
             import concurrent.futures
 
             with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-                list(pool.map(backend.build_instance, instances, [arch] * len(instances)))
+                list(pool.map(backend.build_kernel, configs, [arch] * len(configs)))
         print(f"  {arch}: {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -201,7 +200,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     """Benchmark the merge on the GPU; 2 without one."""
     from . import bench
 
-    return bench.run_args(args)
+    return bench.run(args)
 
 
 # ---------------------------------------------------------------------------
@@ -232,8 +231,8 @@ _COMMANDS = (
         "Build a cascade-attention batch (a shared prefix, per-request suffixes, one request "
         "without prefix at the end of the batch), merge the prefix and suffix partial states "
         "with every backend that can run on the device, into the partial dtype and into FP8, "
-        "and compare with the attention computed in one piece. Exits with 1 if an error "
-        "exceeds its bound. On a CPU, the Triton backend runs in Triton's interpreter.",
+        "and compare with the attention computed in one piece in float64. Exits with 1 if an "
+        "error exceeds its bound. On a CPU, the Triton backend runs in Triton's interpreter.",
         demo.add_arguments,
         demo.run,
     ),
@@ -249,11 +248,13 @@ _COMMANDS = (
     _Command(
         "bench",
         "benchmark the merge on the GPU (time, GB/s, %% of peak bandwidth)",
-        "Time every provider (cuda, triton, unfused = merge + separate FP8 quantisation, "
-        "torch) on a grid of shapes (default: vLLM's, T in 1..4096 x H in 128..4 x D = 128 x "
+        "Time attnmerge's backends (cuda, triton, torch), the unfused baseline (merge, then a "
+        "separate FP8 quantisation) and vLLM's merge_attn_states where vLLM is installed, on "
+        "a grid of shapes (default: vLLM's, T in 1..4096 x H in 128..4 x D = 128 x "
         "fp32/fp16/bf16 partials, FP8 output) by CUDA-graph replay; print a table with the "
         "median time, GB/s and % of the card's datasheet bandwidth, and optionally write a "
-        "CSV and a PNG plot. Needs a CUDA GPU: without one it exits with 2.",
+        "CSV. --eager measures the host time per eager call instead. Needs a CUDA GPU: "
+        "without one it exits with 2.",
         _add_bench_arguments,
         _run_bench,
     ),
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="attnmerge: exact merging of partial attention states (output + LSE), "
         "with fused FP8 output.",
     )
-    parser.add_argument("--version", action="version", version=attnmerge.__version__)
+    parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in _COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description)

@@ -7,9 +7,8 @@ dispatcher. Calling ``torch.ops.attnmerge.merge_attn_states`` directly is suppor
 and runs the same checks.
 
 The op is declared with a plain ``torch.library.Library`` schema rather than
-``torch.library.custom_op``: on a 2-core CPU host the ``custom_op`` wrapper costs
-~59 us per call against ~6 us for a plain schema (host time of a call whose backend does
-nothing), and compiled graphs pay that on every call.
+``torch.library.custom_op``, whose Python wrapper costs compiled graphs several times the
+host time of a plain schema on every call (docs/host-overhead.md).
 """
 
 from __future__ import annotations

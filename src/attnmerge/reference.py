@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .quant import FP8_E4M3_MAX
+from .call import CallSignature, MergeCall
+from .formats import FP8Static
 
-__all__ = ["merge_states_reference", "quantize_fp8_static"]
+__all__ = ["BACKEND", "merge_states_reference", "quantize_fp8_static"]
 
 
 def merge_states_reference(
@@ -69,39 +70,32 @@ def merge_states_reference(
 
 
 def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``e4m3fn(saturate(x * (1 / scale)))``, NaN preserved, round-to-nearest-even.
-
-    The explicit clamp makes the result independent of how a torch build casts
-    out-of-range values (torch 2.13 saturates, older CUDA builds produce NaN).
-    """
-    y = x.float() * scale.float().reciprocal()
-    return y.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    """``e4m3fn(saturate(x * (1 / scale)))``, NaN preserved, round-to-nearest-even
+    (:meth:`attnmerge.FP8Static.quantize_reference`)."""
+    return FP8Static(scale).quantize_reference(x)
 
 
-def run(
-    output: torch.Tensor,
-    prefix_output: torch.Tensor,
-    prefix_lse: torch.Tensor,
-    suffix_output: torch.Tensor,
-    suffix_lse: torch.Tensor,
-    output_lse: torch.Tensor | None,
-    prefill_tokens_with_context: int | None,
-    output_scale: torch.Tensor | None,
-    lse_base_2: bool,
-) -> None:
-    """Backend entry point: merge two states and store into the given outputs.
+class TorchBackend:
+    """The reference as a backend: any device, any number of partials, every format."""
 
-    The whole result is computed before anything is written, so outputs may alias
-    inputs.
-    """
-    out, lse = merge_states_reference(
-        (prefix_output, suffix_output),
-        (prefix_lse, suffix_lse),
-        lse_base_2=lse_base_2,
-        prefill_tokens_with_context=prefill_tokens_with_context,
-    )
-    if output_scale is not None:
-        out = quantize_fp8_static(out, output_scale)
-    output.copy_(out)
-    if output_lse is not None:
-        output_lse.copy_(lse)
+    def unsupported(self, signature: CallSignature) -> str | None:
+        return None
+
+    def run(self, call: MergeCall) -> None:
+        """Merge and store. The whole result is computed before anything is written,
+        so outputs may alias inputs."""
+        tokens = call.output.shape[0]
+        out, lse = merge_states_reference(
+            call.partials,
+            call.lses,
+            lse_base_2=call.lse_base_2,
+            prefill_tokens_with_context=(
+                None if call.tokens_with_first == tokens else call.tokens_with_first
+            ),
+        )
+        call.output.copy_(call.output_format.quantize_reference(out))
+        if call.output_lse is not None:
+            call.output_lse.copy_(lse)
+
+
+BACKEND = TorchBackend()

@@ -3,8 +3,9 @@
 // Each CUDA thread of a block runs as an OS thread; __syncthreads is a std::barrier over
 // the block's threads; blocks run one after another. The intrinsics map to plain float
 // operations (built with -ffp-contract=off, so nothing is fused, as on the GPU), and the
-// fp16/bf16/fp8 conversions take the header's host paths. Built once per kernel instance
-// with -DATTNMERGE_MERGE_TWO_INSTANCE=<template arguments>.
+// fp16/bf16/fp8 conversions take the headers' host paths. Built once per kernel
+// configuration with -DATTNMERGE_MERGE_INSTANCE=<KernelConfig.template_arguments()> and the
+// csrc directory on the include path (merge.cuh includes epilogues.cuh and common.cuh).
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -39,13 +40,12 @@ static inline float __fdiv_rn(float a, float b) { return a / b; }
 #include <math.h>
 
 #define __global__
-#define __shared__ static  // one instance for all threads; blocks run one at a time
 #define __launch_bounds__(n)
 #define ATTNMERGE_HOST_EMULATION 1
-#include "merge_attn_states.cuh"
+#include "merge.cuh"
 
 extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid) {
-  constexpr unsigned kThreads = attnmerge::block_threads<ATTNMERGE_MERGE_TWO_INSTANCE>();
+  constexpr unsigned kThreads = attnmerge::kBlockThreads;  // every block, every config
   for (unsigned b = 0; b < grid; ++b) {
     std::barrier<> barrier(kThreads);
     block_barrier = &barrier;
@@ -55,9 +55,9 @@ extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid
       threads.emplace_back([params, b, t] {
         threadIdx = {t, 0, 0};
         blockIdx = {b, 0, 0};
-        attnmerge::attnmerge_merge_two(*params);
+        attnmerge::attnmerge_merge(*params);
         // A thread that has returned drops out of the block's barrier, so that the early
-        // exit of output-LSE instances does not hold the others at their warp barrier
+        // exit of output-LSE kernels does not hold the others at their warp barrier
         // (whose mask holds only lanes that have not returned); no block barrier follows
         // an early exit in the kernel.
         block_barrier->arrive_and_drop();

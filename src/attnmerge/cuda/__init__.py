@@ -1,1 +1,68 @@
-"""CUDA C++ backend: NVRTC compilation, build cache and kernel launches."""
+"""The ``cuda`` backend: CUDA C++ kernels built on first use with NVRTC, launched through
+the driver API (:mod:`.backend`). Nothing here loads a CUDA library at import time."""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from ..call import CallSignature, MergeCall
+from ..devices import capability
+
+__all__ = ["BACKEND"]
+
+
+@functools.cache
+def _launcher() -> ModuleType:
+    from . import backend
+
+    return backend
+
+
+class CudaBackend:
+    """NVIDIA GPUs of compute capability 8.0 and later."""
+
+    def unsupported(self, signature: CallSignature) -> str | None:
+        device = signature.device
+        if device.type != "cuda":
+            return f"the CUDA backend runs on NVIDIA GPUs only, not on {device.type!r}"
+        reason = self._device_reason(device)
+        if reason is not None:
+            return reason
+        if signature.num_partials != 2:
+            return f"its kernel merges 2 partials, not {signature.num_partials}"
+        if signature.output_format.kind.whole_token_tiles:
+            return "its blocks tile by rows, and this output format needs whole tokens"
+        from .driver import DriverError
+        from .nvrtc import BuildError
+
+        index = torch.cuda.current_device() if device.index is None else device.index
+        try:  # once per call signature: dispatch caches its decisions
+            _launcher().prepare(index, signature)
+        except (BuildError, DriverError) as e:
+            return f"its kernel for this call could not be built or loaded: {e}"
+        return None
+
+    @staticmethod
+    @functools.cache
+    def _device_reason(device: torch.device) -> str | None:
+        reason = _launcher().unavailable_reason()
+        if reason is not None:
+            return reason
+        cap = capability(device)
+        if cap < (8, 0):
+            return (
+                f"the CUDA kernels need compute capability >= 8.0 (this GPU has {cap[0]}.{cap[1]})"
+            )
+        return None
+
+    def run(self, call: MergeCall) -> None:
+        _launcher().run(call)
+
+    def clear_caches(self) -> None:
+        self._device_reason.cache_clear()
+
+
+BACKEND = CudaBackend()

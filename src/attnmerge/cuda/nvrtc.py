@@ -24,7 +24,7 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -291,12 +291,14 @@ def compile_cubin(
     arch: str,
     options: Sequence[str] = (),
     name_expressions: Sequence[str] = (),
+    headers: Mapping[str, str] | None = None,
 ) -> CompiledModule:
     """Compile ``source`` (CUDA C++) for ``arch`` (``"sm_80"``, ``"sm_90a"``...).
 
     ``name`` is the file name used in diagnostics. ``name_expressions`` (e.g.
     ``"merge<float, 128>"``) instantiate templates and are returned with their mangled
-    names in :attr:`CompiledModule.lowered_names`. ``-std=c++17`` is added unless
+    names in :attr:`CompiledModule.lowered_names`. ``headers`` maps include names to
+    their text (``#include "name"`` in the source). ``-std=c++17`` is added unless
     ``options`` has a ``-std``. Raises :class:`BuildError` on failure, with the log.
     """
     if not _ARCH_RE.fullmatch(arch):
@@ -307,10 +309,15 @@ def compile_cubin(
         opts.append("-std=c++17")
     opts.extend(options)
 
+    headers = dict(headers or {})
+    texts = (ctypes.c_char_p * max(len(headers), 1))(*(t.encode() for t in headers.values()))
+    names = (ctypes.c_char_p * max(len(headers), 1))(*(n.encode() for n in headers))
     prog = ctypes.c_void_p()
     _check(
         lib,
-        lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),
+        lib.nvrtcCreateProgram(
+            ctypes.byref(prog), source.encode(), name.encode(), len(headers), texts, names
+        ),
         f"nvrtcCreateProgram({name})",
     )
     try:

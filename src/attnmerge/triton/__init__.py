@@ -11,6 +11,16 @@ import functools
 import os
 from types import ModuleType
 
+import torch
+
+from ..call import CallSignature, MergeCall
+from ..devices import capability
+
+__all__ = ["BACKEND", "interpreting", "load"]
+
+# Triton's fp8e4nv type (the FP8 stores) exists from sm_89 on.
+_FP8_MIN_CAPABILITY = (8, 9)
+
 
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -33,3 +43,52 @@ def load() -> ModuleType:
     from . import merge_kernel
 
     return merge_kernel
+
+
+class TritonBackend:
+    """Triton kernels on CUDA devices, or on the CPU under the interpreter."""
+
+    def unsupported(self, signature: CallSignature) -> str | None:
+        device = signature.device
+        reason = self._device_reason(device)
+        if reason is not None:
+            return reason
+        if signature.num_partials != 2:
+            return f"its kernel merges 2 partials, not {signature.num_partials}"
+        if signature.output_format.kind.whole_token_tiles:
+            return "its programs tile by rows, and this output format needs whole tokens"
+        fp8 = signature.output_dtype == torch.float8_e4m3fn
+        if fp8 and device.type == "cuda" and not interpreting():
+            cap = capability(device)
+            if cap < _FP8_MIN_CAPABILITY:
+                return (
+                    f"FP8 output needs compute capability >= 8.9 in Triton "
+                    f"(this GPU has {cap[0]}.{cap[1]})"
+                )
+        return None
+
+    @staticmethod
+    @functools.cache
+    def _device_reason(device: torch.device) -> str | None:
+        try:
+            load()
+        except ImportError as e:
+            return (
+                f"triton is not importable ({e}); install it with `pip install attnmerge[triton]`"
+            )
+        if device.type == "cpu":
+            if interpreting():
+                return None
+            return "the tensors are on the CPU and TRITON_INTERPRET=1 was not set"
+        if device.type != "cuda":
+            return f"Triton kernels run on CUDA devices only, not on {device.type!r}"
+        return None
+
+    def run(self, call: MergeCall) -> None:
+        load().run(call)
+
+    def clear_caches(self) -> None:
+        self._device_reason.cache_clear()
+
+
+BACKEND = TritonBackend()

@@ -1,13 +1,13 @@
-"""Triton kernel: merge two partial attention states, optionally storing FP8.
+"""Triton kernel: merge two partial attention states and store them in an output format.
 
-One program handles ``BLOCK_ROWS`` consecutive (token, head) rows as a
-``[BLOCK_ROWS, BLOCK_D]`` tile (or, for some output-LSE calls, consecutive tokens of one
-head: head_major_programs), so a program moves a few KB per input with 16-byte vector
-loads, and small batches still spread over several programs. Only per-model values are
-compile-time constants (head count, head size, dtypes, flags); token counts and
-``prefill_tokens_with_context`` are runtime values that Triton is told not to
-specialise on, so a new batch size never triggers a recompile beyond the few instances
-(small-grid tiles, program order) that the grid size picks among, each compiled once.
+One program handles ``BLOCK_ROWS`` (token, head) rows as a ``[BLOCK_ROWS, BLOCK_D]`` tile:
+consecutive rows, or, for some calls that write the output LSE, consecutive tokens of one
+head (:func:`head_major_programs`). The output format's store (:mod:`.epilogues`) is a
+compile-time argument. Only per-model values are compile-time constants (head count,
+head size, dtypes, flags); token counts and the first partial's token count are run-time
+values Triton does not specialise on, so a new batch size never triggers a recompile
+beyond the few tile instances the grid size picks among. Tile choices and their
+measurements: docs/triton-kernel.md.
 """
 
 from __future__ import annotations
@@ -18,63 +18,45 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from ..call import MergeCall
+from . import epilogues, interpreting
 
-__all__ = ["merge_two_states"]
+__all__ = ["block_rows_for", "head_major_programs", "run"]
 
 logger = logging.getLogger("attnmerge")
 
 # Row offsets are int32 (token = row // heads); every memory offset is int64.
 _MAX_ROWS = 2**31 - 4096
 
-# Bytes of each partial input per program tile. Measured on an H200 (D = 128, FP8
-# out, CUDA-graph medians): bf16 4096x128 took 79.3 us at 16 rows (4 KiB) against
-# 90.5 us at 8 rows and 81.0 us at 32; fp32 1024x128 took 36.4 us at 8 rows
-# (4 KiB) against 37.2 at 16. At 4 warps this is 32 bytes per thread per input.
+# Bytes of each partial per program tile: 32 bytes per thread per input at 4 warps.
 _TILE_BYTES = 4096
 _NUM_WARPS = 4
-# A register cap, given so that the assembler schedules for latency. Without one, ptxas
-# (Triton 3.6 and 3.7, sm_90a) fits these kernels in 32 registers, for full occupancy,
-# by issuing a thread's row loads only after its LSEs have arrived and its weights are
-# computed, or its second row's loads after its first row is merged: two memory latencies
-# in a row. With any cap (40, 64 or 128 measured alike), every load goes out first, in
-# 22 to 47 registers. On an H200 (D = 128, same run, means of 4 rounds of medians):
-# fp32 -> FP8 256 x 64 3.85 -> 3.64 us, 1024 x 16 3.82 -> 3.61, 4096 x 4 3.84 -> 3.56;
-# bf16 -> FP8 256 x 128 4.26 -> 4.00, 4096 x 128 79.02 -> 78.10; bf16 -> bf16 64 x 128
-# 2.73 -> 2.20, 4096 x 128 101.16 -> 94.62; T = 1 unchanged. tests/test_ptx.py checks
-# the order in the machine code.
+# Any register cap makes ptxas issue every load before the math, instead of packing the
+# kernel into 32 registers with two memory latencies in a row (docs/triton-kernel.md);
+# tests/test_ptx.py checks the order in the machine code.
 _MAX_REGISTERS = 64
 
 
 @triton.jit
 def _exp2_keep_subnormals(x):
-    # On the GPU, tl.exp2 flushes subnormal results to zero (seen on an H200 with
-    # Triton 3.6: 2^-130 became 0), which would turn a tiny but non-zero weight into
-    # "zero weight" and hide a NaN in its row, unlike the reference. tl.exp keeps
-    # subnormals (e^-100 survived on the same card), so below 2^-120 the weight is
-    # computed as e^(x ln 2); above, tl.exp2 is the more accurate path.
+    # tl.exp2 flushes subnormal results to zero on the GPU, which would turn a tiny weight
+    # into "zero weight" and hide a NaN in its row; tl.exp keeps them, so below 2^-120
+    # the weight is computed as e^(x ln 2).
     LN2: tl.constexpr = 0.6931471805599453
     return tl.where(x < -120.0, tl.exp(x * LN2), tl.exp2(x))
 
 
 # Compiled kernels divide the weights by Markstein's sequence on the approximate
-# reciprocal (inline PTX); the CPU interpreter, which runs no PTX, by Triton's IEEE
-# division: the same correctly rounded quotients (see _weights_of).
+# reciprocal (inline PTX); the CPU interpreter, which runs no PTX, by IEEE division: the
+# same correctly rounded quotients (see _weights_of).
 _RECIPROCAL_DIVISION = tl.constexpr(not interpreting())
 
 
 @triton.jit
 def _weights_of(e, total):
-    # 1 / total and e / total, rounded to nearest even, for total = 1 + e with e in [0, 1]
-    # (or NaN): the CUDA kernel's weight division (weight_reciprocal, reciprocal_weight
-    # and divide_weight in csrc/merge_attn_states.cuh, where the proof is), correctly
-    # rounded on these operands with no slow path. Triton's div_rn is the GPU's IEEE
-    # division, which checks its operands and branches to a long exact routine where the
-    # check fails (a zero numerator: an empty partial); keeping those rows off it still
-    # cost two divisions' checks and branches on every row's critical path. On an H200
-    # (bf16 -> FP8, D = 128, same run, means of 4 rounds) this took 1 x 128 from 1.54 to
-    # 1.33 us, 16 x 128 from 1.81 to 1.73 and 256 x 128 from 4.89 to 4.41; fp32 1 x 128
-    # from 1.50 to 1.32, fp32 256 x 64 from 3.85 to 3.92.
+    # 1 / total and e / total, correctly rounded, for total = 1 + e with e in [0, 1] (or
+    # NaN): the CUDA kernel's weight division (divide_weight in csrc/merge.cuh holds the
+    # proof), without the operand checks and slow-path branch of an IEEE division.
     if _RECIPROCAL_DIVISION:
         y0 = tl.inline_asm_elementwise(
             "rcp.approx.ftz.f32 $0, $1;", "=r,r", [total], dtype=tl.float32, is_pure=True, pack=1
@@ -89,27 +71,27 @@ def _weights_of(e, total):
     return w_hi, w_lo
 
 
-@triton.jit(do_not_specialize=["num_rows", "num_tokens_with_prefix"])
+@triton.jit(do_not_specialize=["num_rows", "tokens_with_first"])
 def _merge_two_kernel(
     out_ptr,
     out_lse_ptr,
-    prefix_ptr,
-    prefix_lse_ptr,
-    suffix_ptr,
-    suffix_lse_ptr,
-    scale_ptr,
+    partial0_ptr,
+    lse0_ptr,
+    partial1_ptr,
+    lse1_ptr,
+    operand_ptr,
     num_rows,
-    num_tokens_with_prefix,
+    tokens_with_first,
     out_stride_t,
     out_stride_h,
-    prefix_stride_t,
-    prefix_stride_h,
-    suffix_stride_t,
-    suffix_stride_h,
-    prefix_lse_stride_h,
-    prefix_lse_stride_t,
-    suffix_lse_stride_h,
-    suffix_lse_stride_t,
+    partial0_stride_t,
+    partial0_stride_h,
+    partial1_stride_t,
+    partial1_stride_h,
+    lse0_stride_h,
+    lse0_stride_t,
+    lse1_stride_h,
+    lse1_stride_t,
     out_lse_stride_h,
     out_lse_stride_t,
     NUM_HEADS: tl.constexpr,
@@ -118,13 +100,12 @@ def _merge_two_kernel(
     BLOCK_ROWS: tl.constexpr,
     LSE_BASE_2: tl.constexpr,
     WRITE_LSE: tl.constexpr,
-    FP8_OUT: tl.constexpr,
+    STORE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     if HEAD_MAJOR:
-        # Programs over (token block, head): a program's rows are consecutive tokens of
-        # one head (head_major_programs), and num_rows holds the token count.
+        # Programs over (token block, head); num_rows holds the token count.
         tokens = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = tokens < num_rows
         tok = tokens.to(tl.int64)
@@ -132,87 +113,59 @@ def _merge_two_kernel(
     else:
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < num_rows
-        # The head count is a compile-time constant (a per-model value, like the head
-        # size): with a run-time one, // and % are a full integer division per row, which
-        # cost bf16 16 x 128 1.61 -> 1.75 us, 64 x 128 2.26 -> 2.41 and fp32 256 x 64
-        # 3.78 -> 3.90 on an H200 (same run; docs/performance.md).
+        # A compile-time head count makes // and % a multiply and shift, not a division.
         tok = (rows // NUM_HEADS).to(tl.int64)
         head = (rows % NUM_HEADS).to(tl.int64)
-    # Tokens at or past P have no prefix: neither its row nor its LSE is read.
-    has_prefix = row_ok & (tok < num_tokens_with_prefix)
+    # Tokens at or past tokens_with_first have no first partial: nothing of it is read.
+    has_first = row_ok & (tok < tokens_with_first)
 
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < HEAD_SIZE
     # All four loads are issued before any math, so their latencies overlap.
-    p_lse = tl.load(
-        prefix_lse_ptr + head * prefix_lse_stride_h + tok * prefix_lse_stride_t,
-        mask=has_prefix,
-        other=NEG_INF,
+    l0 = tl.load(
+        lse0_ptr + head * lse0_stride_h + tok * lse0_stride_t, mask=has_first, other=NEG_INF
     )
-    s_lse = tl.load(
-        suffix_lse_ptr + head * suffix_lse_stride_h + tok * suffix_lse_stride_t,
-        mask=row_ok,
-        other=NEG_INF,
-    )
-    p_row = prefix_ptr + tok * prefix_stride_t + head * prefix_stride_h
-    s_row = suffix_ptr + tok * suffix_stride_t + head * suffix_stride_h
-    p_out = tl.load(
-        p_row[:, None] + cols[None, :], mask=has_prefix[:, None] & col_ok[None, :], other=0.0
+    l1 = tl.load(lse1_ptr + head * lse1_stride_h + tok * lse1_stride_t, mask=row_ok, other=NEG_INF)
+    row0 = partial0_ptr + tok * partial0_stride_t + head * partial0_stride_h
+    row1 = partial1_ptr + tok * partial1_stride_t + head * partial1_stride_h
+    o0 = tl.load(
+        row0[:, None] + cols[None, :], mask=has_first[:, None] & col_ok[None, :], other=0.0
     ).to(tl.float32)
-    s_out = tl.load(
-        s_row[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+    o1 = tl.load(
+        row1[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
     ).to(tl.float32)
 
     # +inf (FlashAttention's empty row) means empty, like -inf.
-    p_lse = tl.where(p_lse == float("inf"), NEG_INF, p_lse)
-    s_lse = tl.where(s_lse == float("inf"), NEG_INF, s_lse)
+    l0 = tl.where(l0 == float("inf"), NEG_INF, l0)
+    l1 = tl.where(l1 == float("inf"), NEG_INF, l1)
     # NaN must win the max: otherwise NaN vs -inf would look like an empty row.
-    m = tl.maximum(p_lse, s_lse, propagate_nan=tl.PropagateNan.ALL)
+    m = tl.maximum(l0, l1, propagate_nan=tl.PropagateNan.ALL)
     empty = m == NEG_INF
     m = tl.where(empty, 0.0, m)
-    # One exponential per row: the larger LSE's is exp(0) = 1, exactly, so the reference's
-    # two exponentials are 1 and e = exp(lo - m) (NaN with m, 0 when one partial is
-    # empty), and total = 1 + e (1 for an empty row, whose weights are forced to 0).
-    gap = tl.minimum(p_lse, s_lse) - m
+    # The merge state of two partials: the larger LSE's exponential is exp(0) = 1 exactly,
+    # the other e = exp(lo - m) (NaN with m, 0 when a partial is empty), the sum 1 + e (1
+    # for an empty row, whose weights are forced to 0).
+    gap = tl.minimum(l0, l1) - m
     if LSE_BASE_2:
         e = _exp2_keep_subnormals(gap)
     else:
         e = tl.exp(gap)
     total = 1.0 + e
     w_hi, w_lo = _weights_of(e, total)
-    prefix_larger = p_lse >= s_lse  # either way for NaN: both weights are NaN then
-    p_w = tl.where(empty, 0.0, tl.where(prefix_larger, w_hi, w_lo))
-    s_w = tl.where(empty, 0.0, tl.where(prefix_larger, w_lo, w_hi))
+    first_larger = l0 >= l1  # either way for NaN: both weights are NaN then
+    w0 = tl.where(empty, 0.0, tl.where(first_larger, w_hi, w_lo))
+    w1 = tl.where(empty, 0.0, tl.where(first_larger, w_lo, w_hi))
 
     # A zero weight contributes exactly 0, whatever the row holds (NaN, inf).
-    acc = tl.where(p_w[:, None] != 0, p_w[:, None] * p_out, 0.0) + tl.where(
-        s_w[:, None] != 0, s_w[:, None] * s_out, 0.0
+    acc = tl.where(w0[:, None] != 0, w0[:, None] * o0, 0.0) + tl.where(
+        w1[:, None] != 0, w1[:, None] * o1, 0.0
     )
-    if FP8_OUT:
-        one = tl.full([], 1.0, tl.float32)
-        inv_scale = tl.math.div_rn(one, tl.load(scale_ptr).to(tl.float32))
-        # The conversion saturates to +-448 and keeps NaN: on the GPU it is
-        # cvt.rn.satfinite (sm_89+, the only GPUs where Triton has fp8e4nv), under the
-        # interpreter torch's cast (interpreter_fix). A clamp before it changed no bits and
-        # cost two NaN-propagating compares per element: bf16 64 x 128 took 2.42 us with
-        # it, 2.33 without, 256 x 128 4.89 and 4.72 (H200, same run as above).
-        acc = acc * inv_scale
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
-    tl.store(
-        o_row[:, None] + cols[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
-    )
+    STORE(o_row[:, None] + cols[None, :], acc, row_ok[:, None] & col_ok[None, :], operand_ptr)
     if WRITE_LSE:
-        # output_lse may alias prefix_lse, and the thread that stores a row's output LSE
-        # is not one that loaded its LSEs for the weights: Triton loads the LSEs once per
-        # layout, and stores from a 1-D layout whose threads 0..BLOCK_ROWS-1 (warp 0) hold
-        # rows that other warps merge. Without a barrier, warp 0 could overwrite a prefix
-        # LSE before another warp has read it: on an H200, in place, 39 of 3000 runs of
-        # bf16 4096 x 128 and 1 of 1000 of fp32 2048 x 64 x 512 gave other outputs than
-        # the same merge out of place (0 with the barrier). The block barrier orders every
-        # thread's loads before the store; it cost 0 to 0.03 us (bf16 -> FP8 1 x 128
-        # 1.34 -> 1.35 us, 64 x 128 2.62 -> 2.64, 4096 x 128 81.75 either way).
+        # output_lse may alias an input LSE, and the threads that store the output LSEs
+        # (warp 0, from a 1-D layout) are not those that loaded every row's LSEs: the
+        # barrier orders all loads before the store (a race seen on an H200 without it).
         tl.debug_barrier()
         if LSE_BASE_2:
             lse = m + tl.log2(total)
@@ -222,19 +175,13 @@ def _merge_two_kernel(
         tl.store(out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse, mask=row_ok)
 
 
-# Small grids take fewer rows per program, which spreads them over more SMs:
-# {at most this many rows in the grid: at most this many rows per program}, the first
-# tier that holds the grid. On an H200 (D = 128, FP8 out, 5% of the LSEs +inf), 4 rows
-# instead of 16 took bf16 1 x 128 from 1.64 to 1.56 us, 16 x 128 (2048 rows) from 2.00
-# to 1.86 and 16 x 32 from 1.81 to 1.67. With every load issued first (_MAX_REGISTERS),
-# 8 rows instead of 16 took bf16 64 x 128 (8192 rows) from 2.28 to 2.16 us, 256 x 32
-# from 2.24 to 2.16 and 1024 x 8 from 2.26 to 2.14 (one run, the stream yardstick's
-# tiles measured alongside); docs/performance.md has the grid.
+# Small grids take fewer rows per program, spreading them over more SMs: ((at most this
+# many rows in the grid, at most this many rows per program), ...), the first tier that
+# holds the grid (docs/triton-kernel.md).
 _SMALL_GRID_BLOCK_ROWS = ((2048, 4), (8192, 8))
 
-
-# Head-major programs only while one partial holds at most this many bytes (see
-# head_major_programs).
+# Head-major programs only while one partial holds at most this many bytes: past it the
+# rows, a token stride apart, stream worse from HBM (docs/triton-kernel.md).
 HEAD_MAJOR_MAX_PARTIAL_BYTES = 16 << 20
 _MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension: the head count
 
@@ -249,20 +196,11 @@ def head_major_programs(
     """Whether a call's programs take the tokens of one head (a 2-D grid over token
     blocks and heads) rather than consecutive (token, head) rows.
     ``output_lse_token_stride`` is the output LSE's stride along tokens (None: no output
-    LSE), ``partial_bytes`` the size of the wider partial (T x H x D x its element size).
+    LSE), ``partial_bytes`` the size of the wider partial.
 
-    A program stores its rows' output LSEs from one 1-D layout: in vLLM's ``[H, T]``
-    LSE layout, the heads of one token put each row's LSE in its own 32-byte sector,
-    while the tokens of one head make them one contiguous store. Unlike a flat head-major
-    row index, the 2-D grid needs no division by the run-time token count. On an H200
-    (-> FP8 with the output LSE, D = 128, same run, bit-identical outputs, in place and
-    with P = T / 2 too) this took bf16 64 x 32 from 1.89 to 1.71 us, 64 x 128 from 2.65
-    to 2.52, 1024 x 8 from 2.79 to 2.51, 1024 x 64 (16 MiB a partial) from 8.98 to
-    8.60, fp32 64 x 8 from 1.67 to 1.51 and 256 x 128 from 7.15 to 6.53 (fp32 16 x 128
-    1.79 -> 1.82). Past 16 MiB a partial the CUDA kernel's head-major rows lost (bf16
-    4096 x 128 80.14 -> 84.46 us, fp32 4096 x 128 139.35 -> 143.84), their rows a token
-    stride apart once the partials stream from HBM; so not there. And not with fewer
-    tokens than a program's rows, whose programs would be mostly idle.
+    With the output LSE stored ``[H, T]``, a program's output LSEs are then one
+    contiguous store instead of one 32-byte sector per row. Not with fewer tokens than a
+    program's rows, whose programs would be mostly idle.
     """
     return (
         output_lse_token_stride == 1
@@ -284,16 +222,14 @@ def block_rows_for(head_size: int, itemsize: int, num_rows: int | None = None) -
 
 
 # ---------------------------------------------------------------------------
-# Launching. ``kernel[grid](...)`` costs ~50 us of host time per call on an H200
-# host (Triton binds and specialises every argument in Python). The compiled
-# kernel for a specialisation is therefore cached under our own key and launched
-# directly (~10 us). The key is at least as fine as Triton's own specialisation:
-# dtypes, constexprs, each pointer's 16-byte alignment and, for each specialised
-# integer, whether it is 1, a multiple of 16, and whether it fits in 32 bits.
-# The compiled kernel's runner takes every kernel argument, constexprs included, in
-# Triton 3.4 to 3.7; should a Triton version disagree, the runner rejects the
-# argument list before launching anything, and attnmerge falls back to Triton's own
-# launch path for good (logged once).
+# Launching. ``kernel[grid](...)`` binds and specialises every argument in Python, which
+# costs several times a launch; the compiled kernel of a specialisation is therefore
+# cached under attnmerge's own key and launched directly. The key is at least as fine as
+# Triton's own specialisation: dtypes, constexprs, each pointer's 16-byte alignment and,
+# for each specialised integer, whether it is 1, a multiple of 16, and whether it fits
+# in 32 bits. Should a Triton version's compiled-kernel runner reject the argument list,
+# it does so before launching, and attnmerge falls back to Triton's launch path for good
+# (logged once).
 
 _compiled: dict[tuple, object] = {}
 # None until the first direct launch succeeds (then True), False once it failed.
@@ -308,29 +244,22 @@ def _int_class(x: int) -> int:
     return 2 if x == 1 else (x & 15) == 0
 
 
-def merge_two_states(
-    output: torch.Tensor,
-    prefix_output: torch.Tensor,
-    prefix_lse: torch.Tensor,
-    suffix_output: torch.Tensor,
-    suffix_lse: torch.Tensor,
-    output_lse: torch.Tensor | None,
-    prefill_tokens_with_context: int | None,
-    output_scale: torch.Tensor | None,
-    lse_base_2: bool,
-    block_rows: int | None = None,
-) -> None:
-    """Launch the merge on the current stream. Arguments must already be validated."""
+def run(call: MergeCall, block_rows: int | None = None) -> None:
+    """Launch the merge of ``call`` on the current stream (``block_rows`` overrides
+    :func:`block_rows_for`)."""
+    output, output_lse = call.output, call.output_lse
+    partial0, partial1 = call.partials
+    lse0, lse1 = call.lses
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0 or head_size == 0:
         return
     if num_rows > _MAX_ROWS:
         raise ValueError(f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
-    itemsize = max(prefix_output.itemsize, suffix_output.itemsize)
+    itemsize = max(partial0.itemsize, partial1.itemsize)
     rows_per_program = block_rows or block_rows_for(head_size, itemsize, num_rows)
     write_lse = output_lse is not None
-    lse_out = output_lse if write_lse else suffix_lse  # never written when WRITE_LSE=False
+    lse_out = output_lse if write_lse else lse1  # never written when WRITE_LSE=False
     out_lse_strides = lse_out.stride()
     head_major = head_major_programs(
         out_lse_strides[1] if write_lse else None,
@@ -339,25 +268,22 @@ def merge_two_states(
         rows_per_program,
         num_rows * head_size * itemsize,
     )
-    fp8 = output_scale is not None
+    operand = call.output_format.kernel_operand()
     pointers = (
         output,
         lse_out,
-        prefix_output,
-        prefix_lse,
-        suffix_output,
-        suffix_lse,
-        output_scale if fp8 else suffix_lse,
-    )
-    tokens_with_prefix = (
-        num_tokens if prefill_tokens_with_context is None else prefill_tokens_with_context
+        partial0,
+        lse0,
+        partial1,
+        lse1,
+        lse1 if operand is None else operand,  # never read without an operand
     )
     strides = (
         *output.stride()[:2],
-        *prefix_output.stride()[:2],
-        *suffix_output.stride()[:2],
-        *prefix_lse.stride(),
-        *suffix_lse.stride(),
+        *partial0.stride()[:2],
+        *partial1.stride()[:2],
+        *lse0.stride(),
+        *lse1.stride(),
         *out_lse_strides,
     )
     constexprs = (
@@ -365,15 +291,15 @@ def merge_two_states(
         head_size,
         triton.next_power_of_2(head_size),
         rows_per_program,
-        lse_base_2,
+        call.lse_base_2,
         write_lse,
-        fp8,
+        getattr(epilogues, call.output_format.triton_epilogue),
         head_major,
     )
     # Head-major programs: the kernel's num_rows holds the token count.
     count = num_tokens if head_major else num_rows
     grid = (triton.cdiv(count, rows_per_program), num_heads if head_major else 1, 1)
-    args = (*pointers, count, tokens_with_prefix, *strides)
+    args = (*pointers, count, call.tokens_with_first, *strides)
     device = output.device
     if device.type != "cuda" or _INTERPRETING:  # no compiled kernels to cache
         _merge_two_kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
@@ -382,8 +308,8 @@ def merge_two_states(
     key = (
         device.index,
         output.dtype,
-        prefix_output.dtype,
-        suffix_output.dtype,
+        partial0.dtype,
+        partial1.dtype,
         constexprs,
         tuple(t.data_ptr() & 15 for t in pointers),
         tuple(_int_class(x) for x in strides),

@@ -1,13 +1,14 @@
-"""The performance targets, read off one ``attnmerge bench`` CSV of the whole grid.
+"""The performance targets, read off one CSV of the whole benchmark grid.
 
-Run after ``scripts/gpu_check.sh bench`` (which runs it on its CSV), or on any CSV with
-the providers cuda and vllm; the targets that need other providers (triton, stream,
-stream-cuda, read, vllm-triton) or large shapes are reported where the CSV has them, so
-the output-LSE and non-FP8 grids (``gpu_check.sh bench-lse bench-nofp8``) read too:
+Run after ``scripts/gpu_check.sh bench`` (which runs it on its CSV), or on any CSV of
+``attnmerge bench`` or ``benchmarks.grid`` with the providers cuda and vllm; the targets
+that need other providers (triton, stream, stream-cuda, read, vllm-triton) or large shapes
+are reported where the CSV has them, so the output-LSE and non-FP8 grids
+(``gpu_check.sh bench-lse bench-nofp8``) read too:
 
-    python3 scripts/targets.py bench.csv
+    python -m benchmarks.targets bench.csv
 
-Targets (the performance issue): ``cuda`` at or below vLLM's CUDA kernel at every shape,
+Targets: ``cuda`` at or below vLLM's CUDA kernel at every shape,
 a geometric-mean speed-up of at least 1.3x, T = 1 in at most 1.3 us, at least 92% of
 the datasheet bandwidth at T x H >= 131072 rows, ``triton`` within 1.1x of ``cuda``
 there and at least 3x faster than vLLM's Triton kernel everywhere.

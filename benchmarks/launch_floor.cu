@@ -1,7 +1,7 @@
 // The host cost of one kernel launch with no Python at all: the floor under any eager
 // call of the cuda backend on a given machine (docs/host-overhead.md).
 //
-//   nvcc -O2 -o /tmp/launch_floor scripts/launch_floor.cu && /tmp/launch_floor
+//   nvcc -O2 -o /tmp/launch_floor benchmarks/launch_floor.cu && /tmp/launch_floor
 //
 // An empty kernel with a 128-byte by-value parameter struct (the size of the merge
 // kernel's MergeParams) is launched through the driver API (cuLaunchKernel, as the cuda

@@ -1,0 +1,1 @@
+"""Benchmarks, yardsticks and experiments around attnmerge; not part of the package."""

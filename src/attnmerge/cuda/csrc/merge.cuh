@@ -1,0 +1,338 @@
+// attnmerge CUDA kernels: merge two partial attention states and store the result through
+// an output format's epilogue (epilogues.cuh). The contract they implement:
+// docs/contract.md; their layout and tuning: docs/cuda-backend.md.
+#pragma once
+
+#include "epilogues.cuh"
+
+namespace attnmerge {
+
+// Kernel parameters, passed by value as one struct. The launcher derives its packing from
+// this declaration (attnmerge/cuda/params.py reads the fields below: keep one field
+// group per line, pointers and u32 only). What every kernel reads first fits in the first
+// 112 bytes, one constant-cache line less to wait for; fields only output-LSE kernels read
+// come last. Sizes and strides are 32-bit elements (the launcher checks that they fit;
+// offsets are computed in 64 bits).
+//
+// A row is (outer, inner) = (token, head), row = token * H + head, or, where the launcher
+// orders the rows head-major, (head, token): it then passes T as the inner count and
+// swaps every tensor's two strides, so the same code walks the rows head by head.
+struct MergeParams {
+  void* out;
+  const void* partial0;
+  const float* lse0;
+  const void* partial1;
+  const float* lse1;
+  const void* format_operand;  // OutputFormat.kernel_operand(), null without one
+  u32 num_rows;                // < 2^31
+  u32 inner_count;
+  u32 head_size;
+  // Rows from here on have no first partial: P x H, a row count so the test needs no
+  // division (head-major: 0 or num_rows).
+  u32 rows_with_first;
+  u32 inner_multiplier, inner_shift;  // row / inner_count as a multiply and shift
+  u32 out_stride_outer, out_stride_inner;
+  u32 partial0_stride_outer, partial0_stride_inner;
+  u32 partial1_stride_outer, partial1_stride_inner;
+  u32 lse0_stride_inner, lse0_stride_outer;
+  u32 lse1_stride_inner, lse1_stride_outer;
+  float* out_lse;  // read only by kernels that write the output LSE
+  u32 out_lse_stride_inner, out_lse_stride_outer;
+};
+static_assert(sizeof(MergeParams) == 128, "the launcher packs 128 bytes");
+
+// The element offset of (outer o, inner i) in a tensor with strides so, si: 32-bit
+// operands, a 64-bit result (a product can pass 2^32).
+__host__ __device__ __forceinline__ i64 offset_of(u32 o, u32 so, u32 i, u32 si) {
+  return (i64)((u64)o * so + (u64)i * si);
+}
+
+// row / n for rows below 2^31, from the launcher's multiplier m = ceil(2^(31 + l) / n) and
+// shift l = ceil(log2(n)) (row_divisor in attnmerge/cuda/backend.py): m exceeds
+// 2^(31 + l) / n by less than 1, which adds less than row / 2^(31 + l) < 1 / n to row / n,
+// never enough to reach the next integer. m fits in 32 bits; the high word of 2 row * m is
+// floor(row * m / 2^31). Three instructions instead of the ~25 of an integer division.
+__host__ __device__ __forceinline__ u32 outer_of(u32 row, u32 multiplier, u32 shift) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(row << 1, multiplier) >> shift;
+#else
+  return (u32)(((unsigned long long)(row << 1) * multiplier) >> 32) >> shift;
+#endif
+}
+
+#if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
+
+// A block is kBlockThreads threads in teams of TEAM; a team merges one row.
+constexpr int kBlockThreads = 128;
+constexpr int kWarpSize = 32;
+
+// The merge state of one row's two partials, with the same results as the Triton kernel
+// and the torch reference: +inf means empty; NaN wins the max; an all-empty row gets zero
+// weights and LSE -inf; weights correctly rounded (see divide_weight). The output LSE is
+// kept as its two terms (max and sum of exponentials; a sum of 0 marks an empty row) and
+// finished by row_lse only where it is written.
+struct TwoPartialState {
+  float weight0, weight1, max, total;
+  bool keep0, keep1;  // weight != 0 (or NaN), known before the weights are
+};
+
+// Pins a value to where it is computed: the compiler may not sink its computation past a
+// later barrier into the branch that uses it (an empty asm that reads and writes it).
+__device__ __forceinline__ void compute_here(float& v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("" : "+f"(v));
+#endif
+}
+__device__ __forceinline__ void compute_here(float*& v) {
+#ifdef __CUDA_ARCH__
+  u64 a = (u64)v;
+  asm volatile("" : "+l"(a));
+  v = (float*)a;
+#endif
+}
+
+// An empty row has max -inf and total 0, whose logarithm is -inf: its LSE is -inf with no
+// test, so the logarithm is not behind a branch (a NaN row has a NaN max and total).
+__device__ __forceinline__ float row_lse(const TwoPartialState& s, bool base_2) {
+  return __fadd_rn(s.max, base_2 ? log2f(s.total) : logf(s.total));
+}
+
+// 1 / b for b in [1, 2] to within an ulp (the approximate reciprocal and one Newton step),
+// for divide_weight.
+__device__ __forceinline__ float weight_reciprocal(float b) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(b));
+  return __fmaf_rn(__fmaf_rn(-b, y, 1.0f), y, y);
+#else
+  return 1.0f / b;
+#endif
+}
+
+// a / b rounded to nearest even, as __fdiv_rn, given y = weight_reciprocal(b), on the
+// operands of a row's weights: b = 1 + e is the sum of the two exponentials, the larger
+// being exactly 1, and a is 1 or e, with e in [0, 1] (or NaN). There, one quotient
+// q = a * y and one remainder correction (Markstein's division, the fast path of the GPU's
+// own IEEE division) are correctly rounded: for b > 1, e exceeds 2^-24 (else 1 + e rounds
+// to 1), so no quotient or remainder leaves the normal range; for b = 1, y is 1 and q is
+// a, exactly, even a subnormal a. __fdiv_rn instead checks its operands and branches to a
+// long exact routine for a zero numerator (an empty partial), which a warp waits for.
+__device__ __forceinline__ float divide_weight(float a, float b, float y) {
+#ifdef __CUDA_ARCH__
+  const float q = __fmul_rn(a, y);
+  return __fmaf_rn(__fmaf_rn(-b, q, a), y, q);
+#else
+  (void)y;
+  return a / b;
+#endif
+}
+
+// 1 / b as divide_weight(1, b, y) computes it, one instruction shorter: its quotient 1 * y
+// is y exactly.
+__device__ __forceinline__ float reciprocal_weight(float b, float y) {
+#ifdef __CUDA_ARCH__
+  return __fmaf_rn(__fmaf_rn(-b, y, 1.0f), y, y);
+#else
+  (void)y;
+  return 1.0f / b;
+#endif
+}
+
+// One exponential per row: the larger LSE's is exp(0) = 1, exactly, so the reference's
+// two exponentials are 1 and e = exp(lo - hi), and both weights share the denominator
+// 1 + e and its reciprocal. The chain from the loaded LSEs to the weights is on a small
+// grid's critical path, so it is kept short:
+//   - lo - hi is -|l0 - l1| (IEEE subtraction rounds the same either way round), taken
+//     from the LSEs as loaded: an empty partial (+inf or -inf) on either side makes it
+//     -inf and e = 0, so the exponential does not wait for the empty-row tests. It is NaN
+//     for a NaN LSE (as it must be) and for some all-empty rows, whose weights are set to
+//     0 below;
+//   - which rows are kept (nonzero weight) follows from e: the larger LSE's weight is
+//     1 / (1 + e) >= 1/2, the smaller's is zero exactly when e is (divide_weight of a
+//     nonzero e is nonzero), and a NaN e keeps both; so the combine can clear a row
+//     without waiting for the division.
+__device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1, bool base_2) {
+  const float inf = __int_as_float(0x7f800000);
+  const float gap = -fabsf(__fsub_rn(l0, l1));
+  const float e = base_2 ? exp2f(gap) : expf(gap);
+  if (l0 == inf) l0 = -inf;
+  if (l1 == inf) l1 = -inf;
+  const bool first_larger = l0 >= l1;  // either way for NaN: both weights are NaN then
+  const bool empty = l0 == -inf && l1 == -inf;
+  const float total = __fadd_rn(1.0f, e);
+  const float y = weight_reciprocal(total);
+  const float w_hi = reciprocal_weight(total, y);
+  const float w_lo = divide_weight(e, total, y);
+  const bool keep_lo = e != 0.0f;
+  TwoPartialState s;
+  s.weight0 = empty ? 0.0f : first_larger ? w_hi : w_lo;
+  s.weight1 = empty ? 0.0f : first_larger ? w_lo : w_hi;
+  s.keep0 = !empty && (first_larger || keep_lo);
+  s.keep1 = !empty && (!first_larger || keep_lo);
+  s.max = (l0 != l0 || l1 != l1) ? __int_as_float(0x7fffffff) : fmaxf(l0, l1);
+  s.total = empty ? 0.0f : total;
+  return s;
+}
+
+// out[i] = w0 * x0[i] + w1 * x1[i], stored through the epilogue. A zero weight contributes
+// exactly 0 whatever its row holds (NaN, inf, or nothing read: t >= P has weight 0): its
+// row's bits are cleared first (keep0, keep1 false), and 0 * +0 is the reference's +0.
+// The inputs arrive in their storage type: a bf16 chunk held across the barrier takes
+// half the registers.
+template <typename P0, typename P1, typename Store, int VEC>
+__device__ __forceinline__ void combine_store(void* out, i64 offset, float w0, bool keep0,
+                                              const Chunk<typename P0::storage, VEC>& x0,
+                                              float w1, bool keep1,
+                                              const Chunk<typename P1::storage, VEC>& x1,
+                                              const Store& store) {
+  const Chunk<typename P0::storage, VEC> k0 = x0.kept(keep0);
+  const Chunk<typename P1::storage, VEC> k1 = x1.kept(keep1);
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    acc[i] = __fadd_rn(__fmul_rn(w0, P0::load(k0.get(i))), __fmul_rn(w1, P1::load(k1.get(i))));
+  }
+  store.template store<VEC>(out, offset, acc);
+}
+
+// A row's output LSE, which may be the very input LSE (in place): the team's first thread
+// writes it after a barrier that follows every read of the team's input LSEs. Only a row's
+// own team reads them: teams within one warp need a warp barrier, not the block's. Every
+// thread that did not leave early reaches the barrier, with a row or without.
+template <int VEC, int TEAM>
+__device__ __forceinline__ void store_output_lse(const MergeParams& p, int lane, bool row_ok,
+                                                 float* at, float lse) {
+  if (TEAM <= kWarpSize) {
+    // the team's lanes with columns in the head; the others have left (kEarlyExit)
+    const i64 chunks = ((i64)p.head_size + VEC - 1) / VEC;
+    const int lanes = chunks < TEAM ? (int)chunks : TEAM;
+    const u32 mask = lanes >= kWarpSize ? ~0u : (1u << lanes) - 1u;
+    __syncwarp(mask << (threadIdx.x % kWarpSize / TEAM * TEAM));
+  } else {
+    __syncthreads();
+  }
+  if (lane == 0) {
+    if (row_ok) store_words<1>(at, {float_bits(lse)});
+  }
+}
+
+// A block's teams of TEAM threads take consecutive rows; a team walks its row in chunks of
+// VEC elements (only teams of a whole block take further chunks: the launcher sizes any
+// narrower team to cover the head size in one pass). What a call does not need is not
+// compiled into its kernel (the output LSE, the LSE base, the format: template
+// arguments), because code that never runs still costs time in a latency-bound grid.
+template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
+          bool LSE_BASE_2>
+__device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
+  static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
+  constexpr bool kWideRows = TEAM == kBlockThreads;  // head sizes over TEAM * VEC
+  constexpr int kTeams = kBlockThreads / TEAM;
+  // Row indices are 32-bit: the launcher keeps num_rows below 2^31, so even the rows past
+  // the end of the last block fit.
+  const u32 first_row = blockIdx.x * kTeams, num_rows = p.num_rows;
+  const u32 inner_count = p.inner_count;
+  const int team = threadIdx.x / TEAM;
+  const int lane = threadIdx.x % TEAM;
+  const i64 col0 = (i64)lane * VEC;
+  // A thread with no row, or none of whose columns are in the head, leaves at once where
+  // no block barrier follows (no output LSE, or one written after a warp barrier over the
+  // team's lanes that have columns). A thread past the test has its row and columns, so
+  // the compiler issues its loads unconditionally and early.
+  constexpr bool kEarlyExit = !WRITE_LSE || TEAM <= kWarpSize;
+  if (kEarlyExit && (first_row + team >= num_rows || col0 >= p.head_size)) return;
+
+  // What the math waits for is asked for first: the format's operand, then the LSEs, then
+  // the rows, so the weights are computed while the rows are on their way.
+  Store store(p.format_operand);
+  const u32 row = first_row + team;
+  const bool row_ok = row < num_rows;
+  const u32 row_or_0 = row_ok ? row : 0;
+  const u32 outer = outer_of(row_or_0, p.inner_multiplier, p.inner_shift);
+  const u32 inner = row_or_0 - outer * inner_count;
+  // The first-partial test is on the row, not on the token, so it does not wait for it.
+  const bool has_first = row < p.rows_with_first;
+  const i64 out_row = offset_of(outer, p.out_stride_outer, inner, p.out_stride_inner);
+  const float inf = __int_as_float(0x7f800000);
+  const float l0 = row_ok && has_first
+                       ? p.lse0[offset_of(outer, p.lse0_stride_outer, inner, p.lse0_stride_inner)]
+                       : -inf;
+  const float l1 =
+      row_ok ? p.lse1[offset_of(outer, p.lse1_stride_outer, inner, p.lse1_stride_inner)] : -inf;
+  Chunk<typename P0::storage, VEC> x0;
+  Chunk<typename P1::storage, VEC> x1;
+  if (row_ok && col0 < p.head_size) {
+    if (has_first) {
+      x0 = load_row<P0, VEC>(p.partial0, offset_of(outer, p.partial0_stride_outer, inner,
+                                                   p.partial0_stride_inner) +
+                                             col0);
+    }
+    x1 = load_row<P1, VEC>(p.partial1, offset_of(outer, p.partial1_stride_outer, inner,
+                                                 p.partial1_stride_inner) +
+                                           col0);
+  }
+  store.ready();
+  TwoPartialState state;
+  float out_lse;
+  float* out_lse_at;
+  // Output-LSE kernels with 32-byte chunks (grids past the small-grid tiers) store the
+  // output LSE before the combine, while the rows are still on their way; the others
+  // after it (docs/cuda-backend.md).
+  constexpr int kWidestBytes = sizeof(typename P0::storage) > sizeof(typename P1::storage)
+                                   ? sizeof(typename P0::storage)
+                                   : sizeof(typename P1::storage);
+  constexpr bool kLseFirst = WRITE_LSE && VEC * kWidestBytes >= 32;
+  if (kLseFirst) {
+    if (row_ok && col0 < p.head_size) {
+      state = two_partial_state(l0, l1, LSE_BASE_2);
+      out_lse = row_lse(state, LSE_BASE_2);
+      out_lse_at =
+          p.out_lse + offset_of(outer, p.out_lse_stride_outer, inner, p.out_lse_stride_inner);
+    }
+    store_output_lse<VEC, TEAM>(p, lane, row_ok, out_lse_at, out_lse);
+  }
+
+  // Combine and store; head sizes over TEAM * VEC take further chunks.
+  if (row_ok && col0 < p.head_size) {
+    if (!kLseFirst) state = two_partial_state(l0, l1, LSE_BASE_2);
+    const float w0 = state.weight0, w1 = state.weight1;
+    const bool keep0 = state.keep0, keep1 = state.keep1;
+    if (WRITE_LSE && !kLseFirst) {
+      // The logarithm and the address now, while the rows are still on their way: left to
+      // itself, the compiler computed both after the barrier, in the one lane that stores.
+      // Not the address with scalar accesses, whose column loop would hold it in a spilled
+      // register (sm_80).
+      out_lse = row_lse(state, LSE_BASE_2);
+      out_lse_at =
+          p.out_lse + offset_of(outer, p.out_lse_stride_outer, inner, p.out_lse_stride_inner);
+      compute_here(out_lse);
+      if (VEC > 1) compute_here(out_lse_at);
+    }
+    combine_store<P0, P1, Store, VEC>(p.out, out_row + col0, w0, keep0, x0, w1, keep1, x1, store);
+    if (kWideRows) {
+      for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
+        const i64 off0 =
+            offset_of(outer, p.partial0_stride_outer, inner, p.partial0_stride_inner) + col;
+        const i64 off1 =
+            offset_of(outer, p.partial1_stride_outer, inner, p.partial1_stride_inner) + col;
+        if (has_first) x0 = load_row<P0, VEC>(p.partial0, off0);
+        x1 = load_row<P1, VEC>(p.partial1, off1);
+        combine_store<P0, P1, Store, VEC>(p.out, out_row + col, w0, keep0, x0, w1, keep1, x1,
+                                          store);
+      }
+    }
+  }
+  if (WRITE_LSE && !kLseFirst) store_output_lse<VEC, TEAM>(p, lane, row_ok, out_lse_at, out_lse);
+}
+
+// For run-time compilation: one instantiation under a fixed, unmangled name, so the
+// launcher finds it without name mangling. The build defines ATTNMERGE_MERGE_INSTANCE
+// (the template arguments, KernelConfig.template_arguments in attnmerge/cuda/backend.py).
+#ifdef ATTNMERGE_MERGE_INSTANCE
+extern "C" __global__ void __launch_bounds__(kBlockThreads) attnmerge_merge(const MergeParams p) {
+  merge_two_rows<ATTNMERGE_MERGE_INSTANCE>(p);
+}
+#endif
+
+#endif  // __CUDACC__ || ATTNMERGE_HOST_EMULATION
+
+}  // namespace attnmerge
