@@ -469,7 +469,7 @@ def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch
 
 def test_every_output_format_names_epilogues_that_exist():
     """Each output format class in attnmerge.formats names its CUDA store (a functor
-    template over the element type in cuda/csrc/epilogues.cuh) and its Triton store (a
+    template over the element type in cuda/csrc/epilogues.cuh) and its Triton epilogue (a
     @triton.jit function in attnmerge.triton.epilogues); the launcher's configurations
     name the format's CUDA store."""
     import triton
@@ -488,12 +488,11 @@ def test_every_output_format_names_epilogues_that_exist():
     for cls in classes:
         functor = re.escape(cls.cuda_epilogue)
         assert re.search(rf"template <typename E>\s*struct {functor}\s*\{{", cuda_source), cls
-        store = getattr(epilogues, cls.triton_epilogue, None)
+        epilogue = getattr(epilogues, cls.triton_epilogue, None)
         # a @triton.jit function (an interpreted one under TRITON_INTERPRET=1) of the
-        # epilogue's arguments: store(ptrs, acc, mask, operand_ptr)
-        assert isinstance(store, triton.runtime.jit.KernelInterface), cls
-        assert list(store.arg_names)[:3] == ["ptrs", "acc", "mask"], cls
-        assert len(store.arg_names) == 4, cls
+        # epilogue's arguments: epilogue(acc, operand_ptr) -> the values to store
+        assert isinstance(epilogue, triton.runtime.jit.KernelInterface), cls
+        assert len(epilogue.arg_names) == 2 and epilogue.arg_names[0] == "acc", cls
         dtype = torch.float8_e4m3fn if cls is formats.FP8Static else torch.float16
         config = backend.config_for((torch.float16,) * 2, formats.FormatKey(cls, dtype), 64, 8)
         assert config.epilogue == cls.cuda_epilogue

@@ -39,13 +39,13 @@ fn = mk._merge_two_kernel
 pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "partial0_ptr": in_ty,
             "lse0_ptr": "fp32", "partial1_ptr": in_ty, "lse1_ptr": "fp32",
             "operand_ptr": "fp32"}
-# the output format's store, as the launcher passes it (OutputFormat.triton_epilogue)
+# the output format's epilogue, as the launcher passes it (OutputFormat.triton_epilogue)
 output_format = formats.FP8Static if out_ty == "fp8e4nv" else formats.Plain
-store = getattr(epilogues, output_format.triton_epilogue)
+epilogue = getattr(epilogues, output_format.triton_epilogue)
 block_d = triton.next_power_of_2(head_size)
 const = dict(NUM_HEADS=32, HEAD_SIZE=head_size, BLOCK_D=block_d,
              BLOCK_ROWS=mk.block_rows_for(head_size, itemsize, num_rows), LSE_BASE_2=base_2,
-             WRITE_LSE=True, STORE=store, HEAD_MAJOR=head_major)
+             WRITE_LSE=True, EPILOGUE=epilogue, HEAD_MAJOR=head_major)
 sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
        for n in fn.arg_names}
 # What Triton infers for aligned tensors and strides that are multiples of 16.

@@ -8,9 +8,9 @@ class that owns everything about itself:
 * ``check``: validation of the output tensor and the format's own operands;
 * ``quantize_reference``: the torch reference quantiser (what the torch backend stores and
   what the kernels are tested against, bit for bit);
-* ``triton_epilogue`` / ``cuda_epilogue``: the name of its store in each kernel language
-  (a ``@triton.jit`` function in :mod:`attnmerge.triton.epilogues`, a functor in
-  ``cuda/csrc/epilogues.cuh``) and ``kernel_operand``, the device pointer that store reads;
+* ``triton_epilogue`` / ``cuda_epilogue``: the name of its epilogue in each kernel language
+  (a ``@triton.jit`` function in :mod:`attnmerge.triton.epilogues`, a store functor in
+  ``cuda/csrc/epilogues.cuh``) and ``kernel_operand``, the device tensor it reads;
 * ``whole_token_tiles``: whether its store needs all heads of a token in one program (a
   per-token scale does); backends that tile by rows refuse such formats with a reason.
 
@@ -74,7 +74,7 @@ class OutputFormat:
 
     #: dtype of the output tensor.
     dtype: torch.dtype
-    #: name of the store in attnmerge.triton.epilogues and in cuda/csrc/epilogues.cuh
+    #: name of the epilogue in attnmerge.triton.epilogues and in cuda/csrc/epilogues.cuh
     triton_epilogue: str
     cuda_epilogue: str
     #: the store needs every head of a token in one program (per-token scales)
@@ -90,7 +90,8 @@ class OutputFormat:
         raise NotImplementedError
 
     def quantize_reference(self, merged: torch.Tensor) -> torch.Tensor:
-        """The stored values of the float32 ``merged`` output, computed with torch."""
+        """What the torch backend copies into the output for the float32 ``merged`` result
+        (``output.copy_`` of it gives the stored bits)."""
         raise NotImplementedError
 
     def kernel_operand(self) -> torch.Tensor | None:
@@ -107,7 +108,7 @@ class Plain(OutputFormat):
     """Unquantised output in float32, float16 or bfloat16, rounded to nearest even."""
 
     dtype: torch.dtype
-    triton_epilogue = "store_plain"
+    triton_epilogue = "plain"
     cuda_epilogue = "PlainStore"
 
     def check(self, output: torch.Tensor, output_name: str = "output") -> None:
@@ -115,7 +116,9 @@ class Plain(OutputFormat):
             raise TypeError(f"{output_name} must be {self.dtype}, got {output.dtype}")
 
     def quantize_reference(self, merged: torch.Tensor) -> torch.Tensor:
-        return merged.to(self.dtype)
+        # The copy into the output rounds to nearest even; converting here first would store
+        # NaNs with another bit pattern (torch's vectorised bf16 cast).
+        return merged
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,7 +138,7 @@ class FP8Static(OutputFormat):
 
     scale: torch.Tensor
     dtype: torch.dtype = torch.float8_e4m3fn
-    triton_epilogue = "store_fp8_static"
+    triton_epilogue = "fp8_static"
     cuda_epilogue = "FP8StaticStore"
 
     def __post_init__(self) -> None:

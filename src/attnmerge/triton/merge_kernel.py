@@ -2,7 +2,7 @@
 
 One program handles ``BLOCK_ROWS`` (token, head) rows as a ``[BLOCK_ROWS, BLOCK_D]`` tile:
 consecutive rows, or, for some calls that write the output LSE, consecutive tokens of one
-head (:func:`head_major_programs`). The output format's store (:mod:`.epilogues`) is a
+head (:func:`head_major_programs`). The output format's epilogue (:mod:`.epilogues`) is a
 compile-time argument. Only per-model values are compile-time constants (head count,
 head size, dtypes, flags); token counts and the first partial's token count are run-time
 values Triton does not specialise on, so a new batch size never triggers a recompile
@@ -100,7 +100,7 @@ def _merge_two_kernel(
     BLOCK_ROWS: tl.constexpr,
     LSE_BASE_2: tl.constexpr,
     WRITE_LSE: tl.constexpr,
-    STORE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
@@ -160,8 +160,13 @@ def _merge_two_kernel(
     acc = tl.where(w0[:, None] != 0, w0[:, None] * o0, 0.0) + tl.where(
         w1[:, None] != 0, w1[:, None] * o1, 0.0
     )
+    acc = EPILOGUE(acc, operand_ptr)
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
-    STORE(o_row[:, None] + cols[None, :], acc, row_ok[:, None] & col_ok[None, :], operand_ptr)
+    tl.store(
+        o_row[:, None] + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
     if WRITE_LSE:
         # output_lse may alias an input LSE, and the threads that store the output LSEs
         # (warp 0, from a 1-D layout) are not those that loaded every row's LSEs: the
