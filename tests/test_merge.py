@@ -197,7 +197,7 @@ def test_mixed_partial_dtypes(backend_device, prefix_dtype, suffix_dtype, out_ki
 # The functional form.
 
 
-@pytest.mark.parametrize("spec", ["default", "out_dtype", "fp8", "fp8_explicit_dtype"])
+@pytest.mark.parametrize("spec", ["default", "out_dtype", "plain", "fp8", "fp8_explicit_dtype"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
 def test_merge_functional(backend_device, dtype, spec):
     backend, device = backend_device
@@ -206,10 +206,11 @@ def test_merge_functional(backend_device, dtype, spec):
     kwargs = {
         "default": {},
         "out_dtype": {"out_dtype": OTHER_DTYPE[dtype]},
+        "plain": {"quant": attnmerge.Plain(OTHER_DTYPE[dtype])},
         "fp8": {"quant": attnmerge.FP8Static(scale)},
         "fp8_explicit_dtype": {"quant": attnmerge.FP8Static(scale), "out_dtype": FP8},
     }[spec]
-    want_dtype = {"default": dtype, "out_dtype": OTHER_DTYPE[dtype]}.get(spec, FP8)
+    want_dtype = {"default": dtype}.get(spec, OTHER_DTYPE[dtype] if "fp8" not in spec else FP8)
     exp = case.expected()
     res = attnmerge.merge(
         [case.prefix_output, case.suffix_output],

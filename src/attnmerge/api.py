@@ -34,8 +34,8 @@ _OUTPUT_DTYPES = (*_PARTIAL_DTYPES, torch.float8_e4m3fn)
 _FP8_DTYPES = (torch.float8_e4m3fn,)
 _LSE_BASES = ("e", 2)
 
-
-_names = dtype_names
+# One plain format object per dtype: formats are immutable, and the eager path is host-bound.
+_PLAIN = {dtype: Plain(dtype) for dtype in FLOAT_DTYPES}
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _check_state(name: str, t: object, shape: torch.Size, device: torch.device) 
             f"got {tuple(t.shape)}"
         )
     if t.dtype not in _PARTIAL_DTYPES:
-        raise TypeError(f"{name} must be one of {_names(_PARTIAL_DTYPES)}, got {t.dtype}")
+        raise TypeError(f"{name} must be one of {dtype_names(_PARTIAL_DTYPES)}, got {t.dtype}")
     _check_last_dim(name, t)
     _check_device(name, t, device)
 
@@ -107,7 +107,7 @@ def _output_format(output: torch.Tensor, output_scale: object) -> OutputFormat:
     if output_scale is None:
         if fp8:
             raise ValueError(f"output is {output.dtype}: output_scale is required")
-        return Plain(output.dtype)
+        return _PLAIN[output.dtype]
     _check_tensor("output_scale", output_scale)
     if not fp8:
         raise ValueError(
@@ -141,7 +141,7 @@ def _build_call(
             f"output must be 3-D [tokens, heads, head_size], got shape {tuple(output.shape)}"
         )
     if output.dtype not in _OUTPUT_DTYPES:
-        raise TypeError(f"output must be one of {_names(_OUTPUT_DTYPES)}, got {output.dtype}")
+        raise TypeError(f"output must be one of {dtype_names(_OUTPUT_DTYPES)}, got {output.dtype}")
     _check_last_dim("output", output)
     shape, device = output.shape, output.device
     tokens, heads = shape[0], shape[1]
@@ -331,8 +331,8 @@ def merge(
             merges will take longer sequences with the same meaning.
         lses: their float32 LSEs, each ``[H, T]`` with any strides (see
             :func:`merge_attn_states`), natural log unless ``lse_base=2``.
-        quant: output quantisation spec, e.g. :class:`attnmerge.FP8Static`; None stores
-            plain floats.
+        quant: the output format, :class:`attnmerge.FP8Static` or :class:`attnmerge.Plain`;
+            None stores plain floats in ``out_dtype``.
         out_dtype: dtype of an unquantised output; defaults to ``outputs[0].dtype``.
             Must be left None (or equal the spec's dtype) when ``quant`` is given.
         lse_base: ``"e"`` or ``2``, for the input and returned LSEs.
@@ -370,7 +370,7 @@ def merge(
         dtype = first.dtype if out_dtype is None else out_dtype
         if dtype in _FP8_DTYPES:
             raise ValueError("an FP8 output needs quant=attnmerge.FP8Static(scale), not out_dtype")
-    elif isinstance(quant, FP8Static):  # the one format the op's schema carries
+    elif isinstance(quant, (Plain, FP8Static)):  # the formats the op's schema carries
         if out_dtype is not None and out_dtype != quant.dtype:
             raise ValueError(f"out_dtype={out_dtype} conflicts with quant dtype {quant.dtype}")
         dtype, scale = quant.dtype, quant.kernel_operand()
@@ -379,7 +379,7 @@ def merge(
             f"quant must be None or an attnmerge quant spec, got {type(quant).__name__}"
         )
     if not isinstance(dtype, torch.dtype) or dtype not in _OUTPUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {_names(_OUTPUT_DTYPES)}, got {dtype}")
+        raise TypeError(f"out_dtype must be one of {dtype_names(_OUTPUT_DTYPES)}, got {dtype}")
 
     tokens, heads, _ = first.shape
     output = torch.empty(first.shape, dtype=dtype, device=first.device)
