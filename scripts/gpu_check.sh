@@ -30,7 +30,7 @@
 #   compare-speed    device time per shape of vLLM's grid against $BASE_REV (cuda, triton),
 #                FP8 out; compare-speed-lse the same with the output LSE
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
-# call of the device tool runs at most 10 minutes: on an H100/H200 "tests" takes ~4,
+# step takes a few minutes at most: on an H100/H200 "tests" takes ~4,
 # the other steps one or two.
 set -u
 OUT=${OUT:-./gpu_logs}

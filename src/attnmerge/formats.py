@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -81,7 +80,7 @@ class OutputFormat:
     #: the store needs every head of a token in one program (per-token scales)
     whole_token_tiles: bool = False
 
-    @cached_property
+    @property
     def key(self) -> FormatKey:
         """Equal keys mean the same kernels serve both formats."""
         return FormatKey(type(self), self.dtype)
