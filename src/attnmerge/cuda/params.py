@@ -17,7 +17,7 @@ __all__ = ["ParamBlock"]
 _STRUCT = r"struct\s+{name}\s*\{{(?P<body>.*?)\n\}};"
 _LINE = re.compile(r"^\s*(?:const\s+)?(?P<type>\w+)\s*(?P<ptr>\*?)\s*(?P<names>[\w\s,*]+);")
 # struct format character and size of each field kind
-_KINDS = {"pointer": ("Q", 8), "u32": ("I", 4), "float": ("f", 4)}
+_KINDS = {"pointer": ("Q", 8), "u32": ("I", 4)}
 
 
 class ParamBlock:
