@@ -14,7 +14,6 @@ import functools
 import hashlib
 import itertools
 import struct
-from dataclasses import dataclass
 from importlib import resources
 from typing import NamedTuple
 
@@ -109,12 +108,11 @@ def unavailable_reason() -> str | None:
     return nvrtc.unavailable_reason() or driver.unavailable_reason()
 
 
-@dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(NamedTuple):
     """One compiled kernel: the template arguments of merge_two_rows (csrc/merge.cuh).
 
     Whether the output LSE is written and the LSE base are template arguments, so a call
-    runs no code for the cases it is not.
+    runs no code for the cases it is not. A NamedTuple: the eager path hashes one per call.
     """
 
     partial_elements: tuple[str, str]  # C++ element types of the partials
@@ -168,6 +166,7 @@ def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
+@functools.cache  # on the eager path: one look-up per call instead of a new config
 def config_for(
     partial_dtypes: tuple[torch.dtype, torch.dtype],
     output_format: FormatKey,
