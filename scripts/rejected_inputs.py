@@ -89,10 +89,20 @@ CASES = [
     ("output aliasing an input with other strides", _aliased_output),
     ("expanded (self-overlapping) output", _with(output=torch.empty(T, 1, D).expand(T, H, D))),
     ("explicit backend that cannot serve the call", _with(backend="cuda")),
+    ("merge: no partials", _merge(outputs=[], lses=[])),
     (
-        "merge: not exactly 2 states",
-        _merge(outputs=[torch.randn(T, H, D)] * 3, lses=[torch.randn(H, T)] * 3),
+        "merge: stacked LSEs not [K, H, T]",
+        _merge(outputs=torch.randn(3, T, H, D), lses=torch.randn(T, 3, H)),
     ),
+    (
+        "merge: indptr of the wrong dtype",
+        _merge(
+            outputs=torch.randn(5, H, D),
+            lses=torch.randn(H, 5),
+            indptr=torch.tensor([0.0, 2.0, 5.0]),
+        ),
+    ),
+    ("merge: out of the wrong shape", _merge(out=torch.empty(T + 1, H, D))),
     ("merge: FP8 out_dtype without quant", _merge(out_dtype=FP8)),
     ("merge: unknown quant spec", _merge(quant="fp8")),
 ]

@@ -143,10 +143,16 @@ def test_compile_merge_functional_fullgraph(compile_backend, backend, device, sp
     def fn(po, pl, so, sl, scale):
         if spec == "fp8":
             res = attnmerge.merge(
-                (po, so), (pl, sl), quant=attnmerge.FP8Static(scale), backend=backend
+                (po, so),
+                (pl, sl),
+                quant=attnmerge.FP8Static(scale),
+                return_lse=True,
+                backend=backend,
             )
         elif spec == "bf16":
-            res = attnmerge.merge((po, so), (pl, sl), out_dtype=torch.bfloat16, backend=backend)
+            res = attnmerge.merge(
+                (po, so), (pl, sl), out_dtype=torch.bfloat16, return_lse=True, backend=backend
+            )
         else:
             res = attnmerge.merge((po, so), (pl, sl), return_lse=False, backend=backend)
         return res.output, res.lse

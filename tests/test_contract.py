@@ -873,5 +873,6 @@ def test_layout_zero_tokens_fresh_tensors(backend_device, out_dtype, with_lse):
         backend=backend,
         quant=attnmerge.FP8Static(scale) if out_dtype == FP8 else None,
         out_dtype=None if out_dtype == FP8 else out_dtype,
+        return_lse=True,
     )
     assert res.output.shape == (0, H, D) and res.lse.shape == (H, 0)

@@ -217,7 +217,8 @@ class _WholeTokenFormat(Plain):
 
 
 def test_backends_say_why_they_cannot_serve_a_signature(clean_dispatch):
-    # The kernels merge two partials and tile by rows; the reference serves anything.
+    # The kernels merge two separate partials (or stacked ones) and tile by rows; the
+    # reference serves anything.
     three = _signature(partial_dtypes=(torch.float32,) * 3)
     whole = _signature(output_format=_WholeTokenFormat(torch.float32).key)
     assert dispatch.REGISTRY["torch"].unsupported(three) is None
@@ -225,7 +226,7 @@ def test_backends_say_why_they_cannot_serve_a_signature(clean_dispatch):
     for name in ("cuda", "triton"):
         if dispatch.REGISTRY[name].unsupported(_signature()) is not None:
             continue  # not available here at all (cuda on a CPU)
-        assert "2 partials" in dispatch.REGISTRY[name].unsupported(three)
+        assert "2 separate partials" in dispatch.REGISTRY[name].unsupported(three)
         assert "whole tokens" in dispatch.REGISTRY[name].unsupported(whole)
     with pytest.raises(attnmerge.BackendError, match="whole tokens"):
         dispatch.select("triton", whole)

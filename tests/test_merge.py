@@ -215,6 +215,7 @@ def test_merge_functional(backend_device, dtype, spec):
     res = attnmerge.merge(
         [case.prefix_output, case.suffix_output],
         [case.prefix_lse, case.suffix_lse],
+        return_lse=True,
         backend=backend,
         **kwargs,
     )
@@ -251,6 +252,7 @@ def test_merge_keeps_lse_layout(backend_device, layout):
     res = attnmerge.merge(
         (case.prefix_output, case.suffix_output),
         (case.prefix_lse, case.suffix_lse),
+        return_lse=True,
         backend=backend,
     )
     assert res.lse.shape == (H, T)
@@ -271,6 +273,7 @@ def test_merge_base_2_and_prefill_tokens(backend_device, P):
         (case.prefix_lse, case.suffix_lse),
         lse_base=2,
         prefill_tokens_with_context=P,
+        return_lse=True,
         backend=backend,
     )
     assert_output_close(res.output, exp.output, exp.magnitude)

@@ -4,8 +4,8 @@ Two forms of the same operation:
 
 * :func:`merge_attn_states`: vLLM's out-variant, same positional order and meaning as
   ``vllm.v1.attention.ops.merge_attn_states``, so engines can swap it in;
-* :func:`merge`: functional and allocating, taking a sequence of partial states and
-  a quantisation spec, the form that grows to K-way merges and more output formats.
+* :func:`merge`: K partial states (a sequence, one stacked tensor, or packed rows with a
+  per-token count) into a given or new output in any output format.
 
 Eager calls go straight to the backend; only under ``torch.compile`` do they go
 through the registered custom op (the dispatcher adds a few microseconds per call,
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch
-from .call import CallSignature, MergeCall
+from .call import CallSignature, MergeCall, PartialLayout
 from .formats import FLOAT_DTYPES, FP8Static, OutputFormat, Plain, QuantSpec, dtype_names
 
 __all__ = ["MergeResult", "merge", "merge_attn_states"]
@@ -33,6 +33,7 @@ _PARTIAL_DTYPES = FLOAT_DTYPES
 _OUTPUT_DTYPES = (*_PARTIAL_DTYPES, torch.float8_e4m3fn)
 _FP8_DTYPES = (torch.float8_e4m3fn,)
 _LSE_BASES = ("e", 2)
+_INDPTR_DTYPES = (torch.int32, torch.int64)
 
 # One plain format object per dtype: formats are immutable, and the eager path is host-bound.
 _PLAIN = {dtype: Plain(dtype) for dtype in FLOAT_DTYPES}
@@ -58,7 +59,7 @@ def _check_state(name: str, t: object, shape: torch.Size, device: torch.device) 
 
 
 def _check_last_dim(name: str, t: torch.Tensor) -> None:
-    if t.stride(2) != 1 and t.shape[2] > 1:
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(
             f"{name} must be contiguous in its last (head_size) dimension, got strides "
             f"{tuple(t.stride())}"
@@ -101,20 +102,46 @@ def _check_written(name: str, t: torch.Tensor, reads: Sequence[tuple[str, torch.
             )
 
 
-def _output_format(output: torch.Tensor, output_scale: object) -> OutputFormat:
+def _output_format(
+    output: torch.Tensor, output_scale: object, output_name: str = "output"
+) -> OutputFormat:
     """The format vLLM's arguments ask for: FP8 exactly when an ``output_scale`` is given."""
     fp8 = output.dtype in _FP8_DTYPES
     if output_scale is None:
         if fp8:
-            raise ValueError(f"output is {output.dtype}: output_scale is required")
+            raise ValueError(f"{output_name} is {output.dtype}: output_scale is required")
         return _PLAIN[output.dtype]
     _check_tensor("output_scale", output_scale)
     if not fp8:
         raise ValueError(
-            f"output_scale was given but output is {output.dtype}; a scaled store needs "
-            f"a float8_e4m3fn output"
+            f"output_scale was given but {output_name} is {output.dtype}; a scaled store "
+            f"needs a float8_e4m3fn output"
         )
     return FP8Static(output_scale)
+
+
+def _check_tokens_with_first(prefill_tokens_with_context: object, tokens: int) -> int:
+    """``prefill_tokens_with_context`` checked: the number of tokens with a first partial."""
+    if isinstance(prefill_tokens_with_context, bool) or not isinstance(
+        prefill_tokens_with_context, (int, torch.SymInt)
+    ):
+        raise TypeError(
+            f"prefill_tokens_with_context must be an int or None, got "
+            f"{type(prefill_tokens_with_context).__name__}"
+        )
+    if not 0 <= prefill_tokens_with_context <= tokens:
+        raise ValueError(
+            f"prefill_tokens_with_context must be in [0, {tokens}] (the number of "
+            f"tokens), got {prefill_tokens_with_context}"
+        )
+    return prefill_tokens_with_context
+
+
+def _check_lse_base_and_backend(lse_base: object, backend: object) -> None:
+    if lse_base not in _LSE_BASES:
+        raise ValueError(f"lse_base must be 'e' or 2, got {lse_base!r}")
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(dispatch.BACKENDS)}, got {backend!r}")
 
 
 def _build_call(
@@ -156,23 +183,8 @@ def _build_call(
 
     tokens_with_first = tokens
     if prefill_tokens_with_context is not None:
-        if isinstance(prefill_tokens_with_context, bool) or not isinstance(
-            prefill_tokens_with_context, (int, torch.SymInt)
-        ):
-            raise TypeError(
-                f"prefill_tokens_with_context must be an int or None, got "
-                f"{type(prefill_tokens_with_context).__name__}"
-            )
-        if not 0 <= prefill_tokens_with_context <= tokens:
-            raise ValueError(
-                f"prefill_tokens_with_context must be in [0, {tokens}] (the number of "
-                f"tokens), got {prefill_tokens_with_context}"
-            )
-        tokens_with_first = prefill_tokens_with_context
-    if lse_base not in _LSE_BASES:
-        raise ValueError(f"lse_base must be 'e' or 2, got {lse_base!r}")
-    if backend not in dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(dispatch.BACKENDS)}, got {backend!r}")
+        tokens_with_first = _check_tokens_with_first(prefill_tokens_with_context, tokens)
+    _check_lse_base_and_backend(lse_base, backend)
 
     if real_tensors:
         reads = (("prefix_output", prefix_output), ("suffix_output", suffix_output))
@@ -297,6 +309,170 @@ def merge_attn_states(
     _merge_attn_states_impl(args, lse_base, backend)
 
 
+def _check_indptr(indptr: object, device: torch.device) -> int:
+    """Check ``indptr`` and return the token count it describes."""
+    _check_tensor("indptr", indptr)
+    if indptr.dtype not in _INDPTR_DTYPES:
+        raise TypeError(f"indptr must be int32 or int64, got {indptr.dtype}")
+    if indptr.dim() != 1 or indptr.numel() == 0:
+        raise ValueError(
+            f"indptr must be 1-D with T + 1 >= 1 elements, got shape {tuple(indptr.shape)}"
+        )
+    _check_device("indptr", indptr, device)
+    return indptr.numel() - 1
+
+
+def _check_lse_stack(name: str, t: object, shape: tuple, device: torch.device, hint: str) -> None:
+    _check_tensor(name, t)
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} {hint}, got {tuple(t.shape)}")
+    _check_device(name, t, device)
+
+
+def _build_partials_call(
+    out: object,
+    out_lse: object,
+    outputs: object,
+    lses: object,
+    indptr: object,
+    prefill_tokens_with_context: object,
+    output_scale: object,
+    lse_base: object,
+    backend: object,
+    real_tensors: bool,
+) -> MergeCall:
+    """Check every argument of a stacked (``indptr`` None) or packed merge and describe
+    the call; as :func:`_build_call` for the two-way form."""
+    _check_tensor("outputs", outputs)
+    device = outputs.device
+    packed = indptr is not None
+    if outputs.dim() != (3 if packed else 4):
+        want = "[N, H, D] (packed rows)" if packed else "[K, T, H, D]"
+        raise ValueError(f"outputs must be {want}, got shape {tuple(outputs.shape)}")
+    if outputs.dtype not in _PARTIAL_DTYPES:
+        raise TypeError(
+            f"outputs must be one of {dtype_names(_PARTIAL_DTYPES)}, got {outputs.dtype}"
+        )
+    _check_last_dim("outputs", outputs)
+    heads, head_size = outputs.shape[-2], outputs.shape[-1]
+    if packed:
+        tokens = _check_indptr(indptr, device)
+        _check_lse_stack(
+            "lses", lses, (heads, outputs.shape[0]), device, "[H, N] (for [N, H], pass lses.t())"
+        )
+    else:
+        num_partials, tokens = outputs.shape[0], outputs.shape[1]
+        if num_partials == 0:
+            raise ValueError("outputs holds no partials (K = 0); at least one is needed")
+        _check_lse_stack(
+            "lses",
+            lses,
+            (num_partials, heads, tokens),
+            device,
+            "[K, H, T] (for FlashInfer's [T, K, H], pass s.permute(1, 2, 0))",
+        )
+    _check_tensor("out", out)
+    if tuple(out.shape) != (tokens, heads, head_size):
+        raise ValueError(
+            f"out must have shape {(tokens, heads, head_size)} [T, H, D], got {tuple(out.shape)}"
+        )
+    if out.dtype not in _OUTPUT_DTYPES:
+        raise TypeError(f"out must be one of {dtype_names(_OUTPUT_DTYPES)}, got {out.dtype}")
+    _check_last_dim("out", out)
+    _check_device("out", out, device)
+    if out_lse is not None:
+        _check_lse("out_lse", out_lse, heads, tokens, device)
+    output_format = _output_format(out, output_scale, "out")
+    output_format.check(out, "out")
+    tokens_with_first = tokens
+    if prefill_tokens_with_context is not None:
+        if packed:
+            raise ValueError("prefill_tokens_with_context cannot be combined with indptr")
+        tokens_with_first = _check_tokens_with_first(prefill_tokens_with_context, tokens)
+    _check_lse_base_and_backend(lse_base, backend)
+
+    if real_tensors and out.numel():
+        if packed:
+            if out.data_ptr() == outputs.data_ptr():
+                raise ValueError("out aliases outputs; packed partials cannot be merged in place")
+        else:
+            _check_written("out", out, (("outputs[0]", outputs[0]),))
+        if out_lse is not None and out_lse.numel():
+            if packed:
+                if out_lse.data_ptr() == lses.data_ptr():
+                    raise ValueError("out_lse aliases lses; packed LSEs cannot be merged in place")
+            else:
+                _check_written("out_lse", out_lse, (("lses[0]", lses[0]),))
+    signature = CallSignature(
+        device=device,
+        partial_dtypes=(outputs.dtype,),
+        head_size=head_size,
+        output_format=output_format.key,
+        write_lse=out_lse is not None,
+        lse_base_2=lse_base == 2,
+        layout=PartialLayout.PACKED if packed else PartialLayout.STACKED,
+    )
+    return MergeCall(
+        output=out,
+        output_lse=out_lse,
+        partials=(outputs,),
+        lses=(lses,),
+        output_format=output_format,
+        tokens_with_first=tokens_with_first,
+        signature=signature,
+        indptr=indptr,
+    )
+
+
+def _merge_partials_impl(args: tuple, lse_base: str | int, backend: str) -> None:
+    """As :func:`_merge_attn_states_impl`, for the stacked and packed forms: ``args`` are
+    (out, out_lse, outputs, lses, indptr, prefill_tokens_with_context, output_scale)."""
+    call = _build_partials_call(*args, lse_base, backend, real_tensors=True)
+    dispatch.select(backend, call.signature)(call)
+
+
+def _merge_partials(args: tuple, lse_base: str | int, backend: str) -> None:
+    if torch.compiler.is_compiling():
+        _build_partials_call(*args, lse_base, backend, real_tensors=False)
+        torch.ops.attnmerge.merge_partials(*args, lse_base == 2, backend)
+        return
+    _merge_partials_impl(args, lse_base, backend)
+
+
+def _evenly_spaced(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The tensors as one view with a leading partial axis, if they are views of one
+    buffer with equal strides and dtypes at an even, non-negative spacing; else None."""
+    first = tensors[0]
+    if torch.compiler.is_compiling() or first.numel() == 0:
+        return None
+    storage = first.untyped_storage().data_ptr()
+    step = tensors[1].data_ptr() - first.data_ptr() if len(tensors) > 1 else 0
+    for k, t in enumerate(tensors):
+        if (
+            t.dtype != first.dtype
+            or t.stride() != first.stride()
+            or t.untyped_storage().data_ptr() != storage
+            or t.data_ptr() - first.data_ptr() != k * step
+        ):
+            return None
+    if step < 0 or step % first.itemsize:
+        return None
+    return first.as_strided((len(tensors), *first.shape), (step // first.itemsize, *first.stride()))
+
+
+def _stacked(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One ``[K, ...]`` tensor of the K tensors: a view where they are evenly spaced in
+    one buffer, else a copy (in float32 where their dtypes differ)."""
+    view = _evenly_spaced(tensors)
+    if view is not None:
+        return view
+    dtypes = {t.dtype for t in tensors}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return torch.stack([t.to(dtype) for t in tensors])
+
+
 @dataclass(frozen=True, eq=False)
 class MergeResult:
     """What :func:`merge` returns. Fields may be added (never removed) as formats grow.
@@ -305,101 +481,185 @@ class MergeResult:
         output: ``[T, H, D]`` merged output, in ``out_dtype`` or the quantised dtype.
         lse: float32 ``[H, T]`` merged LSE (same base as the inputs), laid out like the
             first input LSE (a ``[T, H]``-stored input gives a ``[T, H]``-stored result);
-            None when ``return_lse=False``.
+            None unless ``return_lse=True`` or ``out_lse`` was given.
     """
 
     output: torch.Tensor
     lse: torch.Tensor | None
 
 
-def merge(
-    outputs: Sequence[torch.Tensor],
-    lses: Sequence[torch.Tensor],
-    *,
-    quant: QuantSpec | None = None,
-    out_dtype: torch.dtype | None = None,
-    lse_base: str | int = "e",
-    return_lse: bool = True,
-    prefill_tokens_with_context: int | None = None,
-    backend: str = "auto",
-) -> MergeResult:
-    """Merge partial attention states into new tensors.
-
-    Args:
-        outputs: the partial outputs, each ``[T, H, D]`` float32/float16/bfloat16 with
-            a contiguous last dimension. Exactly 2 for now (prefix, suffix); K-way
-            merges will take longer sequences with the same meaning.
-        lses: their float32 LSEs, each ``[H, T]`` with any strides (see
-            :func:`merge_attn_states`), natural log unless ``lse_base=2``.
-        quant: the output format, :class:`attnmerge.FP8Static` or :class:`attnmerge.Plain`;
-            None stores plain floats in ``out_dtype``.
-        out_dtype: dtype of an unquantised output; defaults to ``outputs[0].dtype``.
-            Must be left None (or equal the spec's dtype) when ``quant`` is given.
-        lse_base: ``"e"`` or ``2``, for the input and returned LSEs.
-        return_lse: also compute and return the merged LSE.
-        prefill_tokens_with_context: tokens ``t >= P`` take nothing from ``outputs[0]``;
-            see :func:`merge_attn_states`.
-        backend: as in :func:`merge_attn_states`.
-
-    Returns:
-        :class:`MergeResult` with the new ``output`` (and ``lse``).
-
-    Raises:
-        TypeError, ValueError, BackendError: as :func:`merge_attn_states` (whose messages
-        call ``outputs[0]``/``lses[0]`` the prefix and ``outputs[1]``/``lses[1]`` the
-        suffix), plus a wrong number of states or an unknown ``quant``.
-    """
-    if isinstance(outputs, torch.Tensor) or isinstance(lses, torch.Tensor):
-        raise TypeError("outputs and lses must be sequences of tensors (one per partial state)")
-    outputs, lses = tuple(outputs), tuple(lses)
-    if len(outputs) != len(lses):
-        raise ValueError(f"got {len(outputs)} outputs but {len(lses)} lses")
-    if len(outputs) != 2:
-        raise ValueError(
-            f"merge takes exactly 2 partial states for now (prefix, suffix), got {len(outputs)}"
-        )
-    first = _check_tensor("outputs[0]", outputs[0])
-    _check_tensor("lses[0]", lses[0])
-    if first.dim() != 3:
-        raise ValueError(
-            f"outputs[0] must be 3-D [tokens, heads, head_size], got shape {tuple(first.shape)}"
-        )
-
-    scale = None
+def _output_dtype(quant: object, out_dtype: object, default: torch.dtype):
+    """The output dtype and the kernel operand ``merge``'s ``quant``/``out_dtype`` ask
+    for (None: plain floats)."""
     if quant is None:
-        dtype = first.dtype if out_dtype is None else out_dtype
+        dtype = default if out_dtype is None else out_dtype
         if dtype in _FP8_DTYPES:
             raise ValueError("an FP8 output needs quant=attnmerge.FP8Static(scale), not out_dtype")
-    elif isinstance(quant, (Plain, FP8Static)):  # the formats the op's schema carries
+        scale = None
+    elif isinstance(quant, (Plain, FP8Static)):  # the formats the ops' schemas carry
         if out_dtype is not None and out_dtype != quant.dtype:
             raise ValueError(f"out_dtype={out_dtype} conflicts with quant dtype {quant.dtype}")
         dtype, scale = quant.dtype, quant.kernel_operand()
     else:
         raise TypeError(
-            f"quant must be None or an attnmerge quant spec, got {type(quant).__name__}"
+            f"quant must be None or an attnmerge output format, got {type(quant).__name__}"
         )
     if not isinstance(dtype, torch.dtype) or dtype not in _OUTPUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {dtype_names(_OUTPUT_DTYPES)}, got {dtype}")
+    return dtype, scale
 
-    tokens, heads, _ = first.shape
-    output = torch.empty(first.shape, dtype=dtype, device=first.device)
-    lse = None
-    if return_lse:
-        # Keep the caller's LSE layout: [T, H]-stored inputs give a [T, H]-stored result.
-        if lses[0].dim() == 2 and lses[0].stride(0) == 1 and lses[0].stride(1) != 1:
-            lse = torch.empty(tokens, heads, dtype=torch.float32, device=first.device).t()
+
+def merge(
+    outputs: Sequence[torch.Tensor] | torch.Tensor,
+    lses: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    quant: QuantSpec | None = None,
+    out_dtype: torch.dtype | None = None,
+    lse_base: str | int = "e",
+    out: torch.Tensor | None = None,
+    out_lse: torch.Tensor | None = None,
+    return_lse: bool = False,
+    indptr: torch.Tensor | None = None,
+    prefill_tokens_with_context: int | None = None,
+    backend: str = "auto",
+) -> MergeResult:
+    """Merge K >= 1 partial attention states.
+
+    For each token ``t`` and head ``h``, with ``l_k`` the partials' LSEs (``+inf`` read as
+    ``-inf``)::
+
+        m     = max_k l_k
+        w_k   = exp(l_k - m) / sum_j exp(l_j - m)
+        out   = sum_k w_k * O_k[t, h]                    (float32, in order of k)
+        lse   = m + log(sum_j exp(l_j - m))
+
+    The partials come in one of three forms:
+
+    * a sequence of K tensors ``[T, H, D]`` with a sequence of K float32 LSEs ``[H, T]``
+      (any strides: an LSE stored ``[T, H]`` is passed as ``lse.t()``). K tensors that
+      are not views of one buffer at an even spacing are first copied into one (a
+      further pass over them); a stacked tensor avoids the copy;
+    * one stacked tensor ``[K, T, H, D]`` with float32 LSEs ``[K, H, T]``, any strides
+      (FlashInfer's ``v [T, K, H, D]``, ``s [T, K, H]``: ``v.transpose(0, 1)``,
+      ``s.permute(1, 2, 0)``, no copies);
+    * packed rows, a variable number per token (split-KV with per-request splits): with
+      ``indptr`` (int32 or int64 ``[T + 1]`` on the partials' device), ``outputs`` is
+      ``[N, H, D]`` and ``lses`` ``[H, N]`` (``[N, H]`` storage: ``lses.t()``); token
+      ``t`` merges rows ``indptr[t] <= n < indptr[t + 1]`` in order, and a token without
+      rows gets 0 and LSE ``-inf``. ``indptr`` is read on the device only; its values
+      must be non-decreasing within ``[0, N]`` (GPU kernels clamp other values, so they
+      never read outside ``outputs``, but the result is then undefined).
+
+    Two partials in a sequence or stacked give results bit-identical to
+    :func:`merge_attn_states`. The rules for empty partials, zero weights and NaN are those
+    of the two-way merge for every K (docs/contract.md).
+
+    Args:
+        outputs, lses: the partial outputs (float32/float16/bfloat16, last dimension
+            contiguous) and their float32 LSEs, in one of the forms above; natural
+            logarithms unless ``lse_base=2``.
+        quant: the output format, :class:`attnmerge.FP8Static` or :class:`attnmerge.Plain`;
+            None stores plain floats in ``out_dtype``.
+        out_dtype: dtype of an unquantised output; defaults to the partials' dtype. Must
+            be left None (or equal the format's dtype) when ``quant`` is given.
+        lse_base: ``"e"`` or ``2``, for every LSE of the call.
+        out: ``[T, H, D]`` tensor to write the output into (the format's dtype) instead
+            of a new one. It may be the very view of the first partial (``outputs[0]``),
+            not of packed rows.
+        out_lse: float32 ``[H, T]`` (any strides) to write the merged LSE into; may be the
+            very view of the first partial's LSE (``lses[0]``).
+        return_lse: also return the merged LSE (in a new tensor unless ``out_lse``).
+        indptr: the packed form's per-token row ranges, see above.
+        prefill_tokens_with_context: ``P``; tokens ``t >= P`` take nothing from the first
+            partial (its rows and LSEs there are not read); see :func:`merge_attn_states`.
+            Not with ``indptr``.
+        backend: as in :func:`merge_attn_states`.
+
+    Returns:
+        :class:`MergeResult` with ``output`` (``out`` if given) and ``lse``.
+
+    Raises:
+        TypeError, ValueError, BackendError: as :func:`merge_attn_states`, naming
+        ``outputs``/``lses`` (``outputs[k]``/``lses[k]`` of a sequence; for two
+        partials in a sequence, the prefix's and suffix's names of
+        :func:`merge_attn_states`), ``indptr``, ``out``, ``out_lse``.
+    """
+    pair = None  # two partials: the two-way path of merge_attn_states
+    if indptr is not None or isinstance(outputs, torch.Tensor) or isinstance(lses, torch.Tensor):
+        _check_tensor("outputs", outputs)
+        _check_tensor("lses", lses)
+        stacked_outputs, stacked_lses, first_lse = outputs, lses, lses
+        if indptr is not None:
+            if outputs.dim() != 3:
+                raise ValueError(
+                    f"outputs must be [N, H, D] (packed rows), got {tuple(outputs.shape)}"
+                )
+            tokens = _check_indptr(indptr, outputs.device)
         else:
-            lse = torch.empty(heads, tokens, dtype=torch.float32, device=first.device)
-    merge_attn_states(
-        output,
-        outputs[0],
-        lses[0],
-        outputs[1],
-        lses[1],
-        lse,
-        prefill_tokens_with_context,
-        scale,
-        lse_base=lse_base,
-        backend=backend,
-    )
-    return MergeResult(output, lse)
+            if outputs.dim() != 4 or outputs.shape[0] == 0:
+                raise ValueError(
+                    f"outputs must be [K, T, H, D] with K >= 1, got {tuple(outputs.shape)}"
+                )
+            num_partials, tokens = outputs.shape[0], outputs.shape[1]
+            if lses.dim() == 3 and lses.shape[0] == num_partials:
+                first_lse = lses[0]
+            if num_partials == 2:
+                _check_lse_stack(
+                    "lses", lses, (2, outputs.shape[2], tokens), outputs.device, "[K, H, T]"
+                )
+                pair = (outputs[0], lses[0], outputs[1], lses[1])
+        first = outputs
+    else:
+        outputs, lses = tuple(outputs), tuple(lses)
+        if len(outputs) != len(lses):
+            raise ValueError(f"got {len(outputs)} outputs but {len(lses)} lses")
+        if not outputs:
+            raise ValueError("outputs holds no partials (K = 0); at least one is needed")
+        first = _check_tensor("outputs[0]", outputs[0])
+        first_lse = _check_tensor("lses[0]", lses[0])
+        if first.dim() != 3:
+            raise ValueError(
+                f"outputs[0] must be 3-D [tokens, heads, head_size], got shape {tuple(first.shape)}"
+            )
+        tokens = first.shape[0]
+        if len(outputs) == 2:
+            pair = (outputs[0], lses[0], outputs[1], lses[1])
+        else:
+            for k in range(len(outputs)):
+                _check_state(f"outputs[{k}]", outputs[k], first.shape, first.device)
+                _check_lse(f"lses[{k}]", lses[k], first.shape[1], tokens, first.device)
+            stacked_outputs, stacked_lses = _stacked(outputs), _stacked(lses)
+
+    if out is not None:
+        _check_tensor("out", out)
+        if out.dim() != 3 or tuple(out.shape) != (tokens, *first.shape[-2:]):
+            raise ValueError(
+                f"out must have shape {(tokens, *first.shape[-2:])} [T, H, D], got "
+                f"{tuple(out.shape)}"
+            )
+    dtype, scale = _output_dtype(quant, out_dtype, first.dtype if out is None else out.dtype)
+    if out is not None and out.dtype != dtype:
+        raise TypeError(f"out must be {dtype}, got {out.dtype}")
+    heads, head_size = first.shape[-2], first.shape[-1]
+    if out is None:
+        out = torch.empty((tokens, heads, head_size), dtype=dtype, device=first.device)
+    if out_lse is None and return_lse:
+        # Keep the caller's LSE layout: [T, H]-stored inputs give a [T, H]-stored result.
+        if first_lse.dim() == 2 and first_lse.stride(0) == 1 and first_lse.stride(1) != 1:
+            out_lse = torch.empty(tokens, heads, dtype=torch.float32, device=first.device).t()
+        else:
+            out_lse = torch.empty(heads, tokens, dtype=torch.float32, device=first.device)
+    if pair is not None:
+        merge_attn_states(
+            out,
+            *pair,
+            out_lse,
+            prefill_tokens_with_context,
+            scale,
+            lse_base=lse_base,
+            backend=backend,
+        )
+    else:
+        args = (out, out_lse, stacked_outputs, stacked_lses, indptr)
+        _merge_partials((*args, prefill_tokens_with_context, scale), lse_base, backend)
+    return MergeResult(out, out_lse)

@@ -8,31 +8,47 @@ list of positional arguments.
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple
 
 import torch
 
 from .formats import FormatKey, OutputFormat
 
-__all__ = ["CallSignature", "MergeCall"]
+__all__ = ["CallSignature", "MergeCall", "PartialLayout"]
+
+
+class PartialLayout(enum.Enum):
+    """How a call's partials are laid out in memory."""
+
+    #: one ``[T, H, D]`` tensor and one ``[H, T]`` LSE per partial (the two-way form)
+    SEPARATE = "separate"
+    #: one ``[K, T, H, D]`` tensor and one ``[K, H, T]`` LSE tensor, any strides
+    STACKED = "stacked"
+    #: packed rows ``[N, H, D]`` and LSEs ``[H, N]``; token ``t`` merges rows
+    #: ``indptr[t] <= n < indptr[t + 1]``
+    PACKED = "packed"
 
 
 class CallSignature(NamedTuple):
     """What selects a backend and its kernels: hashable, no tensors, no sizes that vary
-    per batch."""
+    per batch (the number of stacked or packed partials is not part of it)."""
 
     device: torch.device
-    #: dtypes of the partial outputs, one per partial (their number is K)
+    #: dtypes of the partial outputs: one per partial (SEPARATE, so their number is K),
+    #: or the one dtype of the stacked or packed tensor
     partial_dtypes: tuple[torch.dtype, ...]
     head_size: int
     output_format: FormatKey
     write_lse: bool
     #: every LSE of the call is a base-2 logarithm (else natural)
     lse_base_2: bool
+    layout: PartialLayout = PartialLayout.SEPARATE
 
     @property
-    def num_partials(self) -> int:
-        return len(self.partial_dtypes)
+    def num_partials(self) -> int | None:
+        """K for separate partials; None where the signature does not fix it."""
+        return len(self.partial_dtypes) if self.layout is PartialLayout.SEPARATE else None
 
     @property
     def output_dtype(self) -> torch.dtype:
@@ -43,11 +59,18 @@ class MergeCall(NamedTuple):
     """One validated merge: read ``partials`` and ``lses``, write ``output`` (and
     ``output_lse``) in ``output_format``.
 
-    Shapes: ``output`` and each partial ``[T, H, D]`` (last dimension contiguous, other
-    strides free), each LSE and ``output_lse`` float32 ``[H, T]`` (any strides). Tokens
-    ``t >= tokens_with_first`` have no first partial: its rows and LSEs there are never
-    read (vLLM's ``prefill_tokens_with_context``; ``T`` when every token has it).
-    ``output`` may be the very tensor of a partial, ``output_lse`` that of an LSE.
+    ``output`` is ``[T, H, D]`` and ``output_lse`` float32 ``[H, T]`` (last dimension of
+    ``output`` contiguous, every other stride free). The partials, by
+    ``signature.layout``:
+
+    * SEPARATE: ``partials`` holds K tensors ``[T, H, D]``, ``lses`` K tensors ``[H, T]``;
+    * STACKED: ``partials`` holds one ``[K, T, H, D]`` tensor, ``lses`` one ``[K, H, T]``;
+    * PACKED: ``partials`` holds one ``[N, H, D]`` tensor, ``lses`` one ``[H, N]``, and
+      ``indptr`` (int32 or int64, ``[T + 1]``) says which rows each token merges.
+
+    Tokens ``t >= tokens_with_first`` have no first partial: its rows and LSEs there are
+    never read (vLLM's ``prefill_tokens_with_context``; ``T`` when every token has it).
+    ``output`` may be the very view of the first partial, ``output_lse`` that of its LSE.
     """
 
     output: torch.Tensor
@@ -57,6 +80,7 @@ class MergeCall(NamedTuple):
     output_format: OutputFormat
     tokens_with_first: int
     signature: CallSignature
+    indptr: torch.Tensor | None = None
 
     @property
     def lse_base_2(self) -> bool:

@@ -1,12 +1,12 @@
-"""torch.library registration: ``torch.ops.attnmerge.merge_attn_states``.
+"""torch.library registration: ``torch.ops.attnmerge.merge_attn_states`` (two partials,
+vLLM's form) and ``torch.ops.attnmerge.merge_partials`` (stacked or packed partials).
 
-The op mutates ``output`` (and ``output_lse``) and returns nothing, so its fake
-implementation has nothing to compute. ``torch.compile`` traces the public function
-through this op (no graph break); eager calls of the public function skip the
-dispatcher. Calling ``torch.ops.attnmerge.merge_attn_states`` directly is supported
-and runs the same checks.
+Each op mutates its outputs and returns nothing, so its fake implementation has nothing
+to compute. ``torch.compile`` traces the public functions through these ops (no graph
+break); eager calls of the public functions skip the dispatcher. Calling the ops
+directly is supported and runs the same checks.
 
-The op is declared with a plain ``torch.library.Library`` schema rather than
+The ops are declared with a plain ``torch.library.Library`` schema rather than
 ``torch.library.custom_op``, whose Python wrapper costs compiled graphs several times the
 host time of a plain schema on every call (docs/host-overhead.md).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import _merge_attn_states_impl
+from .api import _merge_attn_states_impl, _merge_partials_impl
 
 __all__: list[str] = []
 
@@ -40,3 +40,25 @@ _lib.impl("merge_attn_states", _merge_attn_states_op, "CompositeExplicitAutograd
 @torch.library.register_fake("attnmerge::merge_attn_states", lib=_lib)
 def _merge_attn_states_fake(*args) -> None:
     return None  # the op only writes into its outputs
+
+
+_lib.define(
+    "merge_partials(Tensor(a!) out, Tensor(b!)? out_lse, Tensor outputs, Tensor lses, "
+    "Tensor? indptr, SymInt? prefill_tokens_with_context, Tensor? output_scale, "
+    "bool lse_base_2, str backend) -> ()"
+)
+
+
+def _merge_partials_op(*args) -> None:
+    """The op's arguments: out, out_lse, outputs, lses, indptr, prefill_tokens_with_context,
+    output_scale, lse_base_2, backend."""
+    *merge_args, lse_base_2, backend = args
+    _merge_partials_impl(tuple(merge_args), 2 if lse_base_2 else "e", backend)
+
+
+_lib.impl("merge_partials", _merge_partials_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("attnmerge::merge_partials", lib=_lib)
+def _merge_partials_fake(*args) -> None:
+    return None

@@ -14,10 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from .call import CallSignature, MergeCall
+from .call import CallSignature, MergeCall, PartialLayout
 from .formats import FP8Static
 
-__all__ = ["BACKEND", "merge_states_reference", "quantize_fp8_static"]
+__all__ = [
+    "BACKEND",
+    "merge_packed_reference",
+    "merge_states_reference",
+    "quantize_fp8_static",
+]
 
 
 def merge_states_reference(
@@ -31,12 +36,13 @@ def merge_states_reference(
 
     Args:
         outputs: K tensors ``[T, H, D]`` (any float dtype, any strides), each partial
-            output normalised over its own keys.
-        lses: K float32 tensors ``[H, T]`` (any strides): each partial's log-sum-exp,
-            natural log unless ``lse_base_2``. ``+inf`` and ``-inf`` both mean "empty".
+            output normalised over its own keys; or one ``[K, T, H, D]`` tensor.
+        lses: K float32 tensors ``[H, T]`` (any strides), or one ``[K, H, T]`` tensor:
+            each partial's log-sum-exp, natural log unless ``lse_base_2``. ``+inf`` and
+            ``-inf`` both mean "empty".
         lse_base_2: the LSEs (inputs and the returned one) are base-2 logarithms.
         prefill_tokens_with_context: tokens ``t >= P`` take nothing from ``outputs[0]``
-            (the prefix): its rows and LSEs there are not read.
+            (the prefix): its rows and LSEs there count as empty.
 
     Returns:
         ``(output, lse)``: float32 ``[T, H, D]`` and float32 ``[H, T]``. Rows whose
@@ -45,9 +51,44 @@ def merge_states_reference(
         weighted rows propagate.
     """
     lse = torch.stack([x.float() for x in lses])  # [K, H, T]
-    lse = torch.where(lse == float("inf"), float("-inf"), lse)
     if prefill_tokens_with_context is not None:
         lse[0, :, prefill_tokens_with_context:] = float("-inf")
+    return _merge(lse, lambda k: outputs[k], None, lse_base_2)
+
+
+def merge_packed_reference(
+    outputs: torch.Tensor,
+    lses: torch.Tensor,
+    indptr: torch.Tensor,
+    *,
+    lse_base_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a variable number of partials per token in float32: token ``t`` merges the
+    packed rows ``indptr[t] <= n < indptr[t + 1]`` of ``outputs`` ``[N, H, D]`` and
+    ``lses`` ``[H, N]``, in order; a token without rows gets 0 and LSE ``-inf``.
+    ``indptr`` is clamped as the kernels clamp it (start into ``[0, N]``, end into
+    ``[start, N]``). Reads ``indptr`` on the host. Returns what
+    :func:`merge_states_reference` returns."""
+    n = outputs.shape[0]
+    bounds = indptr.to(device=outputs.device, dtype=torch.int64)
+    start = bounds[:-1].clamp(0, n)
+    count = torch.maximum(bounds[1:].clamp(max=n), start) - start  # [T]
+    num_partials = int(count.max()) if count.numel() else 0
+    tokens, heads = count.numel(), outputs.shape[1]
+    if num_partials == 0:
+        out = torch.zeros(tokens, heads, outputs.shape[2], device=outputs.device)
+        return out, torch.full((heads, tokens), float("-inf"), device=outputs.device)
+    rows = [(start + k).clamp(max=n - 1) for k in range(num_partials)]
+    valid = torch.stack([k < count for k in range(num_partials)])  # [K, T]
+    lse = torch.stack([lses.float()[:, r] for r in rows])  # [K, H, T]
+    lse = torch.where(valid[:, None, :], lse, float("-inf"))
+    return _merge(lse, lambda k: outputs[rows[k]], valid, lse_base_2)
+
+
+def _merge(lse, partial, valid, lse_base_2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge of K partials with LSEs ``lse`` [K, H, T] and rows ``partial(k)``
+    [T, H, D]; where ``valid`` [K, T] is False, partial ``k`` is absent (no term)."""
+    lse = torch.where(lse == float("inf"), float("-inf"), lse)
     m = lse.amax(dim=0)  # amax propagates NaN, so a NaN LSE is never mistaken for "empty"
     empty = m == float("-inf")
     m = torch.where(empty, 0.0, m)
@@ -60,12 +101,17 @@ def merge_states_reference(
     out_lse = torch.where(empty, float("-inf"), m + log(total))
 
     out = None
-    for k, o in enumerate(outputs):
+    for k in range(e.shape[0]):
         w = weights[k].t().unsqueeze(-1)  # [T, H, 1]
         # Zero weight (empty partial, rows past P, or an underflowed exp) contributes
         # exactly 0, even where the partial's row holds NaN or inf.
-        term = torch.where(w != 0, w * o.float(), 0.0)
-        out = term if out is None else out + term
+        term = torch.where(w != 0, w * partial(k).float(), 0.0)
+        if out is None:
+            out = term
+        elif valid is None:
+            out = out + term
+        else:
+            out = torch.where(valid[k][:, None, None], out + term, out)
     return out, out_lse
 
 
@@ -85,14 +131,20 @@ class TorchBackend:
         """Merge and store. The whole result is computed before anything is written,
         so outputs may alias inputs."""
         tokens = call.output.shape[0]
-        out, lse = merge_states_reference(
-            call.partials,
-            call.lses,
-            lse_base_2=call.lse_base_2,
-            prefill_tokens_with_context=(
-                None if call.tokens_with_first == tokens else call.tokens_with_first
-            ),
-        )
+        if call.signature.layout is PartialLayout.PACKED:
+            out, lse = merge_packed_reference(
+                call.partials[0], call.lses[0], call.indptr, lse_base_2=call.lse_base_2
+            )
+        else:
+            stacked = call.signature.layout is PartialLayout.STACKED
+            out, lse = merge_states_reference(
+                call.partials[0] if stacked else call.partials,
+                call.lses[0] if stacked else call.lses,
+                lse_base_2=call.lse_base_2,
+                prefill_tokens_with_context=(
+                    None if call.tokens_with_first == tokens else call.tokens_with_first
+                ),
+            )
         call.output.copy_(call.output_format.quantize_reference(out))
         if call.output_lse is not None:
             call.output_lse.copy_(lse)

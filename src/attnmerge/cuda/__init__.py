@@ -8,7 +8,7 @@ from types import ModuleType
 
 import torch
 
-from ..call import CallSignature, MergeCall
+from ..call import CallSignature, MergeCall, PartialLayout
 from ..devices import capability
 
 __all__ = ["BACKEND"]
@@ -31,8 +31,8 @@ class CudaBackend:
         reason = self._device_reason(device)
         if reason is not None:
             return reason
-        if signature.num_partials != 2:
-            return f"its kernel merges 2 partials, not {signature.num_partials}"
+        if signature.layout is PartialLayout.SEPARATE and signature.num_partials != 2:
+            return f"it merges 2 separate partials, or stacked ones, not {signature.num_partials}"
         if signature.output_format.kind.whole_token_tiles:
             return "its blocks tile by rows, and this output format needs whole tokens"
         from .driver import DriverError

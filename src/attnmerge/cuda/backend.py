@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..call import CallSignature, MergeCall
+from ..call import CallSignature, MergeCall, PartialLayout
 from ..formats import FLOAT_DTYPES, FormatKey, FP8Static, Plain
 from ..version import __version__
 from . import cache, driver, nvrtc
@@ -28,6 +28,7 @@ from .params import ParamBlock
 __all__ = [
     "KernelConfig",
     "Launch",
+    "PartialsKernelConfig",
     "arch_of",
     "build_kernel",
     "chunk_bytes_for",
@@ -35,6 +36,8 @@ __all__ = [
     "config_for",
     "head_major_rows",
     "launch_arguments",
+    "partials_config_for",
+    "partials_launch_arguments",
     "prepare",
     "row_divisor",
     "run",
@@ -63,8 +66,7 @@ SMALL_GRID_CHUNKS = {
 #: warp's store instruction writes one contiguous span of whole sectors.
 MAX_STORE_BYTES = 16
 
-KERNEL_NAME = "attnmerge_merge"
-_SOURCE_FILES = ("merge.cuh", "epilogues.cuh", "common.cuh")
+_SOURCE_FILES = ("merge.cuh", "partials.cuh", "epilogues.cuh", "common.cuh")
 
 # Kernel element types by torch dtype (names of the C++ tag structs).
 _ELEMENT = {
@@ -79,7 +81,8 @@ COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
 @functools.cache
 def sources() -> dict[str, str]:
-    """The kernel source files by name (merge.cuh includes the others)."""
+    """The kernel source files by name (partials.cuh includes merge.cuh, which includes
+    the others)."""
     csrc = resources.files("attnmerge.cuda").joinpath("csrc")
     return {name: csrc.joinpath(name).read_text() for name in _SOURCE_FILES}
 
@@ -92,8 +95,9 @@ def _source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-#: The kernel parameter struct, read from its declaration in csrc/merge.cuh.
+#: The kernel parameter structs, read from their declarations in csrc/.
 PARAMS = ParamBlock(sources()["merge.cuh"], "MergeParams")
+PARTIALS_PARAMS = ParamBlock(sources()["partials.cuh"], "PartialsParams")
 
 
 def arch_of(capability: tuple[int, int]) -> str:
@@ -109,7 +113,8 @@ def unavailable_reason() -> str | None:
 
 
 class KernelConfig(NamedTuple):
-    """One compiled kernel: the template arguments of merge_two_rows (csrc/merge.cuh).
+    """One compiled two-partial kernel: the template arguments of merge_two_rows
+    (csrc/merge.cuh).
 
     Whether the output LSE is written and the LSE base are template arguments, so a call
     runs no code for the cases it is not. A NamedTuple: the eager path hashes one per call.
@@ -123,43 +128,81 @@ class KernelConfig(NamedTuple):
     write_lse: bool
     lse_base_2: bool
 
+    source = "merge.cuh"
+    instance_macro = "ATTNMERGE_MERGE_INSTANCE"
+    kernel_name = "attnmerge_merge"
+
     def template_arguments(self) -> str:
-        p0, p1 = (f"attnmerge::{e}" for e in self.partial_elements)
-        store = f"attnmerge::{self.epilogue}<attnmerge::{self.output_element}>"
-        flags = ", ".join("true" if flag else "false" for flag in (self.write_lse, self.lse_base_2))
-        return f"{p0}, {p1}, {store}, {self.vec}, {self.team}, {flags}"
+        elements = ", ".join(f"attnmerge::{e}" for e in self.partial_elements)
+        return f"{elements}, {_common_arguments(self)}"
 
     @property
     def rows_per_block(self) -> int:
         return BLOCK_THREADS // self.team
 
 
-def build_kernel(config: KernelConfig, arch: str) -> bytes:
+class PartialsKernelConfig(NamedTuple):
+    """One compiled kernel for stacked or packed partials: the template arguments of
+    merge_partial_rows (csrc/partials.cuh)."""
+
+    partial_element: str  # C++ element type of the partials
+    epilogue: str
+    output_element: str
+    vec: int
+    team: int
+    write_lse: bool
+    lse_base_2: bool
+
+    source = "partials.cuh"
+    instance_macro = "ATTNMERGE_PARTIALS_INSTANCE"
+    kernel_name = "attnmerge_merge_partials"
+
+    def template_arguments(self) -> str:
+        return f"attnmerge::{self.partial_element}, {_common_arguments(self)}"
+
+    @property
+    def rows_per_block(self) -> int:
+        return BLOCK_THREADS // self.team
+
+
+def _common_arguments(config: KernelConfig | PartialsKernelConfig) -> str:
+    """The template arguments after the partials' element types."""
+    store = f"attnmerge::{config.epilogue}<attnmerge::{config.output_element}>"
+    flags = ", ".join("true" if flag else "false" for flag in (config.write_lse, config.lse_base_2))
+    return f"{store}, {config.vec}, {config.team}, {flags}"
+
+
+def build_kernel(config: KernelConfig | PartialsKernelConfig, arch: str) -> bytes:
     """The cubin of one kernel for ``arch``, from the cache or built now."""
     template_args = config.template_arguments()
     key = {
         "attnmerge": __version__,
         "source": _source_hash(),
-        "kernel": template_args,
+        "kernel": f"{config.kernel_name}<{template_args}>",
         "arch": arch,
         "nvrtc": ".".join(map(str, nvrtc.version())),
     }
 
     def build() -> bytes:
         files = sources()
-        text = f"#define ATTNMERGE_MERGE_INSTANCE {template_args}\n" + files["merge.cuh"]
-        headers = {name: files[name] for name in _SOURCE_FILES[1:]}
-        return nvrtc.compile_cubin(text, name="merge.cu", arch=arch, headers=headers).cubin
+        text = f"#define {config.instance_macro} {template_args}\n" + files[config.source]
+        headers = {name: text for name, text in files.items() if name != config.source}
+        name = config.source.replace(".cuh", ".cu")
+        return nvrtc.compile_cubin(text, name=name, arch=arch, headers=headers).cubin
 
     return cache.cached_build(
-        "merge", key, build, describe=f"CUDA merge kernel <{template_args}> for {arch}"
+        "merge",
+        key,
+        build,
+        describe=f"CUDA kernel {config.kernel_name}<{template_args}> for {arch}",
     )
 
 
-@functools.cache
-def _kernel(device_index: int, config: KernelConfig) -> driver.Kernel:
+@functools.cache  # the two config types never compare equal: their first fields differ
+def _kernel(device_index: int, config: KernelConfig | PartialsKernelConfig) -> driver.Kernel:
     arch = arch_of(torch.cuda.get_device_capability(device_index))
-    return driver.load_kernel(build_kernel(config, arch), KERNEL_NAME, device_index, BLOCK_THREADS)
+    cubin = build_kernel(config, arch)
+    return driver.load_kernel(cubin, config.kernel_name, device_index, BLOCK_THREADS)
 
 
 def _next_pow2(x: int) -> int:
@@ -220,7 +263,49 @@ def _vector_widths(head_size: int, widest: int, out_size: int, write_lse: bool) 
     return list(dict.fromkeys([*(vector_width(head_size, widest, c) for c in chunks), 1]))
 
 
-def _configs_of(signature: CallSignature) -> list[KernelConfig]:
+@functools.cache  # on the eager path
+def partials_config_for(
+    partial_dtype: torch.dtype,
+    output_format: FormatKey,
+    head_size: int,
+    vec: int,
+    write_lse: bool = False,
+    lse_base_2: bool = False,
+) -> PartialsKernelConfig:
+    """As :func:`config_for`, for stacked or packed partials of ``partial_dtype``."""
+    return PartialsKernelConfig(
+        partial_element=_ELEMENT[partial_dtype],
+        epilogue=output_format.kind.cuda_epilogue,
+        output_element=_ELEMENT[output_format.dtype],
+        vec=vec,
+        team=min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
+        write_lse=write_lse,
+        lse_base_2=lse_base_2,
+    )
+
+
+def partials_chunk_bytes(partial_size: int, out_size: int) -> int:
+    """Bytes of a partial a thread reads per row chunk in the stacked/packed kernel: one
+    16-byte access, less where its output chunk would exceed one 16-byte store."""
+    return min(16, MAX_STORE_BYTES * partial_size // out_size)
+
+
+def _configs_of(signature: CallSignature) -> list[KernelConfig | PartialsKernelConfig]:
+    if signature.layout is not PartialLayout.SEPARATE:
+        (dtype,) = signature.partial_dtypes
+        chunk = partials_chunk_bytes(dtype.itemsize, signature.output_dtype.itemsize)
+        widths = dict.fromkeys((vector_width(signature.head_size, dtype.itemsize, chunk), 1))
+        return [
+            partials_config_for(
+                dtype,
+                signature.output_format,
+                signature.head_size,
+                vec,
+                signature.write_lse,
+                signature.lse_base_2,
+            )
+            for vec in widths
+        ]
     widest = max(d.itemsize for d in signature.partial_dtypes)
     out_size = signature.output_dtype.itemsize
     return [
@@ -236,17 +321,26 @@ def _configs_of(signature: CallSignature) -> list[KernelConfig]:
     ]
 
 
-def common_configs(head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False) -> list[KernelConfig]:
+def common_configs(
+    head_sizes=COMMON_HEAD_SIZES, mixed_dtypes: bool = False
+) -> list[KernelConfig | PartialsKernelConfig]:
     """Kernels for fp32/fp16/bf16 partials into every format (plain fp32/fp16/bf16, static
     FP8), with and without the output LSE, in both LSE bases, for every vector width a
-    call can need: same-dtype partials only, or with ``mixed_dtypes`` every pair."""
+    call can need, for two separate partials and for stacked or packed ones: same-dtype
+    partials only, or with ``mixed_dtypes`` every pair of separate ones."""
     dtypes = FLOAT_DTYPES
     pairs = [(p, s) for p in dtypes for s in dtypes if mixed_dtypes or p == s]
+    groups = [(pair, PartialLayout.SEPARATE) for pair in pairs]
+    groups += [((d,), PartialLayout.STACKED) for d in dtypes]
     formats = [FormatKey(Plain, d) for d in dtypes] + [FormatKey(FP8Static, torch.float8_e4m3fn)]
-    found: dict[KernelConfig, None] = {}
+    found: dict[KernelConfig | PartialsKernelConfig, None] = {}
     flags = list(itertools.product((False, True), repeat=2))  # output LSE, base 2
-    for pair, fmt, head_size, (lse, base_2) in itertools.product(pairs, formats, head_sizes, flags):
-        signature = CallSignature(torch.device("cuda"), pair, head_size, fmt, lse, base_2)
+    for (partial_dtypes, layout), fmt, head_size, (lse, base_2) in itertools.product(
+        groups, formats, head_sizes, flags
+    ):
+        signature = CallSignature(
+            torch.device("cuda"), partial_dtypes, head_size, fmt, lse, base_2, layout
+        )
         found.update(dict.fromkeys(_configs_of(signature)))
     return list(found)
 
@@ -334,7 +428,10 @@ _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 def run(call: MergeCall) -> None:
     """Launch the merge of ``call`` on the current stream."""
-    launch = launch_arguments(call)
+    if call.signature.layout is PartialLayout.SEPARATE:
+        launch = launch_arguments(call)
+    else:
+        launch = partials_launch_arguments(call)
     if launch is None:
         return
     kernel, grid, params = launch
@@ -471,4 +568,91 @@ def launch_arguments(
             lses=tuple(_size_one_strides_zeroed(t) for t in call.lses),
         )
         return launch_arguments(zeroed, chunk_bytes=chunk_bytes, head_major=head_major)
+    return Launch(kernel, -(-num_rows // config.rows_per_block), params)
+
+
+def _zero_size_one(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides with those of size-1 dimensions 0 (they address nothing, and may be huge)."""
+    return tuple(st if n > 1 else 0 for n, st in zip(shape, strides, strict=True))
+
+
+def partials_launch_arguments(call: MergeCall) -> Launch | None:
+    """The launch of a stacked or packed ``call`` (None: nothing to do)."""
+    output, output_lse = call.output, call.output_lse
+    (partials,), (lses,) = call.partials, call.lses
+    num_tokens, num_heads, head_size = output.shape
+    num_rows = num_tokens * num_heads
+    if num_rows == 0 or head_size == 0:
+        return None
+    if num_rows > _MAX_ROWS:
+        raise ValueError(f"cuda backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
+    packed = call.signature.layout is PartialLayout.PACKED
+    p_strides = _zero_size_one(partials.shape, partials.stride())
+    l_strides = _zero_size_one(lses.shape, lses.stride())
+    if packed:  # (k, token, head): the packed row axis is the partial axis
+        partial_strides = (p_strides[0], 0, p_strides[1])
+        lse_strides = (l_strides[1], 0, l_strides[0])
+        num_partials = partials.shape[0]
+    else:
+        partial_strides = p_strides[:3]
+        lse_strides = (l_strides[0], l_strides[2], l_strides[1])
+        num_partials = partials.shape[0]
+    out_strides = _zero_size_one(output.shape, output.stride())
+    size = partials.itemsize
+    vec = vector_width(head_size, size, partials_chunk_bytes(size, output.itemsize))
+    if vec > 1 and not (
+        _aligned(output.data_ptr(), out_strides[:2], output.itemsize, vec)
+        and _aligned(partials.data_ptr(), partial_strides, size, vec)
+    ):
+        vec = 1  # scalar accesses for misaligned rows
+    signature = call.signature
+    config = partials_config_for(
+        partials.dtype,
+        signature.output_format,
+        head_size,
+        vec,
+        output_lse is not None,
+        signature.lse_base_2,
+    )
+    kernel = _kernel(output.device.index, config)
+    if output_lse is None:
+        out_lse_ptr, out_lse_strides = 0, (0, 0)
+    else:
+        out_lse_ptr = output_lse.data_ptr()
+        out_lse_strides = _zero_size_one(output_lse.shape, output_lse.stride())
+    multiplier, shift = head_divisor(num_heads)
+    operand = call.output_format.kernel_operand()
+    try:
+        params = PARTIALS_PARAMS.pack(
+            out=output.data_ptr(),
+            partials=partials.data_ptr(),
+            lses=lses.data_ptr(),
+            indptr=call.indptr.data_ptr() if packed else 0,
+            format_operand=0 if operand is None else operand.data_ptr(),
+            out_lse=out_lse_ptr,
+            num_rows=num_rows,
+            inner_count=num_heads,
+            head_size=head_size,
+            num_partials=num_partials,
+            tokens_with_first=call.tokens_with_first,
+            indptr_bytes=call.indptr.itemsize if packed else 0,
+            inner_multiplier=multiplier,
+            inner_shift=shift,
+            out_stride_outer=out_strides[0],
+            out_stride_inner=out_strides[1],
+            partial_stride_k=partial_strides[0],
+            partial_stride_outer=partial_strides[1],
+            partial_stride_inner=partial_strides[2],
+            lse_stride_k=lse_strides[0],
+            lse_stride_outer=lse_strides[1],
+            lse_stride_inner=lse_strides[2],
+            out_lse_stride_outer=out_lse_strides[1],
+            out_lse_stride_inner=out_lse_strides[0],
+        )
+    except struct.error:  # a value past 32 bits: a stride (rows are checked)
+        raise ValueError(
+            f"cuda backend: a stride of outputs, lses, out or out_lse reaches 2^32 elements "
+            f"(strides {tuple(partials.stride())}, {tuple(lses.stride())}, "
+            f"{tuple(output.stride())}); backend='triton' takes any"
+        ) from None
     return Launch(kernel, -(-num_rows // config.rows_per_block), params)

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from ..call import CallSignature, MergeCall
+from ..call import CallSignature, MergeCall, PartialLayout
 from ..devices import capability
 
 __all__ = ["BACKEND", "interpreting", "load"]
@@ -25,6 +25,15 @@ _FP8_MIN_CAPABILITY = (8, 9)
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def load_partials() -> ModuleType:
+    """Import the stacked/packed kernel module (after :func:`load`)."""
+    load()
+    from . import partials_kernel
+
+    return partials_kernel
 
 
 @functools.cache
@@ -53,8 +62,8 @@ class TritonBackend:
         reason = self._device_reason(device)
         if reason is not None:
             return reason
-        if signature.num_partials != 2:
-            return f"its kernel merges 2 partials, not {signature.num_partials}"
+        if signature.layout is PartialLayout.SEPARATE and signature.num_partials != 2:
+            return f"it merges 2 separate partials, or stacked ones, not {signature.num_partials}"
         if signature.output_format.kind.whole_token_tiles:
             return "its programs tile by rows, and this output format needs whole tokens"
         fp8 = signature.output_dtype == torch.float8_e4m3fn
@@ -85,7 +94,10 @@ class TritonBackend:
         return None
 
     def run(self, call: MergeCall) -> None:
-        load().run(call)
+        if call.signature.layout is PartialLayout.SEPARATE:
+            load().run(call)
+        else:
+            load_partials().run(call)
 
     def clear_caches(self) -> None:
         self._device_reason.cache_clear()

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..call import MergeCall
 from . import epilogues, interpreting
 
-__all__ = ["block_rows_for", "head_major_programs", "run"]
+__all__ = ["block_rows_for", "head_major_programs", "int_class", "launch", "run"]
 
 logger = logging.getLogger("attnmerge")
 
@@ -243,7 +243,7 @@ _INTERPRETING = interpreting()
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
-def _int_class(x: int) -> int:
+def int_class(x: int) -> int:
     if not _INT32_MIN <= x <= _INT32_MAX:
         return 3
     return 2 if x == 1 else (x & 15) == 0
@@ -311,22 +311,30 @@ def run(call: MergeCall, block_rows: int | None = None) -> None:
         return
 
     key = (
+        _merge_two_kernel,
         device.index,
         output.dtype,
         partial0.dtype,
         partial1.dtype,
         constexprs,
         tuple(t.data_ptr() & 15 for t in pointers),
-        tuple(_int_class(x) for x in strides),
+        tuple(int_class(x) for x in strides),
     )
-    if torch.cuda.current_device() == device.index:
-        _launch(key, grid, args, constexprs, device.index)
+    launch(_merge_two_kernel, key, grid, args, constexprs, device.index)
+
+
+def launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int):
+    """Launch ``kernel`` (a ``@triton.jit`` function) on ``device_index``'s current stream,
+    its compiled specialisation cached under ``key`` (the kernel and everything its
+    specialisation depends on, as described above)."""
+    if torch.cuda.current_device() == device_index:
+        _launch(kernel, key, grid, args, constexprs, device_index)
     else:  # Triton launches on the current device: make it the tensors' one
-        with torch.cuda.device(device):
-            _launch(key, grid, args, constexprs, device.index)
+        with torch.cuda.device(device_index):
+            _launch(kernel, key, grid, args, constexprs, device_index)
 
 
-def _launch(key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int) -> None:
+def _launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int):
     global _direct_launch
     compiled = _compiled.get(key)
     if compiled is not None and _direct_launch is not False:
@@ -348,6 +356,4 @@ def _launch(key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_inde
                 e,
             )
     # Triton's own path: compiles (or finds) the kernel, then launches it.
-    _compiled[key] = _merge_two_kernel[grid](
-        *args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS
-    )
+    _compiled[key] = kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)

@@ -1,0 +1,213 @@
+// attnmerge CUDA kernels: merge K partial attention states, stacked ([K, T, H, D] with
+// [K, H, T] LSEs, any strides) or packed (rows [N, H, D] with [H, N] LSEs, token t taking
+// rows indptr[t] <= n < indptr[t + 1]), and store the result through an output format's
+// epilogue. The contract: docs/contract.md; the layout: docs/cuda-backend.md.
+#pragma once
+
+#include "merge.cuh"
+
+namespace attnmerge {
+
+// Kernel parameters (read by attnmerge/cuda/params.py: one field group per line, pointers
+// and u32 only). Rows are (outer, inner) = (token, head), row = token * H + head.
+struct PartialsParams {
+  void* out;
+  const void* partials;
+  const float* lses;
+  const void* indptr;          // packed rows: int32 or int64 [T + 1]; null when stacked
+  const void* format_operand;  // OutputFormat.kernel_operand(), null without one
+  float* out_lse;              // null unless the output LSE is written
+  u32 num_rows;                // < 2^31
+  u32 inner_count;
+  u32 head_size;
+  u32 num_partials;       // stacked: K; packed: the number of packed rows N
+  u32 tokens_with_first;  // stacked: tokens from here on have no first partial
+  u32 indptr_bytes;       // 0: stacked; 4 or 8: packed, with an int32 or int64 indptr
+  u32 inner_multiplier, inner_shift;  // row / inner_count as a multiply and shift
+  u32 out_stride_outer, out_stride_inner;
+  u32 partial_stride_k, partial_stride_outer, partial_stride_inner;
+  u32 lse_stride_k, lse_stride_outer, lse_stride_inner;
+  u32 out_lse_stride_outer, out_lse_stride_inner;
+};
+
+#ifdef __CUDACC__
+
+// The maximum of a and b where a NaN in either wins: the same for any order of operands.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+}
+
+// Lanes that compute a row's weights together: a team, or each warp of a wider team (it
+// repeats the work of the team's other warps rather than wait for them at a barrier).
+template <int TEAM>
+struct WeightLanes {
+  static constexpr int kCount = TEAM < kWarpSize ? TEAM : kWarpSize;
+  int lane;  // this thread's lane among them
+  u32 mask;  // the warp's lanes among them
+  __device__ __forceinline__ WeightLanes() {
+    const int warp_lane = threadIdx.x % kWarpSize;
+    lane = warp_lane % kCount;
+    mask = kCount == kWarpSize ? ~0u : ((1u << kCount) - 1u) << (warp_lane / kCount * kCount);
+  }
+  // v of lane `from`
+  __device__ __forceinline__ float get(float v, int from) const {
+    return __shfl_sync(mask, v, from, kCount);
+  }
+  // the maximum of v over the lanes, NaN winning
+  __device__ __forceinline__ float max_all(float v) const {
+#pragma unroll
+    for (int offset = kCount / 2; offset > 0; offset /= 2) {
+      v = max_nan(v, __shfl_xor_sync(mask, v, offset, kCount));
+    }
+    return v;
+  }
+};
+
+// Where a row's partials are: partial k's row starts at partials + row_offset + k *
+// partial_stride_k, its LSE at lses + lse_offset + k * lse_stride_k; partials k < count
+// exist, and the first only where has_first.
+struct PartialRows {
+  i64 row_offset, lse_offset;
+  u32 count;
+  bool has_first;
+};
+
+__device__ __forceinline__ PartialRows partial_rows(const PartialsParams& p, bool row_ok, u32 outer,
+                                                    u32 inner) {
+  PartialRows r;
+  if (p.indptr_bytes == 0) {
+    r.count = row_ok ? p.num_partials : 0;
+    r.has_first = outer < p.tokens_with_first;
+    r.row_offset = offset_of(outer, p.partial_stride_outer, inner, p.partial_stride_inner);
+    r.lse_offset = offset_of(outer, p.lse_stride_outer, inner, p.lse_stride_inner);
+    return r;
+  }
+  // Clamped into [0, N]: no indptr makes the kernel read outside the packed rows.
+  i64 start = 0, end = 0;
+  if (row_ok) {
+    if (p.indptr_bytes == 8) {
+      start = static_cast<const i64*>(p.indptr)[outer];
+      end = static_cast<const i64*>(p.indptr)[outer + 1];
+    } else {
+      start = static_cast<const int*>(p.indptr)[outer];
+      end = static_cast<const int*>(p.indptr)[outer + 1];
+    }
+  }
+  const i64 n = p.num_partials;
+  start = start < 0 ? 0 : start > n ? n : start;
+  end = end < start ? start : end > n ? n : end;
+  r.count = (u32)(end - start);
+  r.has_first = true;
+  r.row_offset = start * p.partial_stride_k + (i64)inner * p.partial_stride_inner;
+  r.lse_offset = start * p.lse_stride_k + (i64)inner * p.lse_stride_inner;
+  return r;
+}
+
+// Partial k's LSE, +inf read as -inf (empty), -inf for a partial that does not exist.
+__device__ __forceinline__ float partial_lse(const PartialsParams& p, const PartialRows& r, u32 k) {
+  const float inf = __int_as_float(0x7f800000);
+  if (k >= r.count || (k == 0 && !r.has_first)) return -inf;
+  const float l = p.lses[r.lse_offset + (i64)k * p.lse_stride_k];
+  return l == inf ? -inf : l;
+}
+
+// A team of TEAM threads merges one row; its lanes take VEC columns each, further chunks of
+// TEAM * VEC columns where the head is wider. The row's weights are C1's formula
+// (docs/contract.md), in the order of the reference: the maximum, the exponentials
+// summed in order of k, each divided by the sum (IEEE division), so that two partials give
+// the bits of merge_two_rows. The weight lanes share the work: lane j computes the
+// exponential and weight of partials j, j + W, ... and passes them on by shuffles.
+template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
+__device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
+  static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
+  typedef WeightLanes<TEAM> Lanes;
+  constexpr int W = Lanes::kCount;
+  const Lanes lanes;
+  const u32 row = blockIdx.x * (kBlockThreads / TEAM) + threadIdx.x / TEAM;
+  const int lane = threadIdx.x % TEAM;
+  // A thread without a row stays: it takes part in its team's shuffles and barriers.
+  const bool row_ok = row < p.num_rows;
+  const u32 row_or_0 = row_ok ? row : 0;
+  const u32 outer = outer_of(row_or_0, p.inner_multiplier, p.inner_shift);
+  const u32 inner = row_or_0 - outer * p.inner_count;
+  Store store(p.format_operand);
+  const PartialRows rows = partial_rows(p, row_ok, outer, inner);
+  const float inf = __int_as_float(0x7f800000);
+
+  float m = -inf;
+  for (u32 base = 0; base < rows.count; base += W) m = max_nan(m, partial_lse(p, rows, base + lanes.lane));
+  m = lanes.max_all(m);
+  const bool empty = m == -inf;
+  if (empty) m = 0.0f;
+  // The exponential of this lane's partial in the chunk from base on.
+  auto exponential = [&](u32 base) {
+    const float gap = __fsub_rn(partial_lse(p, rows, base + lanes.lane), m);
+    return LSE_BASE_2 ? exp2f(gap) : expf(gap);
+  };
+  float total = 0.0f;
+  for (u32 base = 0; base < rows.count; base += W) {
+    const float e = exponential(base);
+    const u32 n = rows.count - base < W ? rows.count - base : W;
+    for (u32 i = 0; i < n; ++i) total = __fadd_rn(total, lanes.get(e, i));
+  }
+  store.ready();
+
+  const i64 out_row = offset_of(outer, p.out_stride_outer, inner, p.out_stride_inner);
+  for (u32 col_base = 0; col_base < p.head_size; col_base += TEAM * VEC) {
+    const u32 col = col_base + lane * VEC;
+    const bool col_ok = row_ok && col < p.head_size;
+    // -0 adds nothing (-0 + x is x): the sum is the reference's, term for term.
+    float acc[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[j] = -0.0f;
+    for (u32 base = 0; base < rows.count; base += W) {
+      const float weight = empty ? 0.0f : __fdiv_rn(exponential(base), total);
+      const u32 n = rows.count - base < W ? rows.count - base : W;
+#pragma unroll 4
+      for (u32 i = 0; i < n; ++i) {
+        const u32 k = base + i;
+        const float w = lanes.get(weight, i);
+        // A zero weight adds exactly 0 whatever its row holds; an absent row is not read.
+        const bool keep = w != 0.0f;  // NaN included
+        Chunk<typename P::storage, VEC> x;
+        if (col_ok && keep && (k > 0 || rows.has_first)) {
+          x = load_row<P, VEC>(p.partials, rows.row_offset + (i64)k * p.partial_stride_k + col);
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc[j] = __fadd_rn(acc[j], keep ? __fmul_rn(w, P::load(x.get(j))) : 0.0f);
+        }
+      }
+    }
+    // A row without partials (packed) added nothing: its 0 is +0, as in the reference.
+    if (empty) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
+    }
+    if (col_ok) store.template store<VEC>(p.out, out_row + col, acc);
+  }
+  if (WRITE_LSE) {
+    // The output LSE may be the first partial's: every read of the row's LSEs (by all of
+    // its team's lanes) comes before the store.
+    if (TEAM <= kWarpSize) {
+      __syncwarp(lanes.mask);
+    } else {
+      __syncthreads();
+    }
+    if (lane == 0 && row_ok) {
+      const float lse = empty ? -inf : __fadd_rn(m, LSE_BASE_2 ? log2f(total) : logf(total));
+      p.out_lse[offset_of(outer, p.out_lse_stride_outer, inner, p.out_lse_stride_inner)] = lse;
+    }
+  }
+}
+
+#ifdef ATTNMERGE_PARTIALS_INSTANCE
+extern "C" __global__ void __launch_bounds__(kBlockThreads)
+    attnmerge_merge_partials(const PartialsParams p) {
+  merge_partial_rows<ATTNMERGE_PARTIALS_INSTANCE>(p);
+}
+#endif
+
+#endif  // __CUDACC__
+
+}  // namespace attnmerge

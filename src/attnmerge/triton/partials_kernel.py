@@ -1,0 +1,216 @@
+"""Triton kernel: merge K stacked or packed partial states, K fixed or per token.
+
+One program handles ``BLOCK_ROWS`` consecutive (token, head) rows as a
+``[BLOCK_ROWS, BLOCK_D]`` tile and folds the partials into it in order: a first pass
+over the LSEs finds the running maximum, a second sums the exponentials, a third adds
+each weighted partial row into a float32 accumulator. The weights are C1's formula for
+any K (docs/contract.md): ``exp(l_k - m)`` over the in-order sum, an IEEE division, so
+two partials give the bits of the two-way kernel. The output format's epilogue
+(:mod:`.epilogues`) is a compile-time argument; K, the token count and the packed row
+count are run-time values.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..call import MergeCall, PartialLayout
+from . import epilogues
+from .merge_kernel import _MAX_REGISTERS, _NUM_WARPS, _exp2_keep_subnormals, int_class, launch
+
+__all__ = ["run"]
+
+_MAX_ROWS = 2**31 - 4096
+# Bytes of one partial per program tile: 16 bytes per thread per partial at 4 warps.
+_TILE_BYTES = 2048
+
+
+@triton.jit
+def _partial_lse(lse_row, k, stride_k, valid):
+    # A partial's LSE, +inf read as -inf (empty), -inf where the partial is absent.
+    lse = tl.load(lse_row + k * stride_k, mask=valid, other=float("-inf"))
+    return tl.where(lse == float("inf"), float("-inf"), lse)
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_partials", "num_packed", "tokens_with_first"])
+def _merge_partials_kernel(
+    out_ptr,
+    out_lse_ptr,
+    partials_ptr,
+    lses_ptr,
+    indptr_ptr,
+    operand_ptr,
+    num_rows,
+    num_partials,
+    num_packed,
+    tokens_with_first,
+    out_stride_t,
+    out_stride_h,
+    partial_stride_k,
+    partial_stride_t,
+    partial_stride_h,
+    lse_stride_k,
+    lse_stride_h,
+    lse_stride_t,
+    out_lse_stride_h,
+    out_lse_stride_t,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    LSE_BASE_2: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    NEG_INF: tl.constexpr = float("-inf")
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    tok = (rows // NUM_HEADS).to(tl.int64)
+    head = (rows % NUM_HEADS).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_SIZE
+    if PACKED:
+        # Token t's partials are the packed rows [indptr[t], indptr[t + 1]), clamped into
+        # [0, num_packed] so that no bad indptr makes the kernel read outside them.
+        start = tl.load(indptr_ptr + tok, mask=row_ok, other=0).to(tl.int64)
+        end = tl.load(indptr_ptr + tok + 1, mask=row_ok, other=0).to(tl.int64)
+        start = tl.minimum(tl.maximum(start, 0), num_packed)
+        end = tl.minimum(tl.maximum(end, start), num_packed)
+        count = end - start
+        partial_row = partials_ptr + start * partial_stride_k + head * partial_stride_h
+        lse_row = lses_ptr + start * lse_stride_k + head * lse_stride_h
+        k_end = tl.max(count, axis=0)
+        first_ok = row_ok
+    else:
+        count = tl.full([BLOCK_ROWS], 0, tl.int64) + num_partials
+        partial_row = partials_ptr + tok * partial_stride_t + head * partial_stride_h
+        lse_row = lses_ptr + tok * lse_stride_t + head * lse_stride_h
+        k_end = num_partials
+        # Tokens at or past tokens_with_first have no first partial: nothing of it is read.
+        first_ok = tok < tokens_with_first
+
+    # The running maximum; NaN wins it, so a NaN LSE is never taken for an empty row.
+    m = tl.full([BLOCK_ROWS], NEG_INF, tl.float32)
+    for k in range(0, k_end):
+        valid = row_ok & (k < count) & (first_ok | (k > 0))
+        lse = _partial_lse(lse_row, tl.zeros([], tl.int64) + k, lse_stride_k, valid)
+        m = tl.maximum(m, lse, propagate_nan=tl.PropagateNan.ALL)
+    empty = m == NEG_INF
+    m = tl.where(empty, 0.0, m)
+    # The sum of the exponentials, in order of k (the largest one is exp(0) = 1 exactly).
+    total = tl.zeros([BLOCK_ROWS], tl.float32)
+    for k in range(0, k_end):
+        valid = row_ok & (k < count) & (first_ok | (k > 0))
+        gap = _partial_lse(lse_row, tl.zeros([], tl.int64) + k, lse_stride_k, valid) - m
+        if LSE_BASE_2:
+            total += _exp2_keep_subnormals(gap)
+        else:
+            total += tl.exp(gap)
+    # The weighted rows, added in order of k. The accumulator starts at -0, which adds
+    # nothing (-0 + x is x), so that the sum is the reference's term for term; a zero
+    # weight adds exactly 0 and its row is not read.
+    acc = tl.full([BLOCK_ROWS, BLOCK_D], -0.0, tl.float32)
+    for k in range(0, k_end):
+        kk = tl.zeros([], tl.int64) + k
+        valid = row_ok & (k < count) & (first_ok | (k > 0))
+        gap = _partial_lse(lse_row, kk, lse_stride_k, valid) - m
+        if LSE_BASE_2:
+            e = _exp2_keep_subnormals(gap)
+        else:
+            e = tl.exp(gap)
+        w = tl.where(empty, 0.0, tl.math.div_rn(e, total))
+        x = tl.load(
+            partial_row[:, None] + kk * partial_stride_k + cols[None, :],
+            mask=((w != 0) & valid)[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.where(w[:, None] != 0, w[:, None] * x, 0.0)
+    # A row without partials (packed) has added nothing: its 0 is +0, as in the reference.
+    acc = tl.where(empty[:, None], 0.0, acc)
+    acc = EPILOGUE(acc, operand_ptr)
+    o_row = out_ptr + tok * out_stride_t + head * out_stride_h
+    tl.store(
+        o_row[:, None] + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+    if WRITE_LSE:
+        # out_lse may be the first partial's LSE: every LSE load comes before the store.
+        tl.debug_barrier()
+        if LSE_BASE_2:
+            lse_out = m + tl.log2(total)
+        else:
+            lse_out = m + tl.log(total)
+        lse_out = tl.where(empty, NEG_INF, lse_out)
+        tl.store(
+            out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse_out, mask=row_ok
+        )
+
+
+def run(call: MergeCall) -> None:
+    """Launch the merge of a stacked or packed ``call`` on the current stream."""
+    output, output_lse = call.output, call.output_lse
+    (partials,), (lses,) = call.partials, call.lses
+    num_tokens, num_heads, head_size = output.shape
+    num_rows = num_tokens * num_heads
+    if num_rows == 0 or head_size == 0:
+        return
+    if num_rows > _MAX_ROWS:
+        raise ValueError(f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
+    packed = call.signature.layout is PartialLayout.PACKED
+    block_d = triton.next_power_of_2(head_size)
+    rows_per_program = max(1, _TILE_BYTES // (block_d * partials.itemsize))
+    write_lse = output_lse is not None
+    lse_out = output_lse if write_lse else lses  # never written when WRITE_LSE=False
+    operand = call.output_format.kernel_operand()
+    if packed:
+        # packed rows: the partial axis is the row axis, and there is no token axis
+        num_partials, num_packed = 0, partials.shape[0]
+        partial_strides = (partials.stride(0), 0, partials.stride(1))
+        lse_strides = (lses.stride(1), lses.stride(0), 0)
+    else:
+        num_partials, num_packed = partials.shape[0], 0
+        partial_strides = partials.stride()[:3]
+        lse_strides = lses.stride()
+    pointers = (
+        output,
+        lse_out,
+        partials,
+        lses,
+        call.indptr if packed else lses,  # never read unless packed
+        lses if operand is None else operand,  # never read without an operand
+    )
+    out_lse_strides = output_lse.stride() if write_lse else (0, 0)
+    strides = (*output.stride()[:2], *partial_strides, *lse_strides, *out_lse_strides)
+    constexprs = (
+        num_heads,
+        head_size,
+        block_d,
+        rows_per_program,
+        call.lse_base_2,
+        write_lse,
+        getattr(epilogues, call.output_format.triton_epilogue),
+        packed,
+    )
+    grid = (triton.cdiv(num_rows, rows_per_program), 1, 1)
+    sizes = (num_rows, num_partials, num_packed, call.tokens_with_first)
+    args = (*pointers, *sizes, *strides)
+    device = output.device
+    if device.type != "cuda":  # the interpreter: no compiled kernels to cache
+        _merge_partials_kernel[grid](
+            *args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS
+        )
+        return
+    key = (
+        _merge_partials_kernel,
+        device.index,
+        output.dtype,
+        partials.dtype,
+        None if call.indptr is None else call.indptr.dtype,
+        constexprs,
+        tuple(t.data_ptr() & 15 for t in pointers),
+        tuple(int_class(x) for x in strides),
+    )
+    launch(_merge_partials_kernel, key, grid, args, constexprs, device.index)
