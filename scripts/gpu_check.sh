@@ -21,6 +21,13 @@
 #                vLLM's CUDA kernel where it imports), CSV
 #   bench-nofp8  bf16 and fp32 into their own dtype, T in 1..4096 x H in 128/32/8 (cuda,
 #                triton, stream-cuda, vLLM's CUDA kernel), CSV
+#   bench-kway   K-way merges (benchmarks/kway.py): K in 2..32 x T in 1..4096 x H in 128/32/8,
+#                bf16 into bf16 and FP8, fixed and variable K; cuda, triton, cuda on
+#                FlashInfer's layout, chained two-way merges, unfused, copy, and FlashInfer's
+#                merge kernels (+ FP8 quantisation) built with nvcc where .peers/flashinfer/include
+#                exists (benchmarks/peers/fetch_flashinfer.py; carry .peers); kway.csv and
+#                its summary (2160 cases, estimated at 5 minutes on an H100; the CSV is
+#                rewritten at each tenth of the cases, so a time limit keeps most of them)
 #   profile      Nsight Compute on the CUDA and Triton kernels and vLLM's
 #                (benchmarks/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   launch-floor host time of one kernel launch from C, no Python (benchmarks/launch_floor.cu),
@@ -81,7 +88,7 @@ echo "vllm providers: ${VLLM:-none}" >>"$OUT/env.txt"
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    bench-lse | bench-nofp8 | profile | launch-floor) ;;
+    bench-lse | bench-nofp8 | bench-kway | profile | launch-floor) ;;
     compare-outputs | compare-speed | compare-speed-lse) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
@@ -121,6 +128,11 @@ for arg in "$@"; do
       step bench-nofp8 "$limit" bench_nofp8.log python3 -m benchmarks.grid --rep-ms 25 \
         --fp8 off --dtypes bf16,fp32 --tokens 1,64,256,1024,4096 --heads 128,32,8 \
         --providers "cuda,triton,stream-cuda${VLLM:+,vllm}" --csv "$OUT/bench-nofp8.csv" ;;
+    bench-kway)  # FlashInfer's kernels where its headers were carried
+      peers=""
+      [ -d .peers/flashinfer/include ] && peers=",flashinfer,flashinfer+quant"
+      step bench-kway "$limit" bench_kway.log python3 -m benchmarks.kway --rep-ms 2 \
+        --providers "cuda$peers,cuda-tkhd,triton,chained,unfused,copy" --csv "$OUT/kway.csv" ;;
     profile)
       step profile "$limit" profile.log ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
@@ -170,6 +182,7 @@ done
 for csv in bench.csv bench-lse.csv bench-nofp8.csv; do
   [ -f "$OUT/$csv" ] && [ -n "$VLLM" ] && python3 -m benchmarks.targets "$OUT/$csv"
 done
+[ -f "$OUT/kway.csv" ] && python3 -m benchmarks.kway_summary "$OUT/kway.csv"
 [ -f "$OUT/launch_floor.log" ] && sed -n '/^host time per eager call/,$p' "$OUT/launch_floor.log"
 [ -f "$OUT/profile.log" ] && grep -E "^profiled:|merge_two|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread" "$OUT/profile.log" | head -80
 printf '%s\n' "${summary[@]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import csv
 import importlib
+import itertools
 import math
 import sys
 import types
@@ -167,6 +168,36 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert option in out
 
 
+def test_kway_grid() -> None:
+    """--kway sets the K-way grid, options after it override; unfused and vllm are two-way."""
+    args = _args("--kway", "--tokens", "1,64", "--heads", "8")
+    assert (args.partials, args.heads, args.dtypes) == ((2, 4, 8, 16, 32), (8,), ("bf16",))
+    assert (args.fp8, args.variable) == ("both", "both")
+    assert _args("--heads", "8", "--kway").heads == (128, 32, 8)  # the preset wins
+    cases = bench.build_cases(args)
+    assert len(cases) == 2 * 2 * 5 * 2 * 2  # FP8 x variable x K x T x (cuda, triton)
+    assert {c.provider for c in cases} == {"cuda", "triton"}  # unfused: two-way only
+    # table order: output, variable, K, H, T
+    assert cases[0] == bench.Case("bf16", False, False, 128, 1, 8, "cuda", 2, False)
+    assert cases[4] == bench.Case("bf16", False, False, 128, 1, 8, "cuda", 4, False)
+    assert cases[20] == bench.Case("bf16", False, False, 128, 1, 8, "cuda", 2, True)
+    one = bench.build_cases(_args("--partials", "3", "--providers", "torch,vllm,unfused"))
+    assert {(c.provider, c.partials, c.variable) for c in one} == {("torch", 3, False)}
+    assert all(c.partials is None for c in bench.build_cases(_args("--variable", "on")))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 16, 4096])
+@pytest.mark.parametrize("k", [2, 5, 32])
+def test_partial_counts(tokens: int, k: int) -> None:
+    """Variable K: 1 to 2K - 1 partials per token, mean K (within rounding), seeded."""
+    counts = bench.partial_counts(tokens, k)
+    assert len(counts) == tokens and min(counts) >= 1 and max(counts) <= 2 * k - 1
+    assert sum(counts) / tokens == pytest.approx(k, abs=0.5 if tokens > 1 else 0)
+    if tokens >= 16:
+        assert len(set(counts)) > 1 and counts != tuple(sorted(counts))
+    assert bench.partial_counts.__wrapped__(tokens, k) == counts  # the same each run
+
+
 # ---------------------------------------------------------------------------
 # Bytes, bandwidth, records, CSV, table
 
@@ -279,6 +310,42 @@ def test_csv_round_trip_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert table[-1] == "error: triton: ImportError: no triton"
 
 
+def test_kway_min_bytes() -> None:
+    rows, k = 64 * 8, 16
+    fixed = bench.Case("bf16", False, False, 128, 64, 8, "cuda", k, False)
+    assert fixed.min_bytes() == k * rows * (128 * 2 + 4) + rows * 128 * 2
+    fp8 = bench.Case("bf16", True, True, 128, 64, 8, "cuda", k, False)
+    assert fp8.min_bytes() == k * rows * (128 * 2 + 4) + rows * (128 + 4)
+    var = bench.Case("bf16", True, False, 128, 64, 8, "cuda", k, True)
+    n = sum(bench.partial_counts(64, k))
+    assert var.min_bytes() == n * 8 * (128 * 2 + 4) + 4 * 65 + rows * 128
+    (s,) = bench.make_input_sets(var, 1, "cpu")
+    assert s["outputs"].shape == (n, 8, 128) and s["lses"].shape == (8, n)
+    assert s["indptr"].dtype == torch.int32 and s["indptr"].tolist()[-1] == n
+    assert torch.equal(s["indptr"].diff(), torch.tensor(bench.partial_counts(64, k)).int())
+
+
+def test_kway_csv_and_table(tmp_path: Path) -> None:
+    """K and variable round-trip (the two-way form's K as an empty field); K-way tables get
+    K and var columns."""
+    cases = [
+        bench.Case("bf16", True, False, 128, 1, 8, "cuda", 16, True),
+        bench.Case("bf16", True, False, 128, 1, 8, "cuda"),
+    ]
+    path = tmp_path / "k.csv"
+    bench.write_csv(path, _records(cases), H200)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["partials"], r["variable"]) for r in rows] == [("16", "True"), ("", "False")]
+    back, _ = bench.read_csv(path)
+    assert [(r.partials, r.variable) for r in back] == [(16, True), (None, False)]
+    table = bench.format_table(back, H200).splitlines()
+    assert table[3].split()[:9] == ["dtype", "out", "lse", "D", "K", "var", "T", "H", "floor_us"]
+    assert table[5].split()[4:6] == ["16", "yes"]
+    assert "K: partials per token" in table[2]
+    assert "var" not in bench.format_table(back[1:], H200).splitlines()[3].split()
+
+
 @pytest.mark.parametrize(
     "path", sorted((ROOT / "docs" / "results").glob("*.csv")), ids=lambda p: p.name
 )
@@ -322,6 +389,41 @@ def test_calls_merge_every_set(provider: str, fp8: bool, eager_quant: None) -> N
         else:
             torch.testing.assert_close(s["output"].float(), want, atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(s["output_lse"], want_lse)
+
+
+def _kway_reference(s: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 merge of a K-way set and of its rows' magnitudes (token by token)."""
+    if s["indptr"] is None:
+        rows = list(s["outputs"].transpose(0, 1))  # per token [K, H, D]
+        lses = list(s["lses"].permute(2, 0, 1))  # per token [K, H]
+    else:
+        bounds = s["indptr"].tolist()
+        rows = [s["outputs"][a:b] for a, b in itertools.pairwise(bounds)]
+        lses = [s["lses"][:, a:b].t() for a, b in itertools.pairwise(bounds)]
+    out, magnitude = [], []
+    for r, lse in zip(rows, lses, strict=True):
+        w = torch.softmax(lse.masked_fill(lse == math.inf, -math.inf), dim=0).nan_to_num(0.0)
+        out.append((w.unsqueeze(-1) * r.float()).sum(0))
+        magnitude.append((w.unsqueeze(-1) * r.float().abs()).sum(0))
+    return torch.stack(out), torch.stack(magnitude)
+
+
+@pytest.mark.parametrize("variable", [False, True])
+@pytest.mark.parametrize(
+    "provider, fp8",
+    [("torch", True), ("torch", False), ("triton", False)]
+    + ([("triton", True), ("cuda", True), ("cuda", False)] if DEVICE == "cuda" else []),
+)
+def test_kway_calls_merge(provider: str, fp8: bool, variable: bool) -> None:
+    """A K-way provider merges its set's stacked or packed partials through attnmerge.merge."""
+    case = bench.Case("bf16", fp8, True, 64, 5, 3, provider, 3, variable)
+    sets = bench.make_input_sets(case, 2, DEVICE)
+    scale = torch.tensor([bench.FP8_SCALE], device=DEVICE)
+    bench.make_call(case, sets, scale if fp8 else None)()
+    for s in sets:
+        want, magnitude = _kway_reference(s)
+        assert_output_close(s["output"], want, magnitude, scale if fp8 else None)
+        assert torch.isfinite(s["output_lse"]).all()
 
 
 def test_vllm_provider_calls_vllms_merge(monkeypatch: pytest.MonkeyPatch) -> None:

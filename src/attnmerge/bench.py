@@ -10,6 +10,16 @@ is timed as a CUDA graph of about ``--rep-ms`` of back-to-back calls, replayed 1
 ``--cold-l2`` rotates among input sets over twice the L2 together, so that inputs come
 from HBM; ``--eager`` measures the host time per eager call instead. The repository's
 ``benchmarks/grid.py`` runs this harness with yardstick kernels as further providers.
+
+K-way merges (``--partials K,...``, or ``--kway`` for K in 2..32 x T in 1..4096 x H in
+128/32/8, bf16 into bf16 and FP8, fixed and variable K) go through ``attnmerge.merge``
+with a preallocated ``out``: fixed K as one stacked ``[K, T, H, D]`` tensor with ``[K, H,
+T]`` LSEs; variable K (``--variable``) as packed rows ``[N, H, D]``, LSEs ``[H, N]`` and an
+int32 ``indptr``, token t taking ``partial_counts(T, K)[t]`` rows: the counts 1 to 2K - 1
+spread evenly over the tokens (a ramp) in a seeded random order, so that their mean is K
+within rounding (K itself at T = 1). Their bytes: every partial row and LSE read once
+(and ``indptr``), the output (and its LSE) written once. ``unfused`` and ``vllm`` are
+two-way only.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import random
 import re
 import statistics
 import subprocess
@@ -34,13 +45,18 @@ from typing import TextIO
 
 import torch
 
-from attnmerge.api import merge_attn_states
+from attnmerge.api import merge, merge_attn_states
+from attnmerge.formats import FP8Static
 from attnmerge.reference import quantize_fp8_static
 from attnmerge.version import __version__
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8 = torch.float8_e4m3fn
 PROVIDERS = ("cuda", "triton", "unfused", "torch", "vllm")
+TWO_WAY_ONLY = ("unfused", "vllm")
+# --kway: the K-way grid's options
+KWAY = {"partials": (2, 4, 8, 16, 32), "heads": (128, 32, 8), "dtypes": ("bf16",)}
+KWAY |= {"fp8": "both", "variable": "both"}
 FP8_SCALE = 0.1
 EMPTY_FRACTION = 0.05  # share of +inf LSEs (empty partial rows)
 REPLAYS = 10
@@ -62,8 +78,8 @@ RunInfo = collections.namedtuple(
 )
 Record = collections.namedtuple(
     "Record",
-    "dtype out_dtype output_lse head_size tokens heads provider sets median_us p20_us "
-    "p80_us bytes gbps pct_of_peak floor_us error",
+    "dtype out_dtype output_lse head_size tokens heads partials variable provider sets "
+    "median_us p20_us p80_us bytes gbps pct_of_peak floor_us error",
 )
 DeviceInfo = collections.namedtuple("DeviceInfo", "name l2_bytes copy_bytes_per_s")
 _INTS = {"head_size", "tokens", "heads", "sets", "bytes", "rep_ms"}
@@ -72,7 +88,8 @@ _FLOATS = {f for f in RunInfo._fields + Record._fields if f.endswith(("_us", "gb
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement: partial dtype, FP8 output, output LSE, D, T, H and provider."""
+    """One measurement: partial dtype, FP8 output, output LSE, D, T, H, provider, and for
+    a K-way merge K (None: two-way ``merge_attn_states``) and whether K varies per token."""
 
     dtype: str
     fp8: bool
@@ -81,30 +98,50 @@ class Case:
     tokens: int
     heads: int
     provider: str
+    partials: int | None = None
+    variable: bool = False
 
     def min_bytes(self) -> int:
-        """Bytes a merge must move: two partials and two float32 LSEs read, the output (and
-        its LSE) written."""
+        """Bytes a merge must move: the partials and their float32 LSEs (and ``indptr``)
+        read, the output (and its LSE) written."""
         out = (FP8 if self.fp8 else DTYPES[self.dtype]).itemsize
-        per_row = self.head_size * (2 * DTYPES[self.dtype].itemsize + out) + 8 + 4 * self.output_lse
-        return self.tokens * self.heads * per_row
+        t, h, d = self.tokens, self.heads, self.head_size
+        index = 4 * (t + 1) if self.variable else 0  # int32 indptr
+        n = sum(partial_counts(t, self.partials)) if self.variable else t * (self.partials or 2)
+        read = n * h * (d * DTYPES[self.dtype].itemsize + 4) + index
+        return read + t * h * (d * out + 4 * self.output_lse)
+
+
+@functools.cache
+def partial_counts(tokens: int, k: int) -> tuple[int, ...]:
+    """Partials per token of a variable-K case: 1 to 2K - 1 spread evenly over the tokens
+    (mean K within rounding; K at T = 1), in a seeded random order."""
+    if tokens == 1:
+        return (k,)
+    counts = [1 + round(i * (2 * k - 2) / (tokens - 1)) for i in range(tokens)]
+    random.Random(tokens * 1009 + k).shuffle(counts)
+    return tuple(counts)
 
 
 def build_cases(args: argparse.Namespace) -> list[Case]:
-    """The grid of parsed options in table order (dtype, FP8, output LSE, D, H, T, provider);
-    ``unfused`` only with FP8 (without the quantisation it is the triton provider)."""
+    """The grid of parsed options in table order (dtype, FP8, output LSE, D, variable K, K,
+    H, T, provider); ``unfused`` only with FP8 (without the quantisation it is the triton
+    provider), and neither it nor ``vllm`` in K-way grids."""
     shapes = getattr(args, "shapes", None) or [(t, h) for h in args.heads for t in args.tokens]
     providers = args.providers or ("cuda", "triton", "unfused")
     providers += ("vllm",) if not args.providers and importlib.util.find_spec("vllm") else ()
+    ks = args.partials or (None,)
     return [
-        Case(dtype, fp8, lse, d, t, h, p)
+        Case(dtype, fp8, lse, d, t, h, p, k, var)
         for dtype in args.dtypes
         for fp8 in _ON_OFF[args.fp8]
         for lse in _ON_OFF[args.output_lse]
         for d in args.head_sizes
+        for var in (_ON_OFF[args.variable] if args.partials else (False,))
+        for k in ks
         for t, h in shapes
         for p in providers
-        if fp8 or p != "unfused"
+        if (fp8 or p != "unfused") and (k is None or p not in TWO_WAY_ONLY)
     ]
 
 
@@ -126,6 +163,17 @@ def items(what: str, choices: Sequence[str] = ()) -> Callable[[str], tuple]:
     return parse
 
 
+class _KWayGrid(argparse.Action):
+    """``--kway``: set the K-way grid's options (:data:`KWAY`); options after it override."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for name, value in KWAY.items():
+            setattr(namespace, name, value)
+
+
 def add_arguments(parser: argparse.ArgumentParser, providers: Sequence[str] = PROVIDERS) -> None:
     """Add the ``bench`` options to ``parser``; ``--providers`` accepts ``providers``."""
     ints = items("comma-separated positive integers")
@@ -137,6 +185,12 @@ def add_arguments(parser: argparse.ArgumentParser, providers: Sequence[str] = PR
     add("--dtypes", type=dtypes, default=tuple(DTYPES), metavar="DTYPE,...")
     add("--fp8", choices=_ON_OFF, default="on", help="FP8 output, scale 0.1 (on)")
     add("--output-lse", choices=_ON_OFF, default="off", help="also write the output LSE (off)")
+    add("--partials", type=ints, metavar="K,...", help="K-way merges (attnmerge.merge)")
+    add("--variable", choices=_ON_OFF, default="off", help="K-way: K varies per token (off)")
+    kway = " ".join(
+        f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in KWAY.items()
+    )
+    add("--kway", action=_KWayGrid, help=f"the K-way grid: {kway} (later options override)")
     names = ",".join(providers)
     providers = items(f"a comma-separated subset of {names}", providers)
     add("--providers", type=providers, metavar="P,...", help=f"of {names}")
@@ -153,6 +207,7 @@ def make_record(case: Case, sets: int, times_us, info: RunInfo, error: str = "")
     gbps = nbytes / med / 1e3 if med > 0 else math.nan
     out_dtype = "fp8" if case.fp8 else case.dtype
     shape = (case.dtype, out_dtype, case.output_lse, case.head_size, case.tokens, case.heads)
+    shape += (case.partials, case.variable)
     pct, floor_us = 100 * gbps / info.peak_gbps, nbytes / info.copy_gbps / 1e3
     return Record(*shape, case.provider, sets, med, p20, p80, nbytes, gbps, pct, floor_us, error)
 
@@ -163,16 +218,18 @@ def write_csv(path: str | Path, records: Sequence[Record], info: RunInfo) -> Non
         w = csv.writer(f)
         w.writerow(RunInfo._fields + Record._fields)
         for r in records:
+            # (None, the two-way form's K, is written as an empty field)
             w.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in (*info, *r)])
 
 
 def read_csv(path: str | Path) -> tuple[list[Record], RunInfo]:
     """The records of a CSV written by :func:`write_csv`, and the run info of its first row."""
     kinds = {**dict.fromkeys(_INTS, int), **dict.fromkeys(_FLOATS, float)}
-    kinds |= dict.fromkeys(("output_lse", "cold_l2"), lambda v: v == "True")
+    kinds |= dict.fromkeys(("output_lse", "cold_l2", "variable"), lambda v: v == "True")
+    kinds["partials"] = lambda v: int(v) if v else None  # empty or absent: two-way
     fields = RunInfo._fields + Record._fields
     with open(path, newline="") as f:
-        rows = [[kinds.get(k, str)(row[k]) for k in fields] for row in csv.DictReader(f)]
+        rows = [[kinds.get(k, str)(row.get(k, "")) for k in fields] for row in csv.DictReader(f)]
     if not rows:
         raise ValueError(f"{path}: no rows")
     n = len(RunInfo._fields)
@@ -182,13 +239,16 @@ def read_csv(path: str | Path) -> tuple[list[Record], RunInfo]:
 def format_table(records: Sequence[Record], info: RunInfo) -> str:
     """One row per shape, one ``median us, GB/s, % of peak`` column per provider."""
     providers = list(dict.fromkeys(r.provider for r in records))
+    kway = any(r.partials is not None for r in records)
     rows: dict[tuple, dict[str, str]] = {}
     for r in records:
-        lse = "yes" if r.output_lse else "no"
-        key = (r.dtype, r.out_dtype, lse, r.head_size, r.tokens, r.heads, f"{r.floor_us:.2f}")
+        lse, var = ("yes" if x else "no" for x in (r.output_lse, r.variable))
+        key = (r.dtype, r.out_dtype, lse, r.head_size, *((r.partials, var) if kway else ()))
+        key += (r.tokens, r.heads, f"{r.floor_us:.2f}")
         cell = "error" if r.error else f"{r.median_us:.2f} {r.gbps:.0f} {r.pct_of_peak:.0f}%"
         rows.setdefault(key, dict.fromkeys(providers, "-"))[r.provider] = cell
-    table = [["dtype", "out", "lse", "D", "T", "H", "floor_us", *providers]]
+    table = [["dtype", "out", "lse", "D", *(("K", "var") if kway else ()), "T", "H", "floor_us"]]
+    table[0] += providers
     table += [[*map(str, key), *cells.values()] for key, cells in rows.items()]
     widths = [max(map(len, column)) for column in zip(*table, strict=True)]
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in table]
@@ -198,30 +258,39 @@ def format_table(records: Sequence[Record], info: RunInfo) -> str:
         f"copy {info.copy_gbps:.0f} GB/s (measured); {l2}",
         f"torch {info.torch_version}, triton {info.triton_version}, attnmerge "
         f"{info.attnmerge_version} (git {info.git_sha}); CUDA graphs of {info.rep_ms} ms",
-        "cells: median us, GB/s, % of peak; floor_us: bytes moved / copy bandwidth",
+        "cells: median us, GB/s, % of peak; floor_us: bytes moved / copy bandwidth"
+        + ("; K: partials per token (var yes: their mean)" if kway else ""),
     ]
     errors = dict.fromkeys(f"error: {r.provider}: {r.error}" for r in records if r.error)
     return "\n".join([*head, lines[0], "-" * len(lines[0]), *lines[1:], *errors])
 
 
 def make_input_sets(case: Case, n_sets: int, device: torch.device | str) -> list[dict]:
-    """``n_sets`` seeded argument sets of one case, each tensor its own allocation."""
+    """``n_sets`` seeded argument sets of one case, each tensor its own allocation: the
+    two-way form's four inputs, or a K-way case's ``outputs``, ``lses`` and ``indptr``."""
     g = torch.Generator(device=device).manual_seed(0)
-    t, h, d, dtype = case.tokens, case.heads, case.head_size, DTYPES[case.dtype]
+    t, h, d, dtype, k = case.tokens, case.heads, case.head_size, DTYPES[case.dtype], case.partials
 
-    def lse() -> torch.Tensor:
-        empty = torch.rand(h, t, device=device, generator=g) < EMPTY_FRACTION
-        return (torch.randn(h, t, device=device, generator=g) * 4).masked_fill(empty, math.inf)
+    def lse(shape: tuple = (h, t)) -> torch.Tensor:
+        empty = torch.rand(shape, device=device, generator=g) < EMPTY_FRACTION
+        return (torch.randn(shape, device=device, generator=g) * 4).masked_fill(empty, math.inf)
 
-    def partial() -> torch.Tensor:
-        return torch.randn(t, h, d, device=device, generator=g).to(dtype)
+    def partial(shape: tuple = (t, h, d)) -> torch.Tensor:
+        return torch.randn(shape, device=device, generator=g).to(dtype)
+
+    def inputs() -> dict:
+        if k is None:
+            prefix = {"prefix_output": partial(), "prefix_lse": lse()}
+            return prefix | {"suffix_output": partial(), "suffix_lse": lse()}
+        if not case.variable:
+            return {"outputs": partial((k, t, h, d)), "lses": lse((k, h, t)), "indptr": None}
+        indptr = torch.tensor((0, *partial_counts(t, k))).cumsum(0).to(device, torch.int32)
+        n = int(indptr[-1])
+        return {"outputs": partial((n, h, d)), "lses": lse((h, n)), "indptr": indptr}
 
     return [
-        {
-            "prefix_output": partial(),
-            "prefix_lse": lse(),
-            "suffix_output": partial(),
-            "suffix_lse": lse(),
+        inputs()
+        | {
             "output": torch.empty(t, h, d, dtype=FP8 if case.fp8 else dtype, device=device),
             "output_lse": torch.empty(h, t, device=device) if case.output_lse else None,
         }
@@ -245,15 +314,21 @@ def _compiled_quantize_into() -> Callable[..., None]:
 
 def provider_call(provider: str, s: dict, scale: torch.Tensor | None) -> Callable[[], None]:
     """One call of an attnmerge or vLLM provider on input set ``s``."""
+    if provider in ("cuda", "triton", "torch") and "outputs" in s:  # K-way
+        quant = None if scale is None else FP8Static(scale)
+        kwargs = {"quant": quant, "out": s["output"], "out_lse": s["output_lse"]}
+        kwargs |= {"indptr": s["indptr"], "backend": provider}
+        return functools.partial(merge, s["outputs"], s["lses"], **kwargs)
     if provider in ("cuda", "triton", "torch"):
         args = (s["output"], *inputs(s), s["output_lse"], None, scale)
         return functools.partial(merge_attn_states, *args, backend=provider)
     if provider == "vllm":
         try:
-            merge = importlib.import_module(VLLM_MODULE).merge_attn_states
+            vllm_merge = importlib.import_module(VLLM_MODULE).merge_attn_states
         except ImportError as e:
             raise ImportError(f"the vllm provider needs vLLM ({VLLM_MODULE}): {e}") from e
-        return functools.partial(merge, s["output"], *inputs(s), s["output_lse"], None, scale)
+        args = (s["output"], *inputs(s), s["output_lse"], None, scale)
+        return functools.partial(vllm_merge, *args)
     if provider != "unfused":
         raise ValueError(f"unknown provider {provider!r}")
     quantize, tmp = _compiled_quantize_into(), torch.empty_like(s["prefix_output"])
@@ -358,12 +433,15 @@ def run(
     device_info: DeviceInfo | None = None,
     extra: Mapping[str, CallFactory] | None = None,
     out: TextIO | None = None,
+    cases: Sequence[Case] | None = None,
 ) -> int:
     """Run ``attnmerge bench`` from parsed options: print the table, write the CSV.
 
     ``timer`` and ``device_info`` stand in for the GPU's (tests run the whole flow on CPU
-    tensors); ``extra`` adds providers as in :func:`make_call`. Returns 0, or 2 when no
-    GPU is visible or the CSV's directory does not exist.
+    tensors); ``extra`` adds providers as in :func:`make_call`; ``cases`` replaces the
+    grid of the options. Returns 0, or 2 when no GPU is visible or the CSV's directory
+    does not exist. The CSV is also written at each tenth of the cases (a run stopped
+    early keeps what it measured).
     """
     out, device, problem = out or sys.stdout, torch.device(device), None
     if args.csv and not Path(args.csv).resolve().parent.is_dir():
@@ -382,12 +460,15 @@ def run(
             print(f"{name:>32}: " + (f"{us:7.2f}" if isinstance(us, float) else us), file=out)
         return 0
     dev = device_info or probe_device(device)
-    info, cases, timer = run_info(dev, args), build_cases(args), timer or graph_timer(args.rep_ms)
+    info, timer = run_info(dev, args), timer or graph_timer(args.rep_ms)
+    cases = build_cases(args) if cases is None else list(cases)
     print(f"attnmerge bench: {len(cases)} cases on {info.gpu}", file=out, flush=True)
     scale, records = torch.tensor([FP8_SCALE], device=device), []
     for i, case in enumerate(cases):
         if i % max(1, len(cases) // 10) == 0:  # a few lines, and a hang names its case
             print(f"bench: case {i + 1}/{len(cases)}: {case}", file=sys.stderr, flush=True)
+            if args.csv and records:
+                write_csv(args.csv, records, info)
         n = cold_l2_sets(case.min_bytes(), dev.l2_bytes) if args.cold_l2 else 1
         try:
             sets = make_input_sets(case, n, device)
