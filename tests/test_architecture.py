@@ -23,6 +23,7 @@ LAYERS = {
     "attnmerge.dispatch": 3,
     "attnmerge.api": 4,
     "attnmerge.ops": 5,
+    "attnmerge.compat": 5,
     "attnmerge": 6,
     "attnmerge.bench": 7,
     "attnmerge.demo": 7,

@@ -7,10 +7,12 @@ Public API:
 * :class:`FP8Static`: static per-tensor FP8 output (``quant=`` argument); :class:`Plain`
   the unquantised output formats.
 * :class:`BackendError`: an explicitly requested backend cannot serve a call.
+* :mod:`attnmerge.compat`: FlashInfer's and SGLang's merge functions (same arguments).
 
 Importing attnmerge never initialises CUDA and does not import Triton.
 """
 
+from . import compat  # noqa: F401  (attnmerge.compat)
 from . import ops as _ops  # noqa: F401  (registers torch.ops.attnmerge.*)
 from .api import MergeResult, merge, merge_attn_states
 from .dispatch import BackendError
