@@ -331,6 +331,30 @@ def _check_lse_stack(name: str, t: object, shape: tuple, device: torch.device, h
     _check_device(name, t, device)
 
 
+def _check_written_stack(
+    name: str, t: torch.Tensor, stack_name: str, stack: torch.Tensor, packed: bool
+) -> None:
+    """As :func:`_check_written` for a tensor written by a stacked or packed merge: it may
+    be the very view of a stacked partial (``stack[k]``), never start where packed rows do."""
+    if t.numel() == 0:
+        return
+    if packed:
+        _check_written(name, t, ())
+        if t.data_ptr() == stack.data_ptr():
+            raise ValueError(
+                f"{name} aliases {stack_name}; packed partials cannot be merged in place"
+            )
+        return
+    # where each partial starts, as the views stack[k] would
+    start, step = stack.data_ptr(), stack.stride(0) * stack.itemsize
+    offset = t.data_ptr() - start
+    k = offset // step if step else 0
+    if step and offset % step == 0 and 0 <= k < stack.shape[0]:
+        _check_written(name, t, ((f"{stack_name}[{k}]", stack[k]),))
+    else:
+        _check_written(name, t, ((f"{stack_name}[0]", stack[0]),))
+
+
 def _build_partials_call(
     out: object,
     out_lse: object,
@@ -393,18 +417,10 @@ def _build_partials_call(
         tokens_with_first = _check_tokens_with_first(prefill_tokens_with_context, tokens)
     _check_lse_base_and_backend(lse_base, backend)
 
-    if real_tensors and out.numel():
-        if packed:
-            if out.data_ptr() == outputs.data_ptr():
-                raise ValueError("out aliases outputs; packed partials cannot be merged in place")
-        else:
-            _check_written("out", out, (("outputs[0]", outputs[0]),))
-        if out_lse is not None and out_lse.numel():
-            if packed:
-                if out_lse.data_ptr() == lses.data_ptr():
-                    raise ValueError("out_lse aliases lses; packed LSEs cannot be merged in place")
-            else:
-                _check_written("out_lse", out_lse, (("lses[0]", lses[0]),))
+    if real_tensors:
+        _check_written_stack("out", out, "outputs", outputs, packed)
+        if out_lse is not None:
+            _check_written_stack("out_lse", out_lse, "lses", lses, packed)
     signature = CallSignature(
         device=device,
         partial_dtypes=(outputs.dtype,),
@@ -446,7 +462,7 @@ def _evenly_spaced(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     buffer with equal strides and dtypes at an even, non-negative spacing; else None."""
     first = tensors[0]
     if torch.compiler.is_compiling() or first.numel() == 0:
-        return None
+        return None  # (fake tensors have no memory)
     storage = first.untyped_storage().data_ptr()
     step = tensors[1].data_ptr() - first.data_ptr() if len(tensors) > 1 else 0
     for k, t in enumerate(tensors):
@@ -560,14 +576,14 @@ def merge(
             logarithms unless ``lse_base=2``.
         quant: the output format, :class:`attnmerge.FP8Static` or :class:`attnmerge.Plain`;
             None stores plain floats in ``out_dtype``.
-        out_dtype: dtype of an unquantised output; defaults to the partials' dtype. Must
-            be left None (or equal the format's dtype) when ``quant`` is given.
+        out_dtype: dtype of an unquantised output; defaults to ``out``'s dtype if given,
+            else the partials'. Must be left None (or equal the format's dtype) when
+            ``quant`` is given.
         lse_base: ``"e"`` or ``2``, for every LSE of the call.
-        out: ``[T, H, D]`` tensor to write the output into (the format's dtype) instead
-            of a new one. It may be the very view of the first partial (``outputs[0]``),
-            not of packed rows.
+        out: ``[T, H, D]`` tensor to write the output into instead of a new one. It may
+            be the very view of a partial (``outputs[k]``), not of packed rows.
         out_lse: float32 ``[H, T]`` (any strides) to write the merged LSE into; may be the
-            very view of the first partial's LSE (``lses[0]``).
+            very view of a partial's LSE (``lses[k]``).
         return_lse: also return the merged LSE (in a new tensor unless ``out_lse``).
         indptr: the packed form's per-token row ranges, see above.
         prefill_tokens_with_context: ``P``; tokens ``t >= P`` take nothing from the first
@@ -585,6 +601,7 @@ def merge(
         :func:`merge_attn_states`), ``indptr``, ``out``, ``out_lse``.
     """
     pair = None  # two partials: the two-way path of merge_attn_states
+    compiling = torch.compiler.is_compiling()  # fake tensors: no memory to compare
     if indptr is not None or isinstance(outputs, torch.Tensor) or isinstance(lses, torch.Tensor):
         _check_tensor("outputs", outputs)
         _check_tensor("lses", lses)
@@ -628,6 +645,14 @@ def merge(
             for k in range(len(outputs)):
                 _check_state(f"outputs[{k}]", outputs[k], first.shape, first.device)
                 _check_lse(f"lses[{k}]", lses[k], first.shape[1], tokens, first.device)
+            if out is not None and isinstance(out, torch.Tensor) and not compiling:
+                _check_written(
+                    "out", out, tuple((f"outputs[{k}]", t) for k, t in enumerate(outputs))
+                )
+            if isinstance(out_lse, torch.Tensor) and not compiling:
+                _check_written(
+                    "out_lse", out_lse, tuple((f"lses[{k}]", t) for k, t in enumerate(lses))
+                )
             stacked_outputs, stacked_lses = _stacked(outputs), _stacked(lses)
 
     if out is not None:
