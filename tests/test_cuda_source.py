@@ -126,17 +126,26 @@ def _nvcc_archs() -> list[str]:
 
 def _instantiations(configs) -> str:
     """A translation unit with one kernel per configuration, as the launcher's build
-    instantiates them (merge_two_rows<KernelConfig.template_arguments()>), and the
-    launcher's own entry point (attnmerge_merge) for the first."""
+    instantiates them (merge_two_rows or merge_partial_rows with the configuration's
+    template_arguments()), and the launcher's own entry points (attnmerge_merge,
+    attnmerge_merge_partials) for the first of each kind."""
+    from attnmerge.cuda.backend import KernelConfig, PartialsKernelConfig
+
+    first_two = next(c for c in configs if isinstance(c, KernelConfig))
+    first_partials = next(c for c in configs if isinstance(c, PartialsKernelConfig))
     lines = [
-        f"#define ATTNMERGE_MERGE_INSTANCE {configs[0].template_arguments()}",
-        '#include "merge.cuh"',
+        f"#define ATTNMERGE_MERGE_INSTANCE {first_two.template_arguments()}",
+        f"#define ATTNMERGE_PARTIALS_INSTANCE {first_partials.template_arguments()}",
+        '#include "partials.cuh"',
         "namespace attnmerge {",
     ]
     for i, config in enumerate(configs):
+        two = isinstance(config, KernelConfig)
+        params, body, bounds = ("MergeParams", "merge_two_rows", "kBlockThreads") if two else (
+            "PartialsParams", "merge_partial_rows", "kBlockThreads, 1")  # fmt: skip
         lines.append(
-            f'extern "C" __global__ void __launch_bounds__(kBlockThreads) config_{i}('
-            f"const MergeParams p) {{ merge_two_rows<{config.template_arguments()}>(p); }}"
+            f'extern "C" __global__ void __launch_bounds__({bounds}) config_{i}('
+            f"const {params} p) {{ {body}<{config.template_arguments()}>(p); }}"
         )
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -180,7 +189,8 @@ def test_every_common_config_compiles_with_nvcc(arch, tmp_path):
         )
     )
     names = {f"config_{i}": c.template_arguments() for i, c in enumerate(configs)}
-    names["attnmerge_merge"] = configs[0].template_arguments()
+    names["attnmerge_merge"] = "the two-partial entry point"
+    names["attnmerge_merge_partials"] = "the stacked/packed entry point"
     assert spills.keys() == names.keys(), proc.stderr[-4000:]
     spilling = {names[f]: f"{n} bytes" for f, n in spills.items() if n != "0"}
     assert not spilling, f"kernels that spill on {arch}: {spilling}"
@@ -378,10 +388,12 @@ def test_kernel_configs():
             assert want in configs
     everything = common_configs()
     assert COMMON_HEAD_SIZES == (64, 80, 96, 128, 192, 256, 512)
-    # what `attnmerge build` prepares by default (docs/cuda-backend.md gives its build time)
-    assert len(everything) == len(set(everything)) == 392
+    # what `attnmerge build` prepares by default (docs/cuda-backend.md gives its build
+    # time): 392 two-partial kernels, 288 for stacked or packed partials
+    assert len(everything) == len(set(everything)) == 680
+    assert sum(isinstance(c, KernelConfig) for c in everything) == 392
     assert all(c.team & (c.team - 1) == 0 and c.team <= BLOCK_THREADS for c in everything)
-    mixed = common_configs((128,), mixed_dtypes=True)
+    mixed = [c for c in common_configs((128,), mixed_dtypes=True) if isinstance(c, KernelConfig)]
     assert {c.partial_elements for c in mixed} == {
         (p, s) for p in ("F32", "F16", "BF16") for s in ("F32", "F16", "BF16")
     }
@@ -395,7 +407,7 @@ def test_chunk_bytes_by_grid_size():
     from attnmerge.cuda import backend
 
     dtype = {2: torch.bfloat16, 4: torch.float32}
-    configs = backend.common_configs((128,))
+    configs = [c for c in backend.common_configs((128,)) if isinstance(c, backend.KernelConfig)]
     assert set(backend.SMALL_GRID_CHUNKS) == {(w, lse) for w in (2, 4) for lse in (False, True)}
     for (widest, lse), tiers in backend.SMALL_GRID_CHUNKS.items():
         first = 1
@@ -453,15 +465,18 @@ def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch
     monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
     assert cli.main(["build", "--arch", "sm_90a", "--jobs", "2"]) == 0  # the default sizes
     built = [e for e in cache.entries() if e["path"].endswith(".cubin")]
-    assert len(built) == len(backend.common_configs()) == 392
+    assert len(built) == len(backend.common_configs()) == 680
     assert all(Path(e["path"]).read_bytes()[:4] == b"\x7fELF" for e in built)
     assert {e["key"]["kernel"] for e in built} == {
-        c.template_arguments() for c in backend.common_configs()
+        f"{c.kernel_name}<{c.template_arguments()}>" for c in backend.common_configs()
     }
     # every pair of partial dtypes, built by two processes at once into the same cache
     args = ["build", "--arch", "sm_90a", "--head-sizes", "128", "--mixed-dtypes", "--jobs", "2"]
     assert cli.main(args) == 0
-    mixed = {c.template_arguments() for c in backend.common_configs((128,), mixed_dtypes=True)}
+    mixed = {
+        f"{c.kernel_name}<{c.template_arguments()}>"
+        for c in backend.common_configs((128,), mixed_dtypes=True)
+    }
     entries = [e for e in cache.entries() if e["path"].endswith(".cubin")]
     assert {e["key"]["kernel"] for e in entries} == mixed | {e["key"]["kernel"] for e in built}
     assert cli.main(["build", "--jobs", "0"]) == 2

@@ -111,6 +111,14 @@ __device__ __forceinline__ float partial_lse(const PartialsParams& p, const Part
   return l == inf ? -inf : l;
 }
 
+// exp(l_k - m) of partial k (2^(l_k - m) in base 2).
+template <bool LSE_BASE_2>
+__device__ __forceinline__ float exponential(const PartialsParams& p, const PartialRows& r, u32 k,
+                                             float m) {
+  const float gap = __fsub_rn(partial_lse(p, r, k), m);
+  return LSE_BASE_2 ? exp2f(gap) : expf(gap);
+}
+
 // A team of TEAM threads merges one row; its lanes take VEC columns each, further chunks of
 // TEAM * VEC columns where the head is wider. The row's weights are C1's formula
 // (docs/contract.md), in the order of the reference: the maximum, the exponentials
@@ -120,6 +128,7 @@ __device__ __forceinline__ float partial_lse(const PartialsParams& p, const Part
 template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
 __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
   static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
+  constexpr int kLoadBatch = 4;
   typedef WeightLanes<TEAM> Lanes;
   constexpr int W = Lanes::kCount;
   const Lanes lanes;
@@ -131,6 +140,9 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
   const u32 outer = outer_of(row_or_0, p.inner_multiplier, p.inner_shift);
   const u32 inner = row_or_0 - outer * p.inner_count;
   Store store(p.format_operand);
+  // First, while little else is live: the store's setup may call the IEEE division's slow
+  // path, around which live registers would be saved to local memory.
+  store.ready();
   const PartialRows rows = partial_rows(p, row_ok, outer, inner);
   const float inf = __int_as_float(0x7f800000);
 
@@ -139,18 +151,12 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
   m = lanes.max_all(m);
   const bool empty = m == -inf;
   if (empty) m = 0.0f;
-  // The exponential of this lane's partial in the chunk from base on.
-  auto exponential = [&](u32 base) {
-    const float gap = __fsub_rn(partial_lse(p, rows, base + lanes.lane), m);
-    return LSE_BASE_2 ? exp2f(gap) : expf(gap);
-  };
   float total = 0.0f;
   for (u32 base = 0; base < rows.count; base += W) {
-    const float e = exponential(base);
+    const float e = exponential<LSE_BASE_2>(p, rows, base + lanes.lane, m);
     const u32 n = rows.count - base < W ? rows.count - base : W;
     for (u32 i = 0; i < n; ++i) total = __fadd_rn(total, lanes.get(e, i));
   }
-  store.ready();
 
   const i64 out_row = offset_of(outer, p.out_stride_outer, inner, p.out_stride_inner);
   for (u32 col_base = 0; col_base < p.head_size; col_base += TEAM * VEC) {
@@ -161,21 +167,34 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = -0.0f;
     for (u32 base = 0; base < rows.count; base += W) {
-      const float weight = empty ? 0.0f : __fdiv_rn(exponential(base), total);
+      const float e = exponential<LSE_BASE_2>(p, rows, base + lanes.lane, m);
+      const float weight = empty ? 0.0f : __fdiv_rn(e, total);
       const u32 n = rows.count - base < W ? rows.count - base : W;
-#pragma unroll 4
-      for (u32 i = 0; i < n; ++i) {
-        const u32 k = base + i;
-        const float w = lanes.get(weight, i);
-        // A zero weight adds exactly 0 whatever its row holds; an absent row is not read.
-        const bool keep = w != 0.0f;  // NaN included
-        Chunk<typename P::storage, VEC> x;
-        if (col_ok && keep && (k > 0 || rows.has_first)) {
-          x = load_row<P, VEC>(p.partials, rows.row_offset + (i64)k * p.partial_stride_k + col);
+      // Batches of kLoadBatch partials: their rows are loaded together, then added in
+      // order, so that that many loads are in flight per thread.
+      for (u32 i = 0; i < n; i += kLoadBatch) {
+        float w[kLoadBatch];
+        bool keep[kLoadBatch];
+        Chunk<typename P::storage, VEC> x[kLoadBatch];
+#pragma unroll
+        for (int j = 0; j < kLoadBatch; ++j) {
+          const u32 k = base + i + j;
+          w[j] = lanes.get(weight, i + j);
+          // A zero weight adds exactly 0 whatever its row holds; its row is not read.
+          keep[j] = i + j < n && w[j] != 0.0f;  // NaN kept
+          x[j] = Chunk<typename P::storage, VEC>();  // zero bits where nothing is read
+          if (col_ok && keep[j]) {
+            x[j] = load_row<P, VEC>(p.partials, rows.row_offset + (i64)k * p.partial_stride_k + col);
+          }
         }
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          acc[j] = __fadd_rn(acc[j], keep ? __fmul_rn(w, P::load(x.get(j))) : 0.0f);
+        for (int j = 0; j < kLoadBatch; ++j) {
+          if (i + j < n) {
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) {
+              acc[c] = __fadd_rn(acc[c], keep[j] ? __fmul_rn(w[j], P::load(x[j].get(c))) : 0.0f);
+            }
+          }
         }
       }
     }
@@ -202,7 +221,9 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
 }
 
 #ifdef ATTNMERGE_PARTIALS_INSTANCE
-extern "C" __global__ void __launch_bounds__(kBlockThreads)
+// At least one block per SM, no more asked for: without it, ptxas for sm_100a keeps some
+// configurations at 64 registers and spills a few bytes.
+extern "C" __global__ void __launch_bounds__(kBlockThreads, 1)
     attnmerge_merge_partials(const PartialsParams p) {
   merge_partial_rows<ATTNMERGE_PARTIALS_INSTANCE>(p);
 }
