@@ -1499,3 +1499,20 @@ def test_out_and_out_lse_may_be_any_partial(form):
     args, _ = _bad_args(form)
     args["out_lse"] = args["lses"][1].as_strided((_H, _T), (1, _H))
     _call_rejected(args, ValueError, _OUT_LSE)
+
+
+def test_packed_negative_zero_rows_keep_their_sign(backend_device):
+    """C32, C33: a token's merge adds only its own rows. Rows of -0 merge to -0 (each term
+    -0, their sum -0), also where a token with more rows shares the kernel's tile: the
+    absent partials add nothing, not +0."""
+    backend, device = backend_device
+    counts = [1, 3, 0, 2]
+    indptr = torch.tensor([0, 1, 4, 4, 6], dtype=torch.int32, device=device)
+    rows = torch.full((sum(counts), 2, 8), -0.0, device=device)
+    lses = torch.zeros(2, sum(counts), device=device)
+    res = attnmerge.merge(rows, lses, indptr=indptr, return_lse=True, backend=backend)
+    ref = attnmerge.merge(rows, lses, indptr=indptr, return_lse=True, backend="torch")
+    assert_bits_equal(res.output, ref.output, "output")
+    assert_bits_equal(res.lse, ref.lse, "lse")
+    signs = torch.signbit(res.output.cpu()).flatten(1).all(dim=1).tolist()
+    assert signs == [True, True, False, True]  # the token without rows gets +0

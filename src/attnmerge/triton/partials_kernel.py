@@ -33,6 +33,48 @@ def _partial_lse(lse_row, k, stride_k, valid):
     return tl.where(lse == float("inf"), float("-inf"), lse)
 
 
+@triton.jit
+def _weighted_row(
+    lse_row,
+    lse_stride_k,
+    partial_row,
+    partial_stride_k,
+    cols,
+    col_ok,
+    row_ok,
+    count,
+    first_ok,
+    m,
+    total,
+    empty,
+    k,
+    LSE_BASE_2: tl.constexpr,
+):
+    # Partial k's weight, and its row where the weight is not 0 (0 elsewhere).
+    kk = tl.zeros([], tl.int64) + k
+    valid = row_ok & (k < count) & (first_ok | (k > 0))
+    gap = _partial_lse(lse_row, kk, lse_stride_k, valid) - m
+    if LSE_BASE_2:
+        e = _exp2_keep_subnormals(gap)
+    else:
+        e = tl.exp(gap)
+    w = tl.where(empty, 0.0, tl.math.div_rn(e, total))
+    x = tl.load(
+        partial_row[:, None] + kk * partial_stride_k + cols[None, :],
+        mask=((w != 0) & valid)[:, None] & col_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    return w, x
+
+
+@triton.jit
+def _add_term(acc, w, x, present):
+    # acc + w x where the partial is present (k < its row's count), a zero weight's term
+    # being exactly 0.
+    term = tl.where(w[:, None] != 0, w[:, None] * x, 0.0)
+    return tl.where(present[:, None], acc + term, acc)
+
+
 @triton.jit(do_not_specialize=["num_rows", "num_partials", "num_packed", "tokens_with_first"])
 def _merge_partials_kernel(
     out_ptr,
@@ -108,26 +150,97 @@ def _merge_partials_kernel(
             total += _exp2_keep_subnormals(gap)
         else:
             total += tl.exp(gap)
-    # The weighted rows, added in order of k. The accumulator starts at -0, which adds
-    # nothing (-0 + x is x), so that the sum is the reference's term for term; a zero
-    # weight adds exactly 0 and its row is not read.
-    acc = tl.full([BLOCK_ROWS, BLOCK_D], -0.0, tl.float32)
-    for k in range(0, k_end):
-        kk = tl.zeros([], tl.int64) + k
-        valid = row_ok & (k < count) & (first_ok | (k > 0))
-        gap = _partial_lse(lse_row, kk, lse_stride_k, valid) - m
-        if LSE_BASE_2:
-            e = _exp2_keep_subnormals(gap)
-        else:
-            e = tl.exp(gap)
-        w = tl.where(empty, 0.0, tl.math.div_rn(e, total))
-        x = tl.load(
-            partial_row[:, None] + kk * partial_stride_k + cols[None, :],
-            mask=((w != 0) & valid)[:, None] & col_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.where(w[:, None] != 0, w[:, None] * x, 0.0)
-    # A row without partials (packed) has added nothing: its 0 is +0, as in the reference.
+    # The weighted rows, added in order of k: the first term, then four partials' rows
+    # loaded at a time (so that four loads are in flight) and added in order. A zero
+    # weight adds exactly 0 and its row is not read; a packed row's partials past its
+    # count add nothing at all.
+    w, x = _weighted_row(
+        lse_row,
+        lse_stride_k,
+        partial_row,
+        partial_stride_k,
+        cols,
+        col_ok,
+        row_ok,
+        count,
+        first_ok,
+        m,
+        total,
+        empty,
+        0,
+        LSE_BASE_2,
+    )
+    acc = tl.where(w[:, None] != 0, w[:, None] * x, 0.0)
+    for k in range(1, k_end, 4):
+        w0, x0 = _weighted_row(
+            lse_row,
+            lse_stride_k,
+            partial_row,
+            partial_stride_k,
+            cols,
+            col_ok,
+            row_ok,
+            count,
+            first_ok,
+            m,
+            total,
+            empty,
+            k,
+            LSE_BASE_2,
+        )
+        w1, x1 = _weighted_row(
+            lse_row,
+            lse_stride_k,
+            partial_row,
+            partial_stride_k,
+            cols,
+            col_ok,
+            row_ok,
+            count,
+            first_ok,
+            m,
+            total,
+            empty,
+            k + 1,
+            LSE_BASE_2,
+        )
+        w2, x2 = _weighted_row(
+            lse_row,
+            lse_stride_k,
+            partial_row,
+            partial_stride_k,
+            cols,
+            col_ok,
+            row_ok,
+            count,
+            first_ok,
+            m,
+            total,
+            empty,
+            k + 2,
+            LSE_BASE_2,
+        )
+        w3, x3 = _weighted_row(
+            lse_row,
+            lse_stride_k,
+            partial_row,
+            partial_stride_k,
+            cols,
+            col_ok,
+            row_ok,
+            count,
+            first_ok,
+            m,
+            total,
+            empty,
+            k + 3,
+            LSE_BASE_2,
+        )
+        acc = _add_term(acc, w0, x0, k < count)
+        acc = _add_term(acc, w1, x1, k + 1 < count)
+        acc = _add_term(acc, w2, x2, k + 2 < count)
+        acc = _add_term(acc, w3, x3, k + 3 < count)
+    # A row without partials (packed) is 0, as in the reference.
     acc = tl.where(empty[:, None], 0.0, acc)
     acc = EPILOGUE(acc, operand_ptr)
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
