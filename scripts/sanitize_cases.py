@@ -86,8 +86,61 @@ def run(backend: str) -> int:
     return failures
 
 
+KWAY_CASES = [
+    # K (None: packed rows), T, H, D, dtype, out dtype, in place, base
+    (3, 1, 8, 128, torch.bfloat16, torch.float8_e4m3fn, False, "e"),
+    (16, 5, 8, 128, torch.bfloat16, torch.bfloat16, True, "e"),
+    (7, 37, 3, 72, torch.float16, torch.float32, False, 2),
+    (5, 9, 2, 576, torch.float32, torch.float32, True, "e"),
+    (64, 3, 4, 13, torch.float32, torch.bfloat16, False, "e"),
+    (None, 40, 8, 128, torch.bfloat16, torch.float8_e4m3fn, False, "e"),
+    (None, 7, 3, 576, torch.float32, torch.float32, False, 2),
+]
+
+
+def run_kway(backend: str) -> int:
+    """K partials, stacked (in place into the first partial and its LSE where asked) or
+    packed rows whose indptr runs past the rows (clamped by the kernels)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    failures = 0
+    for K, T, H, D, dtype, out_dtype, in_place, base in KWAY_CASES:
+        scale = torch.tensor([0.05], device="cuda") if out_dtype == torch.float8_e4m3fn else None
+        quant = attnmerge.FP8Static(scale) if scale is not None else attnmerge.Plain(out_dtype)
+        if K is None:
+            counts = torch.randint(0, 12, (T,), generator=g, device="cuda")
+            indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+            n = int(indptr[-1]) - 3  # the last rows' ranges end past the packed rows
+            indptr[-1] += 5
+            outputs = torch.randn(n, H, D, generator=g, device="cuda").to(dtype)
+            lses = _lse(H, n, "TH", g)
+            kwargs = {"indptr": indptr}
+        else:
+            outputs = torch.randn(K, T, H, D, generator=g, device="cuda").to(dtype)
+            lses = torch.stack([_lse(H, T, "HT", g) for _ in range(K)])
+            kwargs = {}
+        args = dict(quant=quant, lse_base=base, return_lse=True, **kwargs)
+        ref = attnmerge.merge(outputs, lses, backend="torch", **args)
+        if in_place:  # plain output of the partials' dtype only
+            outputs, lses = outputs.clone(), lses.clone()
+            args |= {"out": outputs[0], "out_lse": lses[0]}
+        res = attnmerge.merge(outputs, lses, backend=backend, **args)
+        torch.cuda.synchronize()
+        a, b = res.output.float(), ref.output.float()
+        same_nan = torch.equal(a.isnan(), b.isnan())
+        tol = b.abs().nan_to_num(0) * (0.13 if scale is not None else 1e-2) + 1e-6
+        ok = same_nan and bool(((a - b).abs().nan_to_num(0) <= tol).all())
+        lse_ok = torch.allclose(res.lse, ref.lse, rtol=1e-5, atol=1e-5, equal_nan=True)
+        status = "ok" if ok and lse_ok else "MISMATCH"
+        failures += status != "ok"
+        print(
+            f"{backend:6} K={K or 'packed'} T={T:<4} H={H:<3} D={D:<4} {str(dtype)[6:]:>8} -> "
+            f"{str(out_dtype)[6:]:<14} in_place={in_place} base={base}: {status}"
+        )
+    return failures
+
+
 if __name__ == "__main__":
     backends = sys.argv[1:] or ["cuda", "triton"]
-    bad = sum(run(b) for b in backends)
+    bad = sum(run(b) + run_kway(b) for b in backends)
     print("sanitize cases:", "all ok" if not bad else f"{bad} mismatches")
     sys.exit(1 if bad else 0)
