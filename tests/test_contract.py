@@ -561,24 +561,30 @@ def test_contract_7_P_equal_T_is_no_P(backend_device):
     assert_bits_equal(a.output_lse, b.output_lse, "output_lse")
 
 
-def test_contract_7_empty_suffix_past_P(backend_device):
-    """docs/contract.md C8 and C5: past P an empty suffix (-inf or +inf) leaves nothing."""
-    # Past P with an empty suffix nothing is left: the row is 0 and the LSE -inf.
+def test_contract_7_past_P_the_suffix_is_copied_whatever_its_lse(backend_device):
+    """docs/contract.md C8: past P the suffix row and LSE are copied as they are, also
+    where the suffix LSE is -inf, +inf or NaN (vLLM's semantics, which its tests check);
+    before P the same LSEs follow C5 and C7."""
     backend, device = backend_device
-    T, H, D = 4, 1, 8
+    T, H, D = 8, 1, 8
+    lses = [[-INF, INF, NAN, 0.5, -INF, INF, NAN, 0.5]]
     case = make_case(
         T,
         H,
         D,
         device=device,
-        P=2,
-        prefix_lse=torch.zeros(H, T),
-        suffix_lse=_lse([[0.0, -INF, -INF, INF]]),
+        P=4,
+        prefix_lse=_lse([[-INF] * 4 + [0.0] * 4]),
+        suffix_lse=_lse(lses),
         seed=13,
     )
     run_and_check(case, backend)
-    assert (case.output[2:] == 0).all()
-    assert torch.equal(case.output_lse[:, 2:].cpu(), _lse([[-INF, -INF]]))
+    out, suffix = case.output.float().cpu(), case.suffix_output.float().cpu()
+    assert_bits_equal(out[4:], suffix[4:] + 0.0, "rows past P")
+    assert torch.equal(
+        case.output_lse[:, 4:].cpu().nan_to_num(7.0), _lse([lses[0][4:]]).nan_to_num(7.0)
+    )
+    assert (out[:2] == 0).all() and out[2].isnan().all()  # before P: empty rows, NaN LSE
 
 
 # ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def oracle(outputs, lses, base2=False, P=None):
     ln = torch.stack([x.double() for x in lses])  # [K, H, T]
     ln = torch.where(ln == INF, -INF, ln)  # contract 1: +inf is empty
     if P is not None:
-        ln[0, :, P:] = -INF  # contract 7: no prefix at tokens >= P
+        ln[0, :, P:] = -INF  # C8: no prefix at tokens >= P
     if base2:
         ln = ln * math.log(2.0)
     empty = (ln == -INF).all(dim=0)
@@ -44,6 +44,11 @@ def oracle(outputs, lses, base2=False, P=None):
         mag = mag + torch.where(wk != 0, wk * o.double().abs(), 0.0)
     if base2:
         lse = lse / math.log(2.0)
+    if P is not None and len(outputs) == 2:
+        # C8: past P the suffix is copied, its row and its LSE as given
+        out[P:] = outputs[1][P:].double()
+        mag[P:] = outputs[1][P:].double().abs()
+        lse[:, P:] = lses[1][:, P:].double()
     return out, lse, mag
 
 

@@ -53,7 +53,7 @@ extern "C" __global__ void two_partial_states(const PairArgs args) {
   if (i >= args.n) return;
   const bool base_2 = args.base_2 != 0;
   const float l0 = args.a[i], l1 = args.b[i];
-  const TwoPartialState w = two_partial_state(l0, l1, base_2);
+  const TwoPartialState w = two_partial_state(l0, l1, true, base_2);
   // the textbook formula: both exponentials, IEEE division
   const float inf = __int_as_float(0x7f800000);
   const float p = l0 == inf ? -inf : l0, s = l1 == inf ? -inf : l1;

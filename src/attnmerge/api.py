@@ -259,8 +259,9 @@ def merge_attn_states(
             LSE in the same base. May be the very same tensor as ``prefix_lse`` or
             ``suffix_lse``.
         prefill_tokens_with_context: ``P``; tokens ``t >= P`` have no prefix: the prefix
-            rows and LSEs there are not read, and the output is the suffix row (and the
-            suffix LSE) whenever the suffix is not empty. ``None`` means all ``T``.
+            rows and LSEs there are not read, and the output is the suffix row and the
+            output LSE the suffix LSE, as they are (whatever that LSE holds: +inf and NaN
+            included, as in vLLM). ``None`` means all ``T``.
         output_scale: 1-element float32 tensor on the output's device; required exactly
             when ``output`` is FP8. Stores ``e4m3fn(saturate(out * (1 / scale)))``,
             round-to-nearest-even, saturating at +-448, NaN kept.

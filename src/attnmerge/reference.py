@@ -42,7 +42,10 @@ def merge_states_reference(
             ``-inf`` both mean "empty".
         lse_base_2: the LSEs (inputs and the returned one) are base-2 logarithms.
         prefill_tokens_with_context: tokens ``t >= P`` take nothing from ``outputs[0]``
-            (the prefix): its rows and LSEs there count as empty.
+            (the prefix): its rows and LSEs there are not used. With two partials (vLLM's
+            form) such a token's result is the second partial's row and LSE as they are
+            (whatever its LSE holds: +inf and NaN included); with more, the merge of the
+            others.
 
     Returns:
         ``(output, lse)``: float32 ``[T, H, D]`` and float32 ``[H, T]``. Rows whose
@@ -51,9 +54,16 @@ def merge_states_reference(
         weighted rows propagate.
     """
     lse = torch.stack([x.float() for x in lses])  # [K, H, T]
-    if prefill_tokens_with_context is not None:
-        lse[0, :, prefill_tokens_with_context:] = float("-inf")
-    return _merge(lse, lambda k: outputs[k], None, lse_base_2)
+    P = prefill_tokens_with_context
+    if P is None:
+        return _merge(lse, lambda k: outputs[k], None, lse_base_2)
+    lse[0, :, P:] = float("-inf")
+    out, out_lse = _merge(lse, lambda k: outputs[k], None, lse_base_2)
+    if len(lses) == 2:
+        # The suffix copied: weight exactly 1 whatever its LSE, the prefix's term +0.
+        out[P:] = outputs[1][P:].float() + 0.0
+        out_lse[:, P:] = lses[1][:, P:].float() + 0.0
+    return out, out_lse
 
 
 def merge_packed_reference(

@@ -136,6 +136,7 @@ def _merge_two_kernel(
     ).to(tl.float32)
 
     # +inf (FlashAttention's empty row) means empty, like -inf.
+    l1_given = l1
     l0 = tl.where(l0 == float("inf"), NEG_INF, l0)
     l1 = tl.where(l1 == float("inf"), NEG_INF, l1)
     # NaN must win the max: otherwise NaN vs -inf would look like an empty row.
@@ -155,6 +156,9 @@ def _merge_two_kernel(
     first_larger = l0 >= l1  # either way for NaN: both weights are NaN then
     w0 = tl.where(empty, 0.0, tl.where(first_larger, w_hi, w_lo))
     w1 = tl.where(empty, 0.0, tl.where(first_larger, w_lo, w_hi))
+    # A token without a first partial is the second copied: weight 1 whatever its LSE.
+    w0 = tl.where(has_first, w0, 0.0)
+    w1 = tl.where(has_first, w1, 1.0)
 
     # A zero weight contributes exactly 0, whatever the row holds (NaN, inf).
     acc = tl.where(w0[:, None] != 0, w0[:, None] * o0, 0.0) + tl.where(
@@ -177,6 +181,7 @@ def _merge_two_kernel(
         else:
             lse = m + tl.log(total)
         lse = tl.where(empty, NEG_INF, lse)
+        lse = tl.where(has_first, lse, l1_given + 0.0)  # the second's LSE as given
         tl.store(out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse, mask=row_ok)
 
 

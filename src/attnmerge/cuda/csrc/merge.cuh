@@ -151,8 +151,14 @@ __device__ __forceinline__ float reciprocal_weight(float b, float y) {
 //     1 / (1 + e) >= 1/2, the smaller's is zero exactly when e is (divide_weight of a
 //     nonzero e is nonzero), and a NaN e keeps both; so the combine can clear a row
 //     without waiting for the division.
-__device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1, bool base_2) {
+//
+// A row without a first partial (tokens past vLLM's prefill_tokens_with_context) is the
+// second partial copied: weight 1 whatever its LSE holds, and that LSE as the row's
+// (max l1, sum 1: row_lse gives l1 + 0).
+__device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1, bool has_first,
+                                                             bool base_2) {
   const float inf = __int_as_float(0x7f800000);
+  const float l1_given = l1;
   const float gap = -fabsf(__fsub_rn(l0, l1));
   const float e = base_2 ? exp2f(gap) : expf(gap);
   if (l0 == inf) l0 = -inf;
@@ -171,6 +177,14 @@ __device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1,
   s.keep1 = !empty && (!first_larger || keep_lo);
   s.max = (l0 != l0 || l1 != l1) ? __int_as_float(0x7fffffff) : fmaxf(l0, l1);
   s.total = empty ? 0.0f : total;
+  if (!has_first) {
+    s.weight0 = 0.0f;
+    s.weight1 = 1.0f;
+    s.keep0 = false;
+    s.keep1 = true;
+    s.max = l1_given;
+    s.total = 1.0f;
+  }
   return s;
 }
 
@@ -283,7 +297,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   constexpr bool kLseFirst = WRITE_LSE && VEC * kWidestBytes >= 32;
   if (kLseFirst) {
     if (row_ok && col0 < p.head_size) {
-      state = two_partial_state(l0, l1, LSE_BASE_2);
+      state = two_partial_state(l0, l1, has_first, LSE_BASE_2);
       out_lse = row_lse(state, LSE_BASE_2);
       out_lse_at =
           p.out_lse + offset_of(outer, p.out_lse_stride_outer, inner, p.out_lse_stride_inner);
@@ -293,7 +307,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
 
   // Combine and store; head sizes over TEAM * VEC take further chunks.
   if (row_ok && col0 < p.head_size) {
-    if (!kLseFirst) state = two_partial_state(l0, l1, LSE_BASE_2);
+    if (!kLseFirst) state = two_partial_state(l0, l1, has_first, LSE_BASE_2);
     const float w0 = state.weight0, w1 = state.weight1;
     const bool keep0 = state.keep0, keep1 = state.keep1;
     if (WRITE_LSE && !kLseFirst) {
