@@ -1,12 +1,15 @@
-// Host emulation of the CUDA merge kernel, for tests on machines without a GPU.
+// Host emulation of the CUDA merge kernels, for tests on machines without a GPU.
 //
 // Each CUDA thread of a block runs as an OS thread; __syncthreads is a std::barrier over
-// the block's threads; blocks run one after another. The intrinsics map to plain float
-// operations (built with -ffp-contract=off, so nothing is fused, as on the GPU), and the
-// fp16/bf16/fp8 conversions take the headers' host paths. Built once per kernel
-// configuration with -DATTNMERGE_MERGE_INSTANCE=<KernelConfig.template_arguments()> and the
-// csrc directory on the include path (merge.cuh includes epilogues.cuh and common.cuh).
+// the block's threads; blocks run one after another. Warp shuffles exchange values through
+// one slot per thread, with a barrier over the lanes of the shuffle's segment (its width).
+// The intrinsics map to plain float operations (built with -ffp-contract=off, so nothing
+// is fused, as on the GPU), and the fp16/bf16/fp8 conversions take the headers' host paths.
+// Built once per kernel configuration with -DATTNMERGE_MERGE_INSTANCE=<template arguments>
+// (the two-partial kernel, emulate_merge) or -DATTNMERGE_PARTIALS_INSTANCE=<...> (the
+// stacked/packed kernel, emulate_partials) and the csrc directory on the include path.
 #include <barrier>
+#include <memory>
 #include <cmath>
 #include <cstring>
 #include <thread>
@@ -39,23 +42,54 @@ static inline float __fdiv_rn(float a, float b) { return a / b; }
 // expf, exp2f, logf, log2f, fmaxf: the C library's, from <math.h> via <cmath>.
 #include <math.h>
 
-#define __global__
-#define __launch_bounds__(n)
-#define ATTNMERGE_HOST_EMULATION 1
-#include "merge.cuh"
+// Shuffles within segments of `width` lanes (every lane of a segment takes part in each).
+static float shuffle_slots[1024];
+static std::vector<std::unique_ptr<std::barrier<>>> segment_barriers[6];  // widths 1 .. 32
 
-extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid) {
+static std::barrier<>& segment_barrier(int width) {
+  int w = 0;
+  while ((1 << w) < width) ++w;
+  return *segment_barriers[w][threadIdx.x / width];
+}
+static inline float shuffle_from(float v, int src_in_segment, int width) {
+  std::barrier<>& bar = segment_barrier(width);
+  shuffle_slots[threadIdx.x] = v;
+  bar.arrive_and_wait();
+  const float r = shuffle_slots[threadIdx.x / width * width + src_in_segment % width];
+  bar.arrive_and_wait();
+  return r;
+}
+static inline float __shfl_sync(unsigned, float v, int src, int width) {
+  return shuffle_from(v, src, width);
+}
+static inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int width) {
+  return shuffle_from(v, (threadIdx.x % width) ^ lane_mask, width);
+}
+
+#define __global__
+#define __launch_bounds__(...)
+#define ATTNMERGE_HOST_EMULATION 1
+#include "partials.cuh"
+
+template <typename Params, typename Kernel>
+static int emulate(const Params* params, unsigned grid, Kernel kernel) {
   constexpr unsigned kThreads = attnmerge::kBlockThreads;  // every block, every config
   for (unsigned b = 0; b < grid; ++b) {
     std::barrier<> barrier(kThreads);
     block_barrier = &barrier;
+    for (int w = 0; w < 6; ++w) {
+      segment_barriers[w].clear();
+      for (unsigned g = 0; g < (kThreads >> w); ++g) {
+        segment_barriers[w].push_back(std::make_unique<std::barrier<>>(1 << w));
+      }
+    }
     std::vector<std::thread> threads;
     threads.reserve(kThreads);
     for (unsigned t = 0; t < kThreads; ++t) {
-      threads.emplace_back([params, b, t] {
+      threads.emplace_back([params, b, t, kernel] {
         threadIdx = {t, 0, 0};
         blockIdx = {b, 0, 0};
-        attnmerge::attnmerge_merge(*params);
+        kernel(*params);
         // A thread that has returned drops out of the block's barrier, so that the early
         // exit of output-LSE kernels does not hold the others at their warp barrier
         // (whose mask holds only lanes that have not returned); no block barrier follows
@@ -67,3 +101,14 @@ extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid
   }
   return 0;
 }
+
+#ifdef ATTNMERGE_MERGE_INSTANCE
+extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid) {
+  return emulate(params, grid, attnmerge::attnmerge_merge);
+}
+#endif
+#ifdef ATTNMERGE_PARTIALS_INSTANCE
+extern "C" int emulate_partials(const attnmerge::PartialsParams* params, unsigned grid) {
+  return emulate(params, grid, attnmerge::attnmerge_merge_partials);
+}
+#endif

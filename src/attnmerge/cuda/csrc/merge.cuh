@@ -153,12 +153,11 @@ __device__ __forceinline__ float reciprocal_weight(float b, float y) {
 //     without waiting for the division.
 //
 // A row without a first partial (tokens past vLLM's prefill_tokens_with_context) is the
-// second partial copied: weight 1 whatever its LSE holds, and that LSE as the row's
-// (max l1, sum 1: row_lse gives l1 + 0).
+// second partial copied: weight 1 whatever its LSE holds (the kernel stores that LSE as
+// the row's: row_lse does not apply).
 __device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1, bool has_first,
                                                              bool base_2) {
   const float inf = __int_as_float(0x7f800000);
-  const float l1_given = l1;
   const float gap = -fabsf(__fsub_rn(l0, l1));
   const float e = base_2 ? exp2f(gap) : expf(gap);
   if (l0 == inf) l0 = -inf;
@@ -182,8 +181,6 @@ __device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1,
     s.weight1 = 1.0f;
     s.keep0 = false;
     s.keep1 = true;
-    s.max = l1_given;
-    s.total = 1.0f;
   }
   return s;
 }
@@ -298,7 +295,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   if (kLseFirst) {
     if (row_ok && col0 < p.head_size) {
       state = two_partial_state(l0, l1, has_first, LSE_BASE_2);
-      out_lse = row_lse(state, LSE_BASE_2);
+      out_lse = has_first ? row_lse(state, LSE_BASE_2) : __fadd_rn(l1, 0.0f);
       out_lse_at =
           p.out_lse + offset_of(outer, p.out_lse_stride_outer, inner, p.out_lse_stride_inner);
     }
@@ -313,13 +310,13 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
     if (WRITE_LSE && !kLseFirst) {
       // The logarithm and the address now, while the rows are still on their way: left to
       // itself, the compiler computed both after the barrier, in the one lane that stores.
-      // Not the address with scalar accesses, whose column loop would hold it in a spilled
-      // register (sm_80).
-      out_lse = row_lse(state, LSE_BASE_2);
+      // Not the address where a column loop follows (scalar accesses, teams of a block),
+      // which would hold it in a spilled register (sm_80).
+      out_lse = has_first ? row_lse(state, LSE_BASE_2) : __fadd_rn(l1, 0.0f);
       out_lse_at =
           p.out_lse + offset_of(outer, p.out_lse_stride_outer, inner, p.out_lse_stride_inner);
       compute_here(out_lse);
-      if (VEC > 1) compute_here(out_lse_at);
+      if (VEC > 1 && !kWideRows) compute_here(out_lse_at);
     }
     combine_store<P0, P1, Store, VEC>(p.out, out_row + col0, w0, keep0, x0, w1, keep1, x1, store);
     if (kWideRows) {

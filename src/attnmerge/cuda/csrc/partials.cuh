@@ -30,7 +30,7 @@ struct PartialsParams {
   u32 out_lse_stride_outer, out_lse_stride_inner;
 };
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
 // The maximum of a and b where a NaN in either wins: the same for any order of operands.
 __device__ __forceinline__ float max_nan(float a, float b) {
@@ -119,6 +119,23 @@ __device__ __forceinline__ float exponential(const PartialsParams& p, const Part
   return LSE_BASE_2 ? exp2f(gap) : expf(gap);
 }
 
+// The row chunks at column col of partials k0 .. k0 + B - 1 (zero bits for those that do not
+// exist, the first where the row has none, and for col >= head_size). Every existing
+// partial's row is read, whatever its weight: the loads do not wait for the LSEs.
+template <typename P, int VEC, int B>
+__device__ __forceinline__ void load_batch(Chunk<typename P::storage, VEC> (&batch)[B],
+                                           const PartialsParams& p, const PartialRows& r, u32 k0,
+                                           u32 col) {
+#pragma unroll
+  for (int j = 0; j < B; ++j) {
+    const u32 k = k0 + j;
+    batch[j] = Chunk<typename P::storage, VEC>();
+    if (col < p.head_size && k < r.count && (k > 0 || r.has_first)) {
+      batch[j] = load_row<P, VEC>(p.partials, r.row_offset + (i64)k * p.partial_stride_k + col);
+    }
+  }
+}
+
 // A team of TEAM threads merges one row; its lanes take VEC columns each, further chunks of
 // TEAM * VEC columns where the head is wider. The row's weights are C1's formula
 // (docs/contract.md), in the order of the reference: the maximum, the exponentials
@@ -128,9 +145,12 @@ __device__ __forceinline__ float exponential(const PartialsParams& p, const Part
 template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
 __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
   static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
-  constexpr int kLoadBatch = 4;
   typedef WeightLanes<TEAM> Lanes;
+  typedef Chunk<typename P::storage, VEC> Rows;
   constexpr int W = Lanes::kCount;
+  // Partials whose rows are loaded together (a divisor of W, so that a batch never spans
+  // two sets of weight lanes).
+  constexpr int B = W < 8 ? W : 8;
   const Lanes lanes;
   const u32 row = blockIdx.x * (kBlockThreads / TEAM) + threadIdx.x / TEAM;
   const int lane = threadIdx.x % TEAM;
@@ -145,6 +165,9 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
   store.ready();
   const PartialRows rows = partial_rows(p, row_ok, outer, inner);
   const float inf = __int_as_float(0x7f800000);
+  // The rows of the first batch are asked for now: they do not wait for the weights.
+  Rows batch[B];
+  load_batch<P, VEC, B>(batch, p, rows, 0, row_ok ? lane * VEC : p.head_size);
 
   float m = -inf;
   for (u32 base = 0; base < rows.count; base += W) m = max_nan(m, partial_lse(p, rows, base + lanes.lane));
@@ -162,40 +185,38 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
   for (u32 col_base = 0; col_base < p.head_size; col_base += TEAM * VEC) {
     const u32 col = col_base + lane * VEC;
     const bool col_ok = row_ok && col < p.head_size;
+    const u32 load_col = col_ok ? col : p.head_size;  // head_size: no load
+    if (col_base > 0) load_batch<P, VEC, B>(batch, p, rows, 0, load_col);
     // -0 adds nothing (-0 + x is x): the sum is the reference's, term for term.
     float acc[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = -0.0f;
-    for (u32 base = 0; base < rows.count; base += W) {
-      const float e = exponential<LSE_BASE_2>(p, rows, base + lanes.lane, m);
-      const float weight = empty ? 0.0f : __fdiv_rn(e, total);
-      const u32 n = rows.count - base < W ? rows.count - base : W;
-      // Batches of kLoadBatch partials: their rows are loaded together, then added in
-      // order, so that that many loads are in flight per thread.
-      for (u32 i = 0; i < n; i += kLoadBatch) {
-        float w[kLoadBatch];
-        bool keep[kLoadBatch];
-        Chunk<typename P::storage, VEC> x[kLoadBatch];
+    float weight = 0.0f;  // of partial (k0 rounded down to W) + lanes.lane
+    for (u32 k0 = 0; k0 < rows.count; k0 += B) {
+      if (k0 % W == 0) {
+        const float e = exponential<LSE_BASE_2>(p, rows, k0 + lanes.lane, m);
+        weight = empty ? 0.0f : __fdiv_rn(e, total);
+      }
+      // The next batch's rows are asked for before this batch is added.
+      Rows next[B];
+      const bool more = k0 + B < rows.count;
+      if (more) load_batch<P, VEC, B>(next, p, rows, k0 + B, load_col);
+      const u32 n = rows.count - k0 < B ? rows.count - k0 : B;
 #pragma unroll
-        for (int j = 0; j < kLoadBatch; ++j) {
-          const u32 k = base + i + j;
-          w[j] = lanes.get(weight, i + j);
-          // A zero weight adds exactly 0 whatever its row holds; its row is not read.
-          keep[j] = i + j < n && w[j] != 0.0f;  // NaN kept
-          x[j] = Chunk<typename P::storage, VEC>();  // zero bits where nothing is read
-          if (col_ok && keep[j]) {
-            x[j] = load_row<P, VEC>(p.partials, rows.row_offset + (i64)k * p.partial_stride_k + col);
+      for (int j = 0; j < B; ++j) {
+        const float w = lanes.get(weight, k0 % W + j);
+        // A zero weight adds exactly 0 whatever its row holds (NaN kept).
+        const bool keep = w != 0.0f;
+        if (j < n) {
+#pragma unroll
+          for (int c = 0; c < VEC; ++c) {
+            acc[c] = __fadd_rn(acc[c], keep ? __fmul_rn(w, P::load(batch[j].get(c))) : 0.0f);
           }
         }
+      }
+      if (more) {
 #pragma unroll
-        for (int j = 0; j < kLoadBatch; ++j) {
-          if (i + j < n) {
-#pragma unroll
-            for (int c = 0; c < VEC; ++c) {
-              acc[c] = __fadd_rn(acc[c], keep[j] ? __fmul_rn(w[j], P::load(x[j].get(c))) : 0.0f);
-            }
-          }
-        }
+        for (int j = 0; j < B; ++j) batch[j] = next[j];
       }
     }
     // A row without partials (packed) added nothing: its 0 is +0, as in the reference.
@@ -229,6 +250,6 @@ extern "C" __global__ void __launch_bounds__(kBlockThreads, 1)
 }
 #endif
 
-#endif  // __CUDACC__
+#endif  // __CUDACC__ || ATTNMERGE_HOST_EMULATION
 
 }  // namespace attnmerge
