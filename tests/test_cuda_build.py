@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from attnmerge.cuda import cache, nvrtc
+from attnmerge.cuda import cache, driver, nvrtc
 from attnmerge.cuda.cache import cached_build, entries, entry_path
 from attnmerge.cuda.nvrtc import BuildError
 
@@ -326,8 +326,16 @@ def test_library_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, _relo
 
 
 def test_library_missing(monkeypatch: pytest.MonkeyPatch, _reload_nvrtc) -> None:
-    monkeypatch.setattr(nvrtc, "find_library", lambda: None)
-    assert nvrtc.unavailable_reason() == "libnvrtc not found; pip install nvidia-cuda-nvrtc"
+    # Which one is chosen among those found: tests/test_nvrtc_choice.py.
+    monkeypatch.delenv("ATTNMERGE_NVRTC_LIBRARY", raising=False)
+    monkeypatch.setattr(nvrtc, "candidates", lambda: [])
+    monkeypatch.setattr(nvrtc, "_torch_cuda_version", lambda: None)
+    monkeypatch.setattr(driver, "cuda_version", lambda: None)
+    reason = nvrtc.unavailable_reason()
+    assert reason is not None and "\n" not in reason
+    assert reason.startswith("libnvrtc not found (searched ")
+    assert reason.endswith("fix: pip install nvidia-cuda-nvrtc")
+    assert nvrtc.find_library() is None
 
 
 def test_version_key() -> None:

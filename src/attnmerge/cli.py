@@ -2,25 +2,140 @@
 
 Each subcommand is one entry of :data:`_COMMANDS`: a name, a help text, a function
 that adds its options to its subparser and a function that runs it and returns the
-exit code. ``bench`` is imported only when it is used.
+exit code. ``bench`` is imported only when it is used. ``attnmerge`` alone prints the
+help, which lists the commands. Long steps (``build``, ``demo``) report progress on
+stderr through :class:`Progress`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from typing import TextIO
 
 import torch
 
 from . import demo, dispatch
 from .version import __version__
 
-__all__ = ["main"]
+__all__ = ["Progress", "main"]
+
+
+# ---------------------------------------------------------------------------
+# Progress of long steps
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty()) and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class Progress:
+    """Progress of a long step, written to ``stream`` (default: stderr).
+
+    On a terminal: one line rewritten in place (``\\r``) with the count, the percentage,
+    the elapsed time and what is being done, at most every ``redraw_s`` seconds (and at
+    the end). In a log or a pipe: a plain line each time another tenth is done, or
+    ``log_every_s`` seconds after the last line if something changed, so a log shows
+    progress without filling up. :meth:`clear` takes the line off a terminal before other
+    output; :meth:`close` (or leaving the ``with`` block) ends it: on a terminal the line is
+    erased, for the caller's summary; in a log the final count is written if not yet.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        unit: str = "",
+        stream: TextIO | None = None,
+        log_every_s: float = 10.0,
+        redraw_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label, self.total, self.unit = label, max(total, 0), unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = _is_terminal(self.stream)
+        self.done, self.detail = 0, ""
+        self._clock, self._log_every_s, self._redraw_s = clock, log_every_s, redraw_s
+        self._start, self._last_write = clock(), -math.inf  # a log gets a first line at once
+        self._drawn_at = -math.inf
+        self._width = 0  # characters of the line now on the terminal
+        self._logged: tuple[int, str] | None = None  # (done, detail) of the last log line
+        self._logged_tenth = 0
+
+    def line(self) -> str:
+        """The progress line without control characters."""
+        unit = f" {self.unit}" if self.unit else ""
+        pct = f" ({100 * self.done // self.total}%)" if self.total else ""
+        text = f"{self.label}: {self.done}/{self.total}{unit}{pct}, "
+        text += f"{self._clock() - self._start:.1f} s"
+        return f"{text}: {self.detail}" if self.detail else text
+
+    def update(self, done: int | None = None, detail: str | None = None) -> None:
+        """Set the count and/or what is being done; write if it is time to."""
+        if done is not None:
+            self.done = min(max(done, 0), self.total)
+        if detail is not None:
+            self.detail = detail
+        now = self._clock()
+        if self.tty:
+            if now - self._drawn_at >= self._redraw_s or self.done == self.total:
+                self._draw(now)
+            return
+        tenth = 10 * self.done // self.total if self.total else 0
+        changed = self._logged != (self.done, self.detail)
+        if tenth > self._logged_tenth or (changed and now - self._last_write >= self._log_every_s):
+            self._log(now)
+            self._logged_tenth = max(self._logged_tenth, tenth)
+
+    def advance(self, n: int = 1, detail: str | None = None) -> None:
+        """Count ``n`` more done."""
+        self.update(self.done + n, detail)
+
+    def clear(self) -> None:
+        """Take the line off the terminal (before other output); the next update redraws."""
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+            self._drawn_at = -math.inf
+
+    def close(self) -> None:
+        """End: erase the line on a terminal, write the final count in a log."""
+        if self.tty:
+            self.clear()
+        elif self._logged is None or self._logged[0] != self.done:
+            self._log(self._clock())
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _draw(self, now: float) -> None:
+        # A line longer than the terminal would wrap, and "\r" goes back one row only.
+        text = self.line()[: max(shutil.get_terminal_size().columns - 1, 20)]
+        pad = " " * max(self._width - len(text), 0)
+        self.stream.write(f"\r{text}{pad}")
+        self.stream.flush()
+        self._width, self._drawn_at = len(text), now
+
+    def _log(self, now: float) -> None:
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()
+        self._logged, self._last_write = (self.done, self.detail), now
 
 
 # ---------------------------------------------------------------------------
@@ -59,17 +174,22 @@ def _cuda_devices() -> list[str]:
     return lines
 
 
-def _cuda_build_line() -> str:
-    """NVRTC in use and the kernel cache (where, how many kernels built)."""
-    from .cuda import cache, nvrtc
+def _driver_line() -> str:
+    from .cuda import driver
 
-    reason = nvrtc.unavailable_reason()
-    compiler = reason if reason else f"NVRTC {'.'.join(map(str, nvrtc.version()))}"
+    version = driver.cuda_version()
+    return f"supports CUDA {version[0]}.{version[1]}" if version else "no NVIDIA driver found"
+
+
+def _cache_line() -> str:
+    """The kernel cache: where, how many kernels built."""
+    from .cuda import cache
+
     try:
         n = len(cache.entries())
     except OSError as e:
-        return f"{compiler}; cache {cache.cache_dir()} unreadable: {e}"
-    return f"{compiler}; cache {cache.cache_dir()} ({n} kernels)"
+        return f"{cache.cache_dir()} unreadable: {e}"
+    return f"{cache.cache_dir()} ({n} kernels)"
 
 
 def _backend_lines(device: torch.device) -> list[str]:
@@ -96,7 +216,11 @@ def _run_info(args: argparse.Namespace) -> int:
     print("cuda devices:")
     for line in devices or ["no CUDA device"]:
         print(f"  {line}")
-    print(f"cuda build {_cuda_build_line()}")
+    from .cuda import nvrtc
+
+    print(f"driver     {_driver_line()}")
+    print(f"nvrtc      {nvrtc.describe()}")
+    print(f"kernels    {_cache_line()}")
     print(f"backends, in auto order ({', '.join(dispatch.AUTO_ORDER)}):")
     for device in ["cpu", *(f"cuda:{i}" for i in range(len(devices)))]:
         print(f"  {device}")
@@ -156,8 +280,6 @@ def _common_head_sizes() -> tuple[int, ...]:
 
 def _run_build(args: argparse.Namespace) -> int:
     """Compile the CUDA kernels for the given architectures into the cache."""
-    import time
-
     from .cuda import backend, cache, nvrtc
 
     reason = nvrtc.unavailable_reason()
@@ -171,18 +293,23 @@ def _run_build(args: argparse.Namespace) -> int:
     head_sizes = tuple(int(d) for d in args.head_sizes.split(",") if d)
     configs = backend.common_configs(head_sizes, mixed_dtypes=args.mixed_dtypes)
     where = cache.cache_dir()
-    print(f"building {len(configs)} kernels for {', '.join(archs)} into {where}")
+    print(f"building {len(configs)} kernels for {', '.join(archs)} into {where}", flush=True)
     for arch in archs:
         start = time.perf_counter()
-        if args.jobs == 1:
-            for config in configs:
-                backend.build_kernel(config, arch)
-        else:  # NVRTC runs in the calling thread: processes, each with its own
-            import concurrent.futures
+        with Progress(f"  {arch}", len(configs), unit="kernels") as progress:
+            if args.jobs == 1:
+                for config in configs:
+                    backend.build_kernel(config, arch)
+                    progress.advance()
+            else:  # NVRTC runs in the calling thread: processes, each with its own
+                import concurrent.futures
 
-            with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-                list(pool.map(backend.build_kernel, configs, [arch] * len(configs)))
-        print(f"  {arch}: {time.perf_counter() - start:.1f} s")
+                with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+                    futures = [pool.submit(backend.build_kernel, c, arch) for c in configs]
+                    for future in concurrent.futures.as_completed(futures):
+                        future.result()
+                        progress.advance()
+        print(f"  {arch}: {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
 
@@ -267,9 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnmerge",
         description="attnmerge: exact merging of partial attention states (output + LSE), "
         "with fused FP8 output.",
+        epilog="Run 'attnmerge COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", required=True)
     for cmd in _COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description)
         cmd.add_arguments(p)
@@ -281,8 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``attnmerge`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
     Usage errors return 2, ``--help`` returns 0, as the shell would see them; nothing
-    calls ``sys.exit``, so tests and other programs can call this directly.
+    calls ``sys.exit``, so tests and other programs can call this directly. No arguments
+    at all print the help (the list of commands) and return 0.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        build_parser().print_help()
+        return 0
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse exits on --help and on usage errors

@@ -11,20 +11,23 @@ the partial dtype, natural-log LSEs ``[H, T]``) and, as the answer, the attentio
 keys in one piece in float64. Each backend that can run merges the partial states into the
 partial dtype and into FP8 (static scale calibrated on the answer); the demo prints the
 errors, their bounds (:func:`error_bounds`) and the time per call, and exits with 1 if an
-error exceeds its bound.
+error exceeds its bound. Progress goes to stderr (on a CPU, Triton's interpreter takes
+seconds per call).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import itertools
 import math
 import os
 import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -175,16 +178,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return "fp8_e4m3" if dtype == FP8 else next(k for k, v in DTYPES.items() if v == dtype)
 
 
-def _seconds_per_call(fn: Callable[[], None], device: torch.device, graph: bool) -> float:
+def _seconds_per_call(
+    fn: Callable[[], None], device: torch.device, graph: bool, tick: Callable[[], None]
+) -> float:
     """Median seconds per call of ``fn`` (already run once): on a GPU by CUDA events around
     each eager call (host launch cost included) or, with ``graph``, around replays of a
-    CUDA graph of 20 calls (device time only); on a CPU by the wall clock (3 to 20 calls)."""
+    CUDA graph of 20 calls (device time only); on a CPU by the wall clock (3 to 20 calls),
+    with ``tick()`` after each call, outside the timed span (GPU calls are too quick to
+    need progress, and their timing includes the host's time)."""
     if device.type != "cuda":
         times: list[float] = []
         while len(times) < 20 and (len(times) < 3 or sum(times) < _CPU_BUDGET_S):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+            tick()
         return statistics.median(times)
     calls, run = 1, fn
     if graph:
@@ -204,10 +212,13 @@ def _seconds_per_call(fn: Callable[[], None], device: torch.device, graph: bool)
     return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3 / calls
 
 
-def _merge_and_check(backend, batch, out_dtype, scale, bounds: ErrorBounds, graph):
+def _merge_and_check(
+    backend, batch, out_dtype, scale, bounds: ErrorBounds, graph, tick=lambda: None
+):
     """Merge once into NaN-filled outputs (an unwritten element fails the check), compare
     with the answer, then time further calls; with ``graph`` (a GPU) also from a CUDA graph,
-    whose replay must write the eager call's bits. Returns the table cells and failures."""
+    whose replay must write the eager call's bits. ``tick()`` follows the first call and
+    each timed CPU call. Returns the table cells and failures."""
     tokens, heads, head_size = batch.reference.shape
     device = batch.reference.device
     out = torch.full((tokens, heads, head_size), math.nan, device=device).to(out_dtype)
@@ -225,6 +236,7 @@ def _merge_and_check(backend, batch, out_dtype, scale, bounds: ErrorBounds, grap
         )
 
     call()
+    tick()
     diff = out.double() * (scale.double() if scale is not None else 1) - batch.reference
     errors = (
         diff.abs().max().item(),
@@ -237,13 +249,13 @@ def _merge_and_check(backend, batch, out_dtype, scale, bounds: ErrorBounds, grap
     failures = [f"{n} err {e:.2e} > {b:.2e}" for n, e, b in checks if not e <= b]
     # Events and graphs work on the current device: make it the batch's.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        times = [_seconds_per_call(call, device, graph=False)]
+        times = [_seconds_per_call(call, device, graph=False, tick=tick)]
         if graph:
             eager = (out.clone(), out_lse.clone())
             out.zero_()
             out_lse.zero_()
             try:
-                times.append(_seconds_per_call(call, device, graph=True))
+                times.append(_seconds_per_call(call, device, graph=True, tick=tick))
             except Exception as e:  # capture is part of the contract: a failure is a finding
                 times.append(math.nan)
                 failures.append(f"CUDA graph capture failed: {type(e).__name__}: {e}")
@@ -261,6 +273,11 @@ def _format_time(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} us"
     return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _report_call(progress, what: str, calls: Iterator[int]) -> None:
+    """Progress after a merge call: "<backend> into <dtype>, call <n>"."""
+    progress.update(detail=f"{what}, call {next(calls)}")
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -301,6 +318,8 @@ def _pick_device(name: str | None) -> tuple[torch.device, str | None]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 if every backend's merge is within bounds, 1 if not, 2 on bad use."""
+    from attnmerge.cli import Progress  # here: cli imports this module
+
     device, problem = _pick_device(args.device)
     if problem:
         print(f"attnmerge demo: {problem}", file=sys.stderr)
@@ -308,9 +327,13 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":  # Triton runs on a CPU through its interpreter, set before first use
         os.environ.setdefault("TRITON_INTERPRET", "1")
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    # Each backend merges twice: into the partial dtype and into FP8.
+    progress = Progress("demo", 2 * len(BACKENDS), unit="merges")
+    progress.update(detail="partial states and the float64 answer")
     dtype, t0 = DTYPES[args.dtype], time.perf_counter()
     sizes = ("requests", "query_tokens", "prefix_len", "heads", "head_size", "seed")
     batch = make_cascade_batch(**{k: getattr(args, k) for k in sizes}, dtype=dtype, device=device)
+    progress.clear()
     setup_s, tokens, last = time.perf_counter() - t0, batch.reference.shape[0], args.requests - 1
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     amax = batch.reference.abs().max().item()
@@ -325,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
         f"  request {last} has no prefix and comes last: prefill_tokens_with_context = "
         f"{batch.tokens_with_prefix} of {tokens} tokens (its prefix rows are NaN garbage)\n"
         f"  partials in torch float32, the one-piece answer in float64: {setup_s:.2f} s\n"
-        f"  FP8 output: static scale = amax(answer) / 448 = {scale.item():.4e}"
+        f"  FP8 output: static scale = amax(answer) / 448 = {scale.item():.4e}",
+        flush=True,
     )
     partials = (batch.prefix_output[: batch.tokens_with_prefix], batch.suffix_output)
     partial_amax = max(x.abs().max().item() for x in partials)
@@ -344,20 +368,31 @@ def run(args: argparse.Namespace) -> int:
     for backend in BACKENDS:
         for i, (out_dtype, out_scale) in enumerate(outputs):
             name = _dtype_name(out_dtype)
+            what = f"{backend} into {name}"
+            progress.update(detail=what)
+            tick = functools.partial(_report_call, progress, what, itertools.count(1))
             try:
                 cells, failures = _merge_and_check(
-                    backend, batch, out_dtype, out_scale, bounds[out_dtype], graph
+                    backend, batch, out_dtype, out_scale, bounds[out_dtype], graph, tick
                 )
             except BackendError as e:  # e.g. no GPU, or FP8 before sm_89
-                print(f"  {backend}: not run{f' into {name}' if i else ''}: {e}")
+                progress.clear()
+                print(f"  {backend}: not run{f' into {name}' if i else ''}: {e}", flush=True)
                 if i == 0:
+                    progress.advance(len(outputs), detail=f"{backend}: not run")
                     break
+                status = "not run"
             except Exception as e:  # a crashing backend is a failed check, not a crash
+                progress.clear()
                 traceback.print_exc()
                 errors.append(f"{backend} into {name}: {type(e).__name__}: {e}")
+                status = "error"
             else:
                 failed |= bool(failures)
                 table.append([*cells, "FAIL: " + "; ".join(failures) if failures else "ok"])
+                status = "FAIL" if failures else "ok"
+            progress.advance(detail=f"{what}: {status}")
+    progress.close()
     if interpreting and any(row[0] == "triton" for row in table):
         print("  triton ran in Triton's CPU interpreter: its times say nothing of a GPU's")
     how = "wall clock, median of 3 to 20 calls"

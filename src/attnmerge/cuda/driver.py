@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 
-__all__ = ["DriverError", "Kernel", "load_kernel", "unavailable_reason"]
+__all__ = ["DriverError", "Kernel", "cuda_version", "load_kernel", "unavailable_reason"]
 
 _CUDA_SUCCESS = 0
 _CUDA_ERROR_INVALID_CONTEXT = 201
@@ -23,8 +23,34 @@ class DriverError(RuntimeError):
 
 
 @functools.cache
+def _library() -> ctypes.CDLL:
+    """libcuda, loaded but not initialised (raises OSError without a driver)."""
+    return ctypes.CDLL("libcuda.so.1")
+
+
+@functools.cache
+def cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the installed driver supports, e.g. ``(12, 4)``; None
+    without a usable driver (no libcuda, or a toolkit's stub library).
+
+    ``cuDriverGetVersion`` needs no ``cuInit``: this loads libcuda but does not initialise
+    CUDA or create a context, so it is safe before a ``fork``.
+    """
+    try:
+        get_version = _library().cuDriverGetVersion
+    except (OSError, AttributeError):
+        return None
+    get_version.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    get_version.restype = ctypes.c_int
+    value = ctypes.c_int()
+    if get_version(ctypes.byref(value)) != _CUDA_SUCCESS or value.value <= 0:
+        return None
+    return value.value // 1000, value.value % 1000 // 10
+
+
+@functools.cache
 def _lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libcuda.so.1")
+    lib = _library()
     vp, u32 = ctypes.c_void_p, ctypes.c_uint
     lib.cuInit.argtypes = [u32]
     lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]

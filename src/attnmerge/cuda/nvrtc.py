@@ -1,17 +1,22 @@
 """Compile CUDA C++ to a cubin with NVRTC, through ctypes.
 
-No dependency on cuda-python or torch: the only requirement is a libnvrtc shared library,
-looked up in this order (the first that exists is used):
+No dependency on cuda-python: the only requirement is a libnvrtc shared library. Several
+may be installed (torch's own ``nvidia-cuda-nvrtc-cu12`` beside a CUDA 13
+``nvidia-cuda-nvrtc``, a CUDA toolkit...), and a cubin is loaded by the driver only if the
+NVRTC that built it is of a CUDA major version the driver supports. The library is
+chosen on first use (``import attnmerge`` loads nothing) and loaded once per process:
 
 1. ``$ATTNMERGE_NVRTC_LIBRARY``: an explicit path (if set, nothing else is tried);
-2. the pip wheels (``nvidia-cuda-nvrtc``): ``nvidia/*/lib/libnvrtc.so*`` under every
-   ``sys.path`` entry and the ``nvidia`` namespace package, newest version first;
-3. ``$CUDA_HOME/lib64``, ``$CUDA_PATH/lib64``, ``/usr/local/cuda/lib64``;
-4. ``ctypes.util.find_library("nvrtc")`` (the dynamic loader's search path).
+2. else among the libraries found (:func:`candidates`: the pip wheels
+   ``nvidia/*/lib/libnvrtc.so*`` under every ``sys.path`` entry and the ``nvidia``
+   namespace package, then ``$CUDA_HOME/lib64``, ``$CUDA_PATH/lib64``,
+   ``/usr/local/cuda/lib64``, and only if none is there the dynamic loader's search
+   path), :func:`choose_library` picks one from their versions, torch's CUDA version
+   (``torch.version.cuda``) and the driver's (``cuDriverGetVersion``, read without
+   initialising CUDA). Its docstring states the rule and why.
 
-The library is loaded once per process. ``arch`` is always a real architecture
-(``sm_80``, ``sm_90a``, ``sm_100a``...), so NVRTC emits SASS (a cubin) that the driver
-loads without a JIT step.
+``arch`` is always a real architecture (``sm_80``, ``sm_90a``, ``sm_100a``...), so NVRTC
+emits SASS (a cubin) that the driver loads without a JIT step.
 """
 
 from __future__ import annotations
@@ -29,9 +34,17 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "BuildError",
+    "Candidate",
+    "Choice",
     "CompiledModule",
+    "LibraryChoiceError",
+    "candidates",
+    "choose_library",
     "compile_cubin",
+    "describe",
     "find_library",
+    "install_hint",
+    "select",
     "supported_archs",
     "unavailable_reason",
     "version",
@@ -61,7 +74,7 @@ class CompiledModule:
 
 
 # ---------------------------------------------------------------------------------------
-# Locating and loading libnvrtc
+# Locating libnvrtc
 # ---------------------------------------------------------------------------------------
 
 
@@ -84,6 +97,27 @@ def _libs_in(directory: str) -> list[str]:
         if re.fullmatch(r"libnvrtc\.so(\.\d+)*", os.path.basename(p)) and os.path.isfile(p)
     ]
     return sorted(found, key=_version_key, reverse=True)
+
+
+def _library_version(path: str) -> tuple[int, ...]:
+    """The CUDA version of the libnvrtc at ``path``, without loading it: from its file name
+    (``libnvrtc.so.12.4.127``, symlinks resolved), else, where the name has only the major
+    (the pip wheels' ``libnvrtc.so.13``), from ``libnvrtc-builtins.so.<major>.<minor>``
+    beside it, which NVRTC itself loads by that name. ``(13,)`` if only the major is known,
+    ``()`` if nothing is."""
+    version = _version_key(path)
+    if len(version) >= 2 or not os.path.isabs(path):
+        return version
+    builtins = [
+        _version_key(p)
+        for p in glob.glob(
+            os.path.join(glob.escape(os.path.dirname(path)), "libnvrtc-builtins.so.*")
+        )
+    ]
+    same_major = [v for v in builtins if len(v) >= 2 and v[:1] == version[:1]]
+    if version and same_major:
+        return max(same_major)
+    return version
 
 
 def _nvidia_package_dirs() -> list[str]:
@@ -133,16 +167,202 @@ def _toolkit_candidates() -> list[str]:
     return list(dict.fromkeys(found))
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A libnvrtc found on this machine: its path (or a bare soname from the dynamic
+    loader's search) and its CUDA version, ``(12, 4, 127)``, ``(12, 4)``, ``(13,)`` where
+    only the major is known, ``()`` where nothing is."""
+
+    path: str
+    version: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The libnvrtc to load and why (one clause, e.g. "matches torch's CUDA 12.4")."""
+
+    path: str
+    version: tuple[int, ...]
+    why: str
+
+
+class LibraryChoiceError(BuildError):
+    """No libnvrtc was found, or none whose cubins the driver can load."""
+
+
+_SEARCHED = (
+    "searched the nvidia-cuda-nvrtc pip wheels, $CUDA_HOME/lib64, $CUDA_PATH/lib64, "
+    "/usr/local/cuda/lib64 and the dynamic loader's path"
+)
+
+
+def candidates() -> list[Candidate]:
+    """Every libnvrtc found, in search order (pip wheels, newest first, then the CUDA
+    toolkits), one per file; the dynamic loader's only when none of those exists. Nothing
+    is loaded."""
+    paths = _pip_candidates() + _toolkit_candidates()
+    unique: dict[str, str] = {}
+    for path in paths:
+        unique.setdefault(os.path.realpath(path), path)
+    if not unique:
+        soname = ctypes.util.find_library("nvrtc")
+        return [Candidate(soname, _version_key(soname))] if soname else []
+    return [Candidate(path, _library_version(path)) for path in unique.values()]
+
+
+def _dotted(version: Sequence[int]) -> str:
+    """The major.minor: "12.4" for (12, 4, 127), "13" for (13,), "unknown" for ()."""
+    return ".".join(map(str, version[:2])) or "unknown"
+
+
+def install_hint(torch_cuda: tuple[int, int] | None, driver: tuple[int, int] | None) -> str:
+    """The pip command that installs the NVRTC matching torch's CUDA (if the driver can
+    load its cubins), else the driver's CUDA; the generic one when neither is known."""
+    target = torch_cuda
+    if target is None or (driver is not None and target[0] > driver[0]):
+        target = driver
+    if target is None:
+        return INSTALL_HINT
+    package = "nvidia-cuda-nvrtc" if target[0] >= 13 else f"nvidia-cuda-nvrtc-cu{target[0]}"
+    return f'pip install "{package}=={target[0]}.{target[1]}.*"'
+
+
+def _setting(torch_cuda: tuple[int, int] | None, driver: tuple[int, int] | None) -> str:
+    torch_part = f"built with CUDA {_dotted(torch_cuda)}" if torch_cuda else "a CPU build"
+    driver_part = (
+        f"the NVIDIA driver supports CUDA {_dotted(driver)}"
+        if driver
+        else "no NVIDIA driver was found"
+    )
+    return f"torch is {torch_part}, {driver_part}"
+
+
+def _newest_fitting(found: Sequence[Candidate], cap: tuple[int, int]) -> tuple[Candidate, bool]:
+    """Among ``found`` (all of a CUDA major <= ``cap``'s): the highest major; in it the
+    newest not newer than ``cap`` (then True), else the oldest, nearest to ``cap`` (then
+    False). Ties go to the first in search order."""
+    major = max(c.version[:1] for c in found)
+    same = [c for c in found if c.version[:1] == major]
+    within = [c for c in same if len(c.version) >= 2 and c.version[:2] <= cap]
+    within += [c for c in same if len(c.version) == 1 and c.version[0] < cap[0]]
+    if within:
+        return max(within, key=lambda c: c.version), True
+    return min(same, key=lambda c: c.version), False
+
+
+def choose_library(
+    found: Sequence[Candidate],
+    torch_cuda: tuple[int, int] | None,
+    driver: tuple[int, int] | None,
+) -> Choice:
+    """The libnvrtc to use among ``found`` (in search order), given torch's CUDA version
+    (None for a CPU build) and the CUDA version the driver supports (None without one).
+
+    The driver loads a cubin built by NVRTC of its own CUDA major version or an older one
+    (within a major, CUDA's minor-version compatibility lets a 12.8 cubin load on a 12.4
+    driver: a cubin is SASS, no PTX for the driver to JIT); a newer major never loads.
+    Hence:
+
+    1. torch with CUDA: an NVRTC of exactly torch's major.minor, the one torch was built
+       with (CUDA builds of torch install it as a dependency), whose cubins load wherever
+       torch runs; else the newest of torch's major not newer than the driver (or than torch,
+       without a driver), else the nearest newer one of that major;
+    2. else (a CPU build of torch, or no NVRTC of torch's major the driver can load): the
+       newest CUDA major the driver can load, in it the newest not newer than the driver
+       (that NVRTC knows every architecture the driver does), else the nearest newer one;
+    3. without a driver (a build machine, CI): the newest found, which can target the
+       most architectures; the reason says so.
+
+    Raises :class:`LibraryChoiceError` (one line: what was found, torch's and the
+    driver's CUDA, and how to fix it) if nothing was found or the driver can load none.
+    """
+    setting = _setting(torch_cuda, driver)
+    if not found:
+        raise LibraryChoiceError(
+            f"libnvrtc not found ({_SEARCHED}); {setting}; fix: {install_hint(torch_cuda, driver)}"
+        )
+    loadable = [c for c in found if driver is None or not c.version or c.version[0] <= driver[0]]
+    if torch_cuda is not None:
+        wanted = _dotted(torch_cuda)
+        same = [c for c in loadable if c.version[:1] == torch_cuda[:1]]
+        for c in same:
+            if c.version[:2] == torch_cuda:
+                return Choice(c.path, c.version, f"matches torch's CUDA {wanted}")
+        if same:
+            cap = driver or torch_cuda
+            cap_name = (
+                f"the driver's CUDA {_dotted(driver)}"
+                if driver
+                else f"torch's {wanted} (no NVIDIA driver found)"
+            )
+            c, within = _newest_fitting(same, cap)
+            relation = (
+                f"the newest {torch_cuda[0]}.x not newer than {cap_name}"
+                if within
+                else f"the nearest {torch_cuda[0]}.x above {cap_name} "
+                "(CUDA minor-version compatibility)"
+            )
+            why = f"torch's CUDA is {wanted}, none found of that version: {relation}"
+            return Choice(c.path, c.version, why)
+        fallback = f"none of torch's CUDA {torch_cuda[0]}.x found"
+        if driver is not None and any(c.version[:1] == torch_cuda[:1] for c in found):
+            fallback = f"torch's CUDA {wanted} is newer than the driver's"
+    else:
+        fallback = "torch is a CPU build"
+    if driver is None:
+        c = max(found, key=lambda c: c.version)
+        return Choice(c.path, c.version, f"{fallback}, no NVIDIA driver found: the newest found")
+    if not loadable:
+        listed = ", ".join(f"NVRTC {_dotted(c.version)} ({c.path})" for c in found)
+        raise LibraryChoiceError(
+            f"no libnvrtc whose cubins the driver can load: found {listed}; {setting}, "
+            f"and it loads no cubin of a newer CUDA major; fix: {install_hint(torch_cuda, driver)}"
+            f" (or point {ENV_LIBRARY} to a libnvrtc of CUDA {driver[0]}.x or older)"
+        )
+    c, within = _newest_fitting(loadable, driver)
+    relation = (
+        f"the newest not newer than the driver's CUDA {_dotted(driver)}"
+        if within
+        else f"the nearest above the driver's CUDA {_dotted(driver)} "
+        "(CUDA minor-version compatibility)"
+    )
+    return Choice(c.path, c.version, f"{fallback}: {relation}")
+
+
+def _torch_cuda_version() -> tuple[int, int] | None:
+    """torch's CUDA version (``torch.version.cuda``), None for a CPU or ROCm build. Reads a
+    constant: CUDA is not initialised."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    m = re.match(r"(\d+)\.(\d+)", getattr(torch.version, "cuda", None) or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def select() -> Choice:
+    """The libnvrtc this process uses (not loaded): ``$ATTNMERGE_NVRTC_LIBRARY``, else
+    :func:`choose_library` on what is installed here. Raises :class:`LibraryChoiceError`."""
+    explicit = os.environ.get(ENV_LIBRARY)
+    if explicit:
+        return Choice(explicit, _library_version(explicit), f"set by {ENV_LIBRARY}")
+    from . import driver
+
+    return choose_library(candidates(), _torch_cuda_version(), driver.cuda_version())
+
+
 def find_library() -> str | None:
     """The libnvrtc that would be loaded (a path, or a bare soname from the dynamic
     loader's search), or None. Does not load it."""
-    explicit = os.environ.get(ENV_LIBRARY)
-    if explicit:
-        return explicit
-    candidates = _pip_candidates() + _toolkit_candidates()
-    if candidates:
-        return candidates[0]
-    return ctypes.util.find_library("nvrtc")
+    try:
+        return select().path
+    except LibraryChoiceError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# Loading libnvrtc
+# ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -150,6 +370,8 @@ class _Loaded:
     lib: ctypes.CDLL | None
     path: str | None
     reason: str | None
+    choice: Choice | None = None
+    version: tuple[int, int] | None = None
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -190,19 +412,27 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 @functools.cache
 def _load() -> _Loaded:
-    path = find_library()
-    if path is None:
-        return _Loaded(None, None, f"libnvrtc not found; {INSTALL_HINT}")
+    try:
+        choice = select()
+    except LibraryChoiceError as e:
+        return _Loaded(None, None, str(e))
+    path = choice.path
     try:
         lib = ctypes.CDLL(path)
     except OSError as e:
         where = f"{ENV_LIBRARY}={path}" if os.environ.get(ENV_LIBRARY) else path
-        return _Loaded(None, path, f"cannot load libnvrtc ({where}): {e}")
+        return _Loaded(None, path, f"cannot load libnvrtc ({where}): {e}", choice)
     try:
         _declare(lib)
     except AttributeError as e:
-        return _Loaded(None, path, f"libnvrtc at {path} is too old (needs CUDA >= 11.2): {e}")
-    return _Loaded(lib, path, None)
+        reason = f"libnvrtc at {path} is too old (needs CUDA >= 11.2): {e}"
+        return _Loaded(None, path, reason, choice)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    code = lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    if code != _NVRTC_SUCCESS:
+        reason = f"libnvrtc at {path}: nvrtcVersion failed: {_error_string(lib, code)}"
+        return _Loaded(None, path, reason, choice)
+    return _Loaded(lib, path, None, choice, (major.value, minor.value))
 
 
 def unavailable_reason() -> str | None:
@@ -214,6 +444,15 @@ def loaded_path() -> str | None:
     """The path (or soname) of the loaded libnvrtc; None if unavailable."""
     loaded = _load()
     return loaded.path if loaded.lib is not None else None
+
+
+def describe() -> str:
+    """One line: which NVRTC is used and why, e.g. ``NVRTC 12.4
+    (/.../libnvrtc.so.12), matches torch's CUDA 12.4``; or why none can be used."""
+    loaded = _load()
+    if loaded.lib is None or loaded.choice is None or loaded.version is None:
+        return f"NVRTC unavailable: {loaded.reason}"
+    return f"NVRTC {_dotted(loaded.version)} ({loaded.path}), {loaded.choice.why}"
 
 
 def _lib() -> ctypes.CDLL:
@@ -240,10 +479,10 @@ def _check(lib: ctypes.CDLL, code: int, what: str) -> None:
 
 def version() -> tuple[int, int]:
     """NVRTC's (major, minor), e.g. (13, 0)."""
-    lib = _lib()
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    _check(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
-    return major.value, minor.value
+    _lib()
+    version = _load().version
+    assert version is not None  # set whenever the library loaded
+    return version
 
 
 def supported_archs() -> list[str]:
