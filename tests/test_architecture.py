@@ -24,9 +24,11 @@ LAYERS = {
     "attnmerge.api": 4,
     "attnmerge.ops": 5,
     "attnmerge.compat": 5,
+    "attnmerge.integrations": 5,
     "attnmerge": 6,
     "attnmerge.bench": 7,
     "attnmerge.demo": 7,
+    "attnmerge.progress": 6,
     "attnmerge.cli": 8,
     "attnmerge.__main__": 9,
 }

@@ -22,6 +22,7 @@ import torch
 
 import attnmerge
 from attnmerge import api, cli, demo, dispatch
+from attnmerge.progress import Progress
 
 SMALL = ["--requests", "2", "--query-tokens", "4", "--prefix-len", "64", "--heads", "4"]
 
@@ -276,7 +277,7 @@ class _Clock:
 def test_progress_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TERM", raising=False)
     stream, clock = _Stream(tty=True), _Clock()
-    progress = cli.Progress("job", 4, unit="steps", stream=stream, clock=clock)
+    progress = Progress("job", 4, unit="steps", stream=stream, clock=clock)
     assert progress.tty
     progress.update(detail="a")
     clock.now += 0.05
@@ -306,7 +307,7 @@ def test_progress_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_progress_on_a_terminal_pads_a_shorter_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TERM", raising=False)
     stream, clock = _Stream(tty=True), _Clock()
-    progress = cli.Progress("job", 2, stream=stream, clock=clock)
+    progress = Progress("job", 2, stream=stream, clock=clock)
     progress.update(detail="a long description")
     clock.now += 1
     progress.update(detail="short")
@@ -317,7 +318,7 @@ def test_progress_on_a_terminal_pads_a_shorter_line(monkeypatch: pytest.MonkeyPa
 
 def test_progress_in_a_log() -> None:
     stream, clock = _Stream(tty=False), _Clock()
-    progress = cli.Progress("job", 100, unit="kernels", stream=stream, clock=clock)
+    progress = Progress("job", 100, unit="kernels", stream=stream, clock=clock)
     assert not progress.tty
     progress.update(detail="setting up")  # the first line comes at once
     for _ in range(100):
@@ -335,7 +336,7 @@ def test_progress_in_a_log() -> None:
 def test_progress_in_a_log_every_ten_seconds() -> None:
     """A slow step still shows signs of life, without repeating an unchanged line."""
     stream, clock = _Stream(tty=False), _Clock()
-    progress = cli.Progress("job", 1000, stream=stream, clock=clock, log_every_s=10)
+    progress = Progress("job", 1000, stream=stream, clock=clock, log_every_s=10)
     progress.update(detail="call 1")
     clock.now += 5
     progress.update(detail="call 2")  # changed, but 5 s after the last line
@@ -355,7 +356,7 @@ def test_progress_in_a_log_every_ten_seconds() -> None:
 
 def test_progress_dumb_terminal_is_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TERM", "dumb")
-    assert not cli.Progress("job", 1, stream=_Stream(tty=True)).tty
+    assert not Progress("job", 1, stream=_Stream(tty=True)).tty
 
 
 def _fake_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -490,6 +491,73 @@ def _stacked(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.stack([t.to(dtype) for t in tensors])
 
 
+class _MergeInputs(NamedTuple):
+    """:func:`merge`'s partials, sorted out: two for the two-partial path (``pair``: prefix,
+    its LSE, suffix, its LSE), or one stacked or packed tensor and its LSEs."""
+
+    pair: tuple[torch.Tensor, ...] | None
+    outputs: torch.Tensor | None
+    lses: torch.Tensor | None
+    tokens: int
+    #: the partials' tensor whose last two sizes are H and D and whose dtype is the default
+    first: torch.Tensor
+    #: the LSE whose storage order a new output LSE takes
+    first_lse: torch.Tensor
+
+
+def _classify(outputs, lses, indptr, out, out_lse) -> _MergeInputs:
+    """Check the form of ``merge``'s partials (the kernels' calls check the rest) and bring
+    a sequence of other than two into one stacked tensor."""
+    if indptr is not None or isinstance(outputs, torch.Tensor) or isinstance(lses, torch.Tensor):
+        _check_tensor("outputs", outputs)
+        _check_tensor("lses", lses)
+        if indptr is not None:
+            if outputs.dim() != 3:
+                raise ValueError(
+                    f"outputs must be [N, H, D] (packed rows), got {tuple(outputs.shape)}"
+                )
+            tokens = _check_indptr(indptr, outputs.device)
+            return _MergeInputs(None, outputs, lses, tokens, outputs, lses)
+        if outputs.dim() != 4 or outputs.shape[0] == 0:
+            raise ValueError(
+                f"outputs must be [K, T, H, D] with K >= 1, got {tuple(outputs.shape)}"
+            )
+        num_partials, tokens = outputs.shape[0], outputs.shape[1]
+        first_lse = lses[0] if lses.dim() == 3 and lses.shape[0] == num_partials else lses
+        pair = None
+        if num_partials == 2:
+            shape = (2, outputs.shape[2], tokens)
+            _check_lse_stack("lses", lses, shape, outputs.device, "[K, H, T]")
+            pair = (outputs[0], lses[0], outputs[1], lses[1])
+        return _MergeInputs(pair, outputs, lses, tokens, outputs, first_lse)
+
+    outputs, lses = tuple(outputs), tuple(lses)
+    if len(outputs) != len(lses):
+        raise ValueError(f"got {len(outputs)} outputs but {len(lses)} lses")
+    if not outputs:
+        raise ValueError("outputs holds no partials (K = 0); at least one is needed")
+    first = _check_tensor("outputs[0]", outputs[0])
+    first_lse = _check_tensor("lses[0]", lses[0])
+    if first.dim() != 3:
+        raise ValueError(
+            f"outputs[0] must be 3-D [tokens, heads, head_size], got shape {tuple(first.shape)}"
+        )
+    tokens = first.shape[0]
+    if len(outputs) == 2:
+        return _MergeInputs((outputs[0], lses[0], outputs[1], lses[1]), None, None, tokens,
+                            first, first_lse)  # fmt: skip
+    for k in range(len(outputs)):
+        _check_state(f"outputs[{k}]", outputs[k], first.shape, first.device)
+        _check_lse(f"lses[{k}]", lses[k], first.shape[1], tokens, first.device)
+    if not torch.compiler.is_compiling():  # (fake tensors have no memory to compare)
+        # against the caller's tensors: the stacked ones may be a copy
+        if isinstance(out, torch.Tensor):
+            _check_written("out", out, tuple((f"outputs[{k}]", t) for k, t in enumerate(outputs)))
+        if isinstance(out_lse, torch.Tensor):
+            _check_written("out_lse", out_lse, tuple((f"lses[{k}]", t) for k, t in enumerate(lses)))
+    return _MergeInputs(None, _stacked(outputs), _stacked(lses), tokens, first, first_lse)
+
+
 @dataclass(frozen=True, eq=False)
 class MergeResult:
     """What :func:`merge` returns. Fields may be added (never removed) as formats grow.
@@ -601,60 +669,8 @@ def merge(
         partials in a sequence, the prefix's and suffix's names of
         :func:`merge_attn_states`), ``indptr``, ``out``, ``out_lse``.
     """
-    pair = None  # two partials: the two-way path of merge_attn_states
-    compiling = torch.compiler.is_compiling()  # fake tensors: no memory to compare
-    if indptr is not None or isinstance(outputs, torch.Tensor) or isinstance(lses, torch.Tensor):
-        _check_tensor("outputs", outputs)
-        _check_tensor("lses", lses)
-        stacked_outputs, stacked_lses, first_lse = outputs, lses, lses
-        if indptr is not None:
-            if outputs.dim() != 3:
-                raise ValueError(
-                    f"outputs must be [N, H, D] (packed rows), got {tuple(outputs.shape)}"
-                )
-            tokens = _check_indptr(indptr, outputs.device)
-        else:
-            if outputs.dim() != 4 or outputs.shape[0] == 0:
-                raise ValueError(
-                    f"outputs must be [K, T, H, D] with K >= 1, got {tuple(outputs.shape)}"
-                )
-            num_partials, tokens = outputs.shape[0], outputs.shape[1]
-            if lses.dim() == 3 and lses.shape[0] == num_partials:
-                first_lse = lses[0]
-            if num_partials == 2:
-                _check_lse_stack(
-                    "lses", lses, (2, outputs.shape[2], tokens), outputs.device, "[K, H, T]"
-                )
-                pair = (outputs[0], lses[0], outputs[1], lses[1])
-        first = outputs
-    else:
-        outputs, lses = tuple(outputs), tuple(lses)
-        if len(outputs) != len(lses):
-            raise ValueError(f"got {len(outputs)} outputs but {len(lses)} lses")
-        if not outputs:
-            raise ValueError("outputs holds no partials (K = 0); at least one is needed")
-        first = _check_tensor("outputs[0]", outputs[0])
-        first_lse = _check_tensor("lses[0]", lses[0])
-        if first.dim() != 3:
-            raise ValueError(
-                f"outputs[0] must be 3-D [tokens, heads, head_size], got shape {tuple(first.shape)}"
-            )
-        tokens = first.shape[0]
-        if len(outputs) == 2:
-            pair = (outputs[0], lses[0], outputs[1], lses[1])
-        else:
-            for k in range(len(outputs)):
-                _check_state(f"outputs[{k}]", outputs[k], first.shape, first.device)
-                _check_lse(f"lses[{k}]", lses[k], first.shape[1], tokens, first.device)
-            if out is not None and isinstance(out, torch.Tensor) and not compiling:
-                _check_written(
-                    "out", out, tuple((f"outputs[{k}]", t) for k, t in enumerate(outputs))
-                )
-            if isinstance(out_lse, torch.Tensor) and not compiling:
-                _check_written(
-                    "out_lse", out_lse, tuple((f"lses[{k}]", t) for k, t in enumerate(lses))
-                )
-            stacked_outputs, stacked_lses = _stacked(outputs), _stacked(lses)
+    inputs = _classify(outputs, lses, indptr, out, out_lse)
+    first, tokens, first_lse = inputs.first, inputs.tokens, inputs.first_lse
 
     if out is not None:
         _check_tensor("out", out)
@@ -675,10 +691,10 @@ def merge(
             out_lse = torch.empty(tokens, heads, dtype=torch.float32, device=first.device).t()
         else:
             out_lse = torch.empty(heads, tokens, dtype=torch.float32, device=first.device)
-    if pair is not None:
+    if inputs.pair is not None:
         merge_attn_states(
             out,
-            *pair,
+            *inputs.pair,
             out_lse,
             prefill_tokens_with_context,
             scale,
@@ -686,6 +702,6 @@ def merge(
             backend=backend,
         )
     else:
-        args = (out, out_lse, stacked_outputs, stacked_lses, indptr)
+        args = (out, out_lse, inputs.outputs, inputs.lses, indptr)
         _merge_partials((*args, prefill_tokens_with_context, scale), lse_base, backend)
     return MergeResult(out, out_lse)

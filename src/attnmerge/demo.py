@@ -34,6 +34,7 @@ import torch
 
 from attnmerge import api
 from attnmerge.dispatch import BackendError
+from attnmerge.progress import Progress
 from attnmerge.version import __version__
 
 __all__ = ["CascadeBatch", "ErrorBounds", "add_arguments", "error_bounds", "make_cascade_batch"]
@@ -318,7 +319,6 @@ def _pick_device(name: str | None) -> tuple[torch.device, str | None]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 if every backend's merge is within bounds, 1 if not, 2 on bad use."""
-    from attnmerge.cli import Progress  # here: cli imports this module
 
     device, problem = _pick_device(args.device)
     if problem:
