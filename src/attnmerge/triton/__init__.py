@@ -82,8 +82,15 @@ class TritonBackend:
         try:
             load()
         except ImportError as e:
+            if (e.name or "").partition(".")[0] == "numpy":
+                return (
+                    f"numpy is not importable ({e}), and Triton's CPU interpreter needs it; "
+                    "install it with `pip install 'attnmerge[triton]'`"
+                )
             return (
-                f"triton is not importable ({e}); install it with `pip install attnmerge[triton]`"
+                f"triton is not importable ({e}); CUDA builds of torch on Linux x86_64 bring "
+                "it, and attnmerge never installs it (with a CPU build of torch, "
+                "`pip install triton` for its interpreter)"
             )
         if device.type == "cpu":
             if interpreting():
