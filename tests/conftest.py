@@ -42,7 +42,7 @@ def _backend_of(item: pytest.Item) -> str | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
-    no_triton = pytest.mark.skip(reason="triton is not installed (pip install attnmerge[triton])")
+    no_triton = pytest.mark.skip(reason="triton is not installed (CUDA builds of torch bring it)")
     has_gpu = torch.cuda.is_available()
     has_triton = importlib.util.find_spec("triton") is not None
     for item in items:

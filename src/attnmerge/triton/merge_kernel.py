@@ -135,8 +135,11 @@ def _merge_two_kernel(
         row1[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
     ).to(tl.float32)
 
-    # +inf (FlashAttention's empty row) means empty, like -inf.
+    # A token without a first partial is the second copied, whatever its LSE: merged as if
+    # that LSE were 0 (weights 0 and 1), its own LSE stored as it is.
     l1_given = l1
+    l1 = tl.where(has_first, l1, 0.0)
+    # +inf (FlashAttention's empty row) means empty, like -inf.
     l0 = tl.where(l0 == float("inf"), NEG_INF, l0)
     l1 = tl.where(l1 == float("inf"), NEG_INF, l1)
     # NaN must win the max: otherwise NaN vs -inf would look like an empty row.
@@ -156,9 +159,6 @@ def _merge_two_kernel(
     first_larger = l0 >= l1  # either way for NaN: both weights are NaN then
     w0 = tl.where(empty, 0.0, tl.where(first_larger, w_hi, w_lo))
     w1 = tl.where(empty, 0.0, tl.where(first_larger, w_lo, w_hi))
-    # A token without a first partial is the second copied: weight 1 whatever its LSE.
-    w0 = tl.where(has_first, w0, 0.0)
-    w1 = tl.where(has_first, w1, 1.0)
 
     # A zero weight contributes exactly 0, whatever the row holds (NaN, inf).
     acc = tl.where(w0[:, None] != 0, w0[:, None] * o0, 0.0) + tl.where(
