@@ -592,11 +592,9 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
     if packed:  # (k, token, head): the packed row axis is the partial axis
         partial_strides = (p_strides[0], 0, p_strides[1])
         lse_strides = (l_strides[1], 0, l_strides[0])
-        num_partials = partials.shape[0]
     else:
         partial_strides = p_strides[:3]
         lse_strides = (l_strides[0], l_strides[2], l_strides[1])
-        num_partials = partials.shape[0]
     out_strides = _zero_size_one(output.shape, output.stride())
     size = partials.itemsize
     vec = vector_width(head_size, size, partials_chunk_bytes(size, output.itemsize))
@@ -633,7 +631,7 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
             num_rows=num_rows,
             inner_count=num_heads,
             head_size=head_size,
-            num_partials=num_partials,
+            num_partials=partials.shape[0],  # K, or the packed rows' count N
             tokens_with_first=call.tokens_with_first,
             indptr_bytes=call.indptr.itemsize if packed else 0,
             inner_multiplier=multiplier,
