@@ -21,7 +21,7 @@ import triton.language as tl
 from ..call import MergeCall
 from . import epilogues, interpreting
 
-__all__ = ["block_rows_for", "head_major_programs", "int_class", "launch", "run"]
+__all__ = ["block_rows_for", "exp_in_base", "head_major_programs", "int_class", "launch", "run"]
 
 logger = logging.getLogger("attnmerge")
 
@@ -44,6 +44,15 @@ def _exp2_keep_subnormals(x):
     # the weight is computed as e^(x ln 2).
     LN2: tl.constexpr = 0.6931471805599453
     return tl.where(x < -120.0, tl.exp(x * LN2), tl.exp2(x))
+
+
+@triton.jit
+def exp_in_base(x, BASE_2: tl.constexpr):
+    # e^x, or 2^x for base-2 LSEs (subnormal results kept in both).
+    if BASE_2:
+        return _exp2_keep_subnormals(x)
+    else:
+        return tl.exp(x)
 
 
 # Compiled kernels divide the weights by Markstein's sequence on the approximate
@@ -150,10 +159,7 @@ def _merge_two_kernel(
     # the other e = exp(lo - m) (NaN with m, 0 when a partial is empty), the sum 1 + e (1
     # for an empty row, whose weights are forced to 0).
     gap = tl.minimum(l0, l1) - m
-    if LSE_BASE_2:
-        e = _exp2_keep_subnormals(gap)
-    else:
-        e = tl.exp(gap)
+    e = exp_in_base(gap, LSE_BASE_2)
     total = 1.0 + e
     w_hi, w_lo = _weights_of(e, total)
     first_larger = l0 >= l1  # either way for NaN: both weights are NaN then

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..call import MergeCall, PartialLayout
 from . import epilogues
-from .merge_kernel import _MAX_REGISTERS, _NUM_WARPS, _exp2_keep_subnormals, int_class, launch
+from .merge_kernel import _MAX_REGISTERS, _NUM_WARPS, exp_in_base, int_class, launch
 
 __all__ = ["run"]
 
@@ -54,10 +54,7 @@ def _weighted_row(
     kk = tl.zeros([], tl.int64) + k
     valid = row_ok & (k < count) & (first_ok | (k > 0))
     gap = _partial_lse(lse_row, kk, lse_stride_k, valid) - m
-    if LSE_BASE_2:
-        e = _exp2_keep_subnormals(gap)
-    else:
-        e = tl.exp(gap)
+    e = exp_in_base(gap, LSE_BASE_2)
     w = tl.where(empty, 0.0, tl.math.div_rn(e, total))
     x = tl.load(
         partial_row[:, None] + kk * partial_stride_k + cols[None, :],
@@ -146,10 +143,7 @@ def _merge_partials_kernel(
     for k in range(0, k_end):
         valid = row_ok & (k < count) & (first_ok | (k > 0))
         gap = _partial_lse(lse_row, tl.zeros([], tl.int64) + k, lse_stride_k, valid) - m
-        if LSE_BASE_2:
-            total += _exp2_keep_subnormals(gap)
-        else:
-            total += tl.exp(gap)
+        total += exp_in_base(gap, LSE_BASE_2)
     # The weighted rows, added in order of k: the first term, then four partials' rows
     # loaded at a time (so that four loads are in flight) and added in order. A zero
     # weight adds exactly 0 and its row is not read; a packed row's partials past its
