@@ -483,10 +483,11 @@ def test_build_command_compiles_through_the_first_use_path(tmp_path, monkeypatch
 
 
 def test_every_output_format_names_epilogues_that_exist():
-    """Each output format class in attnmerge.formats names its CUDA store (a functor
-    template over the element type in cuda/csrc/epilogues.cuh) and its Triton epilogue (a
-    @triton.jit function in attnmerge.triton.epilogues); the launcher's configurations
-    name the format's CUDA store."""
+    """Each output format class in attnmerge.formats that the kernels store names its
+    CUDA store (a functor template over the element type in cuda/csrc/epilogues.cuh) and
+    its Triton epilogue (a @triton.jit function in attnmerge.triton.epilogues); the
+    launcher's configurations name the format's CUDA store. Formats without epilogues
+    (None) are refused for the kernels by dispatch (tests/test_formats_dynamic.py)."""
     import triton
 
     from attnmerge import formats
@@ -497,6 +498,7 @@ def test_every_output_format_names_epilogues_that_exist():
         c for c in vars(formats).values()
         if isinstance(c, type) and issubclass(c, formats.OutputFormat)
         and c is not formats.OutputFormat and c.__module__ == formats.__name__
+        and c.cuda_epilogue is not None  # (None: dispatch refuses it for the kernels)
     ]  # fmt: skip
     assert {c.__name__ for c in classes} >= {"Plain", "FP8Static"}
     cuda_source = backend.sources()["epilogues.cuh"]

@@ -26,7 +26,16 @@ import torch
 
 from . import dispatch
 from .call import CallSignature, MergeCall, PartialLayout
-from .formats import FLOAT_DTYPES, FP8Static, OutputFormat, Plain, QuantSpec, dtype_names
+from .formats import (
+    FLOAT_DTYPES,
+    FP8PerTokenGroup,
+    FP8Static,
+    OutputFormat,
+    Plain,
+    QuantSpec,
+    dtype_names,
+    strides_fit,
+)
 
 __all__ = ["MergeResult", "merge", "merge_attn_states"]
 
@@ -106,7 +115,10 @@ def _check_written(name: str, t: torch.Tensor, reads: Sequence[tuple[str, torch.
 def _output_format(
     output: torch.Tensor, output_scale: object, output_name: str = "output"
 ) -> OutputFormat:
-    """The format vLLM's arguments ask for: FP8 exactly when an ``output_scale`` is given."""
+    """The format vLLM's arguments ask for: FP8 exactly when an ``output_scale`` is given.
+    ``merge`` passes a format the ops' schemas do not carry as the format itself."""
+    if isinstance(output_scale, OutputFormat):
+        return output_scale
     fp8 = output.dtype in _FP8_DTYPES
     if output_scale is None:
         if fp8:
@@ -119,6 +131,30 @@ def _output_format(
             f"needs a float8_e4m3fn output"
         )
     return FP8Static(output_scale)
+
+
+def _group_format(output, output_scale, block_scale, group_size, use_ue8m0) -> OutputFormat:
+    """The per-token-group FP8 format of vLLM's ``output_block_scale`` and
+    ``quant_group_size``; the scales' layout is read from the tensor (int32: UE8M0 packed;
+    float32: row-major, column-major or TMA-aligned column-major, by its strides)."""
+    if output_scale is not None:
+        raise ValueError("output_scale must be None when output_block_scale is set")
+    if block_scale is None or group_size is None:
+        raise ValueError("output_block_scale and quant_group_size must be given together")
+    _check_tensor("output_block_scale", block_scale)
+    if block_scale.dtype == torch.int32 and use_ue8m0 is not True:
+        raise ValueError("an int32 output_block_scale (packed UE8M0) needs use_ue8m0=True")
+    tokens, groups = output.shape[0], FP8PerTokenGroup(group_size).groups(*output.shape[1:])
+    layouts = ["row_major", "col_major", "col_major_tma"]
+    layouts = ["ue8m0_packed"] if block_scale.dtype == torch.int32 else layouts
+    fits = [
+        layout for layout in layouts
+        if strides_fit(block_scale, FP8PerTokenGroup(group_size, True, layout)
+                       .scales_layout(tokens, groups)[1])
+    ]  # fmt: skip
+    fmt = FP8PerTokenGroup(group_size, use_ue8m0, (fits or layouts)[0], block_scale)
+    fmt.check_scales(block_scale, output, "output_block_scale")
+    return fmt
 
 
 def _check_tokens_with_first(prefill_tokens_with_context: object, tokens: int) -> int:
@@ -157,11 +193,13 @@ def _build_call(
     lse_base: object,
     backend: object,
     real_tensors: bool,
+    group: tuple | None = None,
 ) -> MergeCall:
     """Check every argument of vLLM's form and describe the call.
 
     ``real_tensors`` is False while tracing under torch.compile (fake tensors carry no
-    memory, so the aliasing checks wait for the real call).
+    memory, so the aliasing checks wait for the real call). ``group``: the arguments
+    ``(output_block_scale, quant_group_size, use_ue8m0)`` of a per-token-group FP8 output.
     """
     _check_tensor("output", output)
     if output.dim() != 3:
@@ -179,7 +217,10 @@ def _build_call(
     _check_lse("suffix_lse", suffix_lse, heads, tokens, device)
     if output_lse is not None:
         _check_lse("output_lse", output_lse, heads, tokens, device)
-    output_format = _output_format(output, output_scale)
+    if group is None:
+        output_format = _output_format(output, output_scale)
+    else:
+        output_format = _group_format(output, output_scale, *group)
     output_format.check(output)
 
     tokens_with_first = tokens
@@ -212,12 +253,35 @@ def _build_call(
     )
 
 
-def _merge_attn_states_impl(args: tuple, lse_base: str | int, backend: str) -> None:
+def _merge_attn_states_impl(
+    args: tuple, lse_base: str | int, backend: str, group: tuple | None = None
+) -> None:
     """Validate on real tensors, select a backend, run. ``args`` are the op's tensor and
     size arguments in vLLM's order (output ... output_scale). Shared by the eager path
     and the custom op's implementation."""
-    call = _build_call(*args, lse_base, backend, real_tensors=True)
+    call = _build_call(*args, lse_base, backend, real_tensors=True, group=group)
     dispatch.select(backend, call.signature)(call)
+
+
+#: The eager implementations, never traced by torch.compile (calls reach them through a
+#: graph break; ``fullgraph=True`` raises, naming them): the custom ops' schemas carry
+#: neither the scales of dynamic FP8 formats nor amax yet, so such calls run eagerly.
+#: (``torch._disable_dynamo`` imports torch._dynamo only when called.)
+_merge_attn_states_eagerly = torch._disable_dynamo(_merge_attn_states_impl)
+
+
+def _merge_pair(args: tuple, lse_base: str | int, backend: str, group: tuple | None = None):
+    """The two-partial merge of vLLM's arguments ``args`` (a format object in the place
+    of ``output_scale`` for formats the op's schema does not carry), eager or traced."""
+    if torch.compiler.is_compiling():
+        if group is not None or isinstance(args[7], OutputFormat):
+            _merge_attn_states_eagerly(args, lse_base, backend, group)  # scales/amax: eagerly
+            return
+        # Checks at trace time (fake tensors: no aliasing checks), then the opaque op.
+        _build_call(*args, lse_base, backend, real_tensors=False)
+        torch.ops.attnmerge.merge_attn_states(*args, lse_base == 2, backend)
+        return
+    _merge_attn_states_impl(args, lse_base, backend, group)
 
 
 def merge_attn_states(
@@ -229,7 +293,10 @@ def merge_attn_states(
     output_lse: torch.Tensor | None = None,
     prefill_tokens_with_context: int | None = None,
     output_scale: torch.Tensor | None = None,
+    output_block_scale: torch.Tensor | None = None,
+    quant_group_size: int | None = None,
     *,
+    use_ue8m0: bool = False,
     lse_base: str | int = "e",
     backend: str = "auto",
 ) -> None:
@@ -266,6 +333,13 @@ def merge_attn_states(
         output_scale: 1-element float32 tensor on the output's device; required exactly
             when ``output`` is FP8. Stores ``e4m3fn(saturate(out * (1 / scale)))``,
             round-to-nearest-even, saturating at +-448, NaN kept.
+        output_block_scale, quant_group_size: per-token-group FP8 output, the arguments
+            of vLLM's pull request #40930: an FP8 ``output``, ``quant_group_size`` 64 or
+            128, and the scales written into ``output_block_scale`` in any layout of
+            :class:`attnmerge.FP8PerTokenGroup` (told apart by dtype and strides). Under
+            ``torch.compile`` such a call runs eagerly (a graph break).
+        use_ue8m0: with ``output_block_scale``, scales rounded up to powers of two (the
+            argument of vLLM's ``per_token_group_quant_fp8``); needed for int32 scales.
         lse_base: ``"e"`` (default; vLLM, FlashAttention) or ``2`` (FlashInfer,
             TensorRT-LLM) for every LSE of the call, inputs and ``output_lse``.
         backend: ``"auto"`` (default; fastest backend that can serve the call, or the
@@ -281,7 +355,8 @@ def merge_attn_states(
         TypeError: an argument of the wrong type or dtype.
         ValueError: shapes, strides, devices, a missing or superfluous ``output_scale``,
             ``prefill_tokens_with_context`` out of range, unknown ``lse_base`` or
-            ``backend``. Nothing is written when a check fails.
+            ``backend``, ``output_block_scale`` without ``quant_group_size``. Nothing is
+            written when a check fails.
         BackendError: an explicitly named backend cannot serve the call (the message
             says why).
 
@@ -303,12 +378,10 @@ def merge_attn_states(
         prefill_tokens_with_context,
         output_scale,
     )
-    if torch.compiler.is_compiling():
-        # Checks at trace time (fake tensors: no aliasing checks), then the opaque op.
-        _build_call(*args, lse_base, backend, real_tensors=False)
-        torch.ops.attnmerge.merge_attn_states(*args, lse_base == 2, backend)
-        return
-    _merge_attn_states_impl(args, lse_base, backend)
+    group = None
+    if output_block_scale is not None or quant_group_size is not None or use_ue8m0 is not False:
+        group = (output_block_scale, quant_group_size, use_ue8m0)
+    _merge_pair(args, lse_base, backend, group)
 
 
 def _check_indptr(indptr: object, device: torch.device) -> int:
@@ -451,8 +524,14 @@ def _merge_partials_impl(args: tuple, lse_base: str | int, backend: str) -> None
     dispatch.select(backend, call.signature)(call)
 
 
+_merge_partials_eagerly = torch._disable_dynamo(_merge_partials_impl)  # as above
+
+
 def _merge_partials(args: tuple, lse_base: str | int, backend: str) -> None:
     if torch.compiler.is_compiling():
+        if isinstance(args[6], OutputFormat):
+            _merge_partials_eagerly(args, lse_base, backend)  # scales/amax: eagerly
+            return
         _build_partials_call(*args, lse_base, backend, real_tensors=False)
         torch.ops.attnmerge.merge_partials(*args, lse_base == 2, backend)
         return
@@ -567,24 +646,31 @@ class MergeResult:
         lse: float32 ``[H, T]`` merged LSE (same base as the inputs), laid out like the
             first input LSE (a ``[T, H]``-stored input gives a ``[T, H]``-stored result);
             None unless ``return_lse=True`` or ``out_lse`` was given.
+        scales: the scales of a dynamic FP8 format (:class:`attnmerge.FP8PerToken`,
+            :class:`attnmerge.FP8PerTokenGroup`) in its layout: the format's ``scales``
+            if given, else new ones; None for other formats.
     """
 
     output: torch.Tensor
     lse: torch.Tensor | None
+    scales: torch.Tensor | None = None
 
 
 def _output_dtype(quant: object, out_dtype: object, default: torch.dtype):
-    """The output dtype and the kernel operand ``merge``'s ``quant``/``out_dtype`` ask
-    for (None: plain floats)."""
+    """The output dtype and what ``merge``'s ``quant``/``out_dtype`` pass in the place of
+    ``output_scale``: None (plain floats), the FP8 scale, or the format itself where the
+    ops' schemas cannot carry it (dynamic FP8, amax)."""
     if quant is None:
         dtype = default if out_dtype is None else out_dtype
         if dtype in _FP8_DTYPES:
             raise ValueError("an FP8 output needs quant=attnmerge.FP8Static(scale), not out_dtype")
         scale = None
-    elif isinstance(quant, (Plain, FP8Static)):  # the formats the ops' schemas carry
+    elif isinstance(quant, OutputFormat):
         if out_dtype is not None and out_dtype != quant.dtype:
             raise ValueError(f"out_dtype={out_dtype} conflicts with quant dtype {quant.dtype}")
-        dtype, scale = quant.dtype, quant.kernel_operand()
+        dtype, scale = quant.dtype, quant
+        if type(quant) in (Plain, FP8Static) and quant.amax is None:
+            scale = quant.kernel_operand()  # the formats the ops' schemas carry
     else:
         raise TypeError(
             f"quant must be None or an attnmerge output format, got {type(quant).__name__}"
@@ -643,8 +729,13 @@ def merge(
         outputs, lses: the partial outputs (float32/float16/bfloat16, last dimension
             contiguous) and their float32 LSEs, in one of the forms above; natural
             logarithms unless ``lse_base=2``.
-        quant: the output format, :class:`attnmerge.FP8Static` or :class:`attnmerge.Plain`;
-            None stores plain floats in ``out_dtype``.
+        quant: the output format: :class:`attnmerge.Plain`, :class:`attnmerge.FP8Static`,
+            :class:`attnmerge.FP8PerToken` or :class:`attnmerge.FP8PerTokenGroup` (whose
+            scales are returned in ``MergeResult.scales``), each optionally with an
+            ``amax`` tensor to write ``max |O|`` into; None stores plain floats in
+            ``out_dtype``. Under ``torch.compile``, dynamic FP8 formats and ``amax`` run
+            eagerly (a graph break; ``fullgraph=True`` raises): the custom ops' schemas
+            do not carry them yet.
         out_dtype: dtype of an unquantised output; defaults to ``out``'s dtype if given,
             else the partials'. Must be left None (or equal the format's dtype) when
             ``quant`` is given.
@@ -661,7 +752,7 @@ def merge(
         backend: as in :func:`merge_attn_states`.
 
     Returns:
-        :class:`MergeResult` with ``output`` (``out`` if given) and ``lse``.
+        :class:`MergeResult` with ``output`` (``out`` if given), ``lse`` and ``scales``.
 
     Raises:
         TypeError, ValueError, BackendError: as :func:`merge_attn_states`, naming
@@ -691,17 +782,12 @@ def merge(
             out_lse = torch.empty(tokens, heads, dtype=torch.float32, device=first.device).t()
         else:
             out_lse = torch.empty(heads, tokens, dtype=torch.float32, device=first.device)
+    if isinstance(scale, OutputFormat):
+        scale = scale.with_scales(tokens, heads, head_size, out.device)
     if inputs.pair is not None:
-        merge_attn_states(
-            out,
-            *inputs.pair,
-            out_lse,
-            prefill_tokens_with_context,
-            scale,
-            lse_base=lse_base,
-            backend=backend,
-        )
+        args = (out, *inputs.pair, out_lse, prefill_tokens_with_context, scale)
+        _merge_pair(args, lse_base, backend)
     else:
         args = (out, out_lse, inputs.outputs, inputs.lses, indptr)
         _merge_partials((*args, prefill_tokens_with_context, scale), lse_base, backend)
-    return MergeResult(out, out_lse)
+    return MergeResult(out, out_lse, getattr(scale, "scales", None))

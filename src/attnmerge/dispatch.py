@@ -2,7 +2,9 @@
 
 Every backend is an object with two methods (:class:`Backend`): ``unsupported``, which
 returns None when it can serve a call signature and otherwise the reason in one line,
-and ``run``, which executes a :class:`~attnmerge.call.MergeCall`. ``backend="auto"``
+and ``run``, which executes a :class:`~attnmerge.call.MergeCall`; before a kernel
+backend is asked, the call's output format says whether any kernel stores it yet
+(``OutputFormat.kernel_gap``). ``backend="auto"``
 takes the first backend in :data:`AUTO_ORDER` that can serve the call and logs, once per
 distinct reason, why each earlier one was passed over. A backend named explicitly
 (argument or ``ATTNMERGE_BACKEND``) that cannot serve the call raises
@@ -69,6 +71,19 @@ def _requested(backend: str) -> str:
     return env
 
 
+def _unsupported(name: str, signature: CallSignature) -> str | None:
+    """Why backend ``name`` cannot serve ``signature``: first the output format's answer
+    for the kernels (a format or its amax without a kernel epilogue yet), then the
+    backend's own."""
+    backend = REGISTRY[name]
+    if not getattr(backend, "stores_every_format", False):
+        key = signature.output_format
+        reason = key.kind.kernel_gap(key)
+        if reason is not None:
+            return reason
+    return backend.unsupported(signature)
+
+
 def select(backend: str, signature: CallSignature) -> RunFn:
     """The run function for calls of ``signature``, with ``backend`` one of
     :data:`BACKENDS` (already validated)."""
@@ -79,7 +94,7 @@ def select(backend: str, signature: CallSignature) -> RunFn:
         return fn
     if name == "auto":
         for candidate in AUTO_ORDER:
-            reason = REGISTRY[candidate].unsupported(signature)
+            reason = _unsupported(candidate, signature)
             if reason is None:
                 fn = REGISTRY[candidate].run
                 break
@@ -87,7 +102,7 @@ def select(backend: str, signature: CallSignature) -> RunFn:
                 _logged.add((candidate, reason))
                 logger.info("attnmerge: backend %r skipped: %s", candidate, reason)
     else:
-        reason = REGISTRY[name].unsupported(signature)
+        reason = _unsupported(name, signature)
         if reason is not None:
             raise BackendError(f"backend {name!r} cannot serve this call: {reason}")
         fn = REGISTRY[name].run

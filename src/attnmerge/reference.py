@@ -134,6 +134,9 @@ def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class TorchBackend:
     """The reference as a backend: any device, any number of partials, every format."""
 
+    #: dispatch asks no output format whether this backend can store it
+    stores_every_format = True
+
     def unsupported(self, signature: CallSignature) -> str | None:
         return None
 
@@ -155,7 +158,7 @@ class TorchBackend:
                     None if call.tokens_with_first == tokens else call.tokens_with_first
                 ),
             )
-        call.output.copy_(call.output_format.quantize_reference(out))
+        call.output_format.store_reference(out, call.output)  # with its scales and amax
         if call.output_lse is not None:
             call.output_lse.copy_(lse)
 
