@@ -16,7 +16,8 @@
 #   demo         attnmerge demo
 #   bench        the benchmark grid (benchmarks/grid.py) over vLLM's grid: cuda, triton,
 #                unfused, the stream, stream-cuda and read yardsticks, vLLM's own kernels
-#                where `vllm` imports; CSV and PNG
+#                where `vllm` imports (vLLM itself, or the stand-in built from .peers/vllm:
+#                see below); CSV and PNG
 #   bench-lse    attnmerge bench in bf16 and fp32 with the output LSE written (cuda, triton,
 #                vLLM's CUDA kernel where it imports), CSV
 #   bench-nofp8  bf16 and fp32 into their own dtype, T in 1..4096 x H in 128/32/8 (cuda,
@@ -36,6 +37,15 @@
 #                the fixed corpus of benchmarks/compare (torch, triton, cuda; $COMPARE_CASES)
 #   compare-speed    device time per shape of vLLM's grid against $BASE_REV (cuda, triton),
 #                FP8 out; compare-speed-lse the same with the output LSE
+#   vllm-tests   vLLM's own test of merge_attn_states (tests/kernels/attention/
+#                test_merge_attn_states.py from .peers/vllm), attnmerge's cuda and then triton
+#                backend as the kernel under test, vLLM's Triton kernel the reference
+#                (benchmarks/peers/run_vllm_tests.py, -n 8); a summary line per backend
+# vLLM's kernels without vLLM: where .peers/vllm was carried (benchmarks/peers/fetch_vllm.py
+# exports vLLM's merge from its sdist), the steps that use vLLM (bench*, profile) run with
+# the stand-in vllm package of benchmarks/peers/vllm.py first on PYTHONPATH: vLLM's
+# dispatcher and Triton kernel, its CUDA op built with nvcc on first use (vllm_build.log).
+# The test suite never sees it (its test of a real vLLM deployment would take it for one).
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
 # step takes a few minutes at most: on an H100/H200 "tests" takes ~4,
 # the other steps one or two.
@@ -80,19 +90,29 @@ step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, recor
   python3 -m attnmerge info
 } >"$OUT/env.txt" 2>&1
 
-# vLLM's own kernels as baselines, where vLLM (or a stand-in on PYTHONPATH) imports
-VLLM=""
-python3 -c "import vllm.v1.attention.ops.merge_attn_states" 2>/dev/null && VLLM=",vllm,vllm-triton"
-echo "vllm providers: ${VLLM:-none}" >>"$OUT/env.txt"
-
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    bench-lse | bench-nofp8 | bench-kway | profile | launch-floor) ;;
+    bench-lse | bench-nofp8 | bench-kway | profile | launch-floor | vllm-tests) ;;
     compare-outputs | compare-speed | compare-speed-lse) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
+
+# vLLM's own kernels as baselines, where vLLM imports, else where .peers/vllm was carried:
+# the stand-in (built only for the steps that use it, which WITH_VLLM prefixes)
+HAS_VLLM=(python3 -c "import vllm.v1.attention.ops.merge_attn_states")
+WITH_VLLM=(env)
+standin=""
+case " ${*%%:*} " in *" bench "* | *" bench-lse "* | *" bench-nofp8 "* | *" profile "*)
+  if ! "${HAS_VLLM[@]}" 2>/dev/null && [ -d .peers/vllm ] &&
+    standin=$(python3 -m benchmarks.peers.vllm --print-path 2>"$OUT/vllm_build.log"); then
+    WITH_VLLM=(env "PYTHONPATH=$standin:$PYTHONPATH")
+  fi ;;
+esac
+VLLM=""
+"${WITH_VLLM[@]}" "${HAS_VLLM[@]}" 2>/dev/null && VLLM=",vllm,vllm-triton"
+echo "vllm providers: ${VLLM:-none}${standin:+ (stand-in $standin)}" >>"$OUT/env.txt"
 
 for arg in "$@"; do
   name=${arg%%:*}
@@ -117,16 +137,16 @@ for arg in "$@"; do
       done ;;
     demo) step demo "$limit" demo.log python3 -m attnmerge demo ;;
     bench)
-      step bench "$limit" bench.log python3 -m benchmarks.grid --rep-ms 25 \
+      step bench "$limit" bench.log "${WITH_VLLM[@]}" python3 -m benchmarks.grid --rep-ms 25 \
         --providers "cuda,triton,unfused,stream,stream-cuda,read$VLLM" \
         --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ;;
     bench-lse)
-      step bench-lse "$limit" bench_lse.log python3 -m attnmerge bench --rep-ms 25 \
-        --dtypes bf16,fp32 --output-lse on --providers "cuda,triton${VLLM:+,vllm}" \
+      step bench-lse "$limit" bench_lse.log "${WITH_VLLM[@]}" python3 -m attnmerge bench \
+        --rep-ms 25 --dtypes bf16,fp32 --output-lse on --providers "cuda,triton${VLLM:+,vllm}" \
         --csv "$OUT/bench-lse.csv" ;;
     bench-nofp8)
-      step bench-nofp8 "$limit" bench_nofp8.log python3 -m benchmarks.grid --rep-ms 25 \
-        --fp8 off --dtypes bf16,fp32 --tokens 1,64,256,1024,4096 --heads 128,32,8 \
+      step bench-nofp8 "$limit" bench_nofp8.log "${WITH_VLLM[@]}" python3 -m benchmarks.grid \
+        --rep-ms 25 --fp8 off --dtypes bf16,fp32 --tokens 1,64,256,1024,4096 --heads 128,32,8 \
         --providers "cuda,triton,stream-cuda${VLLM:+,vllm}" --csv "$OUT/bench-nofp8.csv" ;;
     bench-kway)  # FlashInfer's kernels where its headers were carried
       peers=""
@@ -134,8 +154,8 @@ for arg in "$@"; do
       step bench-kway "$limit" bench_kway.log python3 -m benchmarks.kway --rep-ms 2 \
         --providers "cuda$peers,cuda-tkhd,triton,chained,unfused,copy" --csv "$OUT/kway.csv" ;;
     profile)
-      step profile "$limit" profile.log ncu --profile-from-start off --clock-control none \
-        --section SpeedOfLight --section Occupancy --section LaunchStats \
+      step profile "$limit" profile.log "${WITH_VLLM[@]}" ncu --profile-from-start off \
+        --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats python3 -m benchmarks.profile_cases ;;
     launch-floor)
       step launch-floor "$limit" launch_floor.log bash -c 'nvcc -O2 -o /tmp/launch_floor \
@@ -150,6 +170,8 @@ for arg in "$@"; do
       step compare-speed-lse "$limit" compare_speed_lse.log \
         python3 benchmarks/compare/compare_speed.py --base-rev "${BASE_REV:-c9a2f13}" \
         --output-lse --csv "$OUT/compare_speed_lse.csv" ;;
+    vllm-tests)  # builds vLLM's op and the stand-in itself (cached)
+      step vllm-tests "$limit" vllm_tests.log python3 -m benchmarks.peers.run_vllm_tests -n 8 -q ;;
   esac
 done
 
@@ -174,6 +196,11 @@ for tool in memcheck racecheck initcheck; do
   [ -f "$OUT/sanitize_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|MISMATCH|all ok" "$OUT/sanitize_$tool.log" | tail -n 2
 done
 [ -f "$OUT/demo.log" ] && tail -n 12 "$OUT/demo.log"
+if [ -f "$OUT/vllm_tests.log" ]; then
+  echo "--- vllm_tests.log"
+  grep -E "^(FAILED|ERROR)" "$OUT/vllm_tests.log" | head -10
+  grep -E "^vllm-tests " "$OUT/vllm_tests.log"
+fi
 for log in compare_outputs.log compare_speed.log compare_speed_lse.log; do
   [ -f "$OUT/$log" ] && echo "--- $log" && tail -n 8 "$OUT/$log"
 done
