@@ -486,8 +486,8 @@ def test_every_output_format_names_epilogues_that_exist():
     """Each output format class in attnmerge.formats that the kernels store names its
     CUDA store (a functor template over the element type in cuda/csrc/epilogues.cuh) and
     its Triton epilogue (a @triton.jit function in attnmerge.triton.epilogues); the
-    launcher's configurations name the format's CUDA store. Formats without epilogues
-    (None) are refused for the kernels by dispatch (tests/test_formats_dynamic.py)."""
+    launcher's configurations name the format's CUDA store. A backend without the
+    format's epilogue (None) is refused by dispatch (tests/test_formats_dynamic.py)."""
     import triton
 
     from attnmerge import formats
@@ -498,18 +498,23 @@ def test_every_output_format_names_epilogues_that_exist():
         c for c in vars(formats).values()
         if isinstance(c, type) and issubclass(c, formats.OutputFormat)
         and c is not formats.OutputFormat and c.__module__ == formats.__name__
-        and c.cuda_epilogue is not None  # (None: dispatch refuses it for the kernels)
     ]  # fmt: skip
-    assert {c.__name__ for c in classes} >= {"Plain", "FP8Static"}
+    assert {c.__name__ for c in classes} >= {"Plain", "FP8Static", "FP8PerTokenGroup"}
     cuda_source = backend.sources()["epilogues.cuh"]
+    # a @triton.jit function (an interpreted one under TRITON_INTERPRET=1) of the
+    # epilogue's arguments (triton/epilogues.py) -> the values to store
+    arguments = ["tok", "head", "row_ok", "stride_t", "stride_g"]
+    arguments += ["HEAD_SIZE", "BLOCK_D", "GROUP", "UE8M0"]
     for cls in classes:
+        if cls.triton_epilogue is not None:
+            epilogue = getattr(epilogues, cls.triton_epilogue, None)
+            assert isinstance(epilogue, triton.runtime.jit.KernelInterface), cls
+            assert epilogue.arg_names[0] == "acc", cls  # then the operand, any name
+            assert epilogue.arg_names[2:] == arguments, cls
+        if cls.cuda_epilogue is None:  # (None: dispatch refuses it for the cuda kernels)
+            continue
         functor = re.escape(cls.cuda_epilogue)
         assert re.search(rf"template <typename E>\s*struct {functor}\s*\{{", cuda_source), cls
-        epilogue = getattr(epilogues, cls.triton_epilogue, None)
-        # a @triton.jit function (an interpreted one under TRITON_INTERPRET=1) of the
-        # epilogue's arguments: epilogue(acc, operand_ptr) -> the values to store
-        assert isinstance(epilogue, triton.runtime.jit.KernelInterface), cls
-        assert len(epilogue.arg_names) == 2 and epilogue.arg_names[0] == "acc", cls
         dtype = torch.float8_e4m3fn if cls is formats.FP8Static else torch.float16
         config = backend.config_for((torch.float16,) * 2, formats.FormatKey(cls, dtype), 64, 8)
         assert config.epilogue == cls.cuda_epilogue

@@ -551,7 +551,8 @@ def _signature(quant) -> CallSignature:
     "quant, reason",
     [
         (FP8PerToken(), "no FP8PerToken epilogue"),
-        (FP8PerTokenGroup(64, True, "ue8m0_packed"), "no FP8PerTokenGroup epilogue"),
+        (FP8PerTokenGroup(64, True, "ue8m0_packed"), "do not write packed UE8M0"),
+        (FP8PerTokenGroup(128), "groups of 128 span heads of 64"),
         (Plain(torch.float32, torch.zeros(1)), "do not reduce amax"),
         (FP8Static(torch.ones(1), amax=torch.zeros(1)), "do not reduce amax"),
     ],
@@ -562,7 +563,7 @@ def test_kernels_refuse_with_the_reason(clean_dispatch, caplog, monkeypatch, qua
     with caplog.at_level(logging.INFO, logger="attnmerge"):
         assert dispatch.select("auto", _signature(quant)) == dispatch.REGISTRY["torch"].run
     assert reason in caplog.text
-    o, lse = torch.randn(2, 3, 1, 64), torch.randn(2, 1, 3)
+    o, lse = torch.randn(2, 3, 2, 64), torch.randn(2, 2, 3)  # two heads: 128 values a token
     attnmerge.merge(o, lse, quant=quant)  # auto: torch
     for backend in ("cuda", "triton"):
         with pytest.raises(attnmerge.BackendError, match=f"'{backend}'.*{reason}"):

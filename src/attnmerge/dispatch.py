@@ -78,9 +78,11 @@ def _unsupported(name: str, signature: CallSignature) -> str | None:
     backend = REGISTRY[name]
     if not getattr(backend, "stores_every_format", False):
         key = signature.output_format
-        reason = key.kind.kernel_gap(key)
+        reason = key.kind.kernel_gap(key, signature.head_size)
         if reason is not None:
             return reason
+        if getattr(key.kind, f"{name}_epilogue", "") is None:
+            return f"its kernels have no {key.kind.__name__} epilogue yet"
     return backend.unsupported(signature)
 
 

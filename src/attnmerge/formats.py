@@ -158,12 +158,23 @@ class OutputFormat:
         return ()
 
     @classmethod
-    def kernel_gap(cls, key: FormatKey) -> str | None:
-        """Why the GPU kernels cannot store formats of ``key`` yet (None: they can).
-        Dispatch asks it for every backend but the torch reference, which stores all."""
+    def kernel_gap(cls, key: FormatKey, head_size: int) -> str | None:
+        """Why the GPU kernels cannot store formats of ``key`` at ``head_size`` yet (None:
+        they can). Dispatch asks it for every backend but the torch reference, which stores
+        all, and then whether the backend has the format's epilogue."""
         if "amax" in key.options:
             return "its kernels do not reduce amax yet; the torch backend returns it"
         return None
+
+    def epilogue_strides(self) -> tuple[int, int]:
+        """Run-time arguments of the epilogue besides ``kernel_operand``: the element
+        strides (per token, per group) of the scales a format writes, (0, 0) without."""
+        return (0, 0)
+
+    def epilogue_constants(self) -> tuple[int, bool]:
+        """Compile-time options of the epilogue: (group size, UE8M0 scales), (0, False)
+        for formats without groups."""
+        return (0, False)
 
     def check(self, output: torch.Tensor, output_name: str = "output") -> None:
         """Raise TypeError/ValueError unless ``output`` and the format's operands fit."""
@@ -300,8 +311,10 @@ class _DynamicFP8(OutputFormat):
     amax: torch.Tensor | None
 
     @classmethod
-    def kernel_gap(cls, key: FormatKey) -> str | None:
-        return f"its kernels have no {cls.__name__} epilogue yet; the torch backend stores it"
+    def kernel_gap(cls, key: FormatKey, head_size: int) -> str | None:
+        if cls.triton_epilogue is None and cls.cuda_epilogue is None:
+            return f"its kernels have no {cls.__name__} epilogue yet; the torch backend stores it"
+        return super().kernel_gap(key, head_size)
 
     def check(self, output: torch.Tensor, output_name: str = "output") -> None:
         if output.dtype != self.dtype:
@@ -433,8 +446,33 @@ class FP8PerTokenGroup(_DynamicFP8):
             )
         super().__post_init__()
 
+    # Groups within one head: each row's store computes its own groups' scales.
+    triton_epilogue = "fp8_group"
+    whole_token_tiles = False
+
     def _options(self) -> tuple[Hashable, ...]:
         return (self.group_size, self.ue8m0, self.layout)
+
+    @classmethod
+    def kernel_gap(cls, key: FormatKey, head_size: int) -> str | None:
+        group_size, _, layout = key.options[:3]
+        if layout == "ue8m0_packed":
+            return "its kernels do not write packed UE8M0 scales yet; the torch backend does"
+        if head_size % group_size:
+            return (
+                f"its kernels tile by (token, head) rows, and groups of {group_size} span "
+                f"heads of {head_size}; the torch backend stores them"
+            )
+        return super().kernel_gap(key, head_size)
+
+    def kernel_operand(self) -> torch.Tensor | None:
+        return self.scales  # written by the store
+
+    def epilogue_strides(self) -> tuple[int, int]:
+        return tuple(self.scales.stride())
+
+    def epilogue_constants(self) -> tuple[int, bool]:
+        return (self.group_size, self.ue8m0)
 
     def groups(self, heads: int, head_size: int) -> int:
         """``G``; ValueError unless ``H * D`` is a multiple of ``group_size``."""

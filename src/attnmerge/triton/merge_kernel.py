@@ -103,6 +103,8 @@ def _merge_two_kernel(
     lse1_stride_t,
     out_lse_stride_h,
     out_lse_stride_t,
+    scales_stride_t,
+    scales_stride_g,
     NUM_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -110,6 +112,8 @@ def _merge_two_kernel(
     LSE_BASE_2: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
@@ -170,7 +174,19 @@ def _merge_two_kernel(
     acc = tl.where(w0[:, None] != 0, w0[:, None] * o0, 0.0) + tl.where(
         w1[:, None] != 0, w1[:, None] * o1, 0.0
     )
-    acc = EPILOGUE(acc, operand_ptr)
+    acc = EPILOGUE(
+        acc,
+        operand_ptr,
+        tok,
+        head,
+        row_ok,
+        scales_stride_t,
+        scales_stride_g,
+        HEAD_SIZE,
+        BLOCK_D,
+        GROUP,
+        UE8M0,
+    )
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
     tl.store(
         o_row[:, None] + cols[None, :],
@@ -301,6 +317,7 @@ def run(call: MergeCall, block_rows: int | None = None) -> None:
         *lse0.stride(),
         *lse1.stride(),
         *out_lse_strides,
+        *call.output_format.epilogue_strides(),
     )
     constexprs = (
         num_heads,
@@ -310,6 +327,7 @@ def run(call: MergeCall, block_rows: int | None = None) -> None:
         call.lse_base_2,
         write_lse,
         getattr(epilogues, call.output_format.triton_epilogue),
+        *call.output_format.epilogue_constants(),
         head_major,
     )
     # Head-major programs: the kernel's num_rows holds the token count.

@@ -94,6 +94,8 @@ def _merge_partials_kernel(
     lse_stride_t,
     out_lse_stride_h,
     out_lse_stride_t,
+    scales_stride_t,
+    scales_stride_g,
     NUM_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -101,6 +103,8 @@ def _merge_partials_kernel(
     LSE_BASE_2: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
     PACKED: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
@@ -236,7 +240,19 @@ def _merge_partials_kernel(
         acc = _add_term(acc, w3, x3, k + 3 < count)
     # A row without partials (packed) is 0, as in the reference.
     acc = tl.where(empty[:, None], 0.0, acc)
-    acc = EPILOGUE(acc, operand_ptr)
+    acc = EPILOGUE(
+        acc,
+        operand_ptr,
+        tok,
+        head,
+        row_ok,
+        scales_stride_t,
+        scales_stride_g,
+        HEAD_SIZE,
+        BLOCK_D,
+        GROUP,
+        UE8M0,
+    )
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
     tl.store(
         o_row[:, None] + cols[None, :],
@@ -290,7 +306,13 @@ def run(call: MergeCall) -> None:
         lses if operand is None else operand,  # never read without an operand
     )
     out_lse_strides = output_lse.stride() if write_lse else (0, 0)
-    strides = (*output.stride()[:2], *partial_strides, *lse_strides, *out_lse_strides)
+    strides = (
+        *output.stride()[:2],
+        *partial_strides,
+        *lse_strides,
+        *out_lse_strides,
+        *call.output_format.epilogue_strides(),
+    )
     constexprs = (
         num_heads,
         head_size,
@@ -299,6 +321,7 @@ def run(call: MergeCall) -> None:
         call.lse_base_2,
         write_lse,
         getattr(epilogues, call.output_format.triton_epilogue),
+        *call.output_format.epilogue_constants(),
         packed,
     )
     grid = (triton.cdiv(num_rows, rows_per_program), 1, 1)
