@@ -73,7 +73,7 @@ case "$job" in
   demo) exec "$py" -m attnmerge demo "$@" ;;
   build) exec "$py" -m attnmerge build "$@" ;;
   lint)
-    "$venv/bin/ruff" check src tests scripts benchmarks
-    exec "$venv/bin/ruff" format --check src tests scripts benchmarks
+    "$venv/bin/ruff" check src tests scripts benchmarks examples
+    exec "$venv/bin/ruff" format --check src tests scripts benchmarks examples
     ;;
 esac

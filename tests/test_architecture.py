@@ -24,6 +24,7 @@ LAYERS = {
     "attnmerge.api": 4,
     "attnmerge.ops": 5,
     "attnmerge.compat": 5,
+    "attnmerge.distributed": 5,
     "attnmerge.integrations": 5,
     "attnmerge": 6,
     "attnmerge.bench": 7,
