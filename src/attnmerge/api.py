@@ -9,7 +9,9 @@ Two forms of the same operation:
 
 Eager calls go straight to the backend; only under ``torch.compile`` do they go
 through the registered custom op (the dispatcher adds a few microseconds per call,
-see docs/host-overhead.md).
+see docs/host-overhead.md). An eager ``merge_attn_states`` call shaped like an earlier
+one that the cuda backend served is launched by the compiled eager launcher
+(:mod:`attnmerge.cuda.eager`) without the Python path.
 
 Every check runs once, in ``_build_call``, which describes the call as a
 :class:`~attnmerge.call.MergeCall` for the backend that dispatch selects. The checks
@@ -18,6 +20,7 @@ run before anything is written: a call that raises leaves its output tensors unt
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,6 +29,8 @@ import torch
 
 from . import dispatch
 from .call import CallSignature, MergeCall, PartialLayout
+from .cuda import BACKEND as CUDA_BACKEND
+from .cuda.eager import LAUNCHER as EAGER_LAUNCHER
 from .formats import (
     FLOAT_DTYPES,
     FP8PerTokenGroup,
@@ -47,6 +52,10 @@ _INDPTR_DTYPES = (torch.int32, torch.int64)
 
 # One plain format object per dtype: formats are immutable, and the eager path is host-bound.
 _PLAIN = {dtype: Plain(dtype) for dtype in FLOAT_DTYPES}
+#: (lse_base, requested backend) -> the number the eager launcher keys calls on.
+_EAGER_CODES = {
+    pair: code for code, pair in enumerate(itertools.product(_LSE_BASES, dispatch.BACKENDS))
+}
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -254,13 +263,24 @@ def _build_call(
 
 
 def _merge_attn_states_impl(
-    args: tuple, lse_base: str | int, backend: str, group: tuple | None = None
+    args: tuple,
+    lse_base: str | int,
+    backend: str,
+    group: tuple | None = None,
+    eager_miss: object = None,
 ) -> None:
     """Validate on real tensors, select a backend, run. ``args`` are the op's tensor and
     size arguments in vLLM's order (output ... output_scale). Shared by the eager path
-    and the custom op's implementation."""
+    and the custom op's implementation. ``eager_miss``: the eager launcher's key for this
+    call, under which the plan of a cuda launch is stored."""
     call = _build_call(*args, lse_base, backend, real_tensors=True, group=group)
-    dispatch.select(backend, call.signature)(call)
+    run = dispatch.select(backend, call.signature)
+    run(call)
+    if run == CUDA_BACKEND.run:
+        if EAGER_LAUNCHER.module is None:
+            EAGER_LAUNCHER.load()  # the first call on the cuda backend builds it
+        else:
+            EAGER_LAUNCHER.remember(eager_miss, call)
 
 
 #: The eager implementations, never traced by torch.compile (calls reach them through a
@@ -270,7 +290,13 @@ def _merge_attn_states_impl(
 _merge_attn_states_eagerly = torch._disable_dynamo(_merge_attn_states_impl)
 
 
-def _merge_pair(args: tuple, lse_base: str | int, backend: str, group: tuple | None = None):
+def _merge_pair(
+    args: tuple,
+    lse_base: str | int,
+    backend: str,
+    group: tuple | None = None,
+    eager_miss: object = None,
+):
     """The two-partial merge of vLLM's arguments ``args`` (a format object in the place
     of ``output_scale`` for formats the op's schema does not carry), eager or traced."""
     if torch.compiler.is_compiling():
@@ -281,7 +307,18 @@ def _merge_pair(args: tuple, lse_base: str | int, backend: str, group: tuple | N
         _build_call(*args, lse_base, backend, real_tensors=False)
         torch.ops.attnmerge.merge_attn_states(*args, lse_base == 2, backend)
         return
-    _merge_attn_states_impl(args, lse_base, backend, group)
+    _merge_attn_states_impl(args, lse_base, backend, group, eager_miss)
+
+
+def _eager_code(lse_base: object, backend: object) -> int | None:
+    """The eager launcher's number for the LSE base and the backend the call resolves to
+    (``ATTNMERGE_BACKEND`` read per call, as dispatch does); None: not for it."""
+    if backend == "auto":
+        backend = dispatch.env_backend() or "auto"
+    try:
+        return _EAGER_CODES.get((lse_base, backend))
+    except TypeError:  # unhashable: the Python path says what is wrong
+        return None
 
 
 def merge_attn_states(
@@ -381,7 +418,15 @@ def merge_attn_states(
     group = None
     if output_block_scale is not None or quant_group_size is not None or use_ue8m0 is not False:
         group = (output_block_scale, quant_group_size, use_ue8m0)
-    _merge_pair(args, lse_base, backend, group)
+    eager_miss = None
+    launcher = EAGER_LAUNCHER.module
+    if launcher is not None and group is None and not torch.compiler.is_compiling():
+        code = _eager_code(lse_base, backend)
+        if code is not None:
+            eager_miss = launcher.merge_pair(EAGER_LAUNCHER.plans, code, *args)
+            if eager_miss is None:
+                return  # launched from the stored plan of this kind of call
+    _merge_pair(args, lse_base, backend, group, eager_miss)
 
 
 def _check_indptr(indptr: object, device: torch.device) -> int:

@@ -57,6 +57,9 @@ TWO_WAY_ONLY = ("unfused", "vllm")
 # --kway: the K-way grid's options
 KWAY = {"partials": (2, 4, 8, 16, 32), "heads": (128, 32, 8), "dtypes": ("bf16",)}
 KWAY |= {"fp8": "both", "variable": "both"}
+# --eager: the host-time grid's options (small grids, where the host sets the pace)
+EAGER = {"tokens": (1, 16, 64, 256), "heads": (128, 32, 8), "dtypes": ("bf16",)}
+EAGER |= {"fp8": "both", "output_lse": "both", "eager": True}
 FP8_SCALE = 0.1
 EMPTY_FRACTION = 0.05  # share of +inf LSEs (empty partial rows)
 REPLAYS = 10
@@ -163,14 +166,15 @@ def items(what: str, choices: Sequence[str] = ()) -> Callable[[str], tuple]:
     return parse
 
 
-class _KWayGrid(argparse.Action):
-    """``--kway``: set the K-way grid's options (:data:`KWAY`); options after it override."""
+class _Preset(argparse.Action):
+    """``--kway`` or ``--eager``: set the options of a grid (``const``: :data:`KWAY`,
+    :data:`EAGER`); options after it override."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        for name, value in KWAY.items():
+        for name, value in self.const.items():
             setattr(namespace, name, value)
 
 
@@ -190,13 +194,29 @@ def add_arguments(parser: argparse.ArgumentParser, providers: Sequence[str] = PR
     kway = " ".join(
         f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in KWAY.items()
     )
-    add("--kway", action=_KWayGrid, help=f"the K-way grid: {kway} (later options override)")
+    add(
+        "--kway",
+        action=_Preset,
+        const=KWAY,
+        help=f"the K-way grid: {kway} (later options override)",
+    )
     names = ",".join(providers)
     providers = items(f"a comma-separated subset of {names}", providers)
     add("--providers", type=providers, metavar="P,...", help=f"of {names}")
     add("--cold-l2", action="store_true", help="rotate among input sets over twice the L2")
     add("--rep-ms", type=int, default=100, help="milliseconds of calls per CUDA graph (100)")
-    add("--eager", action="store_true", help="measure the host time per eager call instead")
+    eager = " ".join(
+        f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+        for k, v in EAGER.items()
+        if k != "eager"
+    )
+    add(
+        "--eager",
+        action=_Preset,
+        const=EAGER,
+        default=False,
+        help=f"measure the host time per eager call instead, over {eager} (later options override)",
+    )
     add("--csv", metavar="PATH", help="also write one row per case to this CSV file")
 
 
@@ -455,9 +475,7 @@ def run(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if args.eager:
-        print("host time per eager call (us), T=1 H=8 D=128 bf16 -> FP8:", file=out)
-        for name, us in eager_us(device).items():
-            print(f"{name:>32}: " + (f"{us:7.2f}" if isinstance(us, float) else us), file=out)
+        write_eager_table(device, args, out)
         return 0
     dev = device_info or probe_device(device)
     info, timer = run_info(dev, args), timer or graph_timer(args.rep_ms)
@@ -484,20 +502,38 @@ def run(
     return 0
 
 
-def eager_us(device: torch.device | str, calls: int = 2000) -> dict[str, float | str]:
-    """Host time per eager call (T=1, H=8, D=128, bf16 -> FP8) of each backend, of vLLM's
-    op where it is installed and of a tiny torch op for scale: kernels this small leave the
-    GPU waiting on the host, so the wall time per back-to-back call is the host's."""
-    (s,) = make_input_sets(Case("bf16", True, False, 128, 1, 8, "cuda"), 1, device)
-    scale, small = torch.tensor([FP8_SCALE], device=device), torch.ones(8, device=device)
-    names = ["cuda", "triton", "torch"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
-    makers = {
-        f"merge_attn_states {p}": functools.partial(provider_call, p, s, scale) for p in names
+#: The columns of ``attnmerge bench --eager``: merge_attn_states per backend, vLLM's op, a
+#: tiny torch op for scale. (ATTNMERGE_EAGER_LAUNCHER=0 measures the Python launch.)
+EAGER_COLUMNS = ("cuda", "auto", "triton", "vllm", "torch.add")
+
+
+def eager_us(
+    device: torch.device | str,
+    calls: int = 1000,
+    case: Case | None = None,
+    columns: Sequence[str] = EAGER_COLUMNS,
+) -> dict[str, float | str]:
+    """Host time per eager call of ``case`` (default T=1, H=8, D=128, bf16 -> FP8), in us
+    per column (an error message where one fails; vLLM only where it imports): kernels
+    this small leave the GPU waiting on the host, so the wall time per back-to-back call,
+    median of 5 rounds of ``calls / 5``, is the host's."""
+    case = case or Case("bf16", True, False, 128, 1, 8, "cuda")
+    (s,) = make_input_sets(case, 1, device)
+    scale = torch.tensor([FP8_SCALE], device=device) if case.fp8 else None
+    small = torch.ones(8, device=device)
+    args = (s["output"], *inputs(s), s["output_lse"], None, scale)
+    makers: dict[str, Callable[[], Callable[[], object]]] = {
+        "cuda": lambda: functools.partial(merge_attn_states, *args, backend="cuda"),
+        "auto": lambda: functools.partial(merge_attn_states, *args),
+        "triton": lambda: functools.partial(merge_attn_states, *args, backend="triton"),
+        "torch": lambda: functools.partial(merge_attn_states, *args, backend="torch"),
+        "torch.add": lambda: functools.partial(torch.add, small, small, out=small),
     }
-    makers["torch.add of 8 floats"] = lambda: functools.partial(torch.add, small, small, out=small)
+    if importlib.util.find_spec("vllm"):
+        makers["vllm"] = functools.partial(provider_call, "vllm", s, scale)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
 
-    def wall_us(fn: Callable[[], None], n: int) -> float:
+    def wall_us(fn: Callable[[], object], n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
@@ -505,11 +541,72 @@ def eager_us(device: torch.device | str, calls: int = 2000) -> dict[str, float |
         return (time.perf_counter() - t0) / n * 1e6
 
     result: dict[str, float | str] = {}
-    for name, make in makers.items():
+    for name in columns:
+        if name not in makers:
+            continue
         try:
-            fn = make()
-            wall_us(fn, 50)  # warm-up: builds, caches
-            result[name] = statistics.median(wall_us(fn, calls // 5) for _ in range(5))
+            fn = makers[name]()
+            wall_us(fn, 50)  # warm-up: builds, caches, the eager launcher's plan
+            result[name] = statistics.median(wall_us(fn, max(1, calls // 5)) for _ in range(5))
         except Exception as e:
             result[name] = _one_line(e)
     return result
+
+
+def write_eager_table(device: torch.device, args: argparse.Namespace, out: TextIO) -> None:
+    """``attnmerge bench --eager``: one row per shape of the options' grid, one column per
+    :data:`EAGER_COLUMNS` entry; the CSV (``--csv``) has one row per shape and column."""
+    print(
+        f"host time per eager call (us), median of 5 rounds of 200 back-to-back calls, D = "
+        f"{','.join(map(str, args.head_sizes))}, on {torch.cuda.get_device_name(device)}"
+        if device.type == "cuda"
+        else "host time per eager call (us)",
+        file=out,
+    )
+    header = f"{'dtype':>5} {'out':>5} {'lse':>3} {'T':>5} {'H':>4}"
+    print(header + "".join(f" {c:>9}" for c in EAGER_COLUMNS), file=out, flush=True)
+    rows = []
+    for case in build_cases(argparse.Namespace(**{**vars(args), "providers": ("cuda",)})):
+        result = eager_us(device, case=case)
+        out_dtype = "fp8" if case.fp8 else case.dtype
+        cells = [result.get(c, "") for c in EAGER_COLUMNS]
+        line = f"{case.dtype:>5} {out_dtype:>5} {'yes' if case.output_lse else 'no':>3}"
+        line += f" {case.tokens:>5} {case.heads:>4}"
+        line += "".join(f" {v:9.2f}" if isinstance(v, float) else f" {'-':>9}" for v in cells)
+        print(line, file=out, flush=True)
+        rows += [(case, column, value) for column, value in zip(EAGER_COLUMNS, cells, strict=True)]
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(
+                (
+                    "gpu",
+                    "dtype",
+                    "out_dtype",
+                    "output_lse",
+                    "head_size",
+                    "tokens",
+                    "heads",
+                    "column",
+                    "host_us",
+                    "error",
+                )
+            )
+            gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            for case, column, value in rows:
+                us, error = (f"{value:.4g}", "") if isinstance(value, float) else ("", value)
+                w.writerow(
+                    (
+                        gpu,
+                        case.dtype,
+                        "fp8" if case.fp8 else case.dtype,
+                        case.output_lse,
+                        case.head_size,
+                        case.tokens,
+                        case.heads,
+                        column,
+                        us,
+                        error,
+                    )
+                )
+        print(f"wrote {args.csv} ({len(rows)} rows)", file=out)

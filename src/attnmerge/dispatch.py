@@ -60,10 +60,24 @@ _selected: dict[tuple[str, CallSignature], RunFn] = {}
 _logged: set[tuple[str, str]] = set()
 
 
+# os.environ's own mapping of encoded names, where it has one: a plain dict look-up per
+# call instead of os.environ.get's encoding (most of a microsecond).
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENVIRON_KEY = os.environ.encodekey(ENV_BACKEND) if _ENVIRON is not None else None
+
+
+def env_backend() -> str | None:
+    """``$ATTNMERGE_BACKEND``, read now (it may change between calls)."""
+    if _ENVIRON is None:
+        return os.environ.get(ENV_BACKEND)
+    value = _ENVIRON.get(_ENVIRON_KEY)
+    return None if value is None else os.environ.decodevalue(value)
+
+
 def _requested(backend: str) -> str:
     if backend != "auto":
         return backend
-    env = os.environ.get(ENV_BACKEND)
+    env = env_backend()
     if not env:
         return "auto"
     if env not in BACKENDS:

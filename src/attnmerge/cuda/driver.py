@@ -123,6 +123,11 @@ class Kernel:
         self.device_index = device_index
         self.block = block
 
+    @property
+    def function_address(self) -> int:
+        """The ``CUfunction`` handle."""
+        return self._function.value
+
     def launch(self, grid: int, stream: int, params: bytes) -> None:
         """Launch on ``stream`` (a raw ``cudaStream_t``) with ``params`` as the struct.
 

@@ -26,6 +26,7 @@ class ParamBlock:
     Attributes:
         fields: the field names in declaration order.
         size: bytes of the packed struct (its ``sizeof``).
+        offsets: the byte offset of each field in the struct, by name.
         pack: ``pack(**fields) -> bytes``, every field by keyword (a missing or unknown one
             raises TypeError); a value that does not fit its field raises ``struct.error``.
     """
@@ -48,14 +49,17 @@ class ParamBlock:
             for field in m.group("names").replace("*", "").split(","):
                 kinds.append((field.strip(), kind))
         layout, offset, align = "<", 0, 1
-        for _, kind in kinds:
+        offsets = {}
+        for field, kind in kinds:
             char, size = _KINDS[kind]
             pad = -offset % size
             layout += "x" * pad + char
+            offsets[field] = offset + pad
             offset += pad + size
             align = max(align, size)
         layout += "x" * (-offset % align)
         self.fields = tuple(field for field, _ in kinds)
+        self.offsets = offsets
         self._struct = struct.Struct(layout)
         self.size = self._struct.size
         self.pack = self._packer()

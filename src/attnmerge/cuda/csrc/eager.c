@@ -1,0 +1,265 @@
+// attnmerge: the eager fast path of the cuda backend, a CPython extension built on first
+// use with the host C compiler (the one Triton's launchers use) by attnmerge/cuda/eager.py.
+//
+// A call whose tensors look exactly like an earlier call's (types, dtypes, devices, shapes,
+// strides, 16-byte alignment, which pointers are equal, the class of
+// prefill_tokens_with_context) was validated by the Python path then, and chose the same
+// kernel, grid and parameters but for the pointers and the first-partial row count. This
+// module describes a call by those facts (its key), finds the launch plan the Python path
+// stored under the key, patches the pointers into the plan's parameter block and launches
+// the kernel with cuLaunchKernel. Anything else is a miss: the Python path runs the call
+// (validation, errors, dispatch, the launch) and stores the plan for the next one.
+//
+// merge_pair(plans, code, output, prefix_output, prefix_lse, suffix_output, suffix_lse,
+//            output_lse, prefill_tokens_with_context, output_scale)
+//   -> None           launched (or nothing to do)
+//   -> (hash, key)    a miss: store the plan as plans[hash] = plan (see eager.py)
+//   -> int            cuLaunchKernel's error code: nothing launched
+//   -> False          not a call for the fast path (a tensor subclass, a host tensor, an
+//                     argument of another type...): the Python path alone
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*LaunchKernelFn)(void* function, unsigned grid_x, unsigned grid_y,
+                              unsigned grid_z, unsigned block_x, unsigned block_y,
+                              unsigned block_z, unsigned shared_bytes, void* stream,
+                              void** params, void** extra);
+
+static LaunchKernelFn launch_kernel;
+static PyTypeObject* tensor_type;
+static int accept_host_tensors;  // tests of the planning on a CPU, with a stand-in launch
+static PyObject* current_device_fn;  // torch._C._cuda_getDevice
+static PyObject* current_stream_fn;  // torch._C._cuda_getCurrentRawStream
+static PyObject *s_data_ptr, *s_stride, *s_shape, *s_dtype, *s_get_device;
+
+enum { kMaxDims = 4, kTensors = 7, kMaxParams = 512 };
+enum { kOut, kPartial0, kLse0, kPartial1, kLse1, kOutLse, kScale };
+
+// The plan's fixed header, packed by eager.py (PLAN_HEADER); the key and the parameter
+// block follow it.
+typedef struct {
+  uint64_t function;  // CUfunction
+  uint32_t grid, block;
+  int32_t device_index;
+  uint32_t num_heads;
+  int32_t offsets[kTensors];  // byte offset of each tensor's pointer in the block, or -1
+  int32_t rows_with_first_offset;
+  uint32_t key_bytes, params_bytes;
+} PlanHeader;
+
+typedef struct {
+  uint64_t ptr;
+  int64_t ndim, shape[kMaxDims], stride[kMaxDims];
+} Tensor;
+
+// 0: read; 1: not a plain torch.Tensor of at most kMaxDims dimensions on a device; -1: a
+// Python error.
+static int read_tensor(PyObject* t, Tensor* out, int64_t** key) {
+  if (Py_TYPE(t) != tensor_type) return 1;
+  PyObject* args[1] = {t};
+  const size_t nargs = 1 | PY_VECTORCALL_ARGUMENTS_OFFSET;
+  PyObject* value = PyObject_VectorcallMethod(s_get_device, args, nargs, NULL);
+  if (value == NULL) return -1;
+  const long device = PyLong_AsLong(value);
+  Py_DECREF(value);
+  if (device < 0 && (PyErr_Occurred() || !accept_host_tensors)) return PyErr_Occurred() ? -1 : 1;
+  PyObject* dtype = PyObject_GetAttr(t, s_dtype);
+  if (dtype == NULL) return -1;
+  Py_DECREF(dtype);  // dtypes are module-level singletons that live as long as torch
+  PyObject* shape = PyObject_GetAttr(t, s_shape);
+  if (shape == NULL) return -1;
+  PyObject* stride = PyObject_VectorcallMethod(s_stride, args, nargs, NULL);
+  if (stride == NULL) {
+    Py_DECREF(shape);
+    return -1;
+  }
+  int status = 0;
+  const Py_ssize_t ndim = PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : kMaxDims + 1;
+  if (ndim > kMaxDims || !PyTuple_Check(stride) || PyTuple_GET_SIZE(stride) != ndim) {
+    status = 1;
+  } else {
+    out->ndim = ndim;
+    for (Py_ssize_t i = 0; i < ndim; ++i) {
+      out->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+      out->stride[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(stride, i));
+    }
+    if (PyErr_Occurred()) status = -1;
+  }
+  Py_DECREF(shape);
+  Py_DECREF(stride);
+  if (status != 0) return status;
+  value = PyObject_VectorcallMethod(s_data_ptr, args, nargs, NULL);
+  if (value == NULL) return -1;
+  out->ptr = PyLong_AsUnsignedLongLong(value);
+  Py_DECREF(value);
+  if (PyErr_Occurred()) return -1;
+  int64_t* k = *key;
+  *k++ = (int64_t)(uintptr_t)dtype;
+  *k++ = device;
+  *k++ = (int64_t)(out->ptr % 16);
+  *k++ = ndim;
+  for (Py_ssize_t i = 0; i < ndim; ++i) {
+    *k++ = out->shape[i];
+    *k++ = out->stride[i];
+  }
+  *key = k;
+  return 0;
+}
+
+static uint64_t hash_key(const int64_t* key, size_t n) {
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= (uint64_t)key[i];
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 31;
+  }
+  return h >> 1;  // a non-negative Python int
+}
+
+static PyObject* miss(uint64_t hash, const int64_t* key, size_t n) {
+  return Py_BuildValue("(Ky#)", (unsigned long long)hash, (const char*)key,
+                       (Py_ssize_t)(n * sizeof(int64_t)));
+}
+
+static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 10 || !PyDict_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "merge_pair(plans, code, 8 arguments of the op)");
+    return NULL;
+  }
+  if (launch_kernel == NULL) Py_RETURN_FALSE;  // setup() not called
+  PyObject* plans = args[0];
+  int64_t key[2 + kTensors * (4 + 2 * kMaxDims) + 2];
+  int64_t* k = key;
+  *k++ = PyLong_AsLongLong(args[1]);  // the LSE base and the requested backend
+  Tensor tensors[kTensors];
+  int present = 0;
+  for (int i = 0; i < kTensors; ++i) {
+    PyObject* t = args[i < kOutLse ? 2 + i : (i == kOutLse ? 7 : 9)];
+    if (t == Py_None && i >= kOutLse) continue;
+    const int status = read_tensor(t, &tensors[i], &k);
+    if (status < 0) PyErr_Clear();  // e.g. a sparse tensor's stride(): the Python path says
+    if (status != 0) Py_RETURN_FALSE;
+    present |= 1 << i;
+  }
+  // Which written tensors are the very inputs (in place), and the prefill class.
+  const uint64_t out = tensors[kOut].ptr;
+  int64_t facts = present;
+  facts |= (int64_t)(out == tensors[kPartial0].ptr) << 8;
+  facts |= (int64_t)(out == tensors[kPartial1].ptr) << 9;
+  if (present & (1 << kOutLse)) {
+    facts |= (int64_t)(tensors[kOutLse].ptr == tensors[kLse0].ptr) << 10;
+    facts |= (int64_t)(tensors[kOutLse].ptr == tensors[kLse1].ptr) << 11;
+  }
+  const int64_t tokens = tensors[kOut].ndim == 3 ? tensors[kOut].shape[0] : -1;
+  int64_t with_first = tokens;
+  PyObject* prefill = args[8];
+  if (prefill != Py_None) {
+    if (!PyLong_CheckExact(prefill)) Py_RETURN_FALSE;
+    with_first = PyLong_AsLongLong(prefill);
+    if (with_first == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      Py_RETURN_FALSE;
+    }
+    if (with_first < 0 || with_first > tokens) Py_RETURN_FALSE;  // the Python path raises
+    facts |= (int64_t)(with_first == tokens ? 1 : with_first == 0 ? 2 : 3) << 12;
+  }
+  *k++ = facts;
+  const size_t n = (size_t)(k - key);
+  const uint64_t hash = hash_key(key, n);
+
+  PyObject* hash_obj = PyLong_FromUnsignedLongLong(hash);
+  if (hash_obj == NULL) return NULL;
+  PyObject* plan = PyDict_GetItemWithError(plans, hash_obj);  // borrowed
+  Py_DECREF(hash_obj);
+  if (plan == NULL) return PyErr_Occurred() ? NULL : miss(hash, key, n);
+  if (!PyBytes_Check(plan) || (size_t)PyBytes_GET_SIZE(plan) < sizeof(PlanHeader)) {
+    return miss(hash, key, n);
+  }
+  PlanHeader header;
+  const char* bytes = PyBytes_AS_STRING(plan);
+  memcpy(&header, bytes, sizeof header);
+  if (header.key_bytes != n * sizeof(int64_t) || header.params_bytes > kMaxParams ||
+      (size_t)PyBytes_GET_SIZE(plan) != sizeof header + header.key_bytes + header.params_bytes ||
+      memcmp(bytes + sizeof header, key, header.key_bytes) != 0) {
+    return miss(hash, key, n);  // another key with the same hash: the Python path re-plans
+  }
+  if (header.grid == 0) Py_RETURN_NONE;  // no rows
+
+  PyObject* device = PyObject_CallNoArgs(current_device_fn);
+  if (device == NULL) return NULL;
+  const long current = PyLong_AsLong(device);
+  Py_DECREF(device);
+  if (current != header.device_index) return miss(hash, key, n);  // context switch: Python
+  PyObject* index = PyLong_FromLong(header.device_index);
+  if (index == NULL) return NULL;
+  PyObject* stream_obj = PyObject_CallOneArg(current_stream_fn, index);
+  Py_DECREF(index);
+  if (stream_obj == NULL) return NULL;
+  void* stream = PyLong_AsVoidPtr(stream_obj);
+  Py_DECREF(stream_obj);
+  if (PyErr_Occurred()) return NULL;
+
+  // 8-byte aligned: the block's pointer fields are patched as 64-bit words.
+  uint64_t block_words[kMaxParams / 8];
+  char* block = (char*)block_words;
+  memcpy(block, bytes + sizeof header + header.key_bytes, header.params_bytes);
+  for (int i = 0; i < kTensors; ++i) {
+    const int32_t at = header.offsets[i];
+    if (at >= 0 && (present & (1 << i))) memcpy(block + at, &tensors[i].ptr, sizeof(uint64_t));
+  }
+  if (header.rows_with_first_offset >= 0) {
+    const uint32_t rows = (uint32_t)with_first * header.num_heads;
+    memcpy(block + header.rows_with_first_offset, &rows, sizeof rows);
+  }
+  void* params[1] = {block};
+  const int code = launch_kernel((void*)(uintptr_t)header.function, header.grid, 1, 1,
+                                 header.block, 1, 1, 0, stream, params, NULL);
+  if (code != 0) return PyLong_FromLong(code);
+  Py_RETURN_NONE;
+}
+
+// setup(torch.Tensor, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream,
+//       address of cuLaunchKernel, accept_host_tensors)
+static PyObject* setup(PyObject* self, PyObject* args) {
+  PyObject *type, *device_fn, *stream_fn;
+  unsigned long long launch_address;
+  int host;
+  if (!PyArg_ParseTuple(args, "O!OOKp", &PyType_Type, &type, &device_fn, &stream_fn,
+                        &launch_address, &host)) {
+    return NULL;
+  }
+  Py_INCREF(type);
+  Py_INCREF(device_fn);
+  Py_INCREF(stream_fn);
+  Py_XDECREF((PyObject*)tensor_type);
+  Py_XDECREF(current_device_fn);
+  Py_XDECREF(current_stream_fn);
+  tensor_type = (PyTypeObject*)type;
+  current_device_fn = device_fn;
+  current_stream_fn = stream_fn;
+  launch_kernel = (LaunchKernelFn)(uintptr_t)launch_address;
+  accept_host_tensors = host;
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"merge_pair", (PyCFunction)(void (*)(void))merge_pair, METH_FASTCALL,
+     "Launch a two-partial merge from its stored plan, or report a miss."},
+    {"setup", setup, METH_VARARGS, "Bind torch's tensor type, getters and cuLaunchKernel."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_attnmerge_eager", NULL, -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__attnmerge_eager(void) {
+  s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  s_stride = PyUnicode_InternFromString("stride");
+  s_shape = PyUnicode_InternFromString("shape");
+  s_dtype = PyUnicode_InternFromString("dtype");
+  s_get_device = PyUnicode_InternFromString("get_device");
+  if (!s_data_ptr || !s_stride || !s_shape || !s_dtype || !s_get_device) return NULL;
+  return PyModule_Create(&module);
+}

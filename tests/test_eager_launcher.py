@@ -1,0 +1,365 @@
+"""The eager launcher (attnmerge.cuda.eager, csrc/eager.c) on a CPU: built with the host C
+compiler, bound to a stand-in cuLaunchKernel that records what it is asked to launch.
+
+What it must do: launch exactly what the Python path launches (kernel, grid, block, every
+byte of the parameter block) for every call shaped like one the Python path validated,
+and hand every other call to the Python path (misses), so errors stay the Python path's.
+GPU: tests/test_merge.py and the fuzz run through it, and `attnmerge bench --eager` times it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from attnmerge import api, dispatch
+from attnmerge.cuda import BACKEND as CUDA_BACKEND
+from attnmerge.cuda import backend, eager
+
+pytestmark = pytest.mark.skipif(eager._compiler() is None, reason="no C compiler here")
+
+_LAUNCH = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    *[ctypes.c_uint] * 7,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.c_void_p,
+)
+
+
+class Launched(NamedTuple):
+    function: int
+    grid: int
+    block: int
+    stream: int
+    params: bytes
+
+
+class StandInKernel:
+    """backend._kernel's result on a CPU: records its Python-path launches."""
+
+    def __init__(self, config, launches: list[Launched]) -> None:
+        self.function_address = hash(config) & 0xFFFFFFFFFFFF
+        self.block = backend.BLOCK_THREADS
+        self.device_index = -1  # the stand-in device getter's answer
+        self.launches = launches
+
+    def launch(self, grid: int, stream: int, params: bytes) -> None:
+        self.launches.append(Launched(self.function_address, grid, self.block, stream, params))
+
+
+class Harness(NamedTuple):
+    launcher: eager.EagerLauncher
+    fast: list[Launched]  # launched by the extension
+    python: list[Launched]  # launched by the Python path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory):
+    """One build of the extension for the module, in its own cache directory."""
+    fast: list[Launched] = []
+
+    @_LAUNCH
+    def launch(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra) -> int:
+        block = ctypes.string_at(params[0], backend.PARAMS.size)
+        fast.append(Launched(function or 0, gx, bx, stream or 0, block))
+        return 0
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mp.delenv(eager.ENV_EAGER_LAUNCHER, raising=False)
+        launcher = eager.EagerLauncher()
+        address = ctypes.cast(launch, ctypes.c_void_p).value
+        assert launcher.load(launch_address=address, host_tensors=True), launcher.unavailable
+    launcher.module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, True)
+    yield launcher, fast, launch  # (the callback must outlive the extension's use of it)
+
+
+@pytest.fixture
+def harness(built, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    launcher, fast, _ = built
+    launcher.plans.clear()
+    fast.clear()
+    python: list[Launched] = []
+    kernels: dict = {}
+    monkeypatch.setattr(
+        backend,
+        "_kernel",
+        lambda index, config: kernels.setdefault(config, StandInKernel(config, python)),
+    )
+    monkeypatch.setattr(backend, "_current_device", lambda: -1)
+    monkeypatch.setattr(backend, "_current_raw_stream", lambda index: 0)
+    return Harness(launcher, fast, python)
+
+
+# ---------------------------------------------------------------------------------------
+# A corpus of call layouts: each builds fresh tensors of the same layout on every call.
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Layout(NamedTuple):
+    tokens: int
+    heads: int
+    head_size: int
+    dtypes: tuple[torch.dtype, torch.dtype]
+    fp8: bool
+    out_dtype: torch.dtype  # where not FP8 or in place
+    pad: int  # extra elements per row of the partials (a [..., :D] view)
+    head_major: bool  # partials stored [H, T, D]
+    misalign: int  # elements the partials' storage starts past a 16-byte boundary
+    output_lse: str  # "none", "HT", "TH" (a transposed view), "inplace" (prefix_lse)
+    inplace: bool  # output is prefix_output
+    prefill: str  # "none", "zero", "all", "some"
+    lse_base: object
+
+
+def random_layout(rng: random.Random) -> Layout:
+    tokens = rng.choice([0, 1, 2, 5, 16, 33, 64])
+    dtypes = (rng.choice(DTYPES), rng.choice(DTYPES))
+    inplace = rng.random() < 0.2
+    fp8 = not inplace and rng.random() < 0.4
+    return Layout(
+        tokens=tokens,
+        heads=rng.choice([1, 2, 3, 8]),
+        head_size=rng.choice([3, 8, 64, 80, 128, 256]),
+        dtypes=(dtypes[0], dtypes[0]) if inplace else dtypes,
+        fp8=fp8,
+        out_dtype=rng.choice(DTYPES),
+        pad=rng.choice([0, 0, 1, 8]),
+        head_major=rng.random() < 0.2,
+        misalign=rng.choice([0, 0, 0, 1, 3]),
+        output_lse=rng.choice(["none", "none", "HT", "TH", "inplace"]),
+        inplace=inplace,
+        prefill=rng.choice(["none", "none", "zero", "all", "some"]),
+        lse_base=rng.choice(["e", 2]),
+    )
+
+
+def make_args(layout: Layout) -> tuple:
+    t, h, d = layout.tokens, layout.heads, layout.head_size
+
+    def partial(dtype: torch.dtype) -> torch.Tensor:
+        rows = h * t * (d + layout.pad) + layout.misalign
+        flat = torch.randn(rows, dtype=torch.float32).to(dtype)[layout.misalign :]
+        if layout.head_major:
+            return flat.view(h, t, d + layout.pad)[..., :d].transpose(0, 1)
+        return flat.view(t, h, d + layout.pad)[..., :d]
+
+    prefix, suffix = partial(layout.dtypes[0]), partial(layout.dtypes[1])
+    prefix_lse, suffix_lse = torch.randn(h, t), torch.randn(h, t)
+    if layout.inplace:
+        output = prefix
+    elif layout.fp8:
+        output = torch.empty(t, h, d, dtype=torch.float8_e4m3fn)
+    else:
+        output = torch.empty(t, h, d, dtype=layout.out_dtype)
+    output_lse = {
+        "none": None,
+        "HT": torch.empty(h, t),
+        "TH": torch.empty(t, h).t(),
+        "inplace": prefix_lse,
+    }[layout.output_lse]
+    prefill = {"none": None, "zero": 0, "all": t, "some": t // 2}[layout.prefill]
+    scale = torch.tensor([0.5]) if layout.fp8 else None
+    return (output, prefix, prefix_lse, suffix, suffix_lse, output_lse, prefill, scale)
+
+
+def code_of(layout: Layout, backend_name: str = "cuda") -> int:
+    return api._eager_code(layout.lse_base, backend_name)
+
+
+def python_launch(args: tuple, layout: Layout) -> backend.Launch | None:
+    call = api._build_call(*args, layout.lse_base, "cuda", real_tensors=True)
+    return call, backend.launch_arguments(call)
+
+
+def test_launches_exactly_what_the_python_path_launches(harness: Harness) -> None:
+    rng = random.Random(0)
+    module, plans = harness.launcher.module, harness.launcher.plans
+    launched = 0
+    for _ in range(300):
+        layout = random_layout(rng)
+        first = make_args(layout)
+        miss = module.merge_pair(plans, code_of(layout), *first)
+        assert isinstance(miss, tuple), (layout, miss)
+        call, _ = python_launch(first, layout)
+        harness.launcher.remember(miss, call)
+
+        again = make_args(layout)  # other memory, the same layout
+        before = len(harness.fast)
+        assert module.merge_pair(plans, code_of(layout), *again) is None, layout
+        _, expected = python_launch(again, layout)
+        if expected is None:  # nothing to do: nothing launched
+            assert len(harness.fast) == before, layout
+            continue
+        launched += 1
+        got = harness.fast[-1]
+        assert (got.function, got.grid, got.block) == (
+            expected.kernel.function_address,
+            expected.grid,
+            expected.kernel.block,
+        ), layout
+        assert got.params == expected.params, layout
+    assert launched > 200
+
+
+def test_a_different_fact_is_a_miss(harness: Harness) -> None:
+    """Each fact that can change validation or the launch is part of the key."""
+    module, plans = harness.launcher.module, harness.launcher.plans
+    base = Layout(
+        16,
+        8,
+        128,
+        (torch.bfloat16,) * 2,
+        True,
+        torch.bfloat16,
+        0,
+        False,
+        0,
+        "HT",
+        False,
+        "none",
+        "e",
+    )
+    args = make_args(base)
+    harness.launcher.remember(
+        module.merge_pair(plans, code_of(base), *args), python_launch(args, base)[0]
+    )
+    assert module.merge_pair(plans, code_of(base), *make_args(base)) is None
+    variants = [
+        base._replace(tokens=17),
+        base._replace(heads=4),
+        base._replace(head_size=64),
+        base._replace(dtypes=(torch.float16, torch.bfloat16)),
+        base._replace(fp8=False),
+        base._replace(pad=8),
+        base._replace(head_major=True),
+        base._replace(misalign=1),
+        base._replace(output_lse="none"),
+        base._replace(output_lse="TH"),
+        base._replace(output_lse="inplace"),
+        base._replace(prefill="some"),
+        base._replace(prefill="zero"),
+    ]
+    for variant in variants:
+        got = module.merge_pair(plans, code_of(variant), *make_args(variant))
+        assert isinstance(got, tuple), variant
+    # the LSE base and the backend asked for
+    assert isinstance(module.merge_pair(plans, code_of(base._replace(lse_base=2)), *args), tuple)
+    assert isinstance(module.merge_pair(plans, code_of(base, "auto"), *args), tuple)
+
+
+def test_in_place_is_a_different_call(harness: Harness) -> None:
+    """Output and prefix_output of one layout, once separate, once the same tensor."""
+    module, plans = harness.launcher.module, harness.launcher.plans
+    t, h, d = 4, 2, 64
+    prefix, suffix = torch.randn(t, h, d), torch.randn(t, h, d)
+    lses = (torch.randn(h, t), torch.randn(h, t))
+    separate = (torch.empty(t, h, d), prefix, lses[0], suffix, lses[1], None, None, None)
+    call = api._build_call(*separate, "e", "cuda", real_tensors=True)
+    harness.launcher.remember(module.merge_pair(plans, 0, *separate), call)
+    in_place = (prefix, prefix, lses[0], suffix, lses[1], None, None, None)
+    assert isinstance(module.merge_pair(plans, 0, *in_place), tuple)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["parameter", "not_a_tensor", "prefill_bool", "prefill_past_end", "prefill_negative"],
+)
+def test_calls_the_fast_path_refuses(harness: Harness, change: str) -> None:
+    """Not for the fast path (False): the Python path decides (and raises where it must)."""
+    module, plans = harness.launcher.module, harness.launcher.plans
+    t, h, d = 4, 2, 64
+    args = [torch.empty(t, h, d), torch.randn(t, h, d), torch.randn(h, t)]
+    args += [torch.randn(t, h, d), torch.randn(h, t), None, None, None]
+    call = api._build_call(*args, "e", "cuda", real_tensors=True)
+    harness.launcher.remember(module.merge_pair(plans, 0, *args), call)
+    if change == "parameter":
+        args[1] = torch.nn.Parameter(args[1], requires_grad=False)
+    elif change == "not_a_tensor":
+        args[5] = [1.0]
+    else:
+        args[6] = {"prefill_bool": True, "prefill_past_end": t + 1, "prefill_negative": -1}[change]
+    assert module.merge_pair(plans, 0, *args) is False
+
+
+def test_host_tensors_are_refused_outside_tests(built) -> None:
+    launcher, _, launch = built
+    address = ctypes.cast(launch, ctypes.c_void_p).value
+    args = (torch.empty(2, 1, 8), torch.randn(2, 1, 8), torch.randn(1, 2))
+    args += (torch.randn(2, 1, 8), torch.randn(1, 2), None, None, None)
+    try:
+        launcher.module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, False)
+        assert launcher.module.merge_pair({}, 0, *args) is False
+    finally:
+        launcher.module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, True)
+
+
+def test_public_api_takes_the_fast_path(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """merge_attn_states: the first call runs the Python path and stores its plan, the
+    next ones launch it from the extension, byte for byte the same; errors stay the
+    Python path's, and nothing is launched for them."""
+    monkeypatch.setattr(api, "EAGER_LAUNCHER", harness.launcher)
+    monkeypatch.setattr(dispatch, "select", lambda backend, signature: CUDA_BACKEND.run)
+    t, h, d = 8, 4, 128
+    args = (torch.empty(t, h, d, dtype=torch.bfloat16), torch.randn(t, h, d), torch.randn(h, t))
+    args += (torch.randn(t, h, d), torch.randn(h, t))
+    for _ in range(3):
+        api.merge_attn_states(*args, backend="cuda")
+    assert len(harness.python) == 1 and len(harness.fast) == 2
+    assert harness.fast[0].params == harness.fast[1].params == harness.python[0].params
+    assert harness.fast[0].grid == harness.python[0].grid
+    with pytest.raises(ValueError, match="prefill_tokens_with_context must be in"):
+        api.merge_attn_states(*args, prefill_tokens_with_context=t + 1, backend="cuda")
+    with pytest.raises(ValueError, match="lse_base must be 'e' or 2"):
+        api.merge_attn_states(*args, lse_base=3, backend="cuda")
+    with pytest.raises(ValueError, match="suffix_lse must have shape"):
+        api.merge_attn_states(*args[:4], torch.randn(t, h + 1), backend="cuda")
+    assert len(harness.python) == 1 and len(harness.fast) == 2
+
+
+def test_build_failure_leaves_the_python_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    launcher = eager.EagerLauncher()
+    with caplog.at_level("INFO", logger="attnmerge"):
+        assert not launcher.load(launch_address=1, host_tensors=True)
+    assert launcher.module is None and "failed" in launcher.unavailable
+    assert "eager launcher unavailable" in caplog.text
+    assert not launcher.load()  # tried once
+
+
+def test_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(eager.ENV_EAGER_LAUNCHER, "0")
+    launcher = eager.EagerLauncher()
+    assert not launcher.load(launch_address=1, host_tensors=True)
+    assert launcher.unavailable == "ATTNMERGE_EAGER_LAUNCHER=0"
+
+
+def test_plan_header_matches_the_c_declaration() -> None:
+    """PLAN_HEADER packs PlanHeader of csrc/eager.c: the same fields, sizes and order."""
+    source = (backend.resources.files("attnmerge.cuda") / "csrc" / "eager.c").read_text()
+    body = source.split("typedef struct {", 1)[1].split("} PlanHeader;", 1)[0]
+    sizes = {"uint64_t": "Q", "uint32_t": "I", "int32_t": "i"}
+    fmt = "<"
+    for line in body.splitlines():
+        line = line.split("//")[0].strip()
+        if not line:
+            continue
+        ctype, names = line.rstrip(";").split(" ", 1)
+        for name in names.split(","):
+            name = name.strip()
+            count = (
+                int(name.split("[")[1].rstrip("]").replace("kTensors", "7")) if "[" in name else 1
+            )
+            fmt += (str(count) if count > 1 else "") + sizes[ctype]
+    assert fmt == eager.PLAN_HEADER.format
+    assert len(eager.PLAN_FIELDS) == 7 and set(eager.PLAN_FIELDS) <= set(backend.PARAMS.fields)
