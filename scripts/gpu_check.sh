@@ -32,7 +32,8 @@
 #   profile      Nsight Compute on the CUDA and Triton kernels and vLLM's
 #                (benchmarks/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   launch-floor host time of one kernel launch from C, no Python (benchmarks/launch_floor.cu),
-#                and the host time per eager call of each backend (attnmerge bench --eager)
+#                the host time per eager call of each backend and vLLM's op (attnmerge bench
+#                --eager, eager.csv), and a few shapes with the eager launcher off
 #   compare-outputs  every output bit against a base revision ($BASE_REV, default c9a2f13) on
 #                the fixed corpus of benchmarks/compare (torch, triton, cuda; $COMPARE_CASES)
 #   compare-speed    device time per shape of vLLM's grid against $BASE_REV (cuda, triton),
@@ -52,6 +53,7 @@
 set -u
 OUT=${OUT:-./gpu_logs}
 mkdir -p "$OUT"
+export OUT
 # src for attnmerge, the root for `python3 -m benchmarks.*`
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export ATTNMERGE_FUZZ_EXAMPLES=${ATTNMERGE_FUZZ_EXAMPLES:-200}
@@ -104,7 +106,8 @@ done
 HAS_VLLM=(python3 -c "import vllm.v1.attention.ops.merge_attn_states")
 WITH_VLLM=(env)
 standin=""
-case " ${*%%:*} " in *" bench "* | *" bench-lse "* | *" bench-nofp8 "* | *" profile "*)
+case " ${*%%:*} " in *" bench "* | *" bench-lse "* | *" bench-nofp8 "* | *" profile "* | \
+  *" launch-floor "*)
   if ! "${HAS_VLLM[@]}" 2>/dev/null && [ -d .peers/vllm ] &&
     standin=$(python3 -m benchmarks.peers.vllm --print-path 2>"$OUT/vllm_build.log"); then
     WITH_VLLM=(env "PYTHONPATH=$standin:$PYTHONPATH")
@@ -158,8 +161,11 @@ for arg in "$@"; do
         --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats python3 -m benchmarks.profile_cases ;;
     launch-floor)
-      step launch-floor "$limit" launch_floor.log bash -c 'nvcc -O2 -o /tmp/launch_floor \
-        benchmarks/launch_floor.cu && /tmp/launch_floor && python3 -m attnmerge bench --eager' ;;
+      step launch-floor "$limit" launch_floor.log "${WITH_VLLM[@]}" bash -c 'nvcc -O2 \
+        -o /tmp/launch_floor benchmarks/launch_floor.cu && /tmp/launch_floor &&
+        python3 -m attnmerge bench --eager --csv "$OUT/eager.csv" &&
+        ATTNMERGE_EAGER_LAUNCHER=0 python3 -m attnmerge bench --eager --tokens 1,256 \
+          --heads 128,8 --csv "$OUT/eager-python-launch.csv"' ;;
     compare-outputs)
       step compare-outputs "$limit" compare_outputs.log python3 benchmarks/compare/compare_outputs.py \
         --base-rev "${BASE_REV:-c9a2f13}" --cases "${COMPARE_CASES:-2000}" ;;
