@@ -141,32 +141,33 @@ def random_layout(rng: random.Random) -> Layout:
     )
 
 
-def make_args(layout: Layout) -> tuple:
+def make_args(layout: Layout, device: str = "cpu") -> tuple:
     t, h, d = layout.tokens, layout.heads, layout.head_size
 
     def partial(dtype: torch.dtype) -> torch.Tensor:
         rows = h * t * (d + layout.pad) + layout.misalign
-        flat = torch.randn(rows, dtype=torch.float32).to(dtype)[layout.misalign :]
+        flat = torch.randn(rows, device=device).to(dtype)[layout.misalign :]
         if layout.head_major:
             return flat.view(h, t, d + layout.pad)[..., :d].transpose(0, 1)
         return flat.view(t, h, d + layout.pad)[..., :d]
 
     prefix, suffix = partial(layout.dtypes[0]), partial(layout.dtypes[1])
-    prefix_lse, suffix_lse = torch.randn(h, t), torch.randn(h, t)
+    prefix_lse = torch.randn(h, t, device=device) * 3
+    suffix_lse = torch.randn(h, t, device=device) * 3
     if layout.inplace:
         output = prefix
     elif layout.fp8:
-        output = torch.empty(t, h, d, dtype=torch.float8_e4m3fn)
+        output = torch.empty(t, h, d, dtype=torch.float8_e4m3fn, device=device)
     else:
-        output = torch.empty(t, h, d, dtype=layout.out_dtype)
+        output = torch.empty(t, h, d, dtype=layout.out_dtype, device=device)
     output_lse = {
         "none": None,
-        "HT": torch.empty(h, t),
-        "TH": torch.empty(t, h).t(),
+        "HT": torch.empty(h, t, device=device),
+        "TH": torch.empty(t, h, device=device).t(),
         "inplace": prefix_lse,
     }[layout.output_lse]
     prefill = {"none": None, "zero": 0, "all": t, "some": t // 2}[layout.prefill]
-    scale = torch.tensor([0.5]) if layout.fp8 else None
+    scale = torch.tensor([0.5], device=device) if layout.fp8 else None
     return (output, prefix, prefix_lse, suffix, suffix_lse, output_lse, prefill, scale)
 
 
@@ -363,3 +364,69 @@ def test_plan_header_matches_the_c_declaration() -> None:
             fmt += (str(count) if count > 1 else "") + sizes[ctype]
     assert fmt == eager.PLAN_HEADER.format
     assert len(eager.PLAN_FIELDS) == 7 and set(eager.PLAN_FIELDS) <= set(backend.PARAMS.fields)
+
+
+class CountingLauncher:
+    """The process's launcher as the API sees it, counting the calls it launched."""
+
+    def __init__(self, real: eager.EagerLauncher) -> None:
+        self.real, self.plans, self.launched = real, real.plans, 0
+        self.module = self
+
+    def merge_pair(self, *args):
+        result = self.real.module.merge_pair(*args)
+        self.launched += result is None
+        return result
+
+    def load(self) -> bool:
+        return self.real.load()
+
+    def remember(self, miss, call) -> None:
+        self.real.remember(miss, call)
+
+
+def run_filled(args: tuple, written: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
+    """The call on outputs filled with a byte pattern first; copies of what it wrote."""
+    for t in written:
+        t.view(torch.uint8).fill_(0xA5)
+    api.merge_attn_states(*args, lse_base=layout.lse_base, backend="cuda")
+    return [t.clone() for t in written]
+
+
+@pytest.mark.gpu
+def test_gpu_fast_path_gives_the_python_paths_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU: for each layout, the Python path's output, then the same call twice more
+    (planned, then launched by the extension), and once captured in a CUDA graph and
+    replayed: every output and output LSE bit-identical."""
+    real = eager.LAUNCHER
+    assert real.load(), real.unavailable
+    counting = CountingLauncher(real)
+    rng = random.Random(2)
+    served = 0
+    for _ in range(60):
+        layout = random_layout(rng)._replace(inplace=False)
+        if layout.output_lse == "inplace":  # the input LSE is overwritten: not repeatable
+            layout = layout._replace(output_lse="HT")
+        args = make_args(layout, "cuda")
+        written = [t for t in (args[0], args[5]) if t is not None]
+        monkeypatch.setattr(api, "EAGER_LAUNCHER", eager.EagerLauncher())  # off: Python
+        api.EAGER_LAUNCHER._tried = True
+        expected = run_filled(args, written, layout)
+        monkeypatch.setattr(api, "EAGER_LAUNCHER", counting)
+        before = counting.launched
+        for _ in range(3):
+            got = run_filled(args, written, layout)
+            for e, g in zip(expected, got, strict=True):
+                assert torch.equal(e.view(torch.uint8), g.view(torch.uint8)), layout
+        served += counting.launched - before
+        if layout.tokens and layout.heads:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                api.merge_attn_states(*args, lse_base=layout.lse_base, backend="cuda")
+            for t in written:
+                t.view(torch.uint8).fill_(0xA5)
+            graph.replay()
+            torch.cuda.synchronize()
+            for e, t in zip(expected, written, strict=True):
+                assert torch.equal(e.view(torch.uint8), t.view(torch.uint8)), layout
+    assert served >= 60, served
