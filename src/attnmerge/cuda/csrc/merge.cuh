@@ -62,6 +62,10 @@ __host__ __device__ __forceinline__ u32 outer_of(u32 row, u32 multiplier, u32 sh
 
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
+// A block is kBlockThreads threads in teams of TEAM; a team merges one row.
+constexpr int kBlockThreads = 128;
+constexpr int kWarpSize = 32;
+
 // The merge state of one row's two partials, with the same results as the Triton kernel
 // and the torch reference: +inf means empty; NaN wins the max; an all-empty row gets zero
 // weights and LSE -inf; weights correctly rounded (see divide_weight). The output LSE is

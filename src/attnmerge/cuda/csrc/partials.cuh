@@ -32,6 +32,11 @@ struct PartialsParams {
 
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
+// The maximum of a and b where a NaN in either wins: the same for any order of operands.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+}
+
 // Where a row's partials are: partial k's row starts at partials + row_offset + k *
 // partial_stride_k, its LSE at lses + lse_offset + k * lse_stride_k; partials k < count
 // exist, and the first only where has_first.
