@@ -1,5 +1,6 @@
 """The kernels' stores of the dynamic FP8 formats (docs/contract.md C37) against the format's
-reference quantiser, bit for bit.
+reference quantiser, bit for bit: Triton's (under the interpreter on a CPU) and, on a GPU,
+the cuda backend's (on a CPU through its kernel emulator: tests/test_formats_cuda_emulated.py).
 
 A kernel's merged float32 values may differ from the torch reference's by the ulps C23
 allows (its exponential is not torch's), and a group's scale follows its amax. So each
@@ -17,7 +18,7 @@ from utils import INF, NAN, ON_GPU, assert_bits_equal
 import attnmerge
 from attnmerge import FP8PerTokenGroup
 
-BACKENDS = [("triton", "cpu")] + ([("triton", "cuda")] if ON_GPU else [])
+BACKENDS = [("triton", "cpu")] + ([("triton", "cuda"), ("cuda", "cuda")] if ON_GPU else [])
 LAYOUTS = ["row_major", "col_major", "col_major_tma"]
 
 
@@ -102,11 +103,22 @@ def test_group_store_with_prefill_tokens_and_strides(backend, device):
     assert_bits_equal(valid_scales(fmt.scales), want_scales, "scales")
 
 
-def test_cuda_refuses_until_it_has_the_store(clean_dispatch):
+def test_both_kernel_backends_have_the_store(clean_dispatch, monkeypatch):
+    """Dispatch passes the format on to the cuda and triton backends (each then answers for
+    its device) where its groups lie within a head, and refuses groups that span heads."""
     from attnmerge import dispatch
     from attnmerge.call import CallSignature
 
-    sig = CallSignature(
-        torch.device("cuda"), (torch.bfloat16,) * 2, 128, FP8PerTokenGroup(128).key, False, False
-    )
-    assert "no FP8PerTokenGroup epilogue" in dispatch._unsupported("cuda", sig)
+    class ServesAll:
+        def unsupported(self, signature):
+            return None
+
+    for backend in ("cuda", "triton"):
+        monkeypatch.setitem(dispatch.REGISTRY, backend, ServesAll())
+        for head_size, reason in ((128, None), (256, None), (64, "span heads")):
+            sig = CallSignature(
+                torch.device("cuda"), (torch.bfloat16,) * 2, head_size,
+                FP8PerTokenGroup(128).key, False, False,
+            )  # fmt: skip
+            got = dispatch._unsupported(backend, sig)
+            assert got is None if reason is None else reason in got

@@ -448,6 +448,7 @@ class FP8PerTokenGroup(_DynamicFP8):
 
     # Groups within one head: each row's store computes its own groups' scales.
     triton_epilogue = "fp8_group"
+    cuda_epilogue = "FP8GroupStore"
     whole_token_tiles = False
 
     def _options(self) -> tuple[Hashable, ...]:

@@ -3,6 +3,8 @@
 // Each CUDA thread of a block runs as an OS thread; __syncthreads is a std::barrier over
 // the block's threads; blocks run one after another. Warp shuffles exchange values through
 // one slot per thread, with a barrier over the lanes of the shuffle's segment (its width).
+// A named barrier (barrier.sync id, threads) is a std::barrier of that many threads per id;
+// __shared__ variables are static ones (one block runs at a time).
 // The intrinsics map to plain float operations (built with -ffp-contract=off, so nothing
 // is fused, as on the GPU), and the fp16/bf16/fp8 conversions take the headers' host paths.
 // Built once per kernel configuration with -DATTNMERGE_MERGE_INSTANCE=<template arguments>
@@ -12,6 +14,7 @@
 #include <memory>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -66,17 +69,36 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int width)
   return shuffle_from(v, (threadIdx.x % width) ^ lane_mask, width);
 }
 
+// Named barriers of the running block, created by the first thread to reach each id.
+static std::unique_ptr<std::barrier<>> named_barriers[16];
+static std::mutex named_barriers_mutex;
+
+static inline void emulated_barrier_sync(int id, int threads) {
+  std::barrier<>* bar;
+  {
+    std::lock_guard<std::mutex> lock(named_barriers_mutex);
+    if (!named_barriers[id]) named_barriers[id] = std::make_unique<std::barrier<>>(threads);
+    bar = named_barriers[id].get();
+  }
+  bar->arrive_and_wait();
+}
+
 #define __global__
+#define __shared__ static
 #define __launch_bounds__(...)
 #define ATTNMERGE_HOST_EMULATION 1
 #include "partials.cuh"
 
-template <typename Params, typename Kernel>
-static int emulate(const Params* params, unsigned grid, Kernel kernel) {
+// The kernel's parameter struct (the instance's: with the scales' strides where its store
+// writes scales) read from the packed block.
+template <typename Params>
+static int emulate(const void* packed, unsigned grid, void (*kernel)(Params)) {
   constexpr unsigned kThreads = attnmerge::kBlockThreads;  // every block, every config
+  const Params* params = static_cast<const Params*>(packed);
   for (unsigned b = 0; b < grid; ++b) {
     std::barrier<> barrier(kThreads);
     block_barrier = &barrier;
+    for (auto& named : named_barriers) named.reset();
     for (int w = 0; w < 6; ++w) {
       segment_barriers[w].clear();
       for (unsigned g = 0; g < (kThreads >> w); ++g) {
@@ -103,12 +125,12 @@ static int emulate(const Params* params, unsigned grid, Kernel kernel) {
 }
 
 #ifdef ATTNMERGE_MERGE_INSTANCE
-extern "C" int emulate_merge(const attnmerge::MergeParams* params, unsigned grid) {
+extern "C" int emulate_merge(const void* params, unsigned grid) {
   return emulate(params, grid, attnmerge::attnmerge_merge);
 }
 #endif
 #ifdef ATTNMERGE_PARTIALS_INSTANCE
-extern "C" int emulate_partials(const attnmerge::PartialsParams* params, unsigned grid) {
+extern "C" int emulate_partials(const void* params, unsigned grid) {
   return emulate(params, grid, attnmerge::attnmerge_merge_partials);
 }
 #endif

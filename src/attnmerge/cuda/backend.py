@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ..call import CallSignature, MergeCall, PartialLayout
-from ..formats import FLOAT_DTYPES, FormatKey, FP8Static, Plain
+from ..formats import FLOAT_DTYPES, FormatKey, FP8PerTokenGroup, FP8Static, Plain
 from ..version import __version__
 from . import cache, driver, nvrtc
 from .params import ParamBlock
@@ -75,6 +75,9 @@ _ELEMENT = {
     torch.bfloat16: "BF16",
     torch.float8_e4m3fn: "FP8E4M3",
 }
+#: The element type of a store that writes a scale per group of columns (Groups in
+#: csrc/epilogues.cuh).
+_GROUPS = "Groups<"
 #: Head sizes ``attnmerge build`` prepares by default (MLA and common attention heads).
 COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
@@ -98,6 +101,9 @@ def _source_hash() -> str:
 #: The kernel parameter structs, read from their declarations in csrc/.
 PARAMS = ParamBlock(sources()["merge.cuh"], "MergeParams")
 PARTIALS_PARAMS = ParamBlock(sources()["partials.cuh"], "PartialsParams")
+#: The scales' strides that follow either struct for a store that writes scales
+#: (WithScaleStrides in csrc/epilogues.cuh).
+SCALE_STRIDES = ParamBlock(sources()["epilogues.cuh"], "ScaleStrides")
 
 
 def arch_of(capability: tuple[int, int]) -> str:
@@ -122,7 +128,7 @@ class KernelConfig(NamedTuple):
 
     partial_elements: tuple[str, str]  # C++ element types of the partials
     epilogue: str  # the output format's store functor (OutputFormat.cuda_epilogue)
-    output_element: str  # its element type
+    output_element: str  # its element type (Groups<...> with a group store's options)
     vec: int  # elements per access
     team: int  # threads per row
     write_lse: bool
@@ -139,6 +145,12 @@ class KernelConfig(NamedTuple):
     @property
     def rows_per_block(self) -> int:
         return BLOCK_THREADS // self.team
+
+    @property
+    def takes_scale_strides(self) -> bool:
+        """Whether the kernel's parameters end with the scales' strides (its store writes
+        scales: Store::KernelParams in csrc/epilogues.cuh)."""
+        return self.output_element.startswith(_GROUPS)
 
 
 class PartialsKernelConfig(NamedTuple):
@@ -163,6 +175,23 @@ class PartialsKernelConfig(NamedTuple):
     @property
     def rows_per_block(self) -> int:
         return BLOCK_THREADS // self.team
+
+    @property
+    def takes_scale_strides(self) -> bool:
+        """Whether the kernel's parameters end with the scales' strides (its store writes
+        scales: Store::KernelParams in csrc/epilogues.cuh)."""
+        return self.output_element.startswith(_GROUPS)
+
+
+def _output_element(output_format: FormatKey) -> str:
+    """The element type the format's store is instantiated with: the output dtype's, and
+    for FP8PerTokenGroup the group size and UE8M0 flag with it (compile-time options that
+    lead the key's options)."""
+    element = _ELEMENT[output_format.dtype]
+    if output_format.kind is FP8PerTokenGroup and output_format.options:
+        group_size, ue8m0 = output_format.options[:2]
+        return f"{_GROUPS}attnmerge::{element}, {group_size}, {str(ue8m0).lower()}>"
+    return element
 
 
 def _common_arguments(config: KernelConfig | PartialsKernelConfig) -> str:
@@ -223,7 +252,7 @@ def config_for(
     return KernelConfig(
         partial_elements=(_ELEMENT[partial_dtypes[0]], _ELEMENT[partial_dtypes[1]]),
         epilogue=output_format.kind.cuda_epilogue,
-        output_element=_ELEMENT[output_format.dtype],
+        output_element=_output_element(output_format),
         vec=vec,
         team=min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
         write_lse=write_lse,
@@ -276,7 +305,7 @@ def partials_config_for(
     return PartialsKernelConfig(
         partial_element=_ELEMENT[partial_dtype],
         epilogue=output_format.kind.cuda_epilogue,
-        output_element=_ELEMENT[output_format.dtype],
+        output_element=_output_element(output_format),
         vec=vec,
         team=min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
         write_lse=write_lse,
@@ -468,6 +497,36 @@ def _check_strides(call: MergeCall) -> None:
             )
 
 
+def _scale_strides(call: MergeCall, head_major: bool = False) -> tuple[int, int, int]:
+    """The element strides (outer, inner, group) of the scales a group store writes, in the
+    kernel's row order: per token and head (groups_per_head * stride_g), and per group of a
+    head; 0 along a dimension of one element, which addresses nothing."""
+    output_format = call.output_format
+    num_tokens, num_heads, head_size = call.output.shape
+    stride_t, stride_g = output_format.epilogue_strides()
+    groups_per_head = head_size // output_format.epilogue_constants()[0]
+    token = stride_t if num_tokens > 1 else 0
+    head = groups_per_head * stride_g if num_heads > 1 else 0
+    group = stride_g if groups_per_head > 1 else 0
+    if max(token, head, group) >= _MAX_STRIDE:
+        raise ValueError(
+            f"cuda backend: scales has strides {(stride_t, stride_g)}, and the kernel takes "
+            f"strides per token, head ({groups_per_head} groups) and group below 2^32 "
+            f"elements (backend='triton' takes any)"
+        )
+    return (head, token, group) if head_major else (token, head, group)
+
+
+def _with_scale_strides(params: bytes, strides: tuple[int, int, int]) -> bytes:
+    """WithScaleStrides<Params> (csrc/epilogues.cuh): the packed ``params``, then the
+    scales' strides, padded to the 8-byte alignment of the struct's pointers."""
+    outer, inner, group = strides
+    block = params + SCALE_STRIDES.pack(
+        scale_stride_outer=outer, scale_stride_inner=inner, scale_stride_group=group
+    )
+    return block + bytes(-len(block) % 8)
+
+
 def launch_arguments(
     call: MergeCall, *, chunk_bytes: int | None = None, head_major: bool | None = None
 ) -> Launch | None:
@@ -528,6 +587,7 @@ def launch_arguments(
     else:
         inner, (multiplier, shift) = num_heads, head_divisor(num_heads)
         o, i = 0, 1
+    scale_strides = _scale_strides(call, head_major) if config.takes_scale_strides else None
     operand = call.output_format.kernel_operand()
     try:
         params = PARAMS.pack(
@@ -568,6 +628,8 @@ def launch_arguments(
             lses=tuple(_size_one_strides_zeroed(t) for t in call.lses),
         )
         return launch_arguments(zeroed, chunk_bytes=chunk_bytes, head_major=head_major)
+    if scale_strides is not None:
+        params = _with_scale_strides(params, scale_strides)
     return Launch(kernel, -(-num_rows // config.rows_per_block), params)
 
 
@@ -619,6 +681,7 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
         out_lse_ptr = output_lse.data_ptr()
         out_lse_strides = _zero_size_one(output_lse.shape, output_lse.stride())
     multiplier, shift = head_divisor(num_heads)
+    scale_strides = _scale_strides(call) if config.takes_scale_strides else None
     operand = call.output_format.kernel_operand()
     try:
         params = PARTIALS_PARAMS.pack(
@@ -653,4 +716,6 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
             f"(strides {tuple(partials.stride())}, {tuple(lses.stride())}, "
             f"{tuple(output.stride())}); backend='triton' takes any"
         ) from None
+    if scale_strides is not None:
+        params = _with_scale_strides(params, scale_strides)
     return Launch(kernel, -(-num_rows // config.rows_per_block), params)

@@ -83,6 +83,15 @@ __host__ __device__ __forceinline__ u8 float_to_e4m3_satfinite(float x) {
 // compiles it too, so its logic is tested on machines without a GPU.
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
+// A block is kBlockThreads threads in teams of TEAM; a team merges one row.
+constexpr int kBlockThreads = 128;
+constexpr int kWarpSize = 32;
+
+// The maximum of a and b where a NaN in either wins: the same for any order of operands.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+}
+
 // ---------------------------------------------------------------------------
 // Element types: how a value of each storage type becomes float and back.
 

@@ -62,10 +62,6 @@ __host__ __device__ __forceinline__ u32 outer_of(u32 row, u32 multiplier, u32 sh
 
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
-// A block is kBlockThreads threads in teams of TEAM; a team merges one row.
-constexpr int kBlockThreads = 128;
-constexpr int kWarpSize = 32;
-
 // The merge state of one row's two partials, with the same results as the Triton kernel
 // and the torch reference: +inf means empty; NaN wins the max; an all-empty row gets zero
 // weights and LSE -inf; weights correctly rounded (see divide_weight). The output LSE is
@@ -191,7 +187,7 @@ __device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1,
 // The inputs arrive in their storage type: a bf16 chunk held across the barrier takes
 // half the registers.
 template <typename P0, typename P1, typename Store, int VEC>
-__device__ __forceinline__ void combine_store(void* out, i64 offset, float w0, bool keep0,
+__device__ __forceinline__ void combine_store(void* out, i64 offset, u32 col, float w0, bool keep0,
                                               const Chunk<typename P0::storage, VEC>& x0,
                                               float w1, bool keep1,
                                               const Chunk<typename P1::storage, VEC>& x1,
@@ -203,7 +199,7 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, float w0, b
   for (int i = 0; i < VEC; ++i) {
     acc[i] = __fadd_rn(__fmul_rn(w0, P0::load(k0.get(i))), __fmul_rn(w1, P1::load(k1.get(i))));
   }
-  store.template store<VEC>(out, offset, acc);
+  store.template store<VEC>(out, offset, col, acc);
 }
 
 // A row's output LSE, which may be the very input LSE (in place): the team's first thread
@@ -234,7 +230,8 @@ __device__ __forceinline__ void store_output_lse(const MergeParams& p, int lane,
 // arguments), because code that never runs still costs time in a latency-bound grid.
 template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
           bool LSE_BASE_2>
-__device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
+__device__ __forceinline__ void merge_two_rows(const MergeParams& p,
+                                               const ScaleStrides& scale_strides = ScaleStrides()) {
   static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
   constexpr bool kWideRows = TEAM == kBlockThreads;  // head sizes over TEAM * VEC
   constexpr int kTeams = kBlockThreads / TEAM;
@@ -260,6 +257,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
   const u32 row_or_0 = row_ok ? row : 0;
   const u32 outer = outer_of(row_or_0, p.inner_multiplier, p.inner_shift);
   const u32 inner = row_or_0 - outer * inner_count;
+  store.row(scale_strides, outer, inner);
   // The first-partial test is on the row, not on the token, so it does not wait for it.
   const bool has_first = row < p.rows_with_first;
   const i64 out_row = offset_of(outer, p.out_stride_outer, inner, p.out_stride_inner);
@@ -318,7 +316,8 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
       compute_here(out_lse);
       if (VEC > 1 && !kWideRows) compute_here(out_lse_at);
     }
-    combine_store<P0, P1, Store, VEC>(p.out, out_row + col0, w0, keep0, x0, w1, keep1, x1, store);
+    combine_store<P0, P1, Store, VEC>(p.out, out_row + col0, (u32)col0, w0, keep0, x0, w1, keep1,
+                                      x1, store);
     if (kWideRows) {
       for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
         const i64 off0 =
@@ -327,19 +326,35 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p) {
             offset_of(outer, p.partial1_stride_outer, inner, p.partial1_stride_inner) + col;
         if (has_first) x0 = load_row<P0, VEC>(p.partial0, off0);
         x1 = load_row<P1, VEC>(p.partial1, off1);
-        combine_store<P0, P1, Store, VEC>(p.out, out_row + col, w0, keep0, x0, w1, keep1, x1,
-                                          store);
+        combine_store<P0, P1, Store, VEC>(p.out, out_row + col, (u32)col, w0, keep0, x0, w1,
+                                          keep1, x1, store);
       }
     }
   }
   if (WRITE_LSE && !kLseFirst) store_output_lse<VEC, TEAM>(p, lane, row_ok, out_lse_at, out_lse);
 }
 
+// The kernel of a store that writes scales: its parameters are followed by their strides.
+template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
+          bool LSE_BASE_2>
+__device__ __forceinline__ void merge_two_rows(const WithScaleStrides<MergeParams>& p) {
+  merge_two_rows<P0, P1, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2>(p.params, p.strides);
+}
+
+// The parameters of an instance of merge_two_rows: MergeParams, followed by the scales'
+// strides where its store writes scales (Store::KernelParams).
+template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
+          bool LSE_BASE_2>
+struct MergeInstance {
+  typedef typename Store::template KernelParams<MergeParams> Params;
+};
+
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the
 // launcher finds it without name mangling. The build defines ATTNMERGE_MERGE_INSTANCE
 // (the template arguments, KernelConfig.template_arguments in attnmerge/cuda/backend.py).
 #ifdef ATTNMERGE_MERGE_INSTANCE
-extern "C" __global__ void __launch_bounds__(kBlockThreads) attnmerge_merge(const MergeParams p) {
+extern "C" __global__ void __launch_bounds__(kBlockThreads)
+    attnmerge_merge(const MergeInstance<ATTNMERGE_MERGE_INSTANCE>::Params p) {
   merge_two_rows<ATTNMERGE_MERGE_INSTANCE>(p);
 }
 #endif

@@ -32,11 +32,6 @@ struct PartialsParams {
 
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
-// The maximum of a and b where a NaN in either wins: the same for any order of operands.
-__device__ __forceinline__ float max_nan(float a, float b) {
-  return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
-}
-
 // Where a row's partials are: partial k's row starts at partials + row_offset + k *
 // partial_stride_k, its LSE at lses + lse_offset + k * lse_stride_k; partials k < count
 // exist, and the first only where has_first.
@@ -125,7 +120,8 @@ __device__ __forceinline__ float exponential(float l, float m) {
 // another, and the rows of the first two batches of B partials are requested before the
 // LSEs are read, each next batch as soon as its registers are free.
 template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
-__device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
+__device__ __forceinline__ void merge_partial_rows(
+    const PartialsParams& p, const ScaleStrides& scale_strides = ScaleStrides()) {
   static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
   typedef Chunk<typename P::storage, VEC> Rows;
   constexpr int B = 8;  // partials whose rows are loaded together; two batches in flight
@@ -140,6 +136,7 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
   // First, while little else is live: the store's setup may call the IEEE division's slow
   // path, around which live registers would be saved to local memory.
   store.ready();
+  store.row(scale_strides, outer, inner);
   const PartialRows rows = partial_rows(p, row_ok, outer, inner);
   const float inf = __int_as_float(0x7f800000);
   Rows even[B], odd[B];  // the batches k0 / B even and odd
@@ -205,7 +202,7 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
     }
-    if (col_ok) store.template store<VEC>(p.out, out_row + col, acc);
+    if (col_ok) store.template store<VEC>(p.out, out_row + col, col, acc);
   }
   if (WRITE_LSE) {
     // The output LSE may be the first partial's: every read of the row's LSEs (by all of
@@ -224,11 +221,24 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p) {
   }
 }
 
+// The kernel of a store that writes scales: its parameters are followed by their strides.
+template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
+__device__ __forceinline__ void merge_partial_rows(const WithScaleStrides<PartialsParams>& p) {
+  merge_partial_rows<P, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2>(p.params, p.strides);
+}
+
+// The parameters of an instance of merge_partial_rows: PartialsParams, followed by the
+// scales' strides where its store writes scales (Store::KernelParams).
+template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
+struct PartialsInstance {
+  typedef typename Store::template KernelParams<PartialsParams> Params;
+};
+
 #ifdef ATTNMERGE_PARTIALS_INSTANCE
 // At least one block per SM, no more asked for: without it, ptxas for sm_100a keeps some
 // configurations at 64 registers and spills a few bytes.
 extern "C" __global__ void __launch_bounds__(kBlockThreads, 1)
-    attnmerge_merge_partials(const PartialsParams p) {
+    attnmerge_merge_partials(const PartialsInstance<ATTNMERGE_PARTIALS_INSTANCE>::Params p) {
   merge_partial_rows<ATTNMERGE_PARTIALS_INSTANCE>(p);
 }
 #endif
