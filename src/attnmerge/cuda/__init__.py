@@ -62,7 +62,10 @@ class CudaBackend:
         _launcher().run(call)
 
     def clear_caches(self) -> None:
+        from .eager import LAUNCHER
+
         self._device_reason.cache_clear()
+        LAUNCHER.plans.clear()  # plans name loaded kernels and decisions just forgotten
 
 
 BACKEND = CudaBackend()

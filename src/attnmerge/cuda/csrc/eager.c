@@ -186,6 +186,19 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
     return miss(hash, key, n);  // another key with the same hash: the Python path re-plans
   }
   if (header.grid == 0) Py_RETURN_NONE;  // no rows
+  // The block is copied before any call into Python, which could drop the plan.
+  // 8-byte aligned: the block's pointer fields are patched as 64-bit words.
+  uint64_t block_words[kMaxParams / 8];
+  char* block = (char*)block_words;
+  memcpy(block, bytes + sizeof header + header.key_bytes, header.params_bytes);
+  for (int i = 0; i < kTensors; ++i) {
+    const int32_t at = header.offsets[i];
+    if (at >= 0 && (present & (1 << i))) memcpy(block + at, &tensors[i].ptr, sizeof(uint64_t));
+  }
+  if (header.rows_with_first_offset >= 0) {
+    const uint32_t rows = (uint32_t)with_first * header.num_heads;
+    memcpy(block + header.rows_with_first_offset, &rows, sizeof rows);
+  }
 
   PyObject* device = PyObject_CallNoArgs(current_device_fn);
   if (device == NULL) return NULL;
@@ -201,18 +214,6 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
   Py_DECREF(stream_obj);
   if (PyErr_Occurred()) return NULL;
 
-  // 8-byte aligned: the block's pointer fields are patched as 64-bit words.
-  uint64_t block_words[kMaxParams / 8];
-  char* block = (char*)block_words;
-  memcpy(block, bytes + sizeof header + header.key_bytes, header.params_bytes);
-  for (int i = 0; i < kTensors; ++i) {
-    const int32_t at = header.offsets[i];
-    if (at >= 0 && (present & (1 << i))) memcpy(block + at, &tensors[i].ptr, sizeof(uint64_t));
-  }
-  if (header.rows_with_first_offset >= 0) {
-    const uint32_t rows = (uint32_t)with_first * header.num_heads;
-    memcpy(block + header.rows_with_first_offset, &rows, sizeof rows);
-  }
   void* params[1] = {block};
   const int code = launch_kernel((void*)(uintptr_t)header.function, header.grid, 1, 1,
                                  header.block, 1, 1, 0, stream, params, NULL);
