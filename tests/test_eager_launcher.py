@@ -210,6 +210,52 @@ def test_launches_exactly_what_the_python_path_launches(harness: Harness) -> Non
     assert launched > 200
 
 
+@pytest.fixture
+def triton_runner(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The triton backend's direct runner, as a stand-in recording its calls."""
+    merge_kernel = pytest.importorskip("attnmerge.triton").load()
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        merge_kernel, "direct_runner", lambda launch: lambda *a, **kw: calls.append((a, kw))
+    )
+    return calls
+
+
+def test_runner_plans_pass_the_python_paths_arguments(
+    harness: Harness, triton_runner: list[tuple]
+) -> None:
+    """The triton backend's plans: the runner receives the arguments the Python path
+    computes for the new call (its tensors, the same numbers and compile-time arguments)
+    and the current stream."""
+    merge_kernel = pytest.importorskip("attnmerge.triton").load()
+    rng = random.Random(3)
+    module, plans = harness.launcher.module, harness.launcher.plans
+    checked = 0
+    for _ in range(150):
+        layout = random_layout(rng)
+        first = make_args(layout)
+        miss = module.merge_pair(plans, code_of(layout, "triton"), *first)
+        call = api._build_call(*first, layout.lse_base, "triton", real_tensors=True)
+        harness.launcher.remember(miss, call, "triton")
+        again = make_args(layout)
+        before = len(triton_runner)
+        assert module.merge_pair(plans, code_of(layout, "triton"), *again) is None, layout
+        expected = merge_kernel.launch_arguments(
+            api._build_call(*again, layout.lse_base, "triton", real_tensors=True)
+        )
+        if expected is None:
+            assert len(triton_runner) == before, layout
+            continue
+        args, kwargs = triton_runner[-1]
+        assert kwargs == {"stream": 0}
+        want = (*expected.args, *expected.constexprs)
+        assert len(args) == len(want), layout
+        for got, exp in zip(args, want, strict=True):
+            assert got is exp if isinstance(exp, torch.Tensor) else got == exp, layout
+        checked += 1
+    assert checked > 100
+
+
 def test_a_different_fact_is_a_miss(harness: Harness) -> None:
     """Each fact that can change validation or the launch is part of the key."""
     module, plans = harness.launcher.module, harness.launcher.plans
@@ -381,20 +427,25 @@ class CountingLauncher:
     def load(self) -> bool:
         return self.real.load()
 
-    def remember(self, miss, call) -> None:
-        self.real.remember(miss, call)
+    def remember(self, miss, call, backend: str = "cuda") -> None:
+        self.real.remember(miss, call, backend)
 
 
-def run_filled(args: tuple, written: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
+def run_filled(
+    args: tuple, written: list[torch.Tensor], layout: Layout, backend: str
+) -> list[torch.Tensor]:
     """The call on outputs filled with a byte pattern first; copies of what it wrote."""
     for t in written:
         t.view(torch.uint8).fill_(0xA5)
-    api.merge_attn_states(*args, lse_base=layout.lse_base, backend="cuda")
+    api.merge_attn_states(*args, lse_base=layout.lse_base, backend=backend)
     return [t.clone() for t in written]
 
 
 @pytest.mark.gpu
-def test_gpu_fast_path_gives_the_python_paths_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_gpu_fast_path_gives_the_python_paths_bits(
+    monkeypatch: pytest.MonkeyPatch, backend_name: str
+) -> None:
     """On a GPU: for each layout, the Python path's output, then the same call twice more
     (planned, then launched by the extension), and once captured in a CUDA graph and
     replayed: every output and output LSE bit-identical."""
@@ -411,18 +462,18 @@ def test_gpu_fast_path_gives_the_python_paths_bits(monkeypatch: pytest.MonkeyPat
         written = [t for t in (args[0], args[5]) if t is not None]
         monkeypatch.setattr(api, "EAGER_LAUNCHER", eager.EagerLauncher())  # off: Python
         api.EAGER_LAUNCHER._tried = True
-        expected = run_filled(args, written, layout)
+        expected = run_filled(args, written, layout, backend_name)
         monkeypatch.setattr(api, "EAGER_LAUNCHER", counting)
         before = counting.launched
         for _ in range(3):
-            got = run_filled(args, written, layout)
+            got = run_filled(args, written, layout, backend_name)
             for e, g in zip(expected, got, strict=True):
                 assert torch.equal(e.view(torch.uint8), g.view(torch.uint8)), layout
         served += counting.launched - before
         if layout.tokens and layout.heads:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                api.merge_attn_states(*args, lse_base=layout.lse_base, backend="cuda")
+                api.merge_attn_states(*args, lse_base=layout.lse_base, backend=backend_name)
             for t in written:
                 t.view(torch.uint8).fill_(0xA5)
             graph.replay()

@@ -41,6 +41,7 @@ from .formats import (
     dtype_names,
     strides_fit,
 )
+from .triton import BACKEND as TRITON_BACKEND
 
 __all__ = ["MergeResult", "merge", "merge_attn_states"]
 
@@ -276,11 +277,12 @@ def _merge_attn_states_impl(
     call = _build_call(*args, lse_base, backend, real_tensors=True, group=group)
     run = dispatch.select(backend, call.signature)
     run(call)
-    if run == CUDA_BACKEND.run:
-        if EAGER_LAUNCHER.module is None:
-            EAGER_LAUNCHER.load()  # the first call on the cuda backend builds it
-        else:
-            EAGER_LAUNCHER.remember(eager_miss, call)
+    kernels = "cuda" if run == CUDA_BACKEND.run else "triton" if run == TRITON_BACKEND.run else None
+    if kernels is not None:
+        if EAGER_LAUNCHER.module is not None:
+            EAGER_LAUNCHER.remember(eager_miss, call, kernels)
+        elif call.signature.device.type == "cuda":
+            EAGER_LAUNCHER.load()  # the first call on a GPU kernel backend builds it
 
 
 #: The eager implementations, never traced by torch.compile (calls reach them through a

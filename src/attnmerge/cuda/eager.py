@@ -1,4 +1,4 @@
-"""The eager fast path of the cuda backend: a compiled launcher for repeated calls.
+"""The eager fast path: a compiled launcher for repeated calls (cuda and triton backends).
 
 Outside CUDA graphs an engine pays the host time of every call, and in Python that is
 mostly argument checks, reading tensor metadata and the ctypes launch
@@ -7,9 +7,10 @@ an earlier call's (dtypes, devices, shapes, strides, alignment, which written te
 the very inputs, the class of ``prefill_tokens_with_context``) passes every check that
 call passed and launches the same kernel with the same parameters but for its pointers.
 ``csrc/eager.c``, a CPython extension, reads those facts from the tensors, finds the
-launch plan stored for them and launches it with ``cuLaunchKernel``; everything else
-(the first call of each kind, errors, other backends, ``torch.compile``) takes the Python
-path, which stores the plan of each call it launches on the cuda backend.
+launch plan stored for them and launches it: the cuda backend's kernel with
+``cuLaunchKernel``, the triton backend's through its compiled kernel's runner. Everything
+else (the first call of each kind, errors, the torch backend, ``torch.compile``) takes the
+Python path, which stores the plan of each call it launches on a kernel backend.
 
 The extension is compiled on first use with the host C compiler and Python's headers (the
 toolchain Triton's launchers need too; ``$CC`` picks the compiler) and kept in the kernel
@@ -34,6 +35,8 @@ from importlib import resources
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
+
+import torch
 
 from ..version import __version__
 from . import cache
@@ -131,8 +134,6 @@ class EagerLauncher:
         if os.environ.get(ENV_EAGER_LAUNCHER, "1") == "0":
             self.unavailable = f"{ENV_EAGER_LAUNCHER}=0"
             return False
-        import torch
-
         try:
             data = cache.cached_build(
                 "eager", _cache_key(), build_extension, suffix=".so", describe="eager launcher"
@@ -156,38 +157,76 @@ class EagerLauncher:
         self.module = module
         return True
 
-    def remember(self, miss: object, call: MergeCall) -> None:
+    def remember(self, miss: object, call: MergeCall, backend: str = "cuda") -> None:
         """Store the plan of ``call``, just validated by the Python path and served by
-        the cuda backend, under the key ``miss`` that ``merge_pair`` returned for it."""
+        ``backend`` ("cuda" or "triton"), under the key ``miss`` that ``merge_pair``
+        returned for it."""
         if not isinstance(miss, tuple):
             return
-        from .backend import PARAMS, launch_arguments
-
         hash_value, key = miss
-        launch = launch_arguments(call)
-        if launch is None:
-            header = PLAN_HEADER.pack(0, 0, 0, -1, 0, *([-1] * 8), len(key), 0)
-            block = b""
-        else:
-            operand = call.output_format.kernel_operand()
-            offsets = [PARAMS.offsets[field] for field in PLAN_FIELDS]
-            if operand is None:
-                offsets[-1] = -1  # the block's null operand stays
-            header = PLAN_HEADER.pack(
-                launch.kernel.function_address,
-                launch.grid,
-                launch.kernel.block,
-                launch.kernel.device_index,
-                call.output.shape[1],
-                *offsets,
-                PARAMS.offsets["rows_with_first"],
-                len(key),
-                len(launch.params),
-            )
-            block = launch.params
+        plan = _runner_plan(key, call) if backend == "triton" else _cuda_plan(key, call)
+        if plan is None:
+            return
         if len(self.plans) >= MAX_PLANS:
             self.plans.clear()
-        self.plans[hash_value] = header + key + block
+        self.plans[hash_value] = plan
+
+
+def _no_rows_plan(key: bytes) -> bytes:
+    return PLAN_HEADER.pack(0, 0, 0, -1, 0, *([-1] * 8), len(key), 0) + key
+
+
+def _cuda_plan(key: bytes, call: MergeCall) -> bytes:
+    """PlanHeader, the key and the parameter block of the cuda backend's launch."""
+    from .backend import PARAMS, launch_arguments
+
+    launch = launch_arguments(call)
+    if launch is None:
+        return _no_rows_plan(key)
+    offsets = [PARAMS.offsets[field] for field in PLAN_FIELDS]
+    if call.output_format.kernel_operand() is None:
+        offsets[-1] = -1  # the block's null operand stays
+    header = PLAN_HEADER.pack(
+        launch.kernel.function_address,
+        launch.grid,
+        launch.kernel.block,
+        launch.kernel.device_index,
+        call.output.shape[1],
+        *offsets,
+        PARAMS.offsets["rows_with_first"],
+        len(key),
+        len(launch.params),
+    )
+    return header + key + launch.params
+
+
+def _runner_plan(key: bytes, call: MergeCall) -> bytes | tuple | None:
+    """The triton backend's plan: its compiled kernel's runner and arguments, with the
+    positions of the call's tensors in them (run_runner_plan in csrc/eager.c); None while
+    the kernel has no direct runner."""
+    from ..triton import load
+
+    merge_kernel = load()
+    launch = merge_kernel.launch_arguments(call)
+    if launch is None:
+        return _no_rows_plan(key)
+    runner = merge_kernel.direct_runner(launch)
+    if runner is None:
+        return None
+    # The tensors in the order of csrc/eager.c (kOut ... kScale).
+    operand = call.output_format.kernel_operand()
+    tensors = (call.output, call.partials[0], call.lses[0], call.partials[1], call.lses[1])
+    tensors += (call.output_lse, operand)
+    arguments = (*launch.args, *launch.constexprs)
+    slots: list[int] = []
+    for at, argument in enumerate(launch.args):
+        if isinstance(argument, torch.Tensor):
+            which = [i for i, t in enumerate(tensors) if t is argument]
+            if not which:
+                return None  # a tensor the call does not pass: nothing to patch it from
+            slots += (at, which[0])
+    device = -1 if launch.device_index is None else launch.device_index  # (-1: a host test)
+    return (key, device, runner, arguments, tuple(slots), launch.tokens_with_first_at)
 
 
 #: The process's launcher.

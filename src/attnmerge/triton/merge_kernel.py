@@ -13,6 +13,7 @@ measurements: docs/triton-kernel.md.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import triton
@@ -21,7 +22,17 @@ import triton.language as tl
 from ..call import MergeCall
 from . import epilogues, interpreting
 
-__all__ = ["block_rows_for", "exp_in_base", "head_major_programs", "int_class", "launch", "run"]
+__all__ = [
+    "TritonLaunch",
+    "block_rows_for",
+    "direct_runner",
+    "exp_in_base",
+    "head_major_programs",
+    "int_class",
+    "launch",
+    "launch_arguments",
+    "run",
+]
 
 logger = logging.getLogger("attnmerge")
 
@@ -276,16 +287,43 @@ def int_class(x: int) -> int:
     return 2 if x == 1 else (x & 15) == 0
 
 
+class TritonLaunch(NamedTuple):
+    """One launch of a Triton kernel: the kernel, the key of its compiled specialisation
+    (None where nothing is compiled: Triton's interpreter, a CPU), the grid, the run-time
+    arguments and the compile-time ones, the device, and where in ``args`` the number of
+    tokens with a first partial is (a value Triton does not specialise on)."""
+
+    kernel: object
+    key: tuple | None
+    grid: tuple[int, int, int]
+    args: tuple
+    constexprs: tuple
+    device_index: int | None
+    tokens_with_first_at: int
+
+
 def run(call: MergeCall, block_rows: int | None = None) -> None:
     """Launch the merge of ``call`` on the current stream (``block_rows`` overrides
     :func:`block_rows_for`)."""
+    launch_ = launch_arguments(call, block_rows)
+    if launch_ is None:
+        return
+    kernel, key, grid, args, constexprs = launch_[:5]
+    if key is None:  # no compiled kernels to cache
+        kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
+        return
+    launch(kernel, key, grid, args, constexprs, launch_.device_index)
+
+
+def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLaunch | None:
+    """The launch of ``call`` (None: nothing to do)."""
     output, output_lse = call.output, call.output_lse
     partial0, partial1 = call.partials
     lse0, lse1 = call.lses
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0 or head_size == 0:
-        return
+        return None
     if num_rows > _MAX_ROWS:
         raise ValueError(f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
     itemsize = max(partial0.itemsize, partial1.itemsize)
@@ -334,10 +372,10 @@ def run(call: MergeCall, block_rows: int | None = None) -> None:
     count = num_tokens if head_major else num_rows
     grid = (triton.cdiv(count, rows_per_program), num_heads if head_major else 1, 1)
     args = (*pointers, count, call.tokens_with_first, *strides)
+    first_at = len(pointers) + 1
     device = output.device
-    if device.type != "cuda" or _INTERPRETING:  # no compiled kernels to cache
-        _merge_two_kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
-        return
+    if device.type != "cuda" or _INTERPRETING:
+        return TritonLaunch(_merge_two_kernel, None, grid, args, constexprs, device.index, first_at)
 
     key = (
         _merge_two_kernel,
@@ -349,7 +387,7 @@ def run(call: MergeCall, block_rows: int | None = None) -> None:
         tuple(t.data_ptr() & 15 for t in pointers),
         tuple(int_class(x) for x in strides),
     )
-    launch(_merge_two_kernel, key, grid, args, constexprs, device.index)
+    return TritonLaunch(_merge_two_kernel, key, grid, args, constexprs, device.index, first_at)
 
 
 def launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int):
@@ -361,6 +399,14 @@ def launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, devi
     else:  # Triton launches on the current device: make it the tensors' one
         with torch.cuda.device(device_index):
             _launch(kernel, key, grid, args, constexprs, device_index)
+
+
+def direct_runner(launch_: TritonLaunch):
+    """The compiled kernel's own runner for ``launch_``'s grid, to be called with its
+    arguments, its compile-time arguments and ``stream=``; None until a direct launch of
+    it succeeded (the eager launcher then reuses it)."""
+    compiled = _compiled.get(launch_.key) if launch_.key is not None else None
+    return compiled[launch_.grid] if compiled is not None and _direct_launch else None
 
 
 def _launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int):

@@ -10,6 +10,9 @@
 // the kernel with cuLaunchKernel. Anything else is a miss: the Python path runs the call
 // (validation, errors, dispatch, the launch) and stores the plan for the next one.
 //
+// A plan is either the cuda backend's (bytes: PlanHeader, the key, the parameter block) or
+// a runner's, for the triton backend (a tuple: see run_runner_plan).
+//
 // merge_pair(plans, code, output, prefix_output, prefix_lse, suffix_output, suffix_lse,
 //            output_lse, prefill_tokens_with_context, output_scale)
 //   -> None           launched (or nothing to do)
@@ -33,6 +36,7 @@ static int accept_host_tensors;  // tests of the planning on a CPU, with a stand
 static PyObject* current_device_fn;  // torch._C._cuda_getDevice
 static PyObject* current_stream_fn;  // torch._C._cuda_getCurrentRawStream
 static PyObject *s_data_ptr, *s_stride, *s_shape, *s_dtype, *s_get_device;
+static PyObject* stream_kwnames;  // ("stream",)
 
 enum { kMaxDims = 4, kTensors = 7, kMaxParams = 512 };
 enum { kOut, kPartial0, kLse0, kPartial1, kLse1, kOutLse, kScale };
@@ -123,6 +127,71 @@ static PyObject* miss(uint64_t hash, const int64_t* key, size_t n) {
                        (Py_ssize_t)(n * sizeof(int64_t)));
 }
 
+// The current device's index, or -2 with a Python error.
+static long current_device(void) {
+  PyObject* device = PyObject_CallNoArgs(current_device_fn);
+  if (device == NULL) return -2;
+  const long current = PyLong_AsLong(device);
+  Py_DECREF(device);
+  return current == -1 && PyErr_Occurred() ? -2 : current;
+}
+
+// A runner's plan, (key, device index, runner, arguments, slots, first_at): calls
+// runner(*arguments, stream=<current stream>) with arguments[slots[2 i]] replaced by the
+// call's tensor slots[2 i + 1] and arguments[first_at] by its number of tokens with a
+// first partial. ``plan`` is held by the caller.
+enum { kMaxRunnerArgs = 64 };
+static PyObject* run_runner_plan(PyObject* plan, uint64_t hash, const int64_t* key, size_t n,
+                                 PyObject* const* tensors, int64_t with_first) {
+  if (PyTuple_GET_SIZE(plan) != 6) return miss(hash, key, n);
+  PyObject* plan_key = PyTuple_GET_ITEM(plan, 0);
+  PyObject* runner = PyTuple_GET_ITEM(plan, 2);
+  PyObject* arguments = PyTuple_GET_ITEM(plan, 3);
+  PyObject* slots = PyTuple_GET_ITEM(plan, 4);
+  if (!PyBytes_Check(plan_key) || (size_t)PyBytes_GET_SIZE(plan_key) != n * sizeof(int64_t) ||
+      memcmp(PyBytes_AS_STRING(plan_key), key, n * sizeof(int64_t)) != 0 ||
+      !PyTuple_Check(arguments) || PyTuple_GET_SIZE(arguments) > kMaxRunnerArgs ||
+      !PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) % 2 != 0) {
+    return miss(hash, key, n);
+  }
+  const long device_index = PyLong_AsLong(PyTuple_GET_ITEM(plan, 1));
+  const long first_at = PyLong_AsLong(PyTuple_GET_ITEM(plan, 5));
+  if (PyErr_Occurred()) return NULL;
+  const Py_ssize_t nargs = PyTuple_GET_SIZE(arguments);
+  PyObject* stack[kMaxRunnerArgs + 1];
+  for (Py_ssize_t i = 0; i < nargs; ++i) stack[i] = PyTuple_GET_ITEM(arguments, i);
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i += 2) {
+    const long at = PyLong_AsLong(PyTuple_GET_ITEM(slots, i));
+    const long which = PyLong_AsLong(PyTuple_GET_ITEM(slots, i + 1));
+    if (at < 0 || at >= nargs || which < 0 || which >= kTensors || tensors[which] == NULL) {
+      return PyErr_Occurred() ? NULL : miss(hash, key, n);
+    }
+    stack[at] = tensors[which];
+  }
+  const long current = current_device();
+  if (current == -2) return NULL;
+  if (current != device_index) return miss(hash, key, n);  // context switch: Python
+  PyObject* first = NULL;
+  if (first_at >= 0 && first_at < nargs) {
+    first = PyLong_FromLongLong(with_first);
+    if (first == NULL) return NULL;
+    stack[first_at] = first;
+  }
+  PyObject* index = PyLong_FromLong(device_index);
+  PyObject* stream = index == NULL ? NULL : PyObject_CallOneArg(current_stream_fn, index);
+  Py_XDECREF(index);
+  PyObject* result = NULL;
+  if (stream != NULL) {
+    stack[nargs] = stream;
+    result = PyObject_Vectorcall(runner, stack, (size_t)nargs, stream_kwnames);
+    Py_DECREF(stream);
+  }
+  Py_XDECREF(first);
+  if (result == NULL) return NULL;
+  Py_DECREF(result);
+  Py_RETURN_NONE;
+}
+
 static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 10 || !PyDict_Check(args[0])) {
     PyErr_SetString(PyExc_TypeError, "merge_pair(plans, code, 8 arguments of the op)");
@@ -134,6 +203,7 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
   int64_t* k = key;
   *k++ = PyLong_AsLongLong(args[1]);  // the LSE base and the requested backend
   Tensor tensors[kTensors];
+  PyObject* objects[kTensors] = {NULL};
   int present = 0;
   for (int i = 0; i < kTensors; ++i) {
     PyObject* t = args[i < kOutLse ? 2 + i : (i == kOutLse ? 7 : 9)];
@@ -142,6 +212,7 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
     if (status < 0) PyErr_Clear();  // e.g. a sparse tensor's stride(): the Python path says
     if (status != 0) Py_RETURN_FALSE;
     present |= 1 << i;
+    objects[i] = t;
   }
   // Which written tensors are the very inputs (in place), and the prefill class.
   const uint64_t out = tensors[kOut].ptr;
@@ -174,6 +245,12 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
   PyObject* plan = PyDict_GetItemWithError(plans, hash_obj);  // borrowed
   Py_DECREF(hash_obj);
   if (plan == NULL) return PyErr_Occurred() ? NULL : miss(hash, key, n);
+  if (PyTuple_Check(plan)) {
+    Py_INCREF(plan);  // the runner runs Python code, which could drop the plan
+    PyObject* result = run_runner_plan(plan, hash, key, n, objects, with_first);
+    Py_DECREF(plan);
+    return result;
+  }
   if (!PyBytes_Check(plan) || (size_t)PyBytes_GET_SIZE(plan) < sizeof(PlanHeader)) {
     return miss(hash, key, n);
   }
@@ -200,10 +277,8 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
     memcpy(block + header.rows_with_first_offset, &rows, sizeof rows);
   }
 
-  PyObject* device = PyObject_CallNoArgs(current_device_fn);
-  if (device == NULL) return NULL;
-  const long current = PyLong_AsLong(device);
-  Py_DECREF(device);
+  const long current = current_device();
+  if (current == -2) return NULL;
   if (current != header.device_index) return miss(hash, key, n);  // context switch: Python
   PyObject* index = PyLong_FromLong(header.device_index);
   if (index == NULL) return NULL;
@@ -262,5 +337,7 @@ PyMODINIT_FUNC PyInit__attnmerge_eager(void) {
   s_dtype = PyUnicode_InternFromString("dtype");
   s_get_device = PyUnicode_InternFromString("get_device");
   if (!s_data_ptr || !s_stride || !s_shape || !s_dtype || !s_get_device) return NULL;
+  stream_kwnames = Py_BuildValue("(s)", "stream");
+  if (stream_kwnames == NULL) return NULL;
   return PyModule_Create(&module);
 }
