@@ -19,6 +19,7 @@ import torch
 from attnmerge import api, dispatch
 from attnmerge.cuda import BACKEND as CUDA_BACKEND
 from attnmerge.cuda import backend, eager
+from attnmerge.triton import BACKEND as TRITON_BACKEND
 
 pytestmark = pytest.mark.skipif(eager._compiler() is None, reason="no C compiler here")
 
@@ -190,7 +191,7 @@ def test_launches_exactly_what_the_python_path_launches(harness: Harness) -> Non
         miss = module.merge_pair(plans, code_of(layout), *first)
         assert isinstance(miss, tuple), (layout, miss)
         call, _ = python_launch(first, layout)
-        harness.launcher.remember(miss, call)
+        harness.launcher.remember(miss, call, CUDA_BACKEND.eager_plan)
 
         again = make_args(layout)  # other memory, the same layout
         before = len(harness.fast)
@@ -236,7 +237,7 @@ def test_runner_plans_pass_the_python_paths_arguments(
         first = make_args(layout)
         miss = module.merge_pair(plans, code_of(layout, "triton"), *first)
         call = api._build_call(*first, layout.lse_base, "triton", real_tensors=True)
-        harness.launcher.remember(miss, call, "triton")
+        harness.launcher.remember(miss, call, TRITON_BACKEND.eager_plan)
         again = make_args(layout)
         before = len(triton_runner)
         assert module.merge_pair(plans, code_of(layout, "triton"), *again) is None, layout
@@ -275,9 +276,8 @@ def test_a_different_fact_is_a_miss(harness: Harness) -> None:
         "e",
     )
     args = make_args(base)
-    harness.launcher.remember(
-        module.merge_pair(plans, code_of(base), *args), python_launch(args, base)[0]
-    )
+    miss = module.merge_pair(plans, code_of(base), *args)
+    harness.launcher.remember(miss, python_launch(args, base)[0], CUDA_BACKEND.eager_plan)
     assert module.merge_pair(plans, code_of(base), *make_args(base)) is None
     variants = [
         base._replace(tokens=17),
@@ -310,7 +310,7 @@ def test_in_place_is_a_different_call(harness: Harness) -> None:
     lses = (torch.randn(h, t), torch.randn(h, t))
     separate = (torch.empty(t, h, d), prefix, lses[0], suffix, lses[1], None, None, None)
     call = api._build_call(*separate, "e", "cuda", real_tensors=True)
-    harness.launcher.remember(module.merge_pair(plans, 0, *separate), call)
+    harness.launcher.remember(module.merge_pair(plans, 0, *separate), call, CUDA_BACKEND.eager_plan)
     in_place = (prefix, prefix, lses[0], suffix, lses[1], None, None, None)
     assert isinstance(module.merge_pair(plans, 0, *in_place), tuple)
 
@@ -326,7 +326,7 @@ def test_calls_the_fast_path_refuses(harness: Harness, change: str) -> None:
     args = [torch.empty(t, h, d), torch.randn(t, h, d), torch.randn(h, t)]
     args += [torch.randn(t, h, d), torch.randn(h, t), None, None, None]
     call = api._build_call(*args, "e", "cuda", real_tensors=True)
-    harness.launcher.remember(module.merge_pair(plans, 0, *args), call)
+    harness.launcher.remember(module.merge_pair(plans, 0, *args), call, CUDA_BACKEND.eager_plan)
     if change == "parameter":
         args[1] = torch.nn.Parameter(args[1], requires_grad=False)
     elif change == "not_a_tensor":
@@ -427,8 +427,8 @@ class CountingLauncher:
     def load(self) -> bool:
         return self.real.load()
 
-    def remember(self, miss, call, backend: str = "cuda") -> None:
-        self.real.remember(miss, call, backend)
+    def remember(self, miss, call, plan_of) -> None:
+        self.real.remember(miss, call, plan_of)
 
 
 def run_filled(

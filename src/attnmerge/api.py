@@ -277,10 +277,10 @@ def _merge_attn_states_impl(
     call = _build_call(*args, lse_base, backend, real_tensors=True, group=group)
     run = dispatch.select(backend, call.signature)
     run(call)
-    kernels = "cuda" if run == CUDA_BACKEND.run else "triton" if run == TRITON_BACKEND.run else None
+    kernels = next((b for b in (CUDA_BACKEND, TRITON_BACKEND) if run == b.run), None)
     if kernels is not None:
         if EAGER_LAUNCHER.module is not None:
-            EAGER_LAUNCHER.remember(eager_miss, call, kernels)
+            EAGER_LAUNCHER.remember(eager_miss, call, kernels.eager_plan)
         elif call.signature.device.type == "cuda":
             EAGER_LAUNCHER.load()  # the first call on a GPU kernel backend builds it
 

@@ -85,3 +85,11 @@ class MergeCall(NamedTuple):
     @property
     def lse_base_2(self) -> bool:
         return self.signature.lse_base_2
+
+    def pair_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """A two-partial call's tensors in the order the eager launcher reads them
+        (csrc/eager.c in attnmerge.cuda): output, first partial and its LSE, second
+        partial and its LSE, output LSE, the format's device operand (None where absent)."""
+        operand = self.output_format.kernel_operand()
+        (first, second), (first_lse, second_lse) = self.partials, self.lses
+        return (self.output, first, first_lse, second, second_lse, self.output_lse, operand)

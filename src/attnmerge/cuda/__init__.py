@@ -61,6 +61,12 @@ class CudaBackend:
     def run(self, call: MergeCall) -> None:
         _launcher().run(call)
 
+    def eager_plan(self, key: bytes, call: MergeCall) -> bytes | None:
+        """The eager launcher's plan for a two-partial ``call`` it keyed ``key``."""
+        from .eager import cuda_plan
+
+        return cuda_plan(key, call) if call.signature.layout is PartialLayout.SEPARATE else None
+
     def clear_caches(self) -> None:
         from .eager import LAUNCHER
 

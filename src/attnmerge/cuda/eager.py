@@ -31,6 +31,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -45,7 +46,7 @@ from .nvrtc import BuildError
 if TYPE_CHECKING:
     from ..call import MergeCall
 
-__all__ = ["ENV_EAGER_LAUNCHER", "LAUNCHER", "EagerLauncher", "build_extension"]
+__all__ = ["ENV_EAGER_LAUNCHER", "LAUNCHER", "EagerLauncher", "build_extension", "cuda_plan"]
 
 logger = logging.getLogger("attnmerge")
 
@@ -157,14 +158,16 @@ class EagerLauncher:
         self.module = module
         return True
 
-    def remember(self, miss: object, call: MergeCall, backend: str = "cuda") -> None:
-        """Store the plan of ``call``, just validated by the Python path and served by
-        ``backend`` ("cuda" or "triton"), under the key ``miss`` that ``merge_pair``
-        returned for it."""
+    def remember(
+        self, miss: object, call: MergeCall, plan_of: Callable[[bytes, MergeCall], object]
+    ) -> None:
+        """Store the plan of ``call``, just validated by the Python path and served by a
+        kernel backend, under the key ``miss`` that ``merge_pair`` returned for it;
+        ``plan_of(key, call)`` is the backend's plan (None: it has none)."""
         if not isinstance(miss, tuple):
             return
         hash_value, key = miss
-        plan = _runner_plan(key, call) if backend == "triton" else _cuda_plan(key, call)
+        plan = plan_of(key, call)
         if plan is None:
             return
         if len(self.plans) >= MAX_PLANS:
@@ -172,17 +175,13 @@ class EagerLauncher:
         self.plans[hash_value] = plan
 
 
-def _no_rows_plan(key: bytes) -> bytes:
-    return PLAN_HEADER.pack(0, 0, 0, -1, 0, *([-1] * 8), len(key), 0) + key
-
-
-def _cuda_plan(key: bytes, call: MergeCall) -> bytes:
-    """PlanHeader, the key and the parameter block of the cuda backend's launch."""
+def cuda_plan(key: bytes, call: MergeCall) -> bytes:
+    """The cuda backend's plan: PlanHeader, the key and the launch's parameter block."""
     from .backend import PARAMS, launch_arguments
 
     launch = launch_arguments(call)
     if launch is None:
-        return _no_rows_plan(key)
+        return PLAN_HEADER.pack(0, 0, 0, -1, 0, *([-1] * 8), len(key), 0) + key
     offsets = [PARAMS.offsets[field] for field in PLAN_FIELDS]
     if call.output_format.kernel_operand() is None:
         offsets[-1] = -1  # the block's null operand stays
@@ -198,35 +197,6 @@ def _cuda_plan(key: bytes, call: MergeCall) -> bytes:
         len(launch.params),
     )
     return header + key + launch.params
-
-
-def _runner_plan(key: bytes, call: MergeCall) -> bytes | tuple | None:
-    """The triton backend's plan: its compiled kernel's runner and arguments, with the
-    positions of the call's tensors in them (run_runner_plan in csrc/eager.c); None while
-    the kernel has no direct runner."""
-    from ..triton import load
-
-    merge_kernel = load()
-    launch = merge_kernel.launch_arguments(call)
-    if launch is None:
-        return _no_rows_plan(key)
-    runner = merge_kernel.direct_runner(launch)
-    if runner is None:
-        return None
-    # The tensors in the order of csrc/eager.c (kOut ... kScale).
-    operand = call.output_format.kernel_operand()
-    tensors = (call.output, call.partials[0], call.lses[0], call.partials[1], call.lses[1])
-    tensors += (call.output_lse, operand)
-    arguments = (*launch.args, *launch.constexprs)
-    slots: list[int] = []
-    for at, argument in enumerate(launch.args):
-        if isinstance(argument, torch.Tensor):
-            which = [i for i, t in enumerate(tensors) if t is argument]
-            if not which:
-                return None  # a tensor the call does not pass: nothing to patch it from
-            slots += (at, which[0])
-    device = -1 if launch.device_index is None else launch.device_index  # (-1: a host test)
-    return (key, device, runner, arguments, tuple(slots), launch.tokens_with_first_at)
 
 
 #: The process's launcher.

@@ -32,6 +32,7 @@ __all__ = [
     "launch",
     "launch_arguments",
     "run",
+    "runner_plan",
 ]
 
 logger = logging.getLogger("attnmerge")
@@ -407,6 +408,29 @@ def direct_runner(launch_: TritonLaunch):
     it succeeded (the eager launcher then reuses it)."""
     compiled = _compiled.get(launch_.key) if launch_.key is not None else None
     return compiled[launch_.grid] if compiled is not None and _direct_launch else None
+
+
+def runner_plan(key: bytes, call: MergeCall) -> tuple | None:
+    """The eager launcher's plan for ``call`` (run_runner_plan in attnmerge/cuda/csrc/eager.c):
+    ``(key, device index, runner, arguments, slots, first_at)``, the runner None where
+    there is nothing to launch; None while the kernel has no direct runner."""
+    launch_ = launch_arguments(call)
+    if launch_ is None:
+        return (key, -1, None, (), (), -1)
+    runner = direct_runner(launch_)
+    if runner is None:
+        return None
+    tensors = call.pair_tensors()
+    slots: list[int] = []
+    for at, argument in enumerate(launch_.args):
+        if isinstance(argument, torch.Tensor):
+            which = [i for i, t in enumerate(tensors) if t is argument]
+            if not which:
+                return None  # a tensor the call does not pass: nothing to patch it from
+            slots += (at, which[0])
+    device = -1 if launch_.device_index is None else launch_.device_index  # (-1: host tests)
+    arguments = (*launch_.args, *launch_.constexprs)
+    return (key, device, runner, arguments, tuple(slots), launch_.tokens_with_first_at)
 
 
 def _launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int):

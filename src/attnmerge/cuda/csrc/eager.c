@@ -1,5 +1,6 @@
-// attnmerge: the eager fast path of the cuda backend, a CPython extension built on first
-// use with the host C compiler (the one Triton's launchers use) by attnmerge/cuda/eager.py.
+// attnmerge: the eager fast path of the cuda and triton backends, a CPython extension built
+// on first use with the host C compiler (the one Triton's launchers use) by
+// attnmerge/cuda/eager.py.
 //
 // A call whose tensors look exactly like an earlier call's (types, dtypes, devices, shapes,
 // strides, 16-byte alignment, which pointers are equal, the class of
@@ -139,7 +140,7 @@ static long current_device(void) {
 // A runner's plan, (key, device index, runner, arguments, slots, first_at): calls
 // runner(*arguments, stream=<current stream>) with arguments[slots[2 i]] replaced by the
 // call's tensor slots[2 i + 1] and arguments[first_at] by its number of tokens with a
-// first partial. ``plan`` is held by the caller.
+// first partial; a None runner launches nothing (no rows). ``plan`` is held by the caller.
 enum { kMaxRunnerArgs = 64 };
 static PyObject* run_runner_plan(PyObject* plan, uint64_t hash, const int64_t* key, size_t n,
                                  PyObject* const* tensors, int64_t with_first) {
@@ -154,6 +155,7 @@ static PyObject* run_runner_plan(PyObject* plan, uint64_t hash, const int64_t* k
       !PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) % 2 != 0) {
     return miss(hash, key, n);
   }
+  if (runner == Py_None) Py_RETURN_NONE;  // no rows
   const long device_index = PyLong_AsLong(PyTuple_GET_ITEM(plan, 1));
   const long first_at = PyLong_AsLong(PyTuple_GET_ITEM(plan, 5));
   if (PyErr_Occurred()) return NULL;
