@@ -23,6 +23,11 @@ import triton.language as tl
 
 from ..formats import FP8_E4M3_MAX, FP8_GROUP_EPS
 
+# Globals a @triton.jit function reads must be constexpr objects (compiled code only:
+# the interpreter reads any global).
+_FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
+_GROUP_EPS = tl.constexpr(FP8_GROUP_EPS)
+
 
 @triton.jit
 def plain(
@@ -64,12 +69,12 @@ def fp8_group(
     x = tl.reshape(acc, (ROWS, NUM_GROUPS, GROUP))
     amax = tl.max(tl.abs(x), axis=2)
     has_nan = tl.max((x != x).to(tl.int32), axis=2) > 0
-    amax = tl.where(has_nan, float("nan"), tl.maximum(amax, FP8_GROUP_EPS))
-    scale = tl.math.div_rn(amax, tl.full([], FP8_E4M3_MAX, tl.float32))
+    amax = tl.where(has_nan, float("nan"), tl.maximum(amax, _GROUP_EPS))
+    scale = tl.math.div_rn(amax, tl.full([], _FP8_MAX, tl.float32))
     if UE8M0:
         # 2^ceil(log2(max(s, eps))), exactly: the exponent up by one where the mantissa is
         # not 0 (+inf keeps its bits; NaN stays NaN).
-        bits = tl.maximum(scale, FP8_GROUP_EPS).to(tl.int32, bitcast=True)
+        bits = tl.maximum(scale, _GROUP_EPS).to(tl.int32, bitcast=True)
         exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         rounded = (tl.minimum(exponent, 255) << 23).to(tl.float32, bitcast=True)
         scale = tl.where(scale != scale, scale, rounded)
