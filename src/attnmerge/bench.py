@@ -516,7 +516,8 @@ def eager_us(
     """Host time per eager call of ``case`` (default T=1, H=8, D=128, bf16 -> FP8), in us
     per column (an error message where one fails; vLLM only where it imports): kernels
     this small leave the GPU waiting on the host, so the wall time per back-to-back call,
-    median of 5 rounds of ``calls / 5``, is the host's."""
+    median of 5 rounds of ``calls / 5`` (the columns take turns in each round), is the
+    host's."""
     case = case or Case("bf16", True, False, 128, 1, 8, "cuda")
     (s,) = make_input_sets(case, 1, device)
     scale = torch.tensor([FP8_SCALE], device=device) if case.fp8 else None
@@ -540,17 +541,22 @@ def eager_us(
         sync()
         return (time.perf_counter() - t0) / n * 1e6
 
+    fns: dict[str, Callable[[], object]] = {}
     result: dict[str, float | str] = {}
-    for name in columns:
-        if name not in makers:
-            continue
+    for name in (c for c in columns if c in makers):
         try:
             fn = makers[name]()
             wall_us(fn, 50)  # warm-up: builds, caches, the eager launcher's plan
-            result[name] = statistics.median(wall_us(fn, max(1, calls // 5)) for _ in range(5))
+            fns[name] = fn
         except Exception as e:
             result[name] = _one_line(e)
-    return result
+    # Round-robin rounds: a host that changes speed during the run slows every column alike.
+    rounds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(5):
+        for name, fn in fns.items():
+            rounds[name].append(wall_us(fn, max(1, calls // 5)))
+    result |= {name: statistics.median(times) for name, times in rounds.items()}
+    return {name: result[name] for name in columns if name in result}
 
 
 def write_eager_table(device: torch.device, args: argparse.Namespace, out: TextIO) -> None:
