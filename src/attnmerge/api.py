@@ -10,8 +10,8 @@ Two forms of the same operation:
 Eager calls go straight to the backend; only under ``torch.compile`` do they go
 through the registered custom op (the dispatcher adds a few microseconds per call,
 see docs/host-overhead.md). An eager ``merge_attn_states`` call shaped like an earlier
-one that the cuda backend served is launched by the compiled eager launcher
-(:mod:`attnmerge.cuda.eager`) without the Python path.
+one that a GPU kernel backend (cuda or triton) served is launched by the compiled eager
+launcher (:mod:`attnmerge.cuda.eager`) without the Python path.
 
 Every check runs once, in ``_build_call``, which describes the call as a
 :class:`~attnmerge.call.MergeCall` for the backend that dispatch selects. The checks
@@ -53,9 +53,11 @@ _INDPTR_DTYPES = (torch.int32, torch.int64)
 
 # One plain format object per dtype: formats are immutable, and the eager path is host-bound.
 _PLAIN = {dtype: Plain(dtype) for dtype in FLOAT_DTYPES}
-#: (lse_base, requested backend) -> the number the eager launcher keys calls on.
+#: (lse_base, requested backend) -> the number the eager launcher keys calls on (not for
+#: the torch backend, which has no launch to plan).
 _EAGER_CODES = {
-    pair: code for code, pair in enumerate(itertools.product(_LSE_BASES, dispatch.BACKENDS))
+    pair: code
+    for code, pair in enumerate(itertools.product(_LSE_BASES, ("auto", "cuda", "triton")))
 }
 
 
@@ -273,7 +275,7 @@ def _merge_attn_states_impl(
     """Validate on real tensors, select a backend, run. ``args`` are the op's tensor and
     size arguments in vLLM's order (output ... output_scale). Shared by the eager path
     and the custom op's implementation. ``eager_miss``: the eager launcher's key for this
-    call, under which the plan of a cuda launch is stored."""
+    call, under which the plan of a kernel backend's launch is stored."""
     call = _build_call(*args, lse_base, backend, real_tensors=True, group=group)
     run = dispatch.select(backend, call.signature)
     run(call)
