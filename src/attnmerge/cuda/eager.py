@@ -122,7 +122,7 @@ class EagerLauncher:
 
     def __init__(self) -> None:
         self.module: ModuleType | None = None
-        self.plans: dict[int, bytes] = {}
+        self.plans: dict[int, bytes | tuple] = {}  # csrc/eager.c: bytes (cuda), tuple (triton)
         self.unavailable: str | None = None  # why the fast path is off, once tried
         self._tried = False
 
