@@ -361,6 +361,11 @@ def test_kway_csv_and_table(tmp_path: Path) -> None:
     "path", sorted((ROOT / "docs" / "results").glob("*.csv")), ids=lambda p: p.name
 )
 def test_published_csvs_load(path: Path) -> None:
+    if path.read_text().startswith(",".join(bench.EagerRecord._fields)):  # bench --eager
+        rows = bench.read_eager_csv(path)
+        assert rows and all(r.host_us > 0 or r.error for r in rows)
+        assert {r.column for r in rows} <= set(bench.EAGER_COLUMNS)
+        return
     records, info = bench.read_csv(path)
     assert records and info.gpu and all(r.bytes > 0 for r in records)
     assert bench.format_table(records, info)
@@ -575,3 +580,22 @@ def test_public_api_only() -> None:
                 assert not any(a.name.startswith("attnmerge") for a in node.names), file
             elif isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "api":
                 assert node.attr in ALLOWED["attnmerge.api"], f"{file}: api.{node.attr}"
+
+
+def test_eager_table_and_csv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench --eager: a row per shape, a column per EAGER_COLUMNS entry, and a CSV that
+    reads back (the timing itself is eager_us's, stood in for here)."""
+    times = {"cuda": 5.0, "auto": 5.5, "triton": 9.0, "torch.add": 4.0}
+    monkeypatch.setattr(bench, "eager_us", lambda device, case: times | {"vllm": "ImportError"})
+    path = tmp_path / "eager.csv"
+    args = _args("--eager", "--tokens", "1,16", "--heads", "8", "--csv", str(path))
+    bench.write_eager_table(torch.device("cpu"), args, sys.stdout)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-5:] == list(bench.EAGER_COLUMNS)
+    assert len([line for line in lines if line.startswith(" bf16")]) == 2 * 2 * 2  # T, FP8, LSE
+    rows = bench.read_eager_csv(path)
+    assert len(rows) == 8 * len(bench.EAGER_COLUMNS)
+    assert {(r.column, r.host_us) for r in rows if r.column != "vllm"} == set(times.items())
+    assert {r.error for r in rows if r.column == "vllm"} == {"ImportError"}

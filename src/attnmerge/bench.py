@@ -559,6 +559,32 @@ def eager_us(
     return {name: result[name] for name in columns if name in result}
 
 
+#: A row of ``attnmerge bench --eager --csv``: one shape and column, its host time per call
+#: in us (empty with the error where the column failed).
+EagerRecord = collections.namedtuple(
+    "EagerRecord",
+    "gpu dtype out_dtype output_lse head_size tokens heads column host_us error",
+)
+
+
+def read_eager_csv(path: str | Path) -> list[EagerRecord]:
+    """The rows of a CSV written by ``attnmerge bench --eager --csv``."""
+    with open(path, newline="") as f:
+        return [
+            EagerRecord(
+                **row
+                | {
+                    "output_lse": row["output_lse"] == "True",
+                    "head_size": int(row["head_size"]),
+                    "tokens": int(row["tokens"]),
+                    "heads": int(row["heads"]),
+                    "host_us": float(row["host_us"]) if row["host_us"] else math.nan,
+                }
+            )
+            for row in csv.DictReader(f)
+        ]
+
+
 def write_eager_table(device: torch.device, args: argparse.Namespace, out: TextIO) -> None:
     """``attnmerge bench --eager``: one row per shape of the options' grid, one column per
     :data:`EAGER_COLUMNS` entry; the CSV (``--csv``) has one row per shape and column."""
@@ -582,37 +608,13 @@ def write_eager_table(device: torch.device, args: argparse.Namespace, out: TextI
         print(line, file=out, flush=True)
         rows += [(case, column, value) for column, value in zip(EAGER_COLUMNS, cells, strict=True)]
     if args.csv:
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(
-                (
-                    "gpu",
-                    "dtype",
-                    "out_dtype",
-                    "output_lse",
-                    "head_size",
-                    "tokens",
-                    "heads",
-                    "column",
-                    "host_us",
-                    "error",
-                )
-            )
-            gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            w.writerow(EagerRecord._fields)
             for case, column, value in rows:
                 us, error = (f"{value:.4g}", "") if isinstance(value, float) else ("", value)
-                w.writerow(
-                    (
-                        gpu,
-                        case.dtype,
-                        "fp8" if case.fp8 else case.dtype,
-                        case.output_lse,
-                        case.head_size,
-                        case.tokens,
-                        case.heads,
-                        column,
-                        us,
-                        error,
-                    )
-                )
+                out_dtype = "fp8" if case.fp8 else case.dtype
+                shape = (case.dtype, out_dtype, case.output_lse, case.head_size, case.tokens)
+                w.writerow((gpu, *shape, case.heads, column, us, error))
         print(f"wrote {args.csv} ({len(rows)} rows)", file=out)
