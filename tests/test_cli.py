@@ -62,6 +62,7 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(r"^nvrtc +(NVRTC \d+\.\d+ \(.+\), \S.*|NVRTC unavailable: \S.*)$", out, re.M)
     assert re.search(r"^driver +(supports CUDA \d+\.\d+|no NVIDIA driver found)$", out, re.M)
     assert re.search(r"^kernels +\S.*$", out, re.M)
+    assert re.search(r"^eager +(built|built on first use|unavailable: |off ).*$", out, re.M)
 
 
 def test_info_nvrtc_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -384,6 +384,22 @@ def test_build_failure_leaves_the_python_path(
     assert not launcher.load()  # tried once
 
 
+def test_describe_and_prebuild(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """What `attnmerge info` says of the launcher, and `attnmerge build`'s prebuild."""
+    monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(eager.ENV_EAGER_LAUNCHER, raising=False)
+    assert eager.describe().startswith("built on first use, with ")
+    assert eager.prebuild().startswith("eager launcher built with ")
+    assert eager.describe().startswith("built, with ")
+    monkeypatch.setenv(eager.ENV_EAGER_LAUNCHER, "0")
+    assert eager.describe().startswith("off (ATTNMERGE_EAGER_LAUNCHER=0)")
+    monkeypatch.delenv(eager.ENV_EAGER_LAUNCHER)
+    monkeypatch.setattr(eager, "_compiler", lambda: None)
+    assert eager.describe().startswith("unavailable: no C compiler")
+    with pytest.raises(eager.BuildError, match="no C compiler"):
+        eager.build_extension()
+
+
 def test_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(eager.ENV_EAGER_LAUNCHER, "0")
     launcher = eager.EagerLauncher()

@@ -71,7 +71,7 @@ def _cache_line() -> str:
     from .cuda import cache
 
     try:
-        n = len(cache.entries())
+        n = sum(entry.get("kind") != "eager" for entry in cache.entries())
     except OSError as e:
         return f"{cache.cache_dir()} unreadable: {e}"
     return f"{cache.cache_dir()} ({n} kernels)"
@@ -101,11 +101,12 @@ def _run_info(args: argparse.Namespace) -> int:
     print("cuda devices:")
     for line in devices or ["no CUDA device"]:
         print(f"  {line}")
-    from .cuda import nvrtc
+    from .cuda import eager, nvrtc
 
     print(f"driver     {_driver_line()}")
     print(f"nvrtc      {nvrtc.describe()}")
     print(f"kernels    {_cache_line()}")
+    print(f"eager      {eager.describe()}")
     print(f"backends, in auto order ({', '.join(dispatch.AUTO_ORDER)}):")
     for device in ["cpu", *(f"cuda:{i}" for i in range(len(devices)))]:
         print(f"  {device}")
@@ -195,6 +196,12 @@ def _run_build(args: argparse.Namespace) -> int:
                         future.result()
                         progress.advance()
         print(f"  {arch}: {time.perf_counter() - start:.1f} s", flush=True)
+    from .cuda import eager
+
+    try:  # the host-side launcher: optional, so a failure is reported, not fatal
+        print(eager.prebuild(), flush=True)
+    except (nvrtc.BuildError, OSError) as e:
+        print(f"eager launcher not built: {str(e).splitlines()[0]}", flush=True)
     return 0
 
 

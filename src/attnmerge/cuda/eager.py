@@ -46,7 +46,15 @@ from .nvrtc import BuildError
 if TYPE_CHECKING:
     from ..call import MergeCall
 
-__all__ = ["ENV_EAGER_LAUNCHER", "LAUNCHER", "EagerLauncher", "build_extension", "cuda_plan"]
+__all__ = [
+    "ENV_EAGER_LAUNCHER",
+    "LAUNCHER",
+    "EagerLauncher",
+    "build_extension",
+    "cuda_plan",
+    "describe",
+    "prebuild",
+]
 
 logger = logging.getLogger("attnmerge")
 
@@ -103,6 +111,37 @@ def _cache_key() -> dict[str, str]:
     }
 
 
+def _entry() -> Path:
+    return cache.entry_path("eager", _cache_key(), suffix=".so")
+
+
+def prebuild() -> str:
+    """Build the extension into the cache now (``attnmerge build``); what was done, in a
+    line.
+
+    Raises:
+        BuildError: as :func:`build_extension`.
+    """
+    cache.cached_build(
+        "eager", _cache_key(), build_extension, suffix=".so", describe="eager launcher"
+    )
+    return f"eager launcher built with {_compiler()} ({_entry()})"
+
+
+def describe() -> str:
+    """The eager launcher's state for ``attnmerge info``, in a line; loads nothing."""
+    if os.environ.get(ENV_EAGER_LAUNCHER, "1") == "0":
+        return f"off ({ENV_EAGER_LAUNCHER}=0): eager calls launch from Python"
+    compiler = _compiler()
+    if compiler is None:
+        return "unavailable: no C compiler (cc, gcc or $CC): eager calls launch from Python"
+    include = sysconfig.get_paths()["include"]
+    if not Path(include, "Python.h").is_file():
+        return f"unavailable: no Python headers ({include}): eager calls launch from Python"
+    built = "built" if _entry().is_file() else "built on first use"
+    return f"{built}, with {compiler}"
+
+
 def _load(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
     if spec is None or spec.loader is None:
@@ -139,7 +178,7 @@ class EagerLauncher:
             data = cache.cached_build(
                 "eager", _cache_key(), build_extension, suffix=".so", describe="eager launcher"
             )
-            path = cache.entry_path("eager", _cache_key(), suffix=".so")
+            path = _entry()
             if not path.is_file():  # the cache could not keep it: load from a copy
                 path = Path(tempfile.mkdtemp(prefix="attnmerge-eager-"), _MODULE_NAME + ".so")
                 path.write_bytes(data)
