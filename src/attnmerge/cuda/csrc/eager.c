@@ -7,12 +7,13 @@
 // prefill_tokens_with_context) was validated by the Python path then, and chose the same
 // kernel, grid and parameters but for the pointers and the first-partial row count. This
 // module describes a call by those facts (its key), finds the launch plan the Python path
-// stored under the key, patches the pointers into the plan's parameter block and launches
-// the kernel with cuLaunchKernel. Anything else is a miss: the Python path runs the call
-// (validation, errors, dispatch, the launch) and stores the plan for the next one.
+// stored under the key and runs it with the call's pointers. Anything else is a miss: the
+// Python path runs the call (validation, errors, dispatch, the launch) and stores the plan
+// for the next one.
 //
-// A plan is either the cuda backend's (bytes: PlanHeader, the key, the parameter block) or
-// a runner's, for the triton backend (a tuple: see run_runner_plan).
+// A plan is either the cuda backend's (bytes: PlanHeader, the key, the parameter block,
+// launched with cuLaunchKernel once the pointers are patched in) or the triton backend's
+// (a tuple: its compiled kernel's runner, see run_runner_plan).
 //
 // merge_pair(plans, code, output, prefix_output, prefix_lse, suffix_output, suffix_lse,
 //            output_lse, prefill_tokens_with_context, output_scale)
