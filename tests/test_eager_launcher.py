@@ -1,10 +1,12 @@
-"""The eager launcher (attnmerge.cuda.eager, csrc/eager.c) on a CPU: built with the host C
-compiler, bound to a stand-in cuLaunchKernel that records what it is asked to launch.
+"""The eager launcher (attnmerge.cuda.eager, csrc/eager.c). On a CPU it is built with the
+host C compiler and bound to a stand-in cuLaunchKernel (and Triton runner) that records
+what it is asked to launch; on a GPU, its launches are compared with the Python path's.
 
 What it must do: launch exactly what the Python path launches (kernel, grid, block, every
-byte of the parameter block) for every call shaped like one the Python path validated,
-and hand every other call to the Python path (misses), so errors stay the Python path's.
-GPU: tests/test_merge.py and the fuzz run through it, and `attnmerge bench --eager` times it.
+byte of the parameter block; the runner's every argument) for every call shaped like one
+the Python path validated, and hand every other call to the Python path (misses), so
+errors stay the Python path's. Every GPU test that repeats a call runs through it too, and
+`attnmerge bench --eager` times it.
 """
 
 from __future__ import annotations
