@@ -82,6 +82,12 @@ _GROUPS = "Groups<"
 COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
 
+def _takes_scale_strides(config: KernelConfig | PartialsKernelConfig) -> bool:
+    """Whether a kernel's parameters end with the scales' strides (its store writes scales:
+    Store::KernelParams in csrc/epilogues.cuh)."""
+    return config.output_element.startswith(_GROUPS)
+
+
 @functools.cache
 def sources() -> dict[str, str]:
     """The kernel source files by name (partials.cuh includes merge.cuh, which includes
@@ -146,11 +152,7 @@ class KernelConfig(NamedTuple):
     def rows_per_block(self) -> int:
         return BLOCK_THREADS // self.team
 
-    @property
-    def takes_scale_strides(self) -> bool:
-        """Whether the kernel's parameters end with the scales' strides (its store writes
-        scales: Store::KernelParams in csrc/epilogues.cuh)."""
-        return self.output_element.startswith(_GROUPS)
+    takes_scale_strides = property(_takes_scale_strides)
 
 
 class PartialsKernelConfig(NamedTuple):
@@ -176,11 +178,7 @@ class PartialsKernelConfig(NamedTuple):
     def rows_per_block(self) -> int:
         return BLOCK_THREADS // self.team
 
-    @property
-    def takes_scale_strides(self) -> bool:
-        """Whether the kernel's parameters end with the scales' strides (its store writes
-        scales: Store::KernelParams in csrc/epilogues.cuh)."""
-        return self.output_element.startswith(_GROUPS)
+    takes_scale_strides = property(_takes_scale_strides)
 
 
 def _output_element(output_format: FormatKey) -> str:
