@@ -178,27 +178,31 @@ def code_of(layout: Layout, backend_name: str = "cuda") -> int:
     return api._eager_code(layout.lse_base, backend_name)
 
 
-def python_launch(args: tuple, layout: Layout) -> backend.Launch | None:
-    call = api._build_call(*args, layout.lse_base, "cuda", real_tensors=True)
-    return call, backend.launch_arguments(call)
+def build_call(args: tuple, layout: Layout, backend_name: str = "cuda"):
+    return api._build_call(*args, layout.lse_base, backend_name, real_tensors=True)
+
+
+def plan_then_launch(harness: Harness, layout: Layout, backend_name: str):
+    """A call of ``layout`` through the Python path's planning, then another of the same
+    layout in other memory, which the extension must serve; the second call described."""
+    module, plans = harness.launcher.module, harness.launcher.plans
+    first = make_args(layout)
+    miss = module.merge_pair(plans, code_of(layout, backend_name), *first)
+    assert isinstance(miss, tuple), (layout, miss)
+    plan_of = {"cuda": CUDA_BACKEND, "triton": TRITON_BACKEND}[backend_name].eager_plan
+    harness.launcher.remember(miss, build_call(first, layout, backend_name), plan_of)
+    again = make_args(layout)  # other memory, the same layout
+    assert module.merge_pair(plans, code_of(layout, backend_name), *again) is None, layout
+    return build_call(again, layout, backend_name)
 
 
 def test_launches_exactly_what_the_python_path_launches(harness: Harness) -> None:
     rng = random.Random(0)
-    module, plans = harness.launcher.module, harness.launcher.plans
     launched = 0
     for _ in range(300):
         layout = random_layout(rng)
-        first = make_args(layout)
-        miss = module.merge_pair(plans, code_of(layout), *first)
-        assert isinstance(miss, tuple), (layout, miss)
-        call, _ = python_launch(first, layout)
-        harness.launcher.remember(miss, call, CUDA_BACKEND.eager_plan)
-
-        again = make_args(layout)  # other memory, the same layout
         before = len(harness.fast)
-        assert module.merge_pair(plans, code_of(layout), *again) is None, layout
-        _, expected = python_launch(again, layout)
+        expected = backend.launch_arguments(plan_then_launch(harness, layout, "cuda"))
         if expected is None:  # nothing to do: nothing launched
             assert len(harness.fast) == before, layout
             continue
@@ -232,20 +236,11 @@ def test_runner_plans_pass_the_python_paths_arguments(
     and the current stream."""
     merge_kernel = pytest.importorskip("attnmerge.triton").load()
     rng = random.Random(3)
-    module, plans = harness.launcher.module, harness.launcher.plans
     checked = 0
     for _ in range(150):
         layout = random_layout(rng)
-        first = make_args(layout)
-        miss = module.merge_pair(plans, code_of(layout, "triton"), *first)
-        call = api._build_call(*first, layout.lse_base, "triton", real_tensors=True)
-        harness.launcher.remember(miss, call, TRITON_BACKEND.eager_plan)
-        again = make_args(layout)
         before = len(triton_runner)
-        assert module.merge_pair(plans, code_of(layout, "triton"), *again) is None, layout
-        expected = merge_kernel.launch_arguments(
-            api._build_call(*again, layout.lse_base, "triton", real_tensors=True)
-        )
+        expected = merge_kernel.launch_arguments(plan_then_launch(harness, layout, "triton"))
         if expected is None:
             assert len(triton_runner) == before, layout
             continue
@@ -279,7 +274,7 @@ def test_a_different_fact_is_a_miss(harness: Harness) -> None:
     )
     args = make_args(base)
     miss = module.merge_pair(plans, code_of(base), *args)
-    harness.launcher.remember(miss, python_launch(args, base)[0], CUDA_BACKEND.eager_plan)
+    harness.launcher.remember(miss, build_call(args, base), CUDA_BACKEND.eager_plan)
     assert module.merge_pair(plans, code_of(base), *make_args(base)) is None
     variants = [
         base._replace(tokens=17),
