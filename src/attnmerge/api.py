@@ -279,11 +279,14 @@ def _merge_attn_states_impl(
     call = _build_call(*args, lse_base, backend, real_tensors=True, group=group)
     run = dispatch.select(backend, call.signature)
     run(call)
-    kernels = next((b for b in (CUDA_BACKEND, TRITON_BACKEND) if run == b.run), None)
-    if kernels is not None:
+    first_gpu_call = EAGER_LAUNCHER.module is None and call.signature.device.type == "cuda"
+    if isinstance(eager_miss, tuple) or first_gpu_call:
+        kernels = next((b for b in (CUDA_BACKEND, TRITON_BACKEND) if run == b.run), None)
+        if kernels is None:
+            return  # the torch backend: no launch to plan
         if EAGER_LAUNCHER.module is not None:
             EAGER_LAUNCHER.remember(eager_miss, call, kernels.eager_plan)
-        elif call.signature.device.type == "cuda":
+        else:
             EAGER_LAUNCHER.load()  # the first call on a GPU kernel backend builds it
 
 
