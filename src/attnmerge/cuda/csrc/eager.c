@@ -140,11 +140,13 @@ static long current_device(void) {
 
 // A runner's plan, (key, device index, runner, arguments, slots, first_at): calls
 // runner(*arguments, stream=<current stream>) with arguments[slots[2 i]] replaced by the
-// call's tensor slots[2 i + 1] and arguments[first_at] by its number of tokens with a
-// first partial; a None runner launches nothing (no rows). ``plan`` is held by the caller.
+// data pointer (an int) of the call's tensor slots[2 i + 1] and arguments[first_at] by its
+// number of tokens with a first partial; a None runner launches nothing (no rows). An int
+// spares Triton's launcher a data_ptr() call and a driver query per tensor
+// (docs/host-overhead.md). ``plan`` is held by the caller.
 enum { kMaxRunnerArgs = 64 };
 static PyObject* run_runner_plan(PyObject* plan, uint64_t hash, const int64_t* key, size_t n,
-                                 PyObject* const* tensors, int64_t with_first) {
+                                 const Tensor* tensors, int present, int64_t with_first) {
   if (PyTuple_GET_SIZE(plan) != 6) return miss(hash, key, n);
   PyObject* plan_key = PyTuple_GET_ITEM(plan, 0);
   PyObject* runner = PyTuple_GET_ITEM(plan, 2);
@@ -161,35 +163,44 @@ static PyObject* run_runner_plan(PyObject* plan, uint64_t hash, const int64_t* k
   const long first_at = PyLong_AsLong(PyTuple_GET_ITEM(plan, 5));
   if (PyErr_Occurred()) return NULL;
   const Py_ssize_t nargs = PyTuple_GET_SIZE(arguments);
-  PyObject* stack[kMaxRunnerArgs + 1];
-  for (Py_ssize_t i = 0; i < nargs; ++i) stack[i] = PyTuple_GET_ITEM(arguments, i);
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i += 2) {
-    const long at = PyLong_AsLong(PyTuple_GET_ITEM(slots, i));
-    const long which = PyLong_AsLong(PyTuple_GET_ITEM(slots, i + 1));
-    if (at < 0 || at >= nargs || which < 0 || which >= kTensors || tensors[which] == NULL) {
+  const Py_ssize_t nslots = PyTuple_GET_SIZE(slots) / 2;
+  if (nslots > kMaxRunnerArgs) return miss(hash, key, n);
+  long at[kMaxRunnerArgs], which[kMaxRunnerArgs];
+  for (Py_ssize_t i = 0; i < nslots; ++i) {
+    at[i] = PyLong_AsLong(PyTuple_GET_ITEM(slots, 2 * i));
+    which[i] = PyLong_AsLong(PyTuple_GET_ITEM(slots, 2 * i + 1));
+    if (at[i] < 0 || at[i] >= nargs || which[i] < 0 || which[i] >= kTensors ||
+        !(present & (1 << which[i]))) {
       return PyErr_Occurred() ? NULL : miss(hash, key, n);
     }
-    stack[at] = tensors[which];
   }
   const long current = current_device();
   if (current == -2) return NULL;
   if (current != device_index) return miss(hash, key, n);  // context switch: Python
-  PyObject* first = NULL;
+  // Every new reference of the call: the pointers, the first-partial count, the stream.
+  PyObject* owned[kMaxRunnerArgs + 2] = {NULL};
+  int owned_count = 0;
+  PyObject* stack[kMaxRunnerArgs + 1];
+  PyObject* result = NULL;
+  for (Py_ssize_t i = 0; i < nargs; ++i) stack[i] = PyTuple_GET_ITEM(arguments, i);
+  for (Py_ssize_t i = 0; i < nslots; ++i) {
+    PyObject* pointer = PyLong_FromUnsignedLongLong(tensors[which[i]].ptr);
+    if (pointer == NULL) goto done;
+    stack[at[i]] = owned[owned_count++] = pointer;
+  }
   if (first_at >= 0 && first_at < nargs) {
-    first = PyLong_FromLongLong(with_first);
-    if (first == NULL) return NULL;
-    stack[first_at] = first;
+    PyObject* first = PyLong_FromLongLong(with_first);
+    if (first == NULL) goto done;
+    stack[first_at] = owned[owned_count++] = first;
   }
   PyObject* index = PyLong_FromLong(device_index);
   PyObject* stream = index == NULL ? NULL : PyObject_CallOneArg(current_stream_fn, index);
   Py_XDECREF(index);
-  PyObject* result = NULL;
-  if (stream != NULL) {
-    stack[nargs] = stream;
-    result = PyObject_Vectorcall(runner, stack, (size_t)nargs, stream_kwnames);
-    Py_DECREF(stream);
-  }
-  Py_XDECREF(first);
+  if (stream == NULL) goto done;
+  stack[nargs] = owned[owned_count++] = stream;
+  result = PyObject_Vectorcall(runner, stack, (size_t)nargs, stream_kwnames);
+done:
+  for (int i = 0; i < owned_count; ++i) Py_DECREF(owned[i]);
   if (result == NULL) return NULL;
   Py_DECREF(result);
   Py_RETURN_NONE;
@@ -206,7 +217,6 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
   int64_t* k = key;
   *k++ = PyLong_AsLongLong(args[1]);  // the LSE base and the requested backend
   Tensor tensors[kTensors];
-  PyObject* objects[kTensors] = {NULL};
   int present = 0;
   for (int i = 0; i < kTensors; ++i) {
     PyObject* t = args[i < kOutLse ? 2 + i : (i == kOutLse ? 7 : 9)];
@@ -215,7 +225,6 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
     if (status < 0) PyErr_Clear();  // e.g. a sparse tensor's stride(): the Python path says
     if (status != 0) Py_RETURN_FALSE;
     present |= 1 << i;
-    objects[i] = t;
   }
   // Which written tensors are the very inputs (in place), and the prefill class.
   const uint64_t out = tensors[kOut].ptr;
@@ -250,7 +259,7 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
   if (plan == NULL) return PyErr_Occurred() ? NULL : miss(hash, key, n);
   if (PyTuple_Check(plan)) {
     Py_INCREF(plan);  // the runner runs Python code, which could drop the plan
-    PyObject* result = run_runner_plan(plan, hash, key, n, objects, with_first);
+    PyObject* result = run_runner_plan(plan, hash, key, n, tensors, present, with_first);
     Py_DECREF(plan);
     return result;
   }
