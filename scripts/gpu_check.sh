@@ -29,6 +29,12 @@
 #                exists (benchmarks/peers/fetch_flashinfer.py; carry .peers); kway.csv and
 #                its summary (2160 cases, estimated at 5 minutes on an H100; the CSV is
 #                rewritten at each tenth of the cases, so a time limit keeps most of them)
+#   bench-formats  the dynamic FP8 output formats fused into the merge (benchmarks/formats.py):
+#                per-token-group (row-major, TMA-aligned, UE8M0 and packed UE8M0 scales) and
+#                per-token FP8, cuda and triton, against the cuda merge + a separate Triton
+#                quantiser and against the static FP8 store; H in 128..16 x T in 1..8192 x
+#                K = 2, 4, 8; formats.csv and its summary (about 4 minutes on an H100; the CSV
+#                is rewritten at each tenth of the cases)
 #   profile      Nsight Compute on the CUDA and Triton kernels and vLLM's
 #                (benchmarks/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
 #   launch-floor host time of one kernel launch from C, no Python (benchmarks/launch_floor.cu),
@@ -95,7 +101,7 @@ step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, recor
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    bench-lse | bench-nofp8 | bench-kway | profile | launch-floor | vllm-tests) ;;
+    bench-lse | bench-nofp8 | bench-kway | bench-formats | profile | launch-floor | vllm-tests) ;;
     compare-outputs | compare-speed | compare-speed-lse) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
@@ -156,6 +162,9 @@ for arg in "$@"; do
       [ -d .peers/flashinfer/include ] && peers=",flashinfer,flashinfer+quant"
       step bench-kway "$limit" bench_kway.log python3 -m benchmarks.kway --rep-ms 2 \
         --providers "cuda$peers,cuda-tkhd,triton,chained,unfused,copy" --csv "$OUT/kway.csv" ;;
+    bench-formats)
+      step bench-formats "$limit" bench_formats.log python3 -m benchmarks.formats \
+        --csv "$OUT/formats.csv" ;;
     profile)
       step profile "$limit" profile.log "${WITH_VLLM[@]}" ncu --profile-from-start off \
         --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
