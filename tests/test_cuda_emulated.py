@@ -12,13 +12,7 @@ the driver binding) the GPU test suite covers.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import shutil
-import subprocess
-from pathlib import Path
-
+import cuda_emulator_support
 import pytest
 import torch
 from hypothesis import given, seed, settings
@@ -30,81 +24,17 @@ from attnmerge import api, dispatch
 from attnmerge.call import MergeCall
 from attnmerge.cuda import backend as cuda_backend
 
-HERE = Path(__file__).resolve().parent
-CSRC = HERE.parent / "src" / "attnmerge" / "cuda" / "csrc"
-
 
 @pytest.fixture(scope="module")
-def emulator_dir(tmp_path_factory) -> Path:
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to build the kernel emulator")
-    return tmp_path_factory.mktemp("cuda_emulation")
-
-
-def _fields(params: bytes) -> dict[str, int]:
-    """The packed kernel parameters by field name."""
-    values = cuda_backend.PARAMS._struct.unpack(params)
-    return dict(zip(cuda_backend.PARAMS.fields, values, strict=True))
-
-
-class _EmulatedKernel:
-    device_index = None  # as the CPU tensors' device index
-
-    def __init__(self, lib: ctypes.CDLL, config: cuda_backend.KernelConfig, launched: list):
-        self._lib = lib
-        self._config = config
-        self._launched = launched
-
-    def launch(self, grid: int, stream: int, params: bytes) -> None:
-        assert len(params) == cuda_backend.PARAMS.size == 128
-        # one block per rows_per_block rows, no block without a row
-        rows = _fields(params)["num_rows"]
-        assert grid == -(-rows // self._config.rows_per_block)
-        assert self._lib.emulate_merge(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0
-        self._launched.append(self._config)
+def emulator_dir(tmp_path_factory):
+    return cuda_emulator_support.emulator_dir(tmp_path_factory)
 
 
 @pytest.fixture
 def emulated(emulator_dir, monkeypatch):
     """Route the cuda backend's launches to host builds of the kernel; yields the list of
     the KernelConfig of every launch, in order."""
-
-    launched = []
-
-    @functools.cache
-    def library(config: cuda_backend.KernelConfig) -> ctypes.CDLL:
-        template_args = config.template_arguments()
-        name = hashlib.sha256(template_args.encode()).hexdigest()[:20]
-        lib = emulator_dir / f"{name}.so"
-        if not lib.exists():
-            subprocess.run(
-                [
-                    "g++",
-                    "-O1",
-                    "-std=c++20",
-                    "-pthread",
-                    "-shared",
-                    "-fPIC",
-                    "-ffp-contract=off",
-                    f"-I{CSRC}",
-                    f"-DATTNMERGE_MERGE_INSTANCE={template_args}",
-                    str(HERE / "cuda_emulation" / "emulate.cpp"),
-                    "-o",
-                    str(lib),
-                ],
-                check=True,
-            )
-        cdll = ctypes.CDLL(str(lib))
-        cdll.emulate_merge.argtypes = [ctypes.c_char_p, ctypes.c_uint]
-        return cdll
-
-    def kernel(device_index, config: cuda_backend.KernelConfig) -> _EmulatedKernel:
-        return _EmulatedKernel(library(config), config, launched)
-
-    monkeypatch.setattr(cuda_backend, "_kernel", kernel)
-    monkeypatch.setattr(cuda_backend, "_current_raw_stream", lambda index: 0)
-    monkeypatch.setattr(cuda_backend, "_current_device", lambda: None)
-    return launched
+    return cuda_emulator_support.emulate(emulator_dir, monkeypatch)
 
 
 def _layout_case(dtype, D, alias, out_dtype=None, nan_frac=0.0):
@@ -316,13 +246,14 @@ def test_output_lse_before_or_after_the_combine(
 def _record_inner_counts(monkeypatch) -> list[int]:
     """The kernel's inner_count of every emulated launch: H token-major, T head-major."""
     inner_counts = []
-    launch = _EmulatedKernel.launch
+    kernel = cuda_emulator_support.EmulatedKernel
+    launch = kernel.launch
 
     def recording_launch(self, grid, stream, params):
-        inner_counts.append(_fields(params)["inner_count"])
+        inner_counts.append(cuda_emulator_support.fields(self._config, params)["inner_count"])
         launch(self, grid, stream, params)
 
-    monkeypatch.setattr(_EmulatedKernel, "launch", recording_launch)
+    monkeypatch.setattr(kernel, "launch", recording_launch)
     return inner_counts
 
 

@@ -11,13 +11,7 @@ where the contract fixes them.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import shutil
-import subprocess
-from pathlib import Path
-
+import cuda_emulator_support
 import pytest
 import torch
 from utils import FP8, INF, NAN, assert_bits_equal, assert_lse_close, assert_output_close
@@ -27,68 +21,17 @@ from attnmerge import api
 from attnmerge.cuda import backend as cuda_backend
 from attnmerge.reference import merge_packed_reference, merge_states_reference
 
-HERE = Path(__file__).resolve().parent
-CSRC = HERE.parent / "src" / "attnmerge" / "cuda" / "csrc"
-
 
 @pytest.fixture(scope="module")
-def emulator_dir(tmp_path_factory) -> Path:
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to build the kernel emulator")
-    return tmp_path_factory.mktemp("cuda_emulation_partials")
-
-
-class _EmulatedKernel:
-    device_index = None  # as the CPU tensors' device index
-
-    def __init__(self, lib: ctypes.CDLL, config, launched: list):
-        self._lib, self._config, self._launched = lib, config, launched
-
-    def launch(self, grid: int, stream: int, params: bytes) -> None:
-        assert len(params) == cuda_backend.PARTIALS_PARAMS.size
-        fields = dict(
-            zip(
-                cuda_backend.PARTIALS_PARAMS.fields,
-                cuda_backend.PARTIALS_PARAMS._struct.unpack(params),
-                strict=True,
-            )
-        )
-        assert grid == -(-fields["num_rows"] // self._config.rows_per_block)
-        assert self._lib.emulate_partials(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0
-        self._launched.append(self._config)
+def emulator_dir(tmp_path_factory):
+    return cuda_emulator_support.emulator_dir(tmp_path_factory)
 
 
 @pytest.fixture
 def emulated(emulator_dir, monkeypatch):
     """Route the cuda backend's launches of the stacked/packed kernel to host builds;
     yields the configurations launched, in order."""
-    launched = []
-
-    @functools.cache
-    def library(config) -> ctypes.CDLL:
-        assert isinstance(config, cuda_backend.PartialsKernelConfig)
-        template_args = config.template_arguments()
-        lib = emulator_dir / f"{hashlib.sha256(template_args.encode()).hexdigest()[:20]}.so"
-        if not lib.exists():
-            subprocess.run(
-                ["g++", "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC",
-                 "-ffp-contract=off", f"-I{CSRC}",
-                 f"-DATTNMERGE_PARTIALS_INSTANCE={template_args}",
-                 str(HERE / "cuda_emulation" / "emulate.cpp"), "-o", str(lib)],
-                check=True,
-            )  # fmt: skip
-        cdll = ctypes.CDLL(str(lib))
-        cdll.emulate_partials.argtypes = [ctypes.c_char_p, ctypes.c_uint]
-        return cdll
-
-    monkeypatch.setattr(
-        cuda_backend,
-        "_kernel",
-        lambda index, config: _EmulatedKernel(library(config), config, launched),
-    )
-    monkeypatch.setattr(cuda_backend, "_current_raw_stream", lambda index: 0)
-    monkeypatch.setattr(cuda_backend, "_current_device", lambda: None)
-    return launched
+    return cuda_emulator_support.emulate(emulator_dir, monkeypatch)
 
 
 def _lses(shape, gen, special: bool) -> torch.Tensor:

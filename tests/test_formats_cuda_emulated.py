@@ -1,107 +1,55 @@
-"""The cuda backend's per-token-group FP8 store (``FP8GroupStore`` in csrc/epilogues.cuh) on
-a CPU, bit for bit against the format's reference quantiser (docs/contract.md C37, C40).
+"""The cuda backend's per-token-group FP8 store (``FP8GroupStore`` in csrc/epilogues.cuh) and
+the amax output of every store on a CPU, bit for bit against the formats' reference
+quantisers and ``amax_reference`` (docs/contract.md C37, C39, C40).
 
 Both kernels (two partials, csrc/merge.cuh; stacked or packed partials, csrc/partials.cuh)
-are built for the host (tests/cuda_emulation/emulate.cpp: one OS thread per CUDA thread,
-warp shuffles and named barriers emulated) and the backend's kernel loader is pointed at
-them; the rest is the production path: the call the API builds, the kernel configuration,
-the packed parameters (with the scales' strides), the grid and the row order. A kernel's
-float32 result may differ from the torch reference's by the ulps C23 allows, and a group's
-scale follows its amax, so each check runs the same call into a float32 output too and
-compares the FP8 output and the scales with what ``quantize_with_scales`` makes of that.
+are built for the host (tests/cuda_emulator_support.py, tests/cuda_emulation/emulate.cpp:
+one OS thread per CUDA thread, warp shuffles, reductions, named barriers and atomics
+emulated) and the backend's kernel loader is pointed at them; the rest is the production
+path: the call the API builds, the kernel configuration, the packed parameters (with the
+scales' layout and the amax output), the grid and the row order. A kernel's float32 result
+may differ from the torch reference's by the ulps C23 allows, and a group's scale follows
+its amax, so each check runs the same call into a float32 output too and compares the FP8
+output, the scales and amax with what the reference makes of that.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
+import dataclasses
+import itertools
+import re
 import shutil
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
+import cuda_emulator_support
 import pytest
 import torch
-from utils import INF, NAN, assert_bits_equal
+from cuda_emulator_support import CSRC
+from utils import FP8, INF, NAN, assert_bits_equal
 
-from attnmerge import FP8PerTokenGroup, Plain, api, dispatch
+from attnmerge import FP8PerTokenGroup, FP8Static, Plain, api, dispatch
 from attnmerge.call import CallSignature, PartialLayout
 from attnmerge.cuda import backend as cuda_backend
-from attnmerge.formats import FP8_E4M3_MAX, FP8_GROUP_EPS
+from attnmerge.formats import FP8_E4M3_MAX, FP8_GROUP_EPS, amax_reference
 
-HERE = Path(__file__).resolve().parent
-CSRC = HERE.parent / "src" / "attnmerge" / "cuda" / "csrc"
 LAYOUTS = ("row_major", "col_major", "col_major_tma")
-SENTINEL = 12345.0  # in scales the store must not write (TMA padding)
+PACKED = "ue8m0_packed"
+SENTINEL = 12345.0  # in float32 scales the store must not write (TMA padding)
+INT_SENTINEL = 0x5A5A5A5A  # in packed scales
+MARGIN = 8  # sentinel elements before and after the scales' storage
 
 
 @pytest.fixture(scope="module")
-def emulator_dir(tmp_path_factory) -> Path:
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to build the kernel emulator")
-    return tmp_path_factory.mktemp("cuda_emulation_groups")
-
-
-def _block_size(config) -> int:
-    """Bytes of the instance's parameters: its struct, then the scales' strides (padded to
-    8 bytes) where its store writes scales."""
-    two = isinstance(config, cuda_backend.KernelConfig)
-    size = (cuda_backend.PARAMS if two else cuda_backend.PARTIALS_PARAMS).size
-    if config.takes_scale_strides:
-        size += cuda_backend.SCALE_STRIDES.size
-    return -(-size // 8) * 8
-
-
-class _EmulatedKernel:
-    device_index = None  # as the CPU tensors' device index
-
-    def __init__(self, lib: ctypes.CDLL, config, launched: list):
-        self._lib, self._config, self._launched = lib, config, launched
-
-    def launch(self, grid: int, stream: int, params: bytes) -> None:
-        assert len(params) == _block_size(self._config)
-        if isinstance(self._config, cuda_backend.KernelConfig):
-            run = self._lib.emulate_merge
-        else:
-            run = self._lib.emulate_partials
-        assert run(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0
-        self._launched.append(self._config)
+def emulator_dir(tmp_path_factory):
+    return cuda_emulator_support.emulator_dir(tmp_path_factory)
 
 
 @pytest.fixture
 def emulated(emulator_dir, monkeypatch):
     """Route the cuda backend's launches of both kernels to host builds; yields the
     configurations launched, in order."""
-    launched = []
-
-    @functools.cache
-    def library(config) -> ctypes.CDLL:
-        two = isinstance(config, cuda_backend.KernelConfig)
-        macro = "ATTNMERGE_MERGE_INSTANCE" if two else "ATTNMERGE_PARTIALS_INSTANCE"
-        template_args = config.template_arguments()
-        lib = emulator_dir / f"{hashlib.sha256(template_args.encode()).hexdigest()[:20]}.so"
-        if not lib.exists():
-            subprocess.run(
-                ["g++", "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC",
-                 "-ffp-contract=off", f"-I{CSRC}", f"-D{macro}={template_args}",
-                 str(HERE / "cuda_emulation" / "emulate.cpp"), "-o", str(lib)],
-                check=True,
-            )  # fmt: skip
-        cdll = ctypes.CDLL(str(lib))
-        for entry in ("emulate_merge", "emulate_partials"):
-            if hasattr(cdll, entry):
-                getattr(cdll, entry).argtypes = [ctypes.c_char_p, ctypes.c_uint]
-        return cdll
-
-    monkeypatch.setattr(
-        cuda_backend,
-        "_kernel",
-        lambda index, config: _EmulatedKernel(library(config), config, launched),
-    )
-    monkeypatch.setattr(cuda_backend, "_current_raw_stream", lambda index: 0)
-    monkeypatch.setattr(cuda_backend, "_current_device", lambda: None)
-    return launched
+    return cuda_emulator_support.emulate(emulator_dir, monkeypatch)
 
 
 def states(form: str, tokens: int, heads: int, head_size: int, seed: int, dtype=torch.bfloat16):
@@ -158,40 +106,48 @@ def run_cuda(outputs, lses, indptr, fmt, *, with_lse=True, P=None, out=None, lse
     return out, out_lse, call
 
 
-def group_format(group_size, ue8m0, layout, tokens, heads, head_size) -> FP8PerTokenGroup:
-    """The format with new scales, every element of their storage (TMA padding included)
-    set to SENTINEL."""
+def group_format(group_size, ue8m0, layout, tokens, heads, head_size):
+    """``(format, buffer)``: the format with new scales in ``buffer``, which holds their
+    storage (TMA and packed padding included) with MARGIN elements before and after it,
+    every element SENTINEL (INT_SENTINEL for packed scales)."""
     fmt = FP8PerTokenGroup(group_size, ue8m0=ue8m0, layout=layout)
-    fmt = fmt.with_scales(tokens, heads, head_size, "cpu")
-    scales = fmt.scales
-    storage = scales.as_strided((scales.untyped_storage().nbytes() // 4,), (1,), 0)
-    storage.fill_(SENTINEL)
-    return fmt
+    shape, strides, dtype = fmt.scales_layout(tokens, fmt.groups(heads, head_size))
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides, strict=True)) if tokens else 0
+    fill = SENTINEL if dtype == torch.float32 else INT_SENTINEL
+    buffer = torch.full((extent + 2 * MARGIN,), fill, dtype=dtype)
+    return dataclasses.replace(fmt, scales=buffer.as_strided(shape, strides, MARGIN)), buffer
+
+
+def expected_buffer(fmt, before: torch.Tensor, want_scales: torch.Tensor) -> torch.Tensor:
+    """The scales' buffer as the torch backend leaves it (``_store_scales``: the scales,
+    packed padding zeroed, TMA padding and the margins as they were)."""
+    want = before.clone()
+    view = want.as_strided(fmt.scales.shape, fmt.scales.stride(), MARGIN)
+    dataclasses.replace(fmt, scales=view)._store_scales(want_scales)
+    return want
 
 
 def check_group_store(outputs, lses, indptr, group_size, ue8m0, launched, **kw):
-    """Every layout's FP8 output, scales and output LSE against the reference quantiser of
-    the same call's float32 result; the launched kernels are the ones dispatch prepares."""
+    """Every layout's FP8 output, scales (their whole buffer: padding and margins) and
+    output LSE against the reference quantiser of the same call's float32 result; the
+    launched kernels are the ones dispatch prepares."""
     merged, merged_lse, _ = run_cuda(outputs, lses, indptr, Plain(torch.float32), **kw)
     tokens, heads, head_size = merged.shape
-    for layout in LAYOUTS:
-        fmt = group_format(group_size, ue8m0, layout, tokens, heads, head_size)
+    for layout in LAYOUTS + ((PACKED,) if ue8m0 else ()):
+        fmt, buffer = group_format(group_size, ue8m0, layout, tokens, heads, head_size)
+        before = buffer.clone()
         out, out_lse, call = run_cuda(outputs, lses, indptr, fmt, **kw)
         want_q, want_scales = fmt.quantize_with_scales(merged)
         assert_bits_equal(out, want_q, f"{layout}: output")
-        assert_bits_equal(fmt.scales.contiguous(), want_scales, f"{layout}: scales")
+        assert_bits_equal(buffer, expected_buffer(fmt, before, want_scales), f"{layout}: scales")
         if out_lse is not None:
             assert_bits_equal(out_lse, merged_lse, f"{layout}: output LSE")
-        if layout == "col_major_tma" and tokens:  # the padding after each column but the last
-            padded, groups = fmt.scales.stride(1), want_scales.shape[1]
-            padding = fmt.scales.as_strided((groups - 1, padded - tokens), (padded, 1), tokens)
-            assert (padding == SENTINEL).all(), "the TMA padding was written"
         if tokens:
             config = launched[-1]
             assert config in cuda_backend._configs_of(call.signature)  # what prepare builds
-            assert config.takes_scale_strides and config.epilogue == "FP8GroupStore"
-            ue8m0_arg = "true" if ue8m0 else "false"
-            assert f"FP8E4M3, {group_size}, {ue8m0_arg}>" in config.template_arguments()
+            assert config.takes_scale_layout and config.epilogue == "FP8GroupStore"
+            flags = f"{str(ue8m0).lower()}, {str(layout == PACKED).lower()}"
+            assert f"FP8E4M3, {group_size}, {flags}>" in config.template_arguments()
 
 
 SHAPES = [(0, 1), (1, 2), (5, 3), (7, 4)]  # (T, H): none and odd tokens, 1 to 4 heads
@@ -205,15 +161,16 @@ SHAPES = [(0, 1), (1, 2), (5, 3), (7, 4)]  # (T, H): none and odd tokens, 1 to 4
 )  # fmt: skip
 def test_group_store_is_the_reference_quantiser(emulated, form, head_size, group_size, ue8m0):
     """Groups of 64 and 128 within heads of 64 to 256, fp32 and UE8M0 scales in the three
-    float32 layouts, T = 0 and odd, H = 1 to 4, empty partials and rows, NaN and infinite
-    LSEs and values; two partials (head-major rows where T, H > 1, the output LSE being
-    [H, T]), K = 3 stacked, packed rows."""
+    float32 layouts and UE8M0 ones packed (G = 1 to 16, padding tokens where T is odd), T = 0
+    and odd, H = 1 to 4, empty partials and rows, NaN and infinite LSEs and values; two
+    partials (head-major rows where T, H > 1, the output LSE being [H, T]), K = 3 stacked,
+    packed rows."""
     for tokens, heads in SHAPES:
         outputs, lses, indptr = states(form, tokens, heads, head_size, tokens * 10 + heads)
         check_group_store(outputs, lses, indptr, group_size, ue8m0, emulated)
     if form == "pair":
         # 16-byte chunks of bf16: 8 to 32 lanes a row, 8 or 16 a group
-        assert {c.vec for c in emulated if c.takes_scale_strides} == {8}
+        assert {c.vec for c in emulated if c.takes_scale_layout} == {8}
     assert emulated, "nothing reached the kernel"
 
 
@@ -265,62 +222,93 @@ def test_misaligned_partials_take_scalar_accesses(emulated, form, head_size, gro
 
 def test_prefill_tokens_strides_and_given_scales(emulated):
     """Tokens past prefill_tokens_with_context (token-major rows), strided partials and
-    output, and TMA-aligned scales the caller passes in a larger buffer."""
+    output, and TMA-aligned or packed scales the caller passes in a larger buffer: T = 7
+    (one padding token), G = 6 or 3 (packed: the last column holds 2 or 3 groups); two
+    partials, and the same two stacked (the K-partial kernel)."""
     tokens, heads, head_size = 7, 3, 128
     g = torch.Generator().manual_seed(11)
     big = torch.randn(2, tokens, heads + 1, head_size + 64, generator=g).to(torch.bfloat16)
     prefix, suffix = big[0, :, :heads, :head_size], big[1, :, 1:, 64:]
     lses = [torch.randn(heads, tokens, generator=g), torch.randn(tokens, heads, generator=g).t()]
-    merged, merged_lse, _ = run_cuda([prefix, suffix], lses, None, Plain(torch.float32), P=4)
-    for group_size in (64, 128):
-        fmt = group_format(group_size, False, "col_major_tma", tokens, heads, head_size)
+    forms = [([prefix, suffix], lses), (torch.stack([prefix, suffix]), torch.stack(lses))]
+    for (outputs, form_lses), group_size, layout in itertools.product(
+        forms, (64, 128), ("col_major_tma", PACKED)
+    ):
+        merged, merged_lse, _ = run_cuda(outputs, form_lses, None, Plain(torch.float32), P=4)
+        fmt, buffer = group_format(group_size, True, layout, tokens, heads, head_size)
+        before = buffer.clone()
         out = torch.zeros(tokens, heads + 2, head_size, dtype=torch.float8_e4m3fn)[:, 1:-1]
-        res, res_lse, _ = run_cuda([prefix, suffix], lses, None, fmt, P=4, out=out)
+        res, res_lse, _ = run_cuda(outputs, form_lses, None, fmt, P=4, out=out)
         want_q, want_scales = fmt.quantize_with_scales(merged)
         assert res is out
         assert_bits_equal(out, want_q, "output")
-        assert_bits_equal(fmt.scales.contiguous(), want_scales, "scales")
+        assert_bits_equal(buffer, expected_buffer(fmt, before, want_scales), "scales")
         assert_bits_equal(res_lse, merged_lse, "output LSE")
 
 
 @pytest.mark.parametrize("form", ["pair", "stacked"])
-@pytest.mark.parametrize("ue8m0", [False, True])
-def test_special_groups(emulated, form, ue8m0):
-    """docs/contract.md C38 in the kernel's store: a NaN in a group gives scale NaN and NaN
-    codes; an infinite value scale +inf; an empty row zeros and the smallest scale."""
+@pytest.mark.parametrize(
+    "layout, ue8m0", [("row_major", False), ("row_major", True), (PACKED, True)]
+)
+def test_special_groups(emulated, form, layout, ue8m0):
+    """docs/contract.md C38 in the kernel's store: a NaN in a group gives scale NaN (packed:
+    byte 0xFF) and NaN codes; an infinite value scale +inf (0xFF); an empty row zeros and
+    the smallest scale (UE8M0: 2^-33, byte 0x5E)."""
     tokens, heads, head_size, group_size = 4, 2, 128, 64
     outputs, lses, _ = states(form, tokens, heads, head_size, 3)
-    fmt = group_format(group_size, ue8m0, "row_major", tokens, heads, head_size)
+    fmt, _ = group_format(group_size, ue8m0, layout, tokens, heads, head_size)
     out, _, _ = run_cuda(outputs, lses, None, fmt)
-    scales, codes = fmt.scales, out.view(torch.uint8)
+    codes = out.view(torch.uint8)
+    if layout == PACKED:  # the bytes of groups 0 to 3 of each token (one int32 column)
+        exponents = fmt.scales[:, 0].contiguous().view(torch.uint8).reshape(tokens, 4).int()
+        scales = torch.where(exponents == 0xFF, NAN, (exponents << 23).view(torch.float32))
+        inf_scale = NAN  # UE8M0 has one byte for both
+    else:
+        scales, inf_scale = fmt.scales, INF
     assert scales[0, 0].isnan() and not scales[0, 1:].isnan().any()  # value NaN at column 5
     assert ((codes[0, 0, :64] & 0x7F) == 0x7F).all()
     assert scales[1, :2].isnan().all() and ((codes[1, 0] & 0x7F) == 0x7F).all()  # NaN LSE
     assert not scales[1, 2:].isnan().any()
-    assert scales[2, 1] == INF  # the infinite value at head 0's last column
+    assert_bits_equal(scales[2, 1], torch.tensor(inf_scale), "the scale of an infinite value")
     smallest = torch.tensor(FP8_GROUP_EPS) / torch.tensor(FP8_E4M3_MAX)
     if ue8m0:
-        smallest = torch.tensor(2.0**-33)  # 2^ceil(log2(max(1e-10 / 448, 1e-10)))
+        smallest = torch.tensor(2.0**-33)  # 2^ceil(log2(max(1e-10 / 448, 1e-10))): 0x5E
     assert_bits_equal(scales[3, 2:], smallest.expand(2), "empty row's scales")
     assert (codes[3, 1] == 0).all()
 
 
-def test_scale_strides_in_the_kernel_row_order():
-    """The launcher's scale strides: per token, per head (groups a head times the group
-    stride) and per group, swapped with the rows for head-major order, 0 along dimensions
-    of one element; past 32 bits a ValueError naming the scales."""
-    fmt = FP8PerTokenGroup(64, layout="col_major").with_scales(5, 3, 128, "meta")
-    call = SimpleNamespace(output=torch.empty(5, 3, 128, device="meta"), output_format=fmt)
-    assert cuda_backend._scale_strides(call) == (1, 10, 5)
-    assert cuda_backend._scale_strides(call, head_major=True) == (10, 1, 5)
-    fmt = FP8PerTokenGroup(128, layout="row_major").with_scales(1, 1, 128, "meta")
-    call = SimpleNamespace(output=torch.empty(1, 1, 128, device="meta"), output_format=fmt)
-    assert cuda_backend._scale_strides(call) == (0, 0, 0)
-    tokens = 2**31
+def test_scale_layout_in_the_kernel_row_order():
+    """The launcher's ScaleLayout: a row's token stride and first group along the outer and
+    inner index (swapped for head-major rows), the group stride, 0 along dimensions of one
+    element; packed scales in bytes, with G, token T - 1's offset and the padding tokens
+    after it; past 32 bits a ValueError naming the scales."""
+
+    def layout(fmt, tokens, heads, head_size, head_major=False):
+        fmt = fmt.with_scales(tokens, heads, head_size, "meta")
+        output = torch.empty(tokens, heads, head_size, device="meta")
+        call = SimpleNamespace(output=output, output_format=fmt)
+        return tuple(cuda_backend._scale_layout(call, head_major).values())
+
+    col_major = FP8PerTokenGroup(64, layout="col_major")
+    assert layout(col_major, 5, 3, 128) == (1, 0, 0, 2, 5, 6, 0, 0)
+    assert layout(col_major, 5, 3, 128, head_major=True) == (0, 1, 2, 0, 5, 6, 0, 0)
+    assert layout(FP8PerTokenGroup(128), 1, 1, 128) == (0, 0, 0, 0, 0, 1, 0, 0)
+    packed = FP8PerTokenGroup(64, True, PACKED)
+    # int32 [5, 2] with strides (1, 8): 4 bytes a token, 32 a column, 3 padding tokens
+    assert layout(packed, 5, 3, 128) == (4, 0, 0, 2, 32, 6, 16, 3)
+    assert layout(packed, 5, 3, 128, head_major=True) == (0, 4, 2, 0, 32, 6, 16, 3)
+    assert layout(packed, 8, 2, 64) == (4, 0, 0, 1, 0, 2, 28, 0)  # one column: no padding
+    assert layout(packed, 1, 5, 64) == (0, 0, 0, 1, 16, 5, 0, 3)  # [1, 2], strides (1, 4)
+    tokens = 2**32  # col_major: 2^32 elements a group
     fmt = FP8PerTokenGroup(64, layout="col_major").with_scales(tokens, 2, 128, "meta")
     call = SimpleNamespace(output=torch.empty(tokens, 2, 128, device="meta"), output_format=fmt)
-    with pytest.raises(ValueError, match=r"scales has strides \(1, 2147483648\)"):
-        cuda_backend._scale_strides(call)
+    with pytest.raises(ValueError, match=r"scales has strides \(1, 4294967296\)"):
+        cuda_backend._scale_layout(call)
+    tokens = 2**30 + 1  # packed: token T - 1 lies 2^32 bytes in
+    fmt = packed.with_scales(tokens, 1, 64, "meta")
+    call = SimpleNamespace(output=torch.empty(tokens, 1, 64, device="meta"), output_format=fmt)
+    with pytest.raises(ValueError, match="below 2\\^32 bytes"):
+        cuda_backend._scale_layout(call)
 
 
 _LAYOUT_HARNESS = r"""
@@ -328,40 +316,58 @@ _LAYOUT_HARNESS = r"""
 #include <cstdio>
 #include "partials.cuh"
 using namespace attnmerge;
+template <typename Params>
+void print() {
+  typedef WithOutputs<Params, true, true> Both;
+  typedef WithOutputs<Params, true, false> Scales;
+  typedef WithOutputs<Params, false, true> Amax;
+  printf("%zu %zu %zu %zu %zu %zu %zu\n", sizeof(Both), offsetof(Both, scale_layout),
+         offsetof(Both, amax), sizeof(Scales), offsetof(Scales, scale_layout), sizeof(Amax),
+         offsetof(Amax, amax));
+}
 int main() {
-  printf("%zu %zu %zu %zu\n", sizeof(WithScaleStrides<MergeParams>),
-         offsetof(WithScaleStrides<MergeParams>, strides), sizeof(WithScaleStrides<PartialsParams>),
-         offsetof(WithScaleStrides<PartialsParams>, strides));
+  static_assert(sizeof(KernelArgs<MergeParams, false, false>) == sizeof(MergeParams));
+  print<MergeParams>();
+  print<PartialsParams>();
   return 0;
 }
 """
 
 
-def test_scale_strides_follow_the_parameters(tmp_path):
-    """The launcher appends the packed ScaleStrides to MergeParams or PartialsParams and pads
-    to 8 bytes: WithScaleStrides' layout as g++ compiles it."""
+def test_outputs_follow_the_parameters(tmp_path):
+    """The launcher appends the packed ScaleLayout and the amax output's address to
+    MergeParams or PartialsParams at their alignment and pads to 8 bytes: WithOutputs'
+    layout as g++ compiles it, in each of its three forms."""
     if shutil.which("g++") is None:
         pytest.skip("no g++")
     (tmp_path / "layout.cpp").write_text(_LAYOUT_HARNESS)
     exe = tmp_path / "layout"
     source = tmp_path / "layout.cpp"
     subprocess.run(["g++", "-std=c++17", f"-I{CSRC}", str(source), "-o", str(exe)], check=True)
-    printed = subprocess.run([str(exe)], capture_output=True, check=True).stdout
-    sizes = [int(v) for v in printed.split()]
-    for block, (size, offset) in zip(
-        (cuda_backend.PARAMS, cuda_backend.PARTIALS_PARAMS), (sizes[:2], sizes[2:]), strict=True
+    printed = subprocess.run([str(exe)], capture_output=True, check=True).stdout.decode()
+    scale_layout = dict(zip(cuda_backend.SCALE_LAYOUT.fields, range(1, 9), strict=True))
+    scale_bytes = b"".join(i.to_bytes(4, "little") for i in range(1, 9))
+    amax_bytes = (0x0102030405060708).to_bytes(8, "little")
+    for block, line in zip(
+        (cuda_backend.PARAMS, cuda_backend.PARTIALS_PARAMS), printed.splitlines(), strict=True
     ):
-        packed = cuda_backend._with_scale_strides(
-            block.pack(**dict.fromkeys(block.fields, 0)), (1, 2, 3)
-        )
-        assert (len(packed), block.size) == (size, offset)
-        assert packed[offset : offset + 12] == bytes([1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0])
+        both, both_scales, both_amax, scales, scales_at, amax, amax_at = map(int, line.split())
+        params = block.pack(**dict.fromkeys(block.fields, 0))
+        packed = cuda_backend._with_outputs(params, scale_layout, 0x0102030405060708)
+        assert (len(packed), both_scales) == (both, block.size)
+        assert packed[both_scales : both_scales + 32] == scale_bytes
+        assert packed[both_amax : both_amax + 8] == amax_bytes
+        packed = cuda_backend._with_outputs(params, scale_layout, None)
+        assert (len(packed), scales_at) == (scales, block.size)
+        assert packed[scales_at : scales_at + 32] == scale_bytes
+        packed = cuda_backend._with_outputs(params, None, 0x0102030405060708)
+        assert len(packed) == amax and packed[amax_at : amax_at + 8] == amax_bytes
 
 
 def test_dispatch_serves_groups_within_a_head(clean_dispatch, monkeypatch):
     """The format's gaps are the kernels' (FP8PerTokenGroup.kernel_gap): groups within a head
-    in the float32 layouts reach the cuda backend; packed UE8M0 scales, groups that span
-    heads and amax are refused with their reason."""
+    in every layout, and amax of every format, reach the cuda backend; groups that span
+    heads are refused with their reason."""
 
     class Serves:
         def unsupported(self, signature):
@@ -374,38 +380,295 @@ def test_dispatch_serves_groups_within_a_head(clean_dispatch, monkeypatch):
         sig = CallSignature(torch.device("cuda"), dtypes, head_size, fmt.key, False, False, layout)
         return dispatch._unsupported("cuda", sig)
 
+    amax = torch.zeros(1)
     for layout in (PartialLayout.SEPARATE, PartialLayout.STACKED, PartialLayout.PACKED):
-        for fmt_layout in LAYOUTS:
+        for fmt_layout in (*LAYOUTS, PACKED):
             assert reason(FP8PerTokenGroup(128, True, fmt_layout), 256, layout) is None
-            assert reason(FP8PerTokenGroup(64, False, fmt_layout), 64, layout) is None
-    assert "packed UE8M0" in reason(FP8PerTokenGroup(64, True, "ue8m0_packed"), 128)
+            assert reason(FP8PerTokenGroup(64, True, fmt_layout, amax=amax), 64, layout) is None
+        for fmt in (Plain(torch.float16, amax), FP8Static(torch.ones(1), amax=amax)):
+            assert reason(fmt, 128, layout) is None
     assert "span heads" in reason(FP8PerTokenGroup(128), 64)
-    assert "amax" in reason(FP8PerTokenGroup(64, amax=torch.zeros(1)), 128)
+    assert "span heads" in reason(FP8PerTokenGroup(128, True, PACKED, amax=amax), 64)
 
 
 @pytest.mark.parametrize(
-    "layout, dtype, head_size, group_size, vec",
+    "layout, dtype, head_size, group_size, vec, fmt_layout, amax",
     [
-        (PartialLayout.SEPARATE, torch.bfloat16, 128, 128, 8),  # a group in 16 lanes
-        (PartialLayout.SEPARATE, torch.float32, 256, 128, 1),  # four warps a group, a loop
-        (PartialLayout.STACKED, torch.float16, 576, 64, 8),
-        (PartialLayout.STACKED, torch.float32, 128, 128, 1),
+        # a group in 16 lanes
+        (PartialLayout.SEPARATE, torch.bfloat16, 128, 128, 8, "row_major", False),
+        (PartialLayout.SEPARATE, torch.bfloat16, 128, 64, 8, PACKED, True),
+        # four warps a group, a loop
+        (PartialLayout.SEPARATE, torch.float32, 256, 128, 1, "row_major", False),
+        (PartialLayout.SEPARATE, torch.float32, 256, 128, 1, PACKED, False),
+        (PartialLayout.STACKED, torch.float16, 576, 64, 8, "row_major", False),
+        (PartialLayout.STACKED, torch.float16, 576, 64, 8, PACKED, True),
+        (PartialLayout.STACKED, torch.float32, 128, 128, 1, "row_major", True),
     ],
 )
 def test_group_kernels_compile_with_nvrtc(monkeypatch, tmp_path, layout, dtype, head_size,
-                                          group_size, vec):  # fmt: skip
+                                          group_size, vec, fmt_layout, amax):  # fmt: skip
     """The first-use build (NVRTC, sm_90a) of group-store kernels, which `attnmerge build`
-    does not prepare: warp shuffles, and the named barrier of groups wider than a warp."""
+    does not prepare: warp shuffles, the named barrier of groups wider than a warp, packed
+    scales' byte stores, and the amax reduction (redux and an atomic max)."""
     from attnmerge.cuda import nvrtc
 
     if nvrtc.unavailable_reason() is not None:
         pytest.skip(nvrtc.unavailable_reason())
     monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
     two = layout is PartialLayout.SEPARATE
+    fmt = FP8PerTokenGroup(group_size, True, fmt_layout, amax=torch.zeros(1) if amax else None)
     sig = CallSignature(
-        torch.device("cuda"), (dtype,) * (2 if two else 1), head_size,
-        FP8PerTokenGroup(group_size, True).key, True, False, layout,
+        torch.device("cuda"), (dtype,) * (2 if two else 1), head_size, fmt.key, True, False,
+        layout,
     )  # fmt: skip
     configs = [c for c in cuda_backend._configs_of(sig) if c.vec == vec]
-    assert len(configs) == 1 and configs[0].takes_scale_strides
+    assert len(configs) == 1 and configs[0].takes_scale_layout and configs[0].amax == amax
     assert cuda_backend.build_kernel(configs[0], "sm_90a")[:4] == b"\x7fELF"
+
+
+# ---------------------------------------------------------------------------
+# amax (docs/contract.md C39): every store of both kernels reduces max |O| of the float32
+# result into the caller's scalar, zeroed by the launch path first.
+
+AMAX_GARBAGE = 3.0e38  # what the amax output holds before a call: the launch path zeroes it
+
+
+def amax_states(form, tokens, heads, head_size, seed, special, dtype=torch.bfloat16):
+    """(outputs, lses, indptr) of one input form with empty partials and an empty row, and
+    per ``special``: "finite" nothing more; "inf" an infinite value in a weighted row; "nan"
+    a NaN of another payload than the canonical one (sign set, low mantissa bits); "empty"
+    every row empty. T >= 1 has the special value."""
+    g = torch.Generator().manual_seed(seed)
+    k = 2 if form == "pair" else 3
+    if form == "packed":
+        counts = (torch.arange(tokens) + 1) % 4  # token 3 has no rows: an empty row
+        indptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        n = int(indptr[-1])
+        o = torch.randn(n, heads, head_size, generator=g) * 4
+        lse = torch.randn(heads, n, generator=g) * 3
+        if n > 2:
+            lse[heads - 1, 2] = INF  # an empty partial
+        lse_at, o_at = (0, 0), (0, 0, 3)  # token 0's row, head 0
+    else:
+        indptr = None
+        o = torch.randn(k, tokens, heads, head_size, generator=g) * 4
+        lse = torch.randn(k, heads, tokens, generator=g) * 3
+        if tokens:
+            lse[0, 0, 0] = INF  # an empty partial
+            lse[:, heads - 1, tokens - 1] = -INF  # an empty row
+        t = tokens // 2  # in the last partial, which every token has
+        lse_at, o_at = (k - 1, 0, t), (k - 1, t, 0, 3)
+    o = o.to(dtype)
+    if special == "empty":
+        lse.fill_(-INF)
+    elif special in ("inf", "nan") and tokens:
+        lse[lse_at] = 5.0  # a weight far from 0
+        if special == "inf":
+            o[o_at] = INF
+        elif dtype == torch.float32:  # |x| is 0x7FC00001
+            o.view(torch.int32)[o_at] = -0x3FFFFF
+        else:  # bf16 0xFFC1: |x| is 0x7FC10000 in float32
+            o.view(torch.int16)[o_at] = -0x3F
+    if form == "pair":
+        return [o[0], o[1]], [lse[0], lse[1]], None
+    return o, lse, indptr
+
+
+def amax_formats(tokens, heads, head_size):
+    """Every store as pairs (with amax, without): plain float32 and bf16, static FP8,
+    per-group FP8 with float32 and with packed UE8M0 scales (each in its own buffer). The
+    amax outputs hold AMAX_GARBAGE."""
+    pairs = []
+    for fmt in (Plain(torch.float32), Plain(torch.bfloat16), FP8Static(torch.tensor([0.05]))):
+        pairs.append((dataclasses.replace(fmt, amax=torch.full((1,), AMAX_GARBAGE)), fmt))
+    for ue8m0, layout in ((False, "row_major"), (True, PACKED)):
+        fmt, without = (group_format(64, ue8m0, layout, tokens, heads, head_size)[0]
+                        for _ in range(2))  # fmt: skip
+        pairs.append((dataclasses.replace(fmt, amax=torch.full((1,), AMAX_GARBAGE)), without))
+    return pairs
+
+
+def check_amax(outputs, lses, indptr, fmt, without, launched, **kw):
+    """The call with ``fmt`` stores what it stores with ``without`` (the format without
+    amax: output, scales, output LSE) and writes amax_reference of the same call's float32
+    result into ``fmt.amax``, with one atomic per warp at most (exactly one per warp in the
+    K-partial kernel, where every lane of a block reaches the reduction)."""
+    merged, _, _ = run_cuda(outputs, lses, indptr, Plain(torch.float32), **kw)
+    out_without, lse_without, _ = run_cuda(outputs, lses, indptr, without, **kw)
+    out, out_lse, call = run_cuda(outputs, lses, indptr, fmt, **kw)
+    name = f"{type(fmt).__name__} {getattr(fmt, 'layout', fmt.dtype)}"
+    assert_bits_equal(fmt.amax, amax_reference(merged).reshape(1), f"{name}: amax")
+    assert_bits_equal(out, out_without, f"{name}: output")
+    if lse_without is not None:
+        assert_bits_equal(out_lse, lse_without, f"{name}: output LSE")
+    if getattr(fmt, "scales", None) is not None:
+        assert_bits_equal(fmt.scales, without.scales, f"{name}: scales")
+    if merged.numel():
+        launch = launched.launches[-1]
+        assert launch.config.amax and launch.config in cuda_backend._configs_of(call.signature)
+        warps = launch.grid * cuda_backend.BLOCK_THREADS // 32
+        if cuda_emulator_support.is_two_partial(launch.config):
+            assert 1 <= launch.atomics <= warps
+        else:
+            assert launch.atomics == warps
+
+
+@pytest.mark.parametrize("form", ["pair", "stacked", "packed"])
+@pytest.mark.parametrize("special", ["finite", "inf", "nan", "empty"])
+def test_amax_of_every_store(emulated, form, special):
+    """amax of the float32 result, bit for bit, through every store of both kernels: finite
+    values, +inf, NaN (0x7FC00000 whatever the payload), all rows empty (0), T = 0 (0);
+    T not a multiple of 4 and G = 2 to 8 (packed scales with padding tokens)."""
+    for tokens, heads in [(0, 2), (1, 3), (5, 1), (9, 4)]:
+        outputs, lses, indptr = amax_states(form, tokens, heads, 128, tokens + heads, special)
+        for fmt, without in amax_formats(tokens, heads, 128):
+            check_amax(outputs, lses, indptr, fmt, without, emulated)
+            if tokens == 0 or special == "empty":
+                assert fmt.amax.item() == 0 and not fmt.amax.signbit()
+            elif special == "inf":
+                assert fmt.amax.item() == INF
+            elif special == "nan":
+                assert fmt.amax.view(torch.int32).item() == 0x7FC00000
+            else:
+                assert 0 < fmt.amax.item() < INF
+
+
+@pytest.mark.parametrize(
+    "dtype, out_dtype, head_size, tokens, heads, with_lse, team",
+    [
+        # teams within a warp, with idle lanes, and rows that end mid-block (the last block's
+        # last teams have none): the warp's mask of lanes is worked out, not __activemask
+        (torch.bfloat16, torch.float32, 72, 5, 3, False, 32),  # 18 of 32 lanes
+        (torch.bfloat16, torch.bfloat16, 72, 5, 3, False, 16),  # 9 of 16 lanes, 15 of 16 rows
+        (torch.bfloat16, torch.bfloat16, 72, 5, 3, True, 16),
+        (torch.float32, torch.float32, 2, 37, 1, False, 1),  # a row a lane: warp 1 has 5 rows
+        (torch.float32, torch.float32, 8, 7, 3, True, 2),  # head-major rows
+        # teams of 64 or 128 lanes, some without columns: the early exit, or (output LSE) not
+        (torch.float32, torch.float32, 200, 100, 3, False, 64),  # 50 of 64 lanes
+        (torch.float32, torch.float32, 200, 3, 1, False, 128),  # 100 of 128 lanes
+        (torch.float32, torch.float32, 456, 3, 1, True, 128),  # 114 of 128 lanes
+        (torch.float32, torch.float8_e4m3fn, 576, 3, 2, False, 128),  # a loop over columns
+    ],
+)
+def test_amax_reduction_lanes(emulated, dtype, out_dtype, head_size, tokens, heads, with_lse,
+                              team):  # fmt: skip
+    """The two-partial kernel's lanes that leave early (no row, no column) take no part in
+    the warp's reduction, the others all do (the emulator fails a launch whose mask leaves
+    out a lane that takes part or names one that left); the largest value at the last
+    column of the last row, and at the first of the first, is found."""
+    g = torch.Generator().manual_seed(head_size + tokens)
+    for corner in ((tokens - 1, heads - 1, head_size - 1), (0, 0, 0)):
+        o = torch.randn(2, tokens, heads, head_size, generator=g)
+        o[(1, *corner)] = -1000.0  # the suffix has weight 1 past P, and in empty prefixes
+        outputs = [o[0].to(dtype), o[1].to(dtype)]
+        # a prefix on the middle tokens only: the corners are the suffix's, unweighted
+        lses = [torch.full((heads, tokens), INF), torch.randn(heads, tokens, generator=g)]
+        middle = max(1, tokens // 2) - 1
+        lses[0][:, 1 : 1 + middle] = torch.randn(heads, middle, generator=g)
+        amax = torch.full((1,), AMAX_GARBAGE)
+        if out_dtype == FP8:
+            without = FP8Static(torch.tensor([4.0]))
+            fmt = dataclasses.replace(without, amax=amax)
+        else:
+            fmt, without = Plain(out_dtype, amax), Plain(out_dtype)
+        check_amax(outputs, lses, None, fmt, without, emulated, with_lse=with_lse)
+        assert emulated.launches[-1].config.team == team
+        assert torch.isclose(amax, torch.tensor(1000.0))
+
+
+def test_amax_includes_tokens_past_prefill_tokens(emulated):
+    """Tokens past prefill_tokens_with_context (the suffix alone) are part of the result,
+    and of its amax, in both kernels."""
+    tokens, heads, head_size = 6, 2, 64
+    g = torch.Generator().manual_seed(5)
+    o = torch.randn(2, tokens, heads, head_size, generator=g)
+    o[1, tokens - 1, 1, 7] = 300.0  # past P = 3
+    lse = torch.randn(2, heads, tokens, generator=g)
+    for outputs, lses in (([o[0], o[1]], [lse[0], lse[1]]), (o, lse)):
+        amax = torch.full((1,), AMAX_GARBAGE)
+        fmt, without = Plain(torch.float16, amax), Plain(torch.float16)
+        check_amax(outputs, lses, None, fmt, without, emulated, P=3)
+        assert amax.item() == 300.0
+
+
+def test_eager_launcher_declines_amax(emulated):
+    """The eager launcher's plans patch pointers into a stored launch and would not zero
+    amax first: the cuda backend gives none for a format with amax."""
+    outputs, lses, _ = amax_states("pair", 3, 2, 64, 1, "finite")
+    _, _, call = run_cuda(outputs, lses, None, Plain(torch.float32, torch.zeros(1)))
+    assert dispatch.REGISTRY["cuda"].eager_plan(b"key", call) is None
+
+
+def _new_store_configs():
+    """The kernels of the stores `attnmerge build` does not prepare: amax of every store,
+    per-group FP8 in float32 and packed scales, both kernels, bf16 and fp32 partials, two
+    head sizes, with and without the output LSE, every vector width a call can take."""
+    amax = torch.zeros(1)
+    formats = [
+        Plain(torch.float32, amax), Plain(torch.bfloat16, amax),
+        FP8Static(torch.ones(1), amax=amax),
+        FP8PerTokenGroup(64, True, "row_major", amax=amax),
+        FP8PerTokenGroup(128, False, "col_major_tma", amax=amax),
+        FP8PerTokenGroup(64, True, PACKED, amax=amax), FP8PerTokenGroup(64, True, PACKED),
+        FP8PerTokenGroup(128, True, PACKED),
+    ]  # fmt: skip
+    layouts = (PartialLayout.SEPARATE, PartialLayout.STACKED)
+    found = {}
+    for fmt, dtype, layout, head_size, lse in itertools.product(
+        formats, (torch.bfloat16, torch.float32), layouts, (128, 576), (False, True)
+    ):
+        if head_size % getattr(fmt, "group_size", 1):
+            continue
+        dtypes = (dtype,) * (2 if layout is PartialLayout.SEPARATE else 1)
+        sig = CallSignature(torch.device("cuda"), dtypes, head_size, fmt.key, lse, False, layout)
+        found.update(dict.fromkeys(cuda_backend._configs_of(sig)))
+    return list(found)
+
+
+def _nvcc_archs() -> list[str]:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return []
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    return ["sm_80", "sm_90a"] + (["sm_100a"] if "compute_100" in listed else [])
+
+
+@pytest.mark.parametrize(
+    "arch", _nvcc_archs() or [pytest.param("none", marks=pytest.mark.skip(reason="no nvcc"))]
+)
+def test_new_store_configs_compile_with_nvcc_without_spills(arch, tmp_path):
+    """As tests/test_cuda_source.py's check of `attnmerge build`'s configurations, for the
+    kernels of the amax reduction and the group stores: each compiles for every target
+    with registers only (no spills, no stack), without warnings."""
+    configs = _new_store_configs()
+    lines = ['#include "partials.cuh"', "namespace attnmerge {"]
+    for i, config in enumerate(configs):
+        args = config.template_arguments()
+        if cuda_emulator_support.is_two_partial(config):
+            instance, body, bounds = "MergeInstance", "merge_two_rows", "kBlockThreads"
+        else:
+            instance, body, bounds = "PartialsInstance", "merge_partial_rows", "kBlockThreads, 1"
+        lines.append(
+            f'extern "C" __global__ void __launch_bounds__({bounds}) config_{i}('
+            f"const {instance}<{args}>::Params p) {{ {body}<{args}>(p); }}"
+        )
+    source = tmp_path / "instantiate.cu"
+    source.write_text("\n".join([*lines, "}"]) + "\n")
+    number = arch[3:]
+    proc = subprocess.run(
+        ["nvcc", "-std=c++17", f"-I{CSRC}", f"-gencode=arch=compute_{number},code={arch}",
+         "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(source)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "warning" not in proc.stderr, proc.stderr[-4000:]
+    frames = dict(
+        re.findall(
+            r"Function properties for (\w+)\n\s*(\d+ bytes stack frame, \d+ bytes spill)",
+            proc.stderr,
+        )
+    )
+    assert len(frames) == len(configs), proc.stderr[-4000:]
+    names = {f"config_{i}": c.template_arguments() for i, c in enumerate(configs)}
+    bad = {names[f]: v for f, v in frames.items() if v != "0 bytes stack frame, 0 bytes spill"}
+    assert not bad, f"kernels with a stack or spills on {arch}: {bad}"

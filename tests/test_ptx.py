@@ -38,14 +38,15 @@ itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[in_ty]
 fn = mk._merge_two_kernel
 pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "partial0_ptr": in_ty,
             "lse0_ptr": "fp32", "partial1_ptr": in_ty, "lse1_ptr": "fp32",
-            "operand_ptr": "fp32"}
+            "operand_ptr": "fp32", "amax_ptr": "i32"}
 # the output format's epilogue, as the launcher passes it (OutputFormat.triton_epilogue)
 output_format = formats.FP8Static if out_ty == "fp8e4nv" else formats.Plain
 epilogue = getattr(epilogues, output_format.triton_epilogue)
 block_d = triton.next_power_of_2(head_size)
 const = dict(NUM_HEADS=32, HEAD_SIZE=head_size, BLOCK_D=block_d,
              BLOCK_ROWS=mk.block_rows_for(head_size, itemsize, num_rows), LSE_BASE_2=base_2,
-             WRITE_LSE=True, EPILOGUE=epilogue, HEAD_MAJOR=head_major)
+             WRITE_LSE=True, EPILOGUE=epilogue, GROUP=0, UE8M0=False, UE8M0_PACKED=False,
+             AMAX=False, HEAD_MAJOR=head_major)
 sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
        for n in fn.arg_names}
 # What Triton infers for aligned tensors and strides that are multiples of 16.
@@ -201,35 +202,43 @@ def test_output_elements_are_loaded_and_stored_by_one_thread(in_ty, out_ty, head
 
 
 _EPILOGUES_SCRIPT = r"""
-import itertools, triton
+import itertools, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from attnmerge.triton import epilogues, merge_kernel, partials_kernel
 
-cases = [("plain", "bf16", 0, False), ("fp8_static", "fp8e4nv", 0, False)]
-cases += [("fp8_group", "fp8e4nv", g, u) for g in (64, 128) for u in (False, True)]
+# (epilogue, output type, GROUP, UE8M0, UE8M0_PACKED), each with and without amax
+cases = [("plain", "bf16", 0, False, False), ("fp8_static", "fp8e4nv", 0, False, False)]
+cases += [("fp8_group", "fp8e4nv", g, u, False) for g in (64, 128) for u in (False, True)]
+cases += [("fp8_group", "fp8e4nv", g, True, True) for g in (64, 128)]
 pointers = {"out_lse_ptr": "fp32", "partial0_ptr": "bf16", "partial1_ptr": "bf16",
             "partials_ptr": "bf16", "lse0_ptr": "fp32", "lse1_ptr": "fp32", "lses_ptr": "fp32",
-            "indptr_ptr": "i32", "operand_ptr": "fp32"}
-kernels = [(merge_kernel._merge_two_kernel, {"HEAD_MAJOR": False})]
+            "indptr_ptr": "i32", "amax_ptr": "i32"}
+kernels = [(merge_kernel._merge_two_kernel, {"HEAD_MAJOR": h}) for h in (False, True)]
 kernels += [(partials_kernel._merge_partials_kernel, {"PACKED": p}) for p in (False, True)]
-for (name, out_ty, group, ue8m0), (fn, extra) in itertools.product(cases, kernels):
-    const = dict(NUM_HEADS=2, HEAD_SIZE=192, BLOCK_D=256, BLOCK_ROWS=4, LSE_BASE_2=False,
-                 WRITE_LSE=True, EPILOGUE=getattr(epilogues, name), GROUP=group,
-                 UE8M0=ue8m0, **extra)
-    types = {**pointers, "out_ptr": out_ty}
+for (name, out_ty, group, ue8m0, packed), amax, (fn, extra) in itertools.product(
+    cases, (False, True), kernels
+):
+    # 3 heads of 128 (G = 3 or 6 groups: a partly used last column) or 2 of 192
+    heads, head_size = (3, 128) if packed else (2, 192)
+    const = dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=256, BLOCK_ROWS=4,
+                 LSE_BASE_2=False, WRITE_LSE=True, EPILOGUE=getattr(epilogues, name),
+                 GROUP=group, UE8M0=ue8m0, UE8M0_PACKED=packed, AMAX=amax, **extra)
+    types = {**pointers, "out_ptr": out_ty, "operand_ptr": "i32" if packed else "fp32"}
     sig = {n: "constexpr" if n in const else ("*" + types[n] if n in types else "i32")
            for n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print("compiled", name, group, ue8m0, fn.__name__, extra)
+    ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    atomics = sorted(set(re.findall(r"\b(?:atom|red)\.global[.\w]*", ptx)))
+    print("compiled", name, group, ue8m0, packed, amax, fn.__name__, extra, atomics)
 """
 
 
 def test_every_epilogue_compiles_for_sm_90():
-    """Every output format's epilogue in both kernels, compiled (not interpreted): the
+    """Every output format's epilogue in both kernels (and both program orders and partial
+    forms), with packed UE8M0 scales and with amax, compiled (not interpreted): the
     interpreter accepts code that Triton's compiler rejects, such as a global that is not
-    a constexpr."""
+    a constexpr. A kernel with amax takes one relaxed atomic maximum on its bits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
@@ -241,4 +250,10 @@ def test_every_epilogue_compiles_for_sm_90():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 6 * 3
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("compiled")]
+    assert len(lines) == 8 * 2 * 4, proc.stdout
+    for line in lines:
+        # amax: one relaxed atomic maximum of the int32 bits, and no atomic without it
+        amax = line.split()[5] == "True"
+        want = "['atom.global.gpu.relaxed.max.s32']" if amax else "[]"
+        assert line.endswith(want), line

@@ -103,12 +103,18 @@ def main() -> int:
         values = (heads, head_size, triton.next_power_of_2(head_size), rows, base_2, lse)
         types = [*common, *["i32"] * 12]
         old_names = dict(zip(base._merge_two_kernel.arg_names, types, strict=False))
-        new_names = dict(zip(new._merge_two_kernel.arg_names, types, strict=False))
+        # the working tree's kernel takes amax_ptr after the format's operand
+        new_types = [*common[:7], "*i32", *common[7:], *["i32"] * 12]
+        new_names = dict(zip(new._merge_two_kernel.arg_names, new_types, strict=False))
         keys = ("NUM_HEADS", "HEAD_SIZE", "BLOCK_D", "BLOCK_ROWS", "LSE_BASE_2", "WRITE_LSE")
         old_c = dict(zip(keys, values, strict=True)) | {"FP8_OUT": fp8, "HEAD_MAJOR": head_major}
         epilogue = epilogues.fp8_static if fp8 else epilogues.plain
         new_c = dict(zip(keys, values, strict=True)) | {
             "EPILOGUE": epilogue,
+            "GROUP": 0,
+            "UE8M0": False,
+            "UE8M0_PACKED": False,
+            "AMAX": False,
             "HEAD_MAJOR": head_major,
         }
         for name in old_c:

@@ -92,7 +92,7 @@ def _unsupported(name: str, signature: CallSignature) -> str | None:
     backend = REGISTRY[name]
     if not getattr(backend, "stores_every_format", False):
         key = signature.output_format
-        reason = key.kind.kernel_gap(key, signature.head_size)
+        reason = key.kind.kernel_gap(key, signature.head_size, name)
         if reason is not None:
             return reason
         if getattr(key.kind, f"{name}_epilogue", "") is None:

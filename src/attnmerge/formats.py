@@ -158,12 +158,11 @@ class OutputFormat:
         return ()
 
     @classmethod
-    def kernel_gap(cls, key: FormatKey, head_size: int) -> str | None:
-        """Why the GPU kernels cannot store formats of ``key`` at ``head_size`` yet (None:
-        they can). Dispatch asks it for every backend but the torch reference, which stores
-        all, and then whether the backend has the format's epilogue."""
-        if "amax" in key.options:
-            return "its kernels do not reduce amax yet; the torch backend returns it"
+    def kernel_gap(cls, key: FormatKey, head_size: int, backend: str) -> str | None:
+        """Why the kernels of ``backend`` ("cuda" or "triton") cannot store formats of
+        ``key`` at ``head_size`` yet (None: they can). Dispatch asks it for every backend
+        but the torch reference, which stores all, and then whether the backend has the
+        format's epilogue."""
         return None
 
     def epilogue_strides(self) -> tuple[int, int]:
@@ -311,10 +310,10 @@ class _DynamicFP8(OutputFormat):
     amax: torch.Tensor | None
 
     @classmethod
-    def kernel_gap(cls, key: FormatKey, head_size: int) -> str | None:
+    def kernel_gap(cls, key: FormatKey, head_size: int, backend: str) -> str | None:
         if cls.triton_epilogue is None and cls.cuda_epilogue is None:
             return f"its kernels have no {cls.__name__} epilogue yet; the torch backend stores it"
-        return super().kernel_gap(key, head_size)
+        return super().kernel_gap(key, head_size, backend)
 
     def check(self, output: torch.Tensor, output_name: str = "output") -> None:
         if output.dtype != self.dtype:
@@ -455,16 +454,14 @@ class FP8PerTokenGroup(_DynamicFP8):
         return (self.group_size, self.ue8m0, self.layout)
 
     @classmethod
-    def kernel_gap(cls, key: FormatKey, head_size: int) -> str | None:
-        group_size, _, layout = key.options[:3]
-        if layout == "ue8m0_packed":
-            return "its kernels do not write packed UE8M0 scales yet; the torch backend does"
+    def kernel_gap(cls, key: FormatKey, head_size: int, backend: str) -> str | None:
+        group_size = key.options[0]
         if head_size % group_size:
             return (
                 f"its kernels tile by (token, head) rows, and groups of {group_size} span "
                 f"heads of {head_size}; the torch backend stores them"
             )
-        return super().kernel_gap(key, head_size)
+        return super().kernel_gap(key, head_size, backend)
 
     def kernel_operand(self) -> torch.Tensor | None:
         return self.scales  # written by the store

@@ -4,17 +4,24 @@
 // the block's threads; blocks run one after another. Warp shuffles exchange values through
 // one slot per thread, with a barrier over the lanes of the shuffle's segment (its width).
 // A named barrier (barrier.sync id, threads) is a std::barrier of that many threads per id;
-// __shared__ variables are static ones (one block runs at a time).
+// __shared__ variables are static ones (one block runs at a time). A warp's redux over a mask
+// of lanes waits for exactly those lanes (and fails the launch if a lane outside the mask
+// calls, the lanes disagree on the mask or one never comes); an atomic max takes a mutex,
+// and the launch counts them.
 // The intrinsics map to plain float operations (built with -ffp-contract=off, so nothing
 // is fused, as on the GPU), and the fp16/bf16/fp8 conversions take the headers' host paths.
 // Built once per kernel configuration with -DATTNMERGE_MERGE_INSTANCE=<template arguments>
 // (the two-partial kernel, emulate_merge) or -DATTNMERGE_PARTIALS_INSTANCE=<...> (the
 // stacked/packed kernel, emulate_partials) and the csrc directory on the include path.
 #include <barrier>
-#include <memory>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <cstdio>
 #include <cstring>
+#include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -83,6 +90,66 @@ static inline void emulated_barrier_sync(int id, int threads) {
   bar->arrive_and_wait();
 }
 
+static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+
+// What went wrong in the running launch (empty: nothing); emulate() then returns 1.
+static std::string emulation_error;
+static std::mutex emulation_error_mutex;
+static void fail(const std::string& what) {
+  std::lock_guard<std::mutex> lock(emulation_error_mutex);
+  if (emulation_error.empty()) emulation_error = what;
+}
+
+// redux.sync.max.u32 over the lanes of `mask` in the caller's warp.
+struct WarpRedux {
+  std::mutex m;
+  std::condition_variable cv;
+  unsigned mask = 0, value = 0, result = 0;
+  int arrived = 0;
+  unsigned long generation = 0;
+};
+static WarpRedux warp_redux[32];
+
+static inline unsigned emulated_redux_max(unsigned v, unsigned mask) {
+  const unsigned lane = threadIdx.x % 32;
+  WarpRedux& r = warp_redux[threadIdx.x / 32];
+  if (!(mask >> lane & 1u)) {
+    fail("redux: lane " + std::to_string(threadIdx.x) + " is not in its mask");
+    return v;
+  }
+  std::unique_lock<std::mutex> lock(r.m);
+  if (r.arrived == 0) {
+    r.mask = mask;
+    r.value = 0;
+  } else if (r.mask != mask) {
+    fail("redux: the lanes of warp " + std::to_string(threadIdx.x / 32) + " disagree on the mask");
+  }
+  r.value = r.value > v ? r.value : v;
+  const unsigned long generation = r.generation;
+  if (++r.arrived == __builtin_popcount(mask)) {
+    r.result = r.value;
+    r.arrived = 0;
+    ++r.generation;
+    r.cv.notify_all();
+    return r.result;
+  }
+  if (!r.cv.wait_for(lock, std::chrono::seconds(20), [&] { return r.generation != generation; })) {
+    fail("redux: a lane of the mask of warp " + std::to_string(threadIdx.x / 32) + " never came");
+    r.arrived = 0;
+    ++r.generation;
+    r.cv.notify_all();
+  }
+  return r.result;
+}
+
+static std::mutex atomics_mutex;
+static unsigned long atomics_count = 0;
+static inline void emulated_atomic_max(unsigned* at, unsigned v) {
+  std::lock_guard<std::mutex> lock(atomics_mutex);
+  *at = *at > v ? *at : v;
+  ++atomics_count;
+}
+
 #define __global__
 #define __shared__ static
 #define __launch_bounds__(...)
@@ -95,7 +162,10 @@ template <typename Params>
 static int emulate(const void* packed, unsigned grid, void (*kernel)(Params)) {
   constexpr unsigned kThreads = attnmerge::kBlockThreads;  // every block, every config
   const Params* params = static_cast<const Params*>(packed);
+  emulation_error.clear();
+  atomics_count = 0;
   for (unsigned b = 0; b < grid; ++b) {
+    for (auto& r : warp_redux) r.arrived = 0;
     std::barrier<> barrier(kThreads);
     block_barrier = &barrier;
     for (auto& named : named_barriers) named.reset();
@@ -121,8 +191,15 @@ static int emulate(const void* packed, unsigned grid, void (*kernel)(Params)) {
     }
     for (auto& th : threads) th.join();
   }
+  if (!emulation_error.empty()) {
+    std::fprintf(stderr, "emulated launch failed: %s\n", emulation_error.c_str());
+    return 1;
+  }
   return 0;
 }
+
+// The atomic operations of the last launch.
+extern "C" unsigned long emulated_atomics() { return atomics_count; }
 
 #ifdef ATTNMERGE_MERGE_INSTANCE
 extern "C" int emulate_merge(const void* params, unsigned grid) {

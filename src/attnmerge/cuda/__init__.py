@@ -62,10 +62,16 @@ class CudaBackend:
         _launcher().run(call)
 
     def eager_plan(self, key: bytes, call: MergeCall) -> bytes | None:
-        """The eager launcher's plan for a two-partial ``call`` it keyed ``key``."""
+        """The eager launcher's plan for a two-partial ``call`` it keyed ``key``; none for
+        a format with amax, whose output the launch path zeroes first (backend.run) and the
+        eager launcher does not."""
         from .eager import cuda_plan
 
-        return cuda_plan(key, call) if call.signature.layout is PartialLayout.SEPARATE else None
+        if call.signature.layout is not PartialLayout.SEPARATE:
+            return None
+        if getattr(call.output_format, "amax", None) is not None:
+            return None
+        return cuda_plan(key, call)
 
     def clear_caches(self) -> None:
         from .eager import LAUNCHER

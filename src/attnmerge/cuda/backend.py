@@ -1,7 +1,8 @@
 """The ``cuda`` backend's launcher: picks a kernel, builds it on first use, launches it.
 
 A kernel is described by a :class:`KernelConfig` (partial element types, the output
-format's epilogue, vector width, threads per row, output LSE or not, LSE base). It is
+format's epilogue, vector width, threads per row, output LSE or not, LSE base, amax or
+not). It is
 compiled by NVRTC for the device's architecture on first use and kept in the disk cache
 (:mod:`.cache`; key: attnmerge version, source hash, configuration, architecture, NVRTC
 version), then loaded through the driver API (:mod:`.driver`). ``attnmerge build`` fills
@@ -82,9 +83,9 @@ _GROUPS = "Groups<"
 COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
 
-def _takes_scale_strides(config: KernelConfig | PartialsKernelConfig) -> bool:
-    """Whether a kernel's parameters end with the scales' strides (its store writes scales:
-    Store::KernelParams in csrc/epilogues.cuh)."""
+def _takes_scale_layout(config: KernelConfig | PartialsKernelConfig) -> bool:
+    """Whether a kernel's parameters are followed by the scales' layout (its store writes
+    scales: Store::kWritesScales in csrc/epilogues.cuh)."""
     return config.output_element.startswith(_GROUPS)
 
 
@@ -107,9 +108,10 @@ def _source_hash() -> str:
 #: The kernel parameter structs, read from their declarations in csrc/.
 PARAMS = ParamBlock(sources()["merge.cuh"], "MergeParams")
 PARTIALS_PARAMS = ParamBlock(sources()["partials.cuh"], "PartialsParams")
-#: The scales' strides that follow either struct for a store that writes scales
-#: (WithScaleStrides in csrc/epilogues.cuh).
-SCALE_STRIDES = ParamBlock(sources()["epilogues.cuh"], "ScaleStrides")
+#: What follows either struct for a store that writes scales and for a kernel that reduces
+#: amax, in this order (WithOutputs in csrc/epilogues.cuh).
+SCALE_LAYOUT = ParamBlock(sources()["epilogues.cuh"], "ScaleLayout")
+AMAX_OUTPUT = ParamBlock(sources()["epilogues.cuh"], "AmaxOutput")
 
 
 def arch_of(capability: tuple[int, int]) -> str:
@@ -128,8 +130,9 @@ class KernelConfig(NamedTuple):
     """One compiled two-partial kernel: the template arguments of merge_two_rows
     (csrc/merge.cuh).
 
-    Whether the output LSE is written and the LSE base are template arguments, so a call
-    runs no code for the cases it is not. A NamedTuple: the eager path hashes one per call.
+    Whether the output LSE is written, the LSE base and whether the kernel reduces amax
+    are template arguments, so a call runs no code for the cases it is not. A NamedTuple:
+    the eager path hashes one per call.
     """
 
     partial_elements: tuple[str, str]  # C++ element types of the partials
@@ -139,6 +142,7 @@ class KernelConfig(NamedTuple):
     team: int  # threads per row
     write_lse: bool
     lse_base_2: bool
+    amax: bool = False  # the format's amax output (a template argument only when set)
 
     source = "merge.cuh"
     instance_macro = "ATTNMERGE_MERGE_INSTANCE"
@@ -152,7 +156,7 @@ class KernelConfig(NamedTuple):
     def rows_per_block(self) -> int:
         return BLOCK_THREADS // self.team
 
-    takes_scale_strides = property(_takes_scale_strides)
+    takes_scale_layout = property(_takes_scale_layout)
 
 
 class PartialsKernelConfig(NamedTuple):
@@ -166,6 +170,7 @@ class PartialsKernelConfig(NamedTuple):
     team: int
     write_lse: bool
     lse_base_2: bool
+    amax: bool = False
 
     source = "partials.cuh"
     instance_macro = "ATTNMERGE_PARTIALS_INSTANCE"
@@ -178,25 +183,37 @@ class PartialsKernelConfig(NamedTuple):
     def rows_per_block(self) -> int:
         return BLOCK_THREADS // self.team
 
-    takes_scale_strides = property(_takes_scale_strides)
+    takes_scale_layout = property(_takes_scale_layout)
 
 
 def _output_element(output_format: FormatKey) -> str:
     """The element type the format's store is instantiated with: the output dtype's, and
-    for FP8PerTokenGroup the group size and UE8M0 flag with it (compile-time options that
-    lead the key's options)."""
+    for FP8PerTokenGroup the group size, the UE8M0 flag and whether the scales are packed
+    with it (compile-time options that lead the key's options)."""
     element = _ELEMENT[output_format.dtype]
     if output_format.kind is FP8PerTokenGroup and output_format.options:
-        group_size, ue8m0 = output_format.options[:2]
-        return f"{_GROUPS}attnmerge::{element}, {group_size}, {str(ue8m0).lower()}>"
+        group_size, ue8m0, layout = output_format.options[:3]
+        flags = f"{str(ue8m0).lower()}, {str(layout == _PACKED).lower()}"
+        return f"{_GROUPS}attnmerge::{element}, {group_size}, {flags}>"
     return element
 
 
+#: The scale layout of FP8PerTokenGroup whose scales are UE8M0 bytes, four to an int32.
+_PACKED = "ue8m0_packed"
+
+
+def _reduces_amax(output_format: FormatKey) -> bool:
+    """Whether the format has an amax output (its key's "amax" option)."""
+    return "amax" in output_format.options
+
+
 def _common_arguments(config: KernelConfig | PartialsKernelConfig) -> str:
-    """The template arguments after the partials' element types."""
+    """The template arguments after the partials' element types; AMAX (false by default)
+    only where set."""
     store = f"attnmerge::{config.epilogue}<attnmerge::{config.output_element}>"
-    flags = ", ".join("true" if flag else "false" for flag in (config.write_lse, config.lse_base_2))
-    return f"{store}, {config.vec}, {config.team}, {flags}"
+    flags = [config.write_lse, config.lse_base_2] + ([True] if config.amax else [])
+    flags_text = ", ".join("true" if flag else "false" for flag in flags)
+    return f"{store}, {config.vec}, {config.team}, {flags_text}"
 
 
 def build_kernel(config: KernelConfig | PartialsKernelConfig, arch: str) -> bytes:
@@ -255,6 +272,7 @@ def config_for(
         team=min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
         write_lse=write_lse,
         lse_base_2=lse_base_2,
+        amax=_reduces_amax(output_format),
     )
 
 
@@ -308,6 +326,7 @@ def partials_config_for(
         team=min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
         write_lse=write_lse,
         lse_base_2=lse_base_2,
+        amax=_reduces_amax(output_format),
     )
 
 
@@ -459,6 +478,11 @@ def run(call: MergeCall) -> None:
         launch = launch_arguments(call)
     else:
         launch = partials_launch_arguments(call)
+    amax = getattr(call.output_format, "amax", None)
+    if amax is not None:
+        # Zeroed for the kernel's atomic maxima (T = 0 leaves it 0), after every check.
+        # On the current stream before the launch: a CUDA graph captures both.
+        amax.zero_()
     if launch is None:
         return
     kernel, grid, params = launch
@@ -495,33 +519,56 @@ def _check_strides(call: MergeCall) -> None:
             )
 
 
-def _scale_strides(call: MergeCall, head_major: bool = False) -> tuple[int, int, int]:
-    """The element strides (outer, inner, group) of the scales a group store writes, in the
-    kernel's row order: per token and head (groups_per_head * stride_g), and per group of a
-    head; 0 along a dimension of one element, which addresses nothing."""
+def _scale_layout(call: MergeCall, head_major: bool = False) -> dict[str, int]:
+    """The ScaleLayout fields (csrc/epilogues.cuh) of the scales a group store writes, in
+    the kernel's row order: a row's token stride (float32 elements, or bytes of packed
+    scales) and first group (head * groups per head) along the outer and inner index, the
+    stride per group (packed: per column of four, in bytes), and for packed scales G, the
+    offset of token T - 1 and the padding tokens after it (in every column but the last).
+    0 along a dimension of one element, which addresses nothing."""
     output_format = call.output_format
     num_tokens, num_heads, head_size = call.output.shape
     stride_t, stride_g = output_format.epilogue_strides()
     groups_per_head = head_size // output_format.epilogue_constants()[0]
-    token = stride_t if num_tokens > 1 else 0
-    head = groups_per_head * stride_g if num_heads > 1 else 0
-    group = stride_g if groups_per_head > 1 else 0
-    if max(token, head, group) >= _MAX_STRIDE:
+    groups = num_heads * groups_per_head
+    packed = output_format.key.options[2] == _PACKED
+    # Packed scales are addressed in bytes, each int32 column holding four groups.
+    unit, columns = (4, -(-groups // 4)) if packed else (1, groups)
+    token = unit * stride_t if num_tokens > 1 else 0
+    group = unit * stride_g if columns > 1 else 0
+    head = groups_per_head if num_heads > 1 else 0
+    # Packed: token T - 1 zeros the padding tokens of its columns (stride_g is round_up(T, 4)).
+    last_token = (num_tokens - 1) * token if packed else 0
+    padding = stride_g - num_tokens if packed and columns > 1 else 0
+    if max(token, group, groups, last_token) >= _MAX_STRIDE:
         raise ValueError(
             f"cuda backend: scales has strides {(stride_t, stride_g)}, and the kernel takes "
-            f"strides per token, head ({groups_per_head} groups) and group below 2^32 "
-            f"elements (backend='triton' takes any)"
+            f"offsets per token and group below 2^32 {'bytes' if packed else 'elements'} "
+            f"(backend='triton' takes any)"
         )
-    return (head, token, group) if head_major else (token, head, group)
+    tokens = (token, 0) if not head_major else (0, token)  # along (outer, inner)
+    heads = (0, head) if not head_major else (head, 0)
+    return {
+        "scale_stride_outer": tokens[0],
+        "scale_stride_inner": tokens[1],
+        "first_group_outer": heads[0],
+        "first_group_inner": heads[1],
+        "scale_stride_group": group,
+        "num_groups": groups,
+        "last_token_offset": last_token,
+        "padding_tokens": padding,
+    }
 
 
-def _with_scale_strides(params: bytes, strides: tuple[int, int, int]) -> bytes:
-    """WithScaleStrides<Params> (csrc/epilogues.cuh): the packed ``params``, then the
-    scales' strides, padded to the 8-byte alignment of the struct's pointers."""
-    outer, inner, group = strides
-    block = params + SCALE_STRIDES.pack(
-        scale_stride_outer=outer, scale_stride_inner=inner, scale_stride_group=group
-    )
+def _with_outputs(params: bytes, scale_layout: dict[str, int] | None, amax: int | None) -> bytes:
+    """WithOutputs<Params, ...> (csrc/epilogues.cuh): the packed ``params``, then the
+    scales' layout where given, then the amax output's address where given, each at its
+    C alignment, the whole padded to the 8-byte alignment of the struct's pointers."""
+    block = params
+    if scale_layout is not None:
+        block += SCALE_LAYOUT.pack(**scale_layout)
+    if amax is not None:
+        block += bytes(-len(block) % 8) + AMAX_OUTPUT.pack(amax=amax)
     return block + bytes(-len(block) % 8)
 
 
@@ -585,7 +632,7 @@ def launch_arguments(
     else:
         inner, (multiplier, shift) = num_heads, head_divisor(num_heads)
         o, i = 0, 1
-    scale_strides = _scale_strides(call, head_major) if config.takes_scale_strides else None
+    scale_layout = _scale_layout(call, head_major) if config.takes_scale_layout else None
     operand = call.output_format.kernel_operand()
     try:
         params = PARAMS.pack(
@@ -626,8 +673,9 @@ def launch_arguments(
             lses=tuple(_size_one_strides_zeroed(t) for t in call.lses),
         )
         return launch_arguments(zeroed, chunk_bytes=chunk_bytes, head_major=head_major)
-    if scale_strides is not None:
-        params = _with_scale_strides(params, scale_strides)
+    if scale_layout is not None or config.amax:
+        amax = call.output_format.amax.data_ptr() if config.amax else None
+        params = _with_outputs(params, scale_layout, amax)
     return Launch(kernel, -(-num_rows // config.rows_per_block), params)
 
 
@@ -679,7 +727,7 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
         out_lse_ptr = output_lse.data_ptr()
         out_lse_strides = _zero_size_one(output_lse.shape, output_lse.stride())
     multiplier, shift = head_divisor(num_heads)
-    scale_strides = _scale_strides(call) if config.takes_scale_strides else None
+    scale_layout = _scale_layout(call) if config.takes_scale_layout else None
     operand = call.output_format.kernel_operand()
     try:
         params = PARTIALS_PARAMS.pack(
@@ -714,6 +762,7 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
             f"(strides {tuple(partials.stride())}, {tuple(lses.stride())}, "
             f"{tuple(output.stride())}); backend='triton' takes any"
         ) from None
-    if scale_strides is not None:
-        params = _with_scale_strides(params, scale_strides)
+    if scale_layout is not None or config.amax:
+        amax = call.output_format.amax.data_ptr() if config.amax else None
+        params = _with_outputs(params, scale_layout, amax)
     return Launch(kernel, -(-num_rows // config.rows_per_block), params)

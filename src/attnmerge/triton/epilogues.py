@@ -2,18 +2,22 @@
 
 An epilogue turns a tile of merged float32 values into the values the kernel stores::
 
-    values = epilogue(acc, operand_ptr, tok, head, row_ok, stride_t, stride_g,
-                      HEAD_SIZE, BLOCK_D, GROUP, UE8M0)
+    values = epilogue(acc, operand_ptr, tok, head, row_ok, num_tokens, stride_t, stride_g,
+                      NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED)
 
-``acc`` is ``[rows, BLOCK_D]`` (columns past ``HEAD_SIZE`` hold 0), ``tok`` and ``head``
-the rows' token and head (``head`` may be one head for all rows), ``row_ok`` which rows
-exist; ``operand_ptr`` is the format's device tensor
-(:meth:`attnmerge.formats.OutputFormat.kernel_operand`; unused without one), ``stride_t``
-and ``stride_g`` the strides of the scales it writes
-(:meth:`~attnmerge.formats.OutputFormat.epilogue_strides`), ``GROUP`` and ``UE8M0`` its
-compile-time options. The kernel converts the values to the output's element type (round
-to nearest even; FP8 saturating, NaN kept) and stores them. It receives the function as a
-compile-time argument and inlines it.
+``acc`` is ``[rows, BLOCK_D]`` (columns past ``HEAD_SIZE`` are not stored), ``tok`` and
+``head`` the rows' token and head (``head`` may be one head for all rows), ``row_ok``
+which rows exist, ``num_tokens`` the call's token count ``T``; ``operand_ptr`` is the
+format's device tensor (:meth:`attnmerge.formats.OutputFormat.kernel_operand`; unused
+without one), ``stride_t`` and ``stride_g`` the element strides of the scales it writes
+(:meth:`~attnmerge.formats.OutputFormat.epilogue_strides`), ``GROUP``, ``UE8M0`` and
+``UE8M0_PACKED`` its compile-time options (``merge_kernel.format_constexprs``). The kernel
+converts the values to the output's element type (round to nearest even; FP8 saturating,
+NaN kept) and stores them. It receives the function as a compile-time argument and
+inlines it.
+
+Besides the epilogue, both kernels reduce ``amax`` (docs/contract.md C39) with
+:func:`reduce_amax` where the format has one (the compile-time ``AMAX``).
 """
 
 from __future__ import annotations
@@ -30,15 +34,54 @@ _GROUP_EPS = tl.constexpr(FP8_GROUP_EPS)
 
 
 @triton.jit
+def reduce_amax(acc, ok, amax_ptr):
+    # max |O| of the tile where ok, into the float32 at amax_ptr (passed as int32).
+    # |x| exactly: the bits with the sign bit cleared.
+    bits = acc.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    # Every NaN becomes 0x7FC00000, the contract's NaN, whose bits order above +inf's.
+    bits = tl.where(bits > 0x7F800000, 0x7FC00000, bits)
+    # Non-negative floats order like their bits: an integer maximum over the tile.
+    bits = tl.max(tl.max(tl.where(ok, bits, 0), axis=1), axis=0)
+    # One atomic per program, relaxed: a maximum needs no order (the launch path zeroed it).
+    tl.atomic_max(amax_ptr, bits, sem="relaxed")
+
+
+@triton.jit
 def plain(
-    acc, operand_ptr, tok, head, row_ok, stride_t, stride_g, HEAD_SIZE, BLOCK_D, GROUP, UE8M0
+    acc,
+    operand_ptr,
+    tok,
+    head,
+    row_ok,
+    num_tokens,
+    stride_t,
+    stride_g,
+    NUM_HEADS,
+    HEAD_SIZE,
+    BLOCK_D,
+    GROUP,
+    UE8M0,
+    UE8M0_PACKED,
 ):
     return acc
 
 
 @triton.jit
 def fp8_static(
-    acc, scale_ptr, tok, head, row_ok, stride_t, stride_g, HEAD_SIZE, BLOCK_D, GROUP, UE8M0
+    acc,
+    scale_ptr,
+    tok,
+    head,
+    row_ok,
+    num_tokens,
+    stride_t,
+    stride_g,
+    NUM_HEADS,
+    HEAD_SIZE,
+    BLOCK_D,
+    GROUP,
+    UE8M0,
+    UE8M0_PACKED,
 ):
     # The reciprocal is an IEEE division, as in vLLM's static quantisation. The conversion
     # that follows saturates to +-448 and keeps NaN (cvt.rn.satfinite on sm_89+; torch's
@@ -48,18 +91,63 @@ def fp8_static(
 
 
 @triton.jit
+def _store_ue8m0_packed(
+    scales_ptr,
+    scale,
+    tok,
+    head,
+    row_ok,
+    group,
+    stored,
+    num_tokens,
+    stride_t,
+    stride_g,
+    NUM_HEADS: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    # "ue8m0_packed" (int32 [T, ceil(G / 4)]): byte j of element [t, c] is group 4c + j's
+    # biased exponent. Each group's byte is a plain byte store, so programs writing other
+    # bytes of one element never meet.
+    byte_ptr = scales_ptr.to(tl.pointer_type(tl.uint8))
+    # The scale is a power of two, +inf or NaN: its exponent field is the byte (0xFF for
+    # +inf and NaN, as the reference's clamp to 255 gives).
+    byte = ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8)
+    column = group // 4
+    lane = group % 4
+    tl.store(byte_ptr + (tok[:, None] * stride_t + column * stride_g) * 4 + lane, byte, stored)
+    # Padding rows [T, round_up(T, 4)) of every column but the last are 0 (vLLM's packed
+    # kernel writes them): zeroed, byte by byte, by the rows of token T - 1.
+    pad = tl.arange(0, 4)
+    # One token apart, after the T real ones (FP8PerTokenGroup._store_scales's view).
+    pad_at = (column * stride_g + num_tokens)[:, :, None] + pad[None, None, :]
+    last_token = stored & (tok[:, None] == num_tokens - 1) & (column < (GROUPS - 1) // 4)
+    pad_ok = last_token[:, :, None] & (num_tokens + pad < stride_g)[None, None, :]
+    tl.store(byte_ptr + pad_at * 4 + lane[:, :, None], tl.zeros(pad_at.shape, tl.uint8), pad_ok)
+    if GROUPS % 4 != 0:
+        # Bytes past G in the last column are 0: zeroed by the row of the token's last
+        # group, its last head (groups lie within a head).
+        tail_at = (tok * stride_t + (GROUPS // 4) * stride_g) * 4
+        tail_ok = (row_ok & (head == NUM_HEADS - 1))[:, None] & (pad >= GROUPS % 4)[None, :]
+        tail = tail_at[:, None] + pad[None, :]
+        tl.store(byte_ptr + tail, tl.zeros(tail.shape, tl.uint8), tail_ok)
+
+
+@triton.jit
 def fp8_group(
     acc,
     scales_ptr,
     tok,
     head,
     row_ok,
+    num_tokens,
     stride_t,
     stride_g,
+    NUM_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
+    UE8M0_PACKED: tl.constexpr,
 ):
     # Per-token-group FP8 (FP8PerTokenGroup, groups within a head): per group of GROUP
     # columns, s = max(amax, eps) / 448 (IEEE division), with UE8M0 rounded up to a power
@@ -82,6 +170,22 @@ def fp8_group(
     col_group = tl.arange(0, NUM_GROUPS)
     first_group = head * (HEAD_SIZE // GROUP) + tl.zeros_like(tok)  # head: a row's or all's
     group = first_group[:, None] + col_group[None, :]
-    where = scales_ptr + tok[:, None] * stride_t + group * stride_g
-    tl.store(where, scale, mask=row_ok[:, None] & (col_group[None, :] * GROUP < HEAD_SIZE))
+    stored = row_ok[:, None] & (col_group[None, :] * GROUP < HEAD_SIZE)
+    if UE8M0_PACKED:
+        _store_ue8m0_packed(
+            scales_ptr,
+            scale,
+            tok,
+            head,
+            row_ok,
+            group,
+            stored,
+            num_tokens,
+            stride_t,
+            stride_g,
+            NUM_HEADS,
+            NUM_HEADS * HEAD_SIZE // GROUP,
+        )
+    else:
+        tl.store(scales_ptr + tok[:, None] * stride_t + group * stride_g, scale, mask=stored)
     return tl.reshape(x * inv_scale[:, :, None], (ROWS, BLOCK_D))

@@ -20,19 +20,23 @@ import triton
 import triton.language as tl
 
 from ..call import MergeCall
+from ..formats import OutputFormat
 from . import epilogues, interpreting
 
 __all__ = [
     "TritonLaunch",
+    "amax_pointer",
     "block_rows_for",
     "direct_runner",
     "exp_in_base",
+    "format_constexprs",
     "head_major_programs",
     "int_class",
     "launch",
     "launch_arguments",
     "run",
     "runner_plan",
+    "zero_amax",
 ]
 
 logger = logging.getLogger("attnmerge")
@@ -101,6 +105,7 @@ def _merge_two_kernel(
     partial1_ptr,
     lse1_ptr,
     operand_ptr,
+    amax_ptr,
     num_rows,
     tokens_with_first,
     out_stride_t,
@@ -126,6 +131,8 @@ def _merge_two_kernel(
     EPILOGUE: tl.constexpr,
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
+    UE8M0_PACKED: tl.constexpr,
+    AMAX: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
@@ -135,12 +142,14 @@ def _merge_two_kernel(
         row_ok = tokens < num_rows
         tok = tokens.to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
+        num_tokens = num_rows
     else:
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < num_rows
         # A compile-time head count makes // and % a multiply and shift, not a division.
         tok = (rows // NUM_HEADS).to(tl.int64)
         head = (rows % NUM_HEADS).to(tl.int64)
+        num_tokens = num_rows // NUM_HEADS
     # Tokens at or past tokens_with_first have no first partial: nothing of it is read.
     has_first = row_ok & (tok < tokens_with_first)
 
@@ -186,18 +195,23 @@ def _merge_two_kernel(
     acc = tl.where(w0[:, None] != 0, w0[:, None] * o0, 0.0) + tl.where(
         w1[:, None] != 0, w1[:, None] * o1, 0.0
     )
+    if AMAX:
+        epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
     acc = EPILOGUE(
         acc,
         operand_ptr,
         tok,
         head,
         row_ok,
+        num_tokens,
         scales_stride_t,
         scales_stride_g,
+        NUM_HEADS,
         HEAD_SIZE,
         BLOCK_D,
         GROUP,
         UE8M0,
+        UE8M0_PACKED,
     )
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
     tl.store(
@@ -303,9 +317,40 @@ class TritonLaunch(NamedTuple):
     tokens_with_first_at: int
 
 
+def format_constexprs(output_format: OutputFormat) -> tuple:
+    """The kernels' compile-time arguments for ``output_format``: ``EPILOGUE``, then
+    ``GROUP`` and ``UE8M0`` (its ``epilogue_constants``), ``UE8M0_PACKED`` (scales in the
+    ``"ue8m0_packed"`` layout) and ``AMAX`` (it writes ``amax``)."""
+    group, ue8m0 = output_format.epilogue_constants()
+    return (
+        getattr(epilogues, output_format.triton_epilogue),
+        group,
+        ue8m0,
+        getattr(output_format, "layout", None) == "ue8m0_packed",
+        getattr(output_format, "amax", None) is not None,
+    )
+
+
+def amax_pointer(output_format: OutputFormat, fallback: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``amax_ptr``: the format's ``amax`` viewed as int32 (the programs
+    take an atomic maximum of its bits), else ``fallback``, which the kernel never
+    touches."""
+    amax = getattr(output_format, "amax", None)
+    return fallback if amax is None else amax.view(torch.int32)
+
+
+def zero_amax(output_format: OutputFormat) -> None:
+    """Zero the format's ``amax`` on the current stream, before a launch: the programs'
+    atomic maxima start from it, and a call with nothing to merge (T = 0) leaves 0."""
+    amax = getattr(output_format, "amax", None)
+    if amax is not None:
+        amax.zero_()
+
+
 def run(call: MergeCall, block_rows: int | None = None) -> None:
     """Launch the merge of ``call`` on the current stream (``block_rows`` overrides
     :func:`block_rows_for`)."""
+    zero_amax(call.output_format)
     launch_ = launch_arguments(call, block_rows)
     if launch_ is None:
         return
@@ -348,6 +393,7 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
         partial1,
         lse1,
         lse1 if operand is None else operand,  # never read without an operand
+        amax_pointer(call.output_format, lse1),
     )
     strides = (
         *output.stride()[:2],
@@ -365,8 +411,7 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
         rows_per_program,
         call.lse_base_2,
         write_lse,
-        getattr(epilogues, call.output_format.triton_epilogue),
-        *call.output_format.epilogue_constants(),
+        *format_constexprs(call.output_format),
         head_major,
     )
     # Head-major programs: the kernel's num_rows holds the token count.
@@ -413,7 +458,10 @@ def direct_runner(launch_: TritonLaunch):
 def runner_plan(key: bytes, call: MergeCall) -> tuple | None:
     """The eager launcher's plan for ``call`` (run_runner_plan in attnmerge/cuda/csrc/eager.c):
     ``(key, device index, runner, arguments, slots, first_at)``, the runner None where
-    there is nothing to launch; None while the kernel has no direct runner."""
+    there is nothing to launch; None while the kernel has no direct runner, and for a
+    format with ``amax``, which must be zeroed before each launch (:func:`run`)."""
+    if getattr(call.output_format, "amax", None) is not None:
+        return None
     launch_ = launch_arguments(call)
     if launch_ is None:
         return (key, -1, None, (), (), -1)

@@ -17,7 +17,16 @@ import triton.language as tl
 
 from ..call import MergeCall, PartialLayout
 from . import epilogues
-from .merge_kernel import _MAX_REGISTERS, _NUM_WARPS, exp_in_base, int_class, launch
+from .merge_kernel import (
+    _MAX_REGISTERS,
+    _NUM_WARPS,
+    amax_pointer,
+    exp_in_base,
+    format_constexprs,
+    int_class,
+    launch,
+    zero_amax,
+)
 
 __all__ = ["run"]
 
@@ -80,6 +89,7 @@ def _merge_partials_kernel(
     lses_ptr,
     indptr_ptr,
     operand_ptr,
+    amax_ptr,
     num_rows,
     num_partials,
     num_packed,
@@ -105,6 +115,8 @@ def _merge_partials_kernel(
     EPILOGUE: tl.constexpr,
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
+    UE8M0_PACKED: tl.constexpr,
+    AMAX: tl.constexpr,
     PACKED: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
@@ -240,18 +252,23 @@ def _merge_partials_kernel(
         acc = _add_term(acc, w3, x3, k + 3 < count)
     # A row without partials (packed) is 0, as in the reference.
     acc = tl.where(empty[:, None], 0.0, acc)
+    if AMAX:
+        epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
     acc = EPILOGUE(
         acc,
         operand_ptr,
         tok,
         head,
         row_ok,
+        num_rows // NUM_HEADS,
         scales_stride_t,
         scales_stride_g,
+        NUM_HEADS,
         HEAD_SIZE,
         BLOCK_D,
         GROUP,
         UE8M0,
+        UE8M0_PACKED,
     )
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
     tl.store(
@@ -274,6 +291,7 @@ def _merge_partials_kernel(
 
 def run(call: MergeCall) -> None:
     """Launch the merge of a stacked or packed ``call`` on the current stream."""
+    zero_amax(call.output_format)
     output, output_lse = call.output, call.output_lse
     (partials,), (lses,) = call.partials, call.lses
     num_tokens, num_heads, head_size = output.shape
@@ -304,6 +322,7 @@ def run(call: MergeCall) -> None:
         lses,
         call.indptr if packed else lses,  # never read unless packed
         lses if operand is None else operand,  # never read without an operand
+        amax_pointer(call.output_format, lses),
     )
     out_lse_strides = output_lse.stride() if write_lse else (0, 0)
     strides = (
@@ -320,8 +339,7 @@ def run(call: MergeCall) -> None:
         rows_per_program,
         call.lse_base_2,
         write_lse,
-        getattr(epilogues, call.output_format.triton_epilogue),
-        *call.output_format.epilogue_constants(),
+        *format_constexprs(call.output_format),
         packed,
     )
     grid = (triton.cdiv(num_rows, rows_per_program), 1, 1)

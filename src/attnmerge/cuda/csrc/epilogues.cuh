@@ -1,4 +1,5 @@
-// attnmerge CUDA kernels: the store of each output format (an epilogue).
+// attnmerge CUDA kernels: the store of each output format (an epilogue), and the amax
+// output every format may have.
 //
 // An epilogue is a functor template over the output element type, chosen by the kernel's
 // template arguments (OutputFormat.cuda_epilogue names it):
@@ -7,12 +8,11 @@
 //                                early as possible: a kernel constructs it first;
 //   ready()                      derives what the store needs from the operand, once the
 //                                kernel has asked for its rows;
-//   row(strides, outer, inner)   the row (outer, inner) the thread stores, with the
-//                                strides of the scales a store writes (ScaleStrides);
+//   row(layout, outer, inner)    the row (outer, inner) the thread stores, with where the
+//                                store's scales go (ScaleLayout);
 //   store<N>(base, offset, col, in)   stores N merged float32 values at element `offset`,
 //                                the row's columns col .. col + N - 1;
-//   KernelParams<Params>         the kernel's parameters: Params, followed by the
-//                                scales' strides for a store that writes scales.
+//   kWritesScales                whether the kernel's parameters carry a ScaleLayout.
 // Chunks of whole 32-bit words go out as vector stores; the scalar fallback's chunks as
 // elements or pairs.
 #pragma once
@@ -21,20 +21,60 @@
 
 namespace attnmerge {
 
-// The element strides of the scales a store writes (OutputFormat.epilogue_strides()), in
-// the kernel's row order: per outer and inner index of a row, and per group of its columns.
-struct ScaleStrides {
+// Where a group store writes its scales (the launcher's _scale_layout), in the kernel's row
+// order. A row's token starts at outer * scale_stride_outer + inner * scale_stride_inner
+// (float32 elements; bytes for packed UE8M0 scales), its first group is outer *
+// first_group_outer + inner * first_group_inner (head * groups per head), and group g of a
+// token is g * scale_stride_group further (packed: column g / 4, in bytes, then byte g % 4).
+// The last three fields serve packed scales only: the bytes of a column past group G - 1
+// are written 0, and so are the padding tokens after token T - 1 (at last_token_offset) in
+// every column but the last.
+struct ScaleLayout {
   u32 scale_stride_outer, scale_stride_inner;
+  u32 first_group_outer, first_group_inner;
   u32 scale_stride_group;
+  u32 num_groups;
+  u32 last_token_offset, padding_tokens;
 };
 
-// The parameters of a kernel whose store writes scales: its own, then the scales' strides
-// (a separate struct, so the other kernels' parameters keep their size).
-template <typename Params>
-struct WithScaleStrides {
-  Params params;
-  ScaleStrides strides;
+// The amax output (docs/contract.md C39): the caller's float32 scalar, zeroed by the launcher
+// before the kernel runs.
+struct AmaxOutput {
+  float* amax;
 };
+
+// The parameters of a kernel whose store writes scales (SCALES) or that reduces amax
+// (AMAX): its own, then the scales' layout, then the amax output. Separate structs, so the
+// other kernels' parameters keep their size (KernelArgs picks Params itself for them).
+template <typename Params, bool SCALES, bool AMAX>
+struct WithOutputs {
+  Params params;
+  ScaleLayout scale_layout;
+  AmaxOutput amax;
+};
+template <typename Params>
+struct WithOutputs<Params, true, false> {
+  Params params;
+  ScaleLayout scale_layout;
+};
+template <typename Params>
+struct WithOutputs<Params, false, true> {
+  Params params;
+  AmaxOutput amax;
+};
+
+// A where C holds, else B (std::conditional; the sources include no standard headers).
+template <bool C, typename A, typename B>
+struct Pick {
+  typedef A type;
+};
+template <typename A, typename B>
+struct Pick<false, A, B> {
+  typedef B type;
+};
+
+template <typename Params, bool SCALES, bool AMAX>
+using KernelArgs = typename Pick<SCALES || AMAX, WithOutputs<Params, SCALES, AMAX>, Params>::type;
 
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
@@ -70,11 +110,10 @@ __device__ __forceinline__ void store_scaled_fp8(typename E::storage* dst, const
 template <typename E>
 struct PlainStore {
   typedef typename E::storage S;
-  template <typename Params>
-  using KernelParams = Params;
+  static constexpr bool kWritesScales = false;
   __device__ __forceinline__ explicit PlainStore(const void*) {}
   __device__ __forceinline__ void ready() {}
-  __device__ __forceinline__ void row(const ScaleStrides&, u32, u32) {}
+  __device__ __forceinline__ void row(const ScaleLayout&, u32, u32) {}
 
   template <int N>
   __device__ __forceinline__ void store(void* base, i64 offset, u32,
@@ -105,13 +144,12 @@ template <typename E>
 struct FP8StaticStore {
   typedef typename E::storage S;
   static_assert(sizeof(S) == 1, "FP8StaticStore stores 1-byte elements");
-  template <typename Params>
-  using KernelParams = Params;
+  static constexpr bool kWritesScales = false;
   float scale, inv_scale;
   __device__ __forceinline__ explicit FP8StaticStore(const void* operand)
       : scale(*static_cast<const float*>(operand)) {}
   __device__ __forceinline__ void ready() { inv_scale = __fdiv_rn(1.0f, scale); }
-  __device__ __forceinline__ void row(const ScaleStrides&, u32, u32) {}
+  __device__ __forceinline__ void row(const ScaleLayout&, u32, u32) {}
 
   template <int N>
   __device__ __forceinline__ void store(void* base, i64 offset, u32,
@@ -121,11 +159,14 @@ struct FP8StaticStore {
 };
 
 // An output element type E stored in groups of GROUP consecutive columns of a row, each
-// group with its own scale (UE8M0: a power of two): the element type of FP8GroupStore.
-template <typename E, int GROUP, bool UE8M0>
+// group with its own scale (UE8M0: a power of two; PACKED: its biased exponent in one byte,
+// four groups to an int32, DeepGEMM's layout): the element type of FP8GroupStore.
+template <typename E, int GROUP, bool UE8M0, bool PACKED = false>
 struct Groups : E {
+  static_assert(UE8M0 || !PACKED, "packed scales are UE8M0");
   static constexpr int kGroup = GROUP;
   static constexpr bool kUe8m0 = UE8M0;
+  static constexpr bool kPacked = PACKED;
 };
 
 // Waits for `threads` threads (whole warps) at the block's barrier `id` (1 to 15; 0 is
@@ -168,29 +209,57 @@ __device__ __forceinline__ float group_max(float v) {
 }
 
 // Per-token-group FP8 (FP8PerTokenGroup, groups within a head), E = Groups<FP8E4M3, G,
-// UE8M0>: per group of G columns, scale = max(max |x|, eps) / 448 (IEEE division; NaN if
-// the group holds one), with UE8M0 rounded up to a power of two; q = e4m3fn(saturate(x *
-// (1 / scale))), the reciprocal an IEEE division. The lanes holding a group (G / N
+// UE8M0, PACKED>: per group of G columns, scale = max(max |x|, eps) / 448 (IEEE division;
+// NaN if the group holds one), with UE8M0 rounded up to a power of two; q = e4m3fn(saturate(
+// x * (1 / scale))), the reciprocal an IEEE division. The lanes holding a group (G / N
 // consecutive lanes of a team) reduce its amax together; its first lane writes the scale
-// at scales[outer * stride_outer + inner * stride_inner + group * stride_group]. A group's
-// lanes leave early or store together: a row is a whole team, and the launcher's head
-// size is a multiple of G (FP8PerTokenGroup.kernel_gap).
+// where the ScaleLayout puts it. A group's lanes leave early or store together: a row is a
+// whole team, and the launcher's head size is a multiple of G (FP8PerTokenGroup.kernel_gap).
+//
+// Packed scales (int32 [T, ceil(G / 4)], strides (1, round_up(T, 4))) are written byte by
+// byte, each byte by one lane, so lanes need no atomics: the lane of group g of token t
+// writes byte g % 4 of element [t, g / 4]; the lane of group G - 1 also the bytes after it
+// in that element (0); and the lanes of token T - 1 also their byte in the padding tokens
+// T .. round_up(T, 4) - 1 of every column but the last (0), which exist in its storage.
 template <typename E>
 struct FP8GroupStore {
   typedef typename E::storage S;
   static_assert(sizeof(S) == 1, "FP8GroupStore stores 1-byte elements");
   static constexpr int kGroup = E::kGroup;
-  template <typename Params>
-  using KernelParams = WithScaleStrides<Params>;
-  float* scales;  // the format's operand: the scales this store writes
+  static constexpr bool kWritesScales = true;
+  void* scales;  // the format's operand: the scales this store writes
   i64 scale_row;
-  u32 scale_stride_group;
+  u32 first_group, scale_stride_group;
+  u32 num_groups, padding_tokens;  // packed scales only
   __device__ __forceinline__ explicit FP8GroupStore(const void* operand)
-      : scales(static_cast<float*>(const_cast<void*>(operand))) {}
+      : scales(const_cast<void*>(operand)) {}
   __device__ __forceinline__ void ready() {}
-  __device__ __forceinline__ void row(const ScaleStrides& s, u32 outer, u32 inner) {
+  __device__ __forceinline__ void row(const ScaleLayout& s, u32 outer, u32 inner) {
     scale_row = (i64)((u64)outer * s.scale_stride_outer + (u64)inner * s.scale_stride_inner);
+    first_group = outer * s.first_group_outer + inner * s.first_group_inner;
     scale_stride_group = s.scale_stride_group;
+    if constexpr (E::kPacked) {
+      num_groups = s.num_groups;
+      padding_tokens = scale_row == (i64)s.last_token_offset ? s.padding_tokens : 0u;
+    }
+  }
+
+  // Group g's scale (packed: its UE8M0 byte) and, for packed scales, the zeros this lane owns.
+  __device__ __forceinline__ void write_scale(u32 g, float scale, u32 exponent) const {
+    if constexpr (!E::kPacked) {
+      static_cast<float*>(scales)[scale_row + (i64)g * scale_stride_group] = scale;
+    } else {
+      u8* word = static_cast<u8*>(scales) + scale_row + (i64)(g >> 2) * scale_stride_group;
+      const u32 byte = g & 3u;
+      word[byte] = (u8)exponent;
+      if (g + 1u == num_groups) {
+        for (u32 b = byte + 1u; b < 4u; ++b) word[b] = 0;  // no group: 0
+      }
+      if ((g >> 2) < ((num_groups - 1u) >> 2)) {
+        // Token t + 1 of a column lies 4 bytes after token t (the token stride is 1 int32).
+        for (u32 t = 1; t <= padding_tokens; ++t) word[4u * t + byte] = 0;
+      }
+    }
   }
 
   template <int N>
@@ -203,17 +272,76 @@ struct FP8GroupStore {
     amax = group_max<kGroup / N>(amax);
     const float eps = __int_as_float(0x2edbe6ff);  // 1e-10 in float32 (FP8_GROUP_EPS)
     float scale = __fdiv_rn(max_nan(amax, eps), 448.0f);
+    u32 exponent = 0;
     if constexpr (E::kUe8m0) {
       // 2^ceil(log2(max(scale, eps))), exactly: the exponent up by one where the mantissa
-      // is not 0 (+inf keeps its bits; NaN stays NaN).
+      // is not 0 (+inf keeps its bits, byte 0xFF; NaN stays NaN, byte 0xFF).
       const u32 bits = float_bits(fmaxf(scale, eps));
-      u32 exponent = ((bits >> 23) & 0xffu) + ((bits & 0x7fffffu) != 0u ? 1u : 0u);
+      exponent = ((bits >> 23) & 0xffu) + ((bits & 0x7fffffu) != 0u ? 1u : 0u);
       exponent = exponent < 255u ? exponent : 255u;
-      if (scale == scale) scale = bits_float(exponent << 23);
+      if (scale == scale) {
+        scale = bits_float(exponent << 23);
+      } else {
+        exponent = 255u;
+      }
     }
-    if (col % kGroup == 0) scales[scale_row + (i64)(col / kGroup) * scale_stride_group] = scale;
+    if (col % kGroup == 0) write_scale(first_group + col / kGroup, scale, exponent);
     store_scaled_fp8<E, N>(static_cast<S*>(base) + offset, in, __fdiv_rn(1.0f, scale));
   }
+};
+
+// The largest of two u32.
+__device__ __forceinline__ u32 max_u32(u32 a, u32 b) { return a > b ? a : b; }
+
+// The maximum of v over the lanes of `lanes` (a mask of the calling warp that holds the
+// caller; every lane in it calls with the same mask): one redux instruction (sm_80+).
+__device__ __forceinline__ u32 lanes_max(u32 v, u32 lanes) {
+#ifdef __CUDA_ARCH__
+  u32 r;
+  asm volatile("redux.sync.max.u32 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(lanes));
+  return r;
+#else
+  return emulated_redux_max(v, lanes);  // the tests' emulator
+#endif
+}
+
+// *at = max(*at, v), atomically, as unsigned integers.
+__device__ __forceinline__ void atomic_max_u32(void* at, u32 v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("{ .reg .u64 g; cvta.to.global.u64 g, %0; red.global.max.u32 [g], %1; }"
+               :
+               : "l"((u64)at), "r"(v)
+               : "memory");
+#else
+  emulated_atomic_max(static_cast<u32*>(at), v);  // the tests' emulator
+#endif
+}
+
+// The amax output of a kernel (AMAX), reduced as float32 bit patterns: the bits of |x|
+// order as |x| does (non-negative floats order like their bits, NaN of any payload above
+// +inf), so a maximum of integers needs no NaN tests. A thread takes the maximum of every
+// value it stores, then each warp's lanes one maximum and its first lane one atomic max
+// into the output, NaN made 0x7FC00000 first (the canonical NaN of the reference).
+template <bool AMAX>
+struct AmaxReduction {
+  u32 bits = 0;
+  template <int N>
+  __device__ __forceinline__ void add(const float (&in)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) bits = max_u32(bits, float_bits(in[i]) & 0x7fffffffu);
+  }
+  // `lanes`: the lanes of the caller's warp that call this, each with the same mask.
+  __device__ __forceinline__ void commit(float* amax, u32 lanes) const {
+    u32 m = lanes_max(bits, lanes);
+    m = m > 0x7f800000u ? 0x7fc00000u : m;
+    if (threadIdx.x % kWarpSize == (u32)(__ffs(lanes) - 1)) atomic_max_u32(amax, m);
+  }
+};
+template <>
+struct AmaxReduction<false> {
+  template <int N>
+  __device__ __forceinline__ void add(const float (&)[N]) {}
+  __device__ __forceinline__ void commit(float*, u32) const {}
 };
 
 #endif  // __CUDACC__ || ATTNMERGE_HOST_EMULATION

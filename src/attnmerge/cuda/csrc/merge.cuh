@@ -186,12 +186,12 @@ __device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1,
 // row's bits are cleared first (keep0, keep1 false), and 0 * +0 is the reference's +0.
 // The inputs arrive in their storage type: a bf16 chunk held across the barrier takes
 // half the registers.
-template <typename P0, typename P1, typename Store, int VEC>
+template <typename P0, typename P1, typename Store, int VEC, typename Amax>
 __device__ __forceinline__ void combine_store(void* out, i64 offset, u32 col, float w0, bool keep0,
                                               const Chunk<typename P0::storage, VEC>& x0,
                                               float w1, bool keep1,
                                               const Chunk<typename P1::storage, VEC>& x1,
-                                              const Store& store) {
+                                              const Store& store, Amax& amax) {
   const Chunk<typename P0::storage, VEC> k0 = x0.kept(keep0);
   const Chunk<typename P1::storage, VEC> k1 = x1.kept(keep1);
   float acc[VEC];
@@ -199,7 +199,32 @@ __device__ __forceinline__ void combine_store(void* out, i64 offset, u32 col, fl
   for (int i = 0; i < VEC; ++i) {
     acc[i] = __fadd_rn(__fmul_rn(w0, P0::load(k0.get(i))), __fmul_rn(w1, P1::load(k1.get(i))));
   }
+  amax.add(acc);
   store.template store<VEC>(out, offset, col, acc);
+}
+
+// The lanes of the calling thread's warp that did not leave merge_two_rows early (kEarlyExit):
+// those with a row (rows are a prefix of the block's teams) and a column (a prefix of each
+// team's lanes). The caller is one of them.
+template <int VEC, int TEAM>
+__device__ __forceinline__ u32 lanes_with_rows_and_columns(u32 first_row, u32 num_rows,
+                                                           u32 head_size) {
+  const u32 warp_first = threadIdx.x / kWarpSize * kWarpSize;
+  const u32 chunks = head_size / VEC + (head_size % VEC != 0 ? 1u : 0u);
+  auto prefix = [](u32 n) { return n >= (u32)kWarpSize ? ~0u : (1u << n) - 1u; };
+  if constexpr (TEAM >= kWarpSize) {
+    const u32 offset = warp_first % TEAM;  // of the warp's first lane in its team (one row)
+    return prefix(chunks > offset ? chunks - offset : 0u);
+  } else {
+    constexpr u32 kTeams = kWarpSize / TEAM;
+    u32 team_starts = 0;  // a bit at each team's first lane
+#pragma unroll
+    for (u32 t = 0; t < kTeams; ++t) team_starts |= 1u << (t * TEAM);
+    const u32 per_team = prefix(chunks < (u32)TEAM ? chunks : (u32)TEAM);
+    const u32 teams = num_rows - (first_row + warp_first / TEAM);  // >= 1: the caller's row
+    // per_team < 2^TEAM: the product puts a copy at each team's first lane, no carries.
+    return per_team * team_starts & prefix(teams < kTeams ? teams * TEAM : (u32)kWarpSize);
+  }
 }
 
 // A row's output LSE, which may be the very input LSE (in place): the team's first thread
@@ -228,10 +253,13 @@ __device__ __forceinline__ void store_output_lse(const MergeParams& p, int lane,
 // narrower team to cover the head size in one pass). What a call does not need is not
 // compiled into its kernel (the output LSE, the LSE base, the format: template
 // arguments), because code that never runs still costs time in a latency-bound grid.
+//
+// AMAX: the kernel also reduces max |O| over the values it stores into *amax (AmaxReduction).
 template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
-          bool LSE_BASE_2>
+          bool LSE_BASE_2, bool AMAX = false>
 __device__ __forceinline__ void merge_two_rows(const MergeParams& p,
-                                               const ScaleStrides& scale_strides = ScaleStrides()) {
+                                               const ScaleLayout& scale_layout = ScaleLayout(),
+                                               float* amax_out = nullptr) {
   static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
   constexpr bool kWideRows = TEAM == kBlockThreads;  // head sizes over TEAM * VEC
   constexpr int kTeams = kBlockThreads / TEAM;
@@ -257,7 +285,8 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p,
   const u32 row_or_0 = row_ok ? row : 0;
   const u32 outer = outer_of(row_or_0, p.inner_multiplier, p.inner_shift);
   const u32 inner = row_or_0 - outer * inner_count;
-  store.row(scale_strides, outer, inner);
+  store.row(scale_layout, outer, inner);
+  AmaxReduction<AMAX> amax;
   // The first-partial test is on the row, not on the token, so it does not wait for it.
   const bool has_first = row < p.rows_with_first;
   const i64 out_row = offset_of(outer, p.out_stride_outer, inner, p.out_stride_inner);
@@ -317,7 +346,7 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p,
       if (VEC > 1 && !kWideRows) compute_here(out_lse_at);
     }
     combine_store<P0, P1, Store, VEC>(p.out, out_row + col0, (u32)col0, w0, keep0, x0, w1, keep1,
-                                      x1, store);
+                                      x1, store, amax);
     if (kWideRows) {
       for (i64 col = col0 + TEAM * VEC; col < p.head_size; col += TEAM * VEC) {
         const i64 off0 =
@@ -327,26 +356,41 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p,
         if (has_first) x0 = load_row<P0, VEC>(p.partial0, off0);
         x1 = load_row<P1, VEC>(p.partial1, off1);
         combine_store<P0, P1, Store, VEC>(p.out, out_row + col, (u32)col, w0, keep0, x0, w1,
-                                          keep1, x1, store);
+                                          keep1, x1, store, amax);
       }
     }
   }
   if (WRITE_LSE && !kLseFirst) store_output_lse<VEC, TEAM>(p, lane, row_ok, out_lse_at, out_lse);
+  if (AMAX) {
+    // Without the early exit every lane is here (those without a row or column add 0).
+    const u32 lanes = kEarlyExit ? lanes_with_rows_and_columns<VEC, TEAM>(first_row, num_rows,
+                                                                          p.head_size)
+                                 : ~0u;
+    amax.commit(amax_out, lanes);
+  }
 }
 
-// The kernel of a store that writes scales: its parameters are followed by their strides.
+// The kernel of a store that writes scales or of one that reduces amax: its parameters are
+// followed by the scales' layout and the amax output (WithOutputs).
 template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
-          bool LSE_BASE_2>
-__device__ __forceinline__ void merge_two_rows(const WithScaleStrides<MergeParams>& p) {
-  merge_two_rows<P0, P1, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2>(p.params, p.strides);
+          bool LSE_BASE_2, bool AMAX = false, bool SCALES, bool AMAX_OUT>
+__device__ __forceinline__ void merge_two_rows(
+    const WithOutputs<MergeParams, SCALES, AMAX_OUT>& a) {
+  static_assert(SCALES == Store::kWritesScales && AMAX_OUT == AMAX, "the instance's parameters");
+  ScaleLayout scale_layout;
+  float* amax_out = nullptr;
+  if constexpr (SCALES) scale_layout = a.scale_layout;
+  if constexpr (AMAX_OUT) amax_out = a.amax.amax;
+  merge_two_rows<P0, P1, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2, AMAX>(a.params, scale_layout,
+                                                                        amax_out);
 }
 
-// The parameters of an instance of merge_two_rows: MergeParams, followed by the scales'
-// strides where its store writes scales (Store::KernelParams).
+// The parameters of an instance of merge_two_rows: MergeParams, followed by the scales' layout
+// where its store writes scales and by the amax output where it reduces amax.
 template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
-          bool LSE_BASE_2>
+          bool LSE_BASE_2, bool AMAX = false>
 struct MergeInstance {
-  typedef typename Store::template KernelParams<MergeParams> Params;
+  typedef KernelArgs<MergeParams, Store::kWritesScales, AMAX> Params;
 };
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the

@@ -119,9 +119,13 @@ __device__ __forceinline__ float exponential(float l, float m) {
 // bits of merge_two_rows. Every lane computes all of them itself: no lane waits for
 // another, and the rows of the first two batches of B partials are requested before the
 // LSEs are read, each next batch as soon as its registers are free.
-template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
-__device__ __forceinline__ void merge_partial_rows(
-    const PartialsParams& p, const ScaleStrides& scale_strides = ScaleStrides()) {
+//
+// AMAX: the kernel also reduces max |O| over the values it stores into *amax (AmaxReduction).
+template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2,
+          bool AMAX = false>
+__device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
+                                                   const ScaleLayout& scale_layout = ScaleLayout(),
+                                                   float* amax_out = nullptr) {
   static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
   typedef Chunk<typename P::storage, VEC> Rows;
   constexpr int B = 8;  // partials whose rows are loaded together; two batches in flight
@@ -136,7 +140,8 @@ __device__ __forceinline__ void merge_partial_rows(
   // First, while little else is live: the store's setup may call the IEEE division's slow
   // path, around which live registers would be saved to local memory.
   store.ready();
-  store.row(scale_strides, outer, inner);
+  store.row(scale_layout, outer, inner);
+  AmaxReduction<AMAX> amax;
   const PartialRows rows = partial_rows(p, row_ok, outer, inner);
   const float inf = __int_as_float(0x7f800000);
   Rows even[B], odd[B];  // the batches k0 / B even and odd
@@ -202,12 +207,15 @@ __device__ __forceinline__ void merge_partial_rows(
 #pragma unroll
       for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
     }
-    if (col_ok) store.template store<VEC>(p.out, out_row + col, col, acc);
+    if (col_ok) {
+      amax.add(acc);
+      store.template store<VEC>(p.out, out_row + col, col, acc);
+    }
   }
   if (WRITE_LSE) {
     // The output LSE may be the first partial's: every read of the row's LSEs (by all of
     // its team's lanes) comes before the store.
-    if (TEAM <= kWarpSize) {
+    if constexpr (TEAM <= kWarpSize) {
       const u32 team_mask = TEAM == kWarpSize ? ~0u : ((1u << TEAM) - 1u)
                                                           << (threadIdx.x % kWarpSize / TEAM * TEAM);
       __syncwarp(team_mask);
@@ -219,19 +227,30 @@ __device__ __forceinline__ void merge_partial_rows(
       p.out_lse[offset_of(outer, p.out_lse_stride_outer, inner, p.out_lse_stride_inner)] = lse;
     }
   }
+  amax.commit(amax_out, ~0u);  // every thread of the block is here
 }
 
-// The kernel of a store that writes scales: its parameters are followed by their strides.
-template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
-__device__ __forceinline__ void merge_partial_rows(const WithScaleStrides<PartialsParams>& p) {
-  merge_partial_rows<P, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2>(p.params, p.strides);
+// The kernel of a store that writes scales or of one that reduces amax: its parameters are
+// followed by the scales' layout and the amax output (WithOutputs).
+template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2,
+          bool AMAX = false, bool SCALES, bool AMAX_OUT>
+__device__ __forceinline__ void merge_partial_rows(
+    const WithOutputs<PartialsParams, SCALES, AMAX_OUT>& a) {
+  static_assert(SCALES == Store::kWritesScales && AMAX_OUT == AMAX, "the instance's parameters");
+  ScaleLayout scale_layout;
+  float* amax_out = nullptr;
+  if constexpr (SCALES) scale_layout = a.scale_layout;
+  if constexpr (AMAX_OUT) amax_out = a.amax.amax;
+  merge_partial_rows<P, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2, AMAX>(a.params, scale_layout,
+                                                                       amax_out);
 }
 
-// The parameters of an instance of merge_partial_rows: PartialsParams, followed by the
-// scales' strides where its store writes scales (Store::KernelParams).
-template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2>
+// The parameters of an instance of merge_partial_rows: PartialsParams, followed by the scales'
+// layout where its store writes scales and by the amax output where it reduces amax.
+template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2,
+          bool AMAX = false>
 struct PartialsInstance {
-  typedef typename Store::template KernelParams<PartialsParams> Params;
+  typedef KernelArgs<PartialsParams, Store::kWritesScales, AMAX> Params;
 };
 
 #ifdef ATTNMERGE_PARTIALS_INSTANCE
