@@ -47,7 +47,8 @@
 #   vllm-tests   vLLM's own test of merge_attn_states (tests/kernels/attention/
 #                test_merge_attn_states.py from .peers/vllm), attnmerge's cuda and then triton
 #                backend as the kernel under test, vLLM's Triton kernel the reference
-#                (benchmarks/peers/run_vllm_tests.py, -n 8); a summary line per backend
+#                (benchmarks/peers/run_vllm_tests.py, -n 4: on 8 workers its largest cases
+#                exhaust an 80 GB card); a summary line per backend
 # vLLM's kernels without vLLM: where .peers/vllm was carried (benchmarks/peers/fetch_vllm.py
 # exports vLLM's merge from its sdist), the steps that use vLLM (bench*, profile) run with
 # the stand-in vllm package of benchmarks/peers/vllm.py first on PYTHONPATH: vLLM's
@@ -186,7 +187,7 @@ for arg in "$@"; do
         python3 benchmarks/compare/compare_speed.py --base-rev "${BASE_REV:-c9a2f13}" \
         --output-lse --csv "$OUT/compare_speed_lse.csv" ;;
     vllm-tests)  # builds vLLM's op and the stand-in itself (cached)
-      step vllm-tests "$limit" vllm_tests.log python3 -m benchmarks.peers.run_vllm_tests -n 8 -q ;;
+      step vllm-tests "$limit" vllm_tests.log python3 -m benchmarks.peers.run_vllm_tests -n 4 -q ;;
   esac
 done
 
