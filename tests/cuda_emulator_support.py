@@ -63,10 +63,13 @@ def struct_of(config):
 
 def block_size(config) -> int:
     """Bytes of the instance's parameters (WithOutputs in csrc/epilogues.cuh): its struct,
-    then the scales' layout where its store writes scales, then the amax output's address
-    where it reduces amax, each at its alignment, padded to 8 bytes."""
+    then the scales' layout where its store writes scales (a token tile's TokenScaleLayout),
+    then the amax output's address where it reduces amax, each at its alignment, padded to
+    8 bytes."""
     size = struct_of(config).size
-    if config.takes_scale_layout:
+    if config.whole_tokens:  # TokenScaleLayout, at a pointer's alignment
+        size = -(-size // 8) * 8 + cuda_backend.TOKEN_SCALE_LAYOUT.size
+    elif config.takes_scale_layout:
         size += cuda_backend.SCALE_LAYOUT.size
     if config.amax:
         size = -(-size // 8) * 8 + cuda_backend.AMAX_OUTPUT.size
@@ -93,7 +96,7 @@ def library(directory: Path, template_args: str, two_partial: bool) -> ctypes.CD
         )  # fmt: skip
     cdll = ctypes.CDLL(str(lib))
     entry = cdll.emulate_merge if two_partial else cdll.emulate_partials
-    entry.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+    entry.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]
     cdll.emulated_atomics.restype = ctypes.c_ulong
     return cdll
 
@@ -124,11 +127,17 @@ class EmulatedKernel:
 
     def launch(self, grid: int, stream: int, params: bytes) -> None:
         assert len(params) == block_size(self._config)
-        # one block per rows_per_block rows, no block without a row
-        assert grid == -(-fields(self._config, params)["num_rows"] // self._config.rows_per_block)
+        values = fields(self._config, params)
+        if self._config.whole_tokens:  # a token tile: one block a token
+            assert grid * values["inner_count"] == values["num_rows"]
+        else:  # one block per rows_per_block rows, no block without a row
+            assert grid == -(-values["num_rows"] // self._config.rows_per_block)
         two = is_two_partial(self._config)
         run = self._lib.emulate_merge if two else self._lib.emulate_partials
-        assert run(ctypes.c_char_p(params), ctypes.c_uint(grid)) == 0, "the emulated launch failed"
+        threads = ctypes.c_uint(self._config.block_threads)
+        assert run(ctypes.c_char_p(params), ctypes.c_uint(grid), threads) == 0, (
+            "the emulated launch failed"
+        )
         self._launched.append(self._config)
         self._launched.launches.append(Launched(self._config, grid, self._lib.emulated_atomics()))
 

@@ -503,8 +503,9 @@ def test_every_output_format_names_epilogues_that_exist():
     cuda_source = backend.sources()["epilogues.cuh"]
     # a @triton.jit function (an interpreted one under TRITON_INTERPRET=1) of the
     # epilogue's arguments (triton/epilogues.py) -> the values to store
-    arguments = ["tok", "head", "row_ok", "num_tokens", "stride_t", "stride_g"]
-    arguments += ["NUM_HEADS", "HEAD_SIZE", "BLOCK_D", "GROUP", "UE8M0", "UE8M0_PACKED"]
+    arguments = ["scale_ub_ptr", "token_amax", "tok", "head", "row_ok", "num_tokens"]
+    arguments += ["stride_t", "stride_g", "NUM_HEADS", "HEAD_SIZE", "BLOCK_D", "GROUP"]
+    arguments += ["UE8M0", "UE8M0_PACKED", "SCALE_UB"]
     for cls in classes:
         if cls.triton_epilogue is not None:
             epilogue = getattr(epilogues, cls.triton_epilogue, None)

@@ -1,6 +1,7 @@
-"""The cuda backend's per-token-group FP8 store (``FP8GroupStore`` in csrc/epilogues.cuh) and
-the amax output of every store on a CPU, bit for bit against the formats' reference
-quantisers and ``amax_reference`` (docs/contract.md C37, C39, C40).
+"""The cuda backend's per-token-group FP8 store (``FP8GroupStore`` in csrc/epilogues.cuh), its
+per-token FP8 store (``FP8TokenStore``, the token-tile kernel) and the amax output of every
+store on a CPU, bit for bit against the formats' reference quantisers and ``amax_reference``
+(docs/contract.md C36 to C40).
 
 Both kernels (two partials, csrc/merge.cuh; stacked or packed partials, csrc/partials.cuh)
 are built for the host (tests/cuda_emulator_support.py, tests/cuda_emulation/emulate.cpp:
@@ -28,10 +29,10 @@ import torch
 from cuda_emulator_support import CSRC
 from utils import FP8, INF, NAN, assert_bits_equal
 
-from attnmerge import FP8PerTokenGroup, FP8Static, Plain, api, dispatch
+from attnmerge import FP8PerToken, FP8PerTokenGroup, FP8Static, Plain, api, dispatch
 from attnmerge.call import CallSignature, PartialLayout
 from attnmerge.cuda import backend as cuda_backend
-from attnmerge.formats import FP8_E4M3_MAX, FP8_GROUP_EPS, amax_reference
+from attnmerge.formats import FP8_E4M3_MAX, FP8_GROUP_EPS, FP8_MIN_TOKEN_SCALE, amax_reference
 
 LAYOUTS = ("row_major", "col_major", "col_major_tma")
 PACKED = "ue8m0_packed"
@@ -325,19 +326,28 @@ void print() {
          offsetof(Both, amax), sizeof(Scales), offsetof(Scales, scale_layout), sizeof(Amax),
          offsetof(Amax, amax));
 }
+template <typename Params>
+void print_token() {
+  typedef WithOutputs<Params, true, true, TokenScaleLayout> Both;
+  typedef WithOutputs<Params, true, false, TokenScaleLayout> Scales;
+  printf("%zu %zu %zu %zu %zu\n", sizeof(Both), offsetof(Both, scale_layout),
+         offsetof(Both, amax), sizeof(Scales), offsetof(Scales, scale_layout));
+}
 int main() {
   static_assert(sizeof(KernelArgs<MergeParams, false, false>) == sizeof(MergeParams));
   print<MergeParams>();
   print<PartialsParams>();
+  print_token<MergeParams>();
+  print_token<PartialsParams>();
   return 0;
 }
 """
 
 
 def test_outputs_follow_the_parameters(tmp_path):
-    """The launcher appends the packed ScaleLayout and the amax output's address to
-    MergeParams or PartialsParams at their alignment and pads to 8 bytes: WithOutputs'
-    layout as g++ compiles it, in each of its three forms."""
+    """The launcher appends the packed ScaleLayout (or a token tile's TokenScaleLayout) and the
+    amax output's address to MergeParams or PartialsParams at their alignment and pads to 8
+    bytes: WithOutputs' layout as g++ compiles it, in each of its forms."""
     if shutil.which("g++") is None:
         pytest.skip("no g++")
     (tmp_path / "layout.cpp").write_text(_LAYOUT_HARNESS)
@@ -348,8 +358,22 @@ def test_outputs_follow_the_parameters(tmp_path):
     scale_layout = dict(zip(cuda_backend.SCALE_LAYOUT.fields, range(1, 9), strict=True))
     scale_bytes = b"".join(i.to_bytes(4, "little") for i in range(1, 9))
     amax_bytes = (0x0102030405060708).to_bytes(8, "little")
+    lines = printed.splitlines()
+    token_layout = cuda_backend.TOKEN_SCALE_LAYOUT.pack(scale_ub=0x1112131415161718,
+                                                        scale_stride_token=7)  # fmt: skip
+    blocks = (cuda_backend.PARAMS, cuda_backend.PARTIALS_PARAMS)
+    for block, line in zip(blocks, lines[2:], strict=True):
+        both, both_scales, both_amax, scales, scales_at = map(int, line.split())
+        params = block.pack(**dict.fromkeys(block.fields, 0))
+        packed = cuda_backend._with_outputs(params, token_layout, 0x0102030405060708)
+        assert (len(packed), both_scales) == (both, -(-block.size // 8) * 8)
+        assert packed[both_scales : both_scales + 16] == token_layout
+        assert packed[both_amax : both_amax + 8] == amax_bytes
+        packed = cuda_backend._with_outputs(params, token_layout, None)
+        assert (len(packed), scales_at) == (scales, -(-block.size // 8) * 8)
+        assert packed[scales_at : scales_at + 16] == token_layout
     for block, line in zip(
-        (cuda_backend.PARAMS, cuda_backend.PARTIALS_PARAMS), printed.splitlines(), strict=True
+        (cuda_backend.PARAMS, cuda_backend.PARTIALS_PARAMS), lines[:2], strict=True
     ):
         both, both_scales, both_amax, scales, scales_at, amax, amax_at = map(int, line.split())
         params = block.pack(**dict.fromkeys(block.fields, 0))
@@ -625,6 +649,10 @@ def _new_store_configs():
     return list(found)
 
 
+def _partial_elements(config) -> tuple[str, ...]:
+    return getattr(config, "partial_elements", None) or (config.partial_element,)
+
+
 def _nvcc_archs() -> list[str]:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -638,16 +666,24 @@ def _nvcc_archs() -> list[str]:
 )
 def test_new_store_configs_compile_with_nvcc_without_spills(arch, tmp_path):
     """As tests/test_cuda_source.py's check of `attnmerge build`'s configurations, for the
-    kernels of the amax reduction and the group stores: each compiles for every target
-    with registers only (no spills, no stack), without warnings."""
-    configs = _new_store_configs()
+    kernels of the amax reduction, the group stores and the per-token store's token tiles
+    (launch bounds of their block size): each compiles for every target with registers
+    only (no spills, no stack), without warnings. Beyond sm_90a only those of float32
+    partials, which hold the most registers, to keep the suite's time down."""
+    configs = _new_store_configs() + _token_store_configs()
+    if arch != "sm_90a":
+        configs = [c for c in configs if "F32" in _partial_elements(c)]
     lines = ['#include "partials.cuh"', "namespace attnmerge {"]
     for i, config in enumerate(configs):
         args = config.template_arguments()
         if cuda_emulator_support.is_two_partial(config):
-            instance, body, bounds = "MergeInstance", "merge_two_rows", "kBlockThreads"
+            instance, body = "MergeInstance", "merge_two_rows"
+            bounds = f"{instance}<{args}>::kThreads, {instance}<{args}>::kMinBlocks"
         else:
-            instance, body, bounds = "PartialsInstance", "merge_partial_rows", "kBlockThreads, 1"
+            instance, body = "PartialsInstance", "merge_partial_rows"
+            bounds = "kBlockThreads, 1"
+        lines.append(f"constexpr int kBounds{i}[2] = {{{bounds}}};")  # commas in a macro
+        bounds = f"kBounds{i}[0], kBounds{i}[1]"
         lines.append(
             f'extern "C" __global__ void __launch_bounds__({bounds}) config_{i}('
             f"const {instance}<{args}>::Params p) {{ {body}<{args}>(p); }}"
@@ -672,3 +708,242 @@ def test_new_store_configs_compile_with_nvcc_without_spills(arch, tmp_path):
     names = {f"config_{i}": c.template_arguments() for i, c in enumerate(configs)}
     bad = {names[f]: v for f, v in frames.items() if v != "0 bytes stack frame, 0 bytes spill"}
     assert not bad, f"kernels with a stack or spills on {arch}: {bad}"
+
+
+# ---------------------------------------------------------------------------
+# Per-token FP8 (docs/contract.md C36, C38, C39, C40): the token-tile kernel (a block holds
+# one token, store_token in csrc/merge.cuh) stores FP8TokenStore bit for bit as the
+# reference quantiser makes of the kernel's own float32 result.
+
+UB = 3.0  # a scale bound below the values' absmax: values past it saturate to +-448
+TOKEN_SCALE_LAYOUTS = {  # name: (shape of T, strides of T) of the scales in their buffer
+    "[T]": (lambda t: (t,), lambda t: (1,)),
+    "[T, 1]": (lambda t: (t, 1), lambda t: (1, 1)),
+    "[T] strided": (lambda t: (t,), lambda t: (3,)),
+    "[T, 1] strided": (lambda t: (t, 1), lambda t: (2, 5)),
+}
+
+
+def token_states(tokens, heads, head_size, seed, dtype=torch.bfloat16):
+    """Two partials whose tokens are, from token 0: one holding a NaN, one +inf, one -inf,
+    one all empty (zeros, the smallest scale), then finite ones; empty partials and an
+    empty row among them. T = 1: a finite token."""
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(2, tokens, heads, head_size, generator=g) * 4
+    lse = torch.randn(2, heads, tokens, generator=g) * 3
+    if tokens > 1:
+        lse[:, :, 0] = 1.0  # weights far from 0
+        o[1, 0, heads - 1, head_size - 1] = NAN  # token 0: scale NaN
+        o[0, 1, 0, 0] = INF  # token 1: scale +inf (with scale_ub: saturates)
+        o[1, 2 % tokens, heads // 2, 3] = -INF
+        lse[:, :, 1:3] = 2.0
+    if tokens > 3:
+        lse[:, :, 3] = -INF  # token 3: every row empty
+    if tokens > 4:
+        lse[0, 0, 4] = INF  # an empty partial
+        lse[:, heads - 1, 4] = -INF  # an empty row in a token with values
+    return [o[0].to(dtype), o[1].to(dtype)], [lse[0], lse[1]]
+
+
+def token_format(tokens, layout, scale_ub=None, amax=None):
+    """``(format, buffer)``: FP8PerToken with scales of ``layout`` in ``buffer``, SENTINEL
+    everywhere, MARGIN elements before and after their extent."""
+    shape, strides = (f(tokens) for f in TOKEN_SCALE_LAYOUTS[layout])
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides, strict=True)) if tokens else 0
+    buffer = torch.full((extent + 2 * MARGIN,), SENTINEL)
+    scales = buffer.as_strided(shape, strides, MARGIN)
+    return FP8PerToken(scale_ub=scale_ub, scales=scales, amax=amax), buffer
+
+
+def check_token_store(outputs, lses, launched, *, scale_ub=None, layout="[T, 1]", **kw):
+    """The FP8 output, the scales (their whole buffer), amax and the output LSE against the
+    reference of the same call's float32 result; the launch is a token tile."""
+    merged, merged_lse, _ = run_cuda(outputs, lses, None, Plain(torch.float32), **kw)
+    tokens = merged.shape[0]
+    amax = torch.full((1,), AMAX_GARBAGE)
+    fmt, buffer = token_format(tokens, layout, scale_ub, amax)
+    before = buffer.clone()
+    out, out_lse, call = run_cuda(outputs, lses, None, fmt, **kw)
+    want_q, want_scales = fmt.quantize_with_scales(merged)
+    assert_bits_equal(out, want_q, f"{layout}: output")
+    want_buffer = before.clone()
+    want_buffer.as_strided(fmt.scales.shape, fmt.scales.stride(), MARGIN).copy_(
+        want_scales.reshape(fmt.scales.shape)
+    )
+    assert_bits_equal(buffer, want_buffer, f"{layout}: scales")
+    assert_bits_equal(amax, amax_reference(merged).reshape(1), f"{layout}: amax")
+    if out_lse is not None:
+        assert_bits_equal(out_lse, merged_lse, f"{layout}: output LSE")
+    if tokens:
+        launch = launched.launches[-1]
+        config = launch.config
+        assert config.whole_tokens and config.epilogue == "FP8TokenStore" and config.amax
+        assert config in cuda_backend._configs_of(call.signature)  # what prepare builds
+        assert f"FP8E4M3, {str(scale_ub is not None).lower()}>" in config.template_arguments()
+        assert launch.grid == tokens and launch.atomics == tokens  # one atomic a block
+    return want_scales
+
+
+@pytest.mark.parametrize("heads", [1, 3, 8, 32])
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+def test_token_store_is_the_reference_quantiser(emulated, heads, head_size):
+    """H = 1 to 32, D = 64 to 256, T = 0, 1, 5, with and without scale_ub: tokens with NaN
+    (scale NaN, NaN codes), +inf and -inf (scale +inf; with scale_ub saturated), all rows
+    empty (zeros, the smallest scale), empty partials and rows; amax of the result; the
+    output LSE; token-tile blocks of 128 or 256 threads (H * D up to 8192 values)."""
+    layouts = list(TOKEN_SCALE_LAYOUTS)
+    for i, (tokens, bound) in enumerate(itertools.product((0, 1, 5), (None, UB))):
+        outputs, lses = token_states(tokens, heads, head_size, heads * head_size + tokens)
+        scale_ub = None if bound is None else torch.tensor([bound])
+        scales = check_token_store(
+            outputs, lses, emulated, scale_ub=scale_ub, layout=layouts[i % len(layouts)]
+        )
+        if tokens == 5:
+            assert scales[0].isnan()
+            bounded = (torch.tensor(UB) / torch.tensor(FP8_E4M3_MAX)).item()  # in float32
+            assert scales[1].item() == (INF if bound is None else bounded)
+            assert scales[3].item() == FP8_MIN_TOKEN_SCALE
+    threads = cuda_backend.token_tile_threads(heads * head_size)
+    assert (
+        emulated.launches[-1].config.team == threads == (256 if heads * head_size > 4096 else 128)
+    )
+
+
+@pytest.mark.parametrize(
+    "heads, head_size, dtype, misaligned, threads, vec",
+    [
+        (40, 512, torch.bfloat16, False, 512, 8),  # 20480 values: past the registers
+        (33, 512, torch.float32, False, 512, 4),  # 16896: 128 chunks merged twice
+        (5, 96, torch.float32, True, 128, 1),  # scalar accesses, 480 chunks of 1
+        (3, 72, torch.float16, False, 128, 8),  # chunks of 8 on a head of 9
+        (1, 200, torch.bfloat16, False, 128, 8),  # a head of 25 chunks
+    ],
+)
+def test_token_tiles_past_the_registers_and_scalar(
+    emulated, heads, head_size, dtype, misaligned, threads, vec
+):
+    """Tokens of more values than a block of 512 keeps in registers (those past them merged
+    again for the store, the same bits), fp32 partials, misaligned partials (VEC = 1),
+    heads not a multiple of 16 bytes; with prefill_tokens_with_context, with and without
+    the output LSE and scale_ub."""
+    tokens = 3
+    outputs, lses = token_states(tokens, heads, head_size, heads, dtype)
+    if misaligned:
+        shifted = torch.empty(outputs[0].numel() + 1, dtype=dtype)
+        outputs[0] = shifted[1:].view(outputs[0].shape).copy_(outputs[0])
+    for P, with_lse, bound in ((None, True, None), (1, False, torch.tensor([UB]))):
+        check_token_store(outputs, lses, emulated, scale_ub=bound, P=P, with_lse=with_lse)
+        config = emulated.launches[-1].config
+        assert (config.team, config.vec, config.write_lse) == (threads, vec, with_lse)
+
+
+def test_token_store_prefill_tokens_in_place_lse_and_strided_output(emulated):
+    """Tokens past prefill_tokens_with_context (the suffix alone, its LSE kept) are stored
+    and part of amax; the output LSE written into the suffix's LSE (every read of it before
+    the block's second barrier); a strided FP8 output; scale_ub NaN makes every scale NaN."""
+    tokens, heads, head_size = 5, 8, 64
+    outputs, lses = token_states(tokens, heads, head_size, 7)
+    outputs[1][4, 2, 9] = 500.0  # past P = 2: the token's and amax's maximum
+    check_token_store(outputs, lses, emulated, P=2)
+    merged, merged_lse, _ = run_cuda(outputs, lses, None, Plain(torch.float32), P=2)
+    fmt, _ = token_format(tokens, "[T]", torch.tensor([NAN]))
+    out = torch.zeros(tokens, heads + 2, head_size, dtype=torch.float8_e4m3fn)[:, 1:-1]
+    suffix_lse = lses[1].clone()
+    call = api._build_call(
+        out, outputs[0], lses[0], outputs[1], suffix_lse, suffix_lse, 2, fmt, "e", "cuda",
+        real_tensors=True,
+    )  # fmt: skip
+    cuda_backend.run(call)
+    assert_bits_equal(suffix_lse, merged_lse, "output LSE in place")
+    want_q, want_scales = fmt.quantize_with_scales(merged)
+    assert want_scales.isnan().all() and fmt.scales.isnan().all()
+    assert_bits_equal(out, want_q, "strided output")
+
+
+def test_token_tile_dispatch_and_eager_plans(clean_dispatch, emulated, monkeypatch):
+    """FP8PerToken reaches the cuda backend for two separate partials (the format has a cuda
+    epilogue and no gap), which refuses stacked and packed partials with the reason; the
+    eager launcher gets no plan for it (its launch has a block a token and a scale bound
+    the plan would not patch)."""
+    from attnmerge.cuda import CudaBackend
+
+    monkeypatch.setattr(CudaBackend, "_device_reason", staticmethod(lambda device: None))
+    monkeypatch.setattr(cuda_backend, "prepare", lambda index, signature: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def reason(fmt, layout=PartialLayout.SEPARATE):
+        dtypes = (torch.bfloat16,) * (2 if layout is PartialLayout.SEPARATE else 1)
+        sig = CallSignature(torch.device("cuda"), dtypes, 128, fmt.key, False, False, layout)
+        return dispatch._unsupported("cuda", sig)
+
+    for fmt in (FP8PerToken(), FP8PerToken(scale_ub=torch.ones(1), amax=torch.zeros(1))):
+        assert reason(fmt) is None
+        for layout in (PartialLayout.STACKED, PartialLayout.PACKED):
+            assert "two separate partials only" in reason(fmt, layout)
+    outputs, lses = token_states(3, 2, 64, 1)
+    fmt, _ = token_format(3, "[T, 1]", torch.tensor([UB]))
+    _, _, call = run_cuda(outputs, lses, None, fmt)
+    assert dispatch.REGISTRY["cuda"].eager_plan(b"key", call) is None
+
+
+def test_token_scale_layout():
+    """The launcher's TokenScaleLayout: the bound's address (0 without), the scales' token
+    stride (0 for one token); past 32 bits a ValueError naming the scales."""
+    fields = cuda_backend.TOKEN_SCALE_LAYOUT
+
+    def layout(fmt, tokens):
+        call = SimpleNamespace(output=torch.empty(tokens, 2, 64, device="meta"), output_format=fmt)
+        values = fields._struct.unpack(cuda_backend._token_scale_layout(call))
+        return dict(zip(fields.fields, values, strict=True))
+
+    ub = torch.ones(1)
+    assert fields.fields == ("scale_ub", "scale_stride_token") and fields.size == 16
+    assert layout(FP8PerToken(scales=torch.empty(5, 1)), 5) == {
+        "scale_ub": 0, "scale_stride_token": 1
+    }  # fmt: skip
+    strided = torch.empty(12)[::3]
+    assert layout(FP8PerToken(ub, scales=strided), 4) == {
+        "scale_ub": ub.data_ptr(), "scale_stride_token": 3
+    }  # fmt: skip
+    assert layout(FP8PerToken(scales=torch.empty(1, 1)[:, :]), 1)["scale_stride_token"] == 0
+    huge = torch.empty(2, device="meta").as_strided((2,), (2**32,))
+    with pytest.raises(ValueError, match="scales has strides"):
+        layout(FP8PerToken(scales=huge), 2)
+
+
+def _token_store_configs():
+    """The token-tile kernels: bf16, fp16 and fp32 partials, head sizes of 128 and 576 (and
+    72: scalar and 8-wide), with and without the output LSE, scale_ub and amax, every block
+    size and vector width a call can take."""
+    found = {}
+    for ub, amax, dtype, head_size, lse in itertools.product(
+        (None, torch.ones(1)), (None, torch.zeros(1)), (torch.bfloat16, torch.float32),
+        (128, 576), (False, True),
+    ):  # fmt: skip
+        fmt = FP8PerToken(scale_ub=ub, amax=amax)
+        sig = CallSignature(
+            torch.device("cuda"), (dtype, dtype), head_size, fmt.key, lse, False,
+            PartialLayout.SEPARATE,
+        )  # fmt: skip
+        found.update(dict.fromkeys(cuda_backend._configs_of(sig)))
+    return list(found)
+
+
+@pytest.mark.parametrize("threads, vec", [(128, 8), (512, 1)])
+def test_token_tile_compiles_with_nvrtc(monkeypatch, tmp_path, threads, vec):
+    """The first-use build (NVRTC, sm_90a) of token-tile kernels: the block's barrier, the
+    warps' maxima in shared memory, redux, the IEEE division per value, launch bounds of
+    the block size."""
+    from attnmerge.cuda import nvrtc
+
+    if nvrtc.unavailable_reason() is not None:
+        pytest.skip(nvrtc.unavailable_reason())
+    monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
+    fmt = FP8PerToken(scale_ub=torch.ones(1), amax=torch.zeros(1))
+    sig = CallSignature(
+        torch.device("cuda"), (torch.bfloat16,) * 2, 72, fmt.key, True, False,
+        PartialLayout.SEPARATE,
+    )  # fmt: skip
+    configs = [c for c in cuda_backend._configs_of(sig) if (c.team, c.vec) == (threads, vec)]
+    assert len(configs) == 1 and configs[0].whole_tokens and configs[0].block_threads == threads
+    assert cuda_backend.build_kernel(configs[0], "sm_90a")[:4] == b"\x7fELF"

@@ -522,6 +522,7 @@ def test_bad_output_block_scale_raises_before_writing():
         (dict(output_block_scale=torch.empty(4, 2)), ValueError, "given together"),
         (dict(quant_group_size=64), ValueError, "given together"),
         (dict(use_ue8m0=True), ValueError, "given together"),
+        (dict(output_scale=FP8PerToken()), TypeError, "output_scale must be a float32 tensor"),
         (dict(output_block_scale=torch.empty(4, 2), quant_group_size=64,
               output_scale=torch.ones(1)), ValueError, "output_scale must be None"),
         (dict(output_block_scale=torch.empty(4, 2, dtype=torch.float64), quant_group_size=64),

@@ -1,5 +1,5 @@
-"""The triton backend's packed UE8M0 scales and amax (docs/contract.md C37, C39, C40), under
-Triton's interpreter on a CPU (and compiled, on a GPU where there is one).
+"""The triton backend's per-token FP8, packed UE8M0 scales and amax (docs/contract.md C36 to
+C40), under Triton's interpreter on a CPU (and compiled, on a GPU where there is one).
 
 As in tests/test_formats_kernels.py, a kernel's float32 merge result may differ from the
 torch reference's by the ulps C23 allows, so each check takes the backend's own float32
@@ -20,7 +20,7 @@ import torch
 from utils import FP8, INF, NAN, ON_GPU, assert_bits_equal
 
 import attnmerge
-from attnmerge import FP8PerTokenGroup, FP8Static, Plain, api, dispatch
+from attnmerge import FP8PerToken, FP8PerTokenGroup, FP8Static, Plain, api, dispatch
 from attnmerge import triton as triton_backend
 from attnmerge.call import CallSignature
 from attnmerge.formats import amax_reference
@@ -115,13 +115,15 @@ def int_bits(t: torch.Tensor) -> torch.Tensor:
     [
         FP8PerTokenGroup(64, True, "ue8m0_packed"),
         FP8PerTokenGroup(64, amax=torch.zeros(1)),
+        FP8PerToken(),
+        FP8PerToken(scale_ub=torch.ones(1), amax=torch.zeros(1)),
         Plain(torch.bfloat16, torch.zeros(1)),
         FP8Static(torch.ones(1), amax=torch.zeros(1)),
     ],
 )
 def test_dispatch_offers_the_triton_backend(clean_dispatch, quant):
-    """docs/contract.md C40: no format gap keeps the triton backend from packed UE8M0
-    scales or amax (the backend then answers for its device)."""
+    """docs/contract.md C40: no format gap keeps the triton backend from per-token FP8,
+    packed UE8M0 scales or amax (the backend then answers for its device)."""
     sig = CallSignature(torch.device(DEVICE), (torch.float32,) * 2, 64, quant.key, False, False)
     assert dispatch._unsupported("triton", sig) is None
 
@@ -211,6 +213,168 @@ def test_packed_scales_through_output_block_scale(device):
 
 
 # ---------------------------------------------------------------------------
+# Per-token FP8 (docs/contract.md C36, C38): token tiles, every head of a token in one
+# program (one or more chunks of heads).
+
+
+def token_scales_buffer(tokens: int, shape: str, device):
+    """(buffer, scales): the caller's float32 scales as a strided view into a poisoned
+    buffer, ``"t"``: ``[T]`` with stride 3; ``"t1"``: ``[T, 1]`` with strides (2, 7)."""
+    buffer = torch.full((GUARD + 3 * tokens + GUARD,), POISON, dtype=torch.int32, device=device)
+    floats = buffer.view(torch.float32)
+    if shape == "t":
+        return buffer, floats.as_strided((tokens,), (3,), GUARD)
+    return buffer, floats.as_strided((tokens, 1), (2, 7), GUARD)
+
+
+def token_bound(merged: torch.Tensor) -> torch.Tensor:
+    """A scale_ub between the tokens' absmaxes (the median of the finite non-zero ones):
+    some tokens are bounded by it, others not."""
+    a = merged.flatten(1).abs().amax(dim=1) if merged.numel() else merged.new_zeros(0)
+    finite = a[a.isfinite() & (a > 0)]
+    return torch.tensor([float(finite.median()) if len(finite) else 1.0])
+
+
+def check_token_store(outputs, lses, kw, tokens: int, device) -> None:
+    """FP8PerToken stored by the triton backend is the reference quantiser of its own
+    float32 result, bit for bit: without scale_ub into allocated [T, 1] scales with the
+    output LSE; with scale_ub (some tokens above it, some below) into the caller's strided
+    [T] scales with amax; into the caller's strided [T, 1] scales with amax. Elements of
+    the caller's buffer around the scales stay as they were."""
+    ref32 = attnmerge.merge(
+        outputs, lses, out_dtype=torch.float32, backend="triton", return_lse=True, **kw
+    )
+    merged = ref32.output.cpu()
+    bound = token_bound(merged)
+
+    fmt = FP8PerToken()
+    res = attnmerge.merge(outputs, lses, quant=fmt, backend="triton", return_lse=True, **kw)
+    want_q, want_s = fmt.quantize_with_scales(merged)
+    assert res.scales.shape == (tokens, 1)
+    assert_bits_equal(res.output.cpu(), want_q, "output")
+    assert_bits_equal(res.scales.cpu().reshape(-1), want_s, "scales")
+    assert_bits_equal(res.lse.cpu(), ref32.lse.cpu(), "output LSE")
+
+    for shape, scale_ub in (("t", bound), ("t1", None)):
+        buffer, scales = token_scales_buffer(tokens, shape, device)
+        amax = torch.full((1,), 3.0e38, device=device)
+        ub = None if scale_ub is None else scale_ub.to(device)
+        fmt = FP8PerToken(scale_ub=ub, scales=scales, amax=amax)
+        res = attnmerge.merge(outputs, lses, quant=fmt, backend="triton", **kw)
+        want_q, want_s = dataclasses.replace(fmt, scale_ub=scale_ub).quantize_with_scales(merged)
+        assert res.scales is scales
+        assert_bits_equal(res.output.cpu(), want_q, f"{shape}: output")
+        assert_bits_equal(scales.cpu().reshape(-1), want_s, f"{shape}: scales")
+        assert torch.equal(int_bits(amax), int_bits(amax_reference(merged)))
+        written = torch.zeros(buffer.shape, dtype=torch.bool)
+        written[scales.cpu().storage_offset() + torch.arange(tokens) * scales.stride(0)] = True
+        assert (buffer.cpu()[~written] == POISON).all(), f"{shape}: written outside the scales"
+
+
+def token_partials(form: str, tokens: int, heads: int, head_size: int, seed: int, device):
+    """:func:`partials`, and for T = 0 empty tensors of the form."""
+    if tokens:
+        return partials(form, tokens, heads, head_size, seed, device)
+    k = 3 if form == "stacked_prefill" else 2
+    o = torch.randn(k, 0, heads, head_size, device=device)
+    lse = torch.randn(k, heads, 0, device=device)
+    if form == "stacked_prefill":
+        return o, lse, {"prefill_tokens_with_context": 0}
+    if form == "packed":
+        return o[0], lse[0], {"indptr": torch.zeros(1, dtype=torch.int64, device=device)}
+    kw = {"prefill_tokens_with_context": 0} if form == "pair_prefill" else {}
+    return [o[0], o[1]], [lse[0], lse[1]], kw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens", [0, 1, 5, 33])
+@pytest.mark.parametrize("head_size", [64, 128, 192])
+@pytest.mark.parametrize("heads", [1, 3, 8, 32])
+def test_per_token_pair_is_the_reference(device, heads, head_size, tokens):
+    """Two partials (the two-partial kernel): NaN, +-inf and empty tokens and rows (all
+    partials -inf or +inf), every shape of the grid."""
+    seed = tokens * 1000 + heads * 10 + head_size
+    outputs, lses, kw = token_partials("pair", tokens, heads, head_size, seed, device)
+    check_token_store(outputs, lses, kw, tokens, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["pair_prefill", "stacked_prefill", "packed"])
+@pytest.mark.parametrize(
+    "heads, head_size, tokens",
+    [(1, 64, 5), (3, 192, 5), (8, 128, 33), (32, 64, 5), (32, 192, 1), (3, 128, 0)],
+)
+def test_per_token_forms_are_the_reference(device, form, heads, head_size, tokens):
+    """Tokens past prefill_tokens_with_context (the two-partial kernel), K = 3 stacked
+    partials with them and packed rows (0 to 3 per token; the partials kernel)."""
+    seed = tokens * 1000 + heads * 10 + head_size + 1
+    outputs, lses, kw = token_partials(form, tokens, heads, head_size, seed, device)
+    check_token_store(outputs, lses, kw, tokens, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["pair", "pair_prefill", "stacked_prefill", "packed"])
+@pytest.mark.parametrize("heads, head_size", [(8, 64), (3, 192), (3, 128)])
+def test_per_token_in_chunks_is_the_reference(device, monkeypatch, form, heads, head_size):
+    """Tokens wider than a tile (here tiles of 256 elements: 2 or 3 chunks of heads) take
+    two passes, the token's absmax first; the same bits as in one tile."""
+    monkeypatch.setattr(triton_backend.load(), "TOKEN_TILE_ELEMENTS", 256)
+    tokens = 6
+    outputs, lses, kw = token_partials(form, tokens, heads, head_size, heads + head_size, device)
+    assert triton_backend.load().token_tiles(heads, head_size)[1] > 1
+    check_token_store(outputs, lses, kw, tokens, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["pair", "stacked_prefill"])
+def test_per_token_wide_tokens(device, form):
+    """128 heads of 256 (32768 values a token): the launcher's own two chunks."""
+    assert triton_backend.load().token_tiles(128, 256)[1] == 2
+    outputs, lses, kw = token_partials(form, 2, 128, 256, 11, device)
+    check_token_store(outputs, lses, kw, 2, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_token_values_by_hand(device):
+    """Known scales: amax 448 gives 1; an empty token the smallest scale and zeros; +inf
+    without scale_ub the scale +inf (its infinities NaN codes, its finite values 0), with
+    scale_ub 1 the scale 1/448 (infinities saturated to +-448); NaN the scale NaN; a NaN
+    scale_ub makes every scale NaN."""
+    tokens, heads, head_size = 4, 3, 64
+    x = torch.zeros(tokens, heads, head_size)
+    x[0, 1, 3] = -448.0
+    x[0, 2, 5] = 1.0
+    x[2, 0, 0] = INF
+    x[2, 1, 1] = -INF
+    x[2, 2, 2] = 3.0
+    x[3, 1, 7] = NAN
+    lse = torch.zeros(heads, tokens)  # one partial of weight 1
+    empty = torch.full((heads, tokens), -INF)
+    empty_first = lse.clone()
+    empty_first[:, 1] = INF  # token 1: both partials empty (+inf and -inf)
+    outputs = [x.to(device), x.to(device)]
+    lses = [empty_first.to(device), empty.to(device)]
+    res = attnmerge.merge(outputs, lses, quant=FP8PerToken(), backend="triton")
+    scales = res.scales.cpu().reshape(-1)
+    min_scale = attnmerge.formats.FP8_MIN_TOKEN_SCALE
+    assert scales[:3].tolist() == [1.0, min_scale, INF] and scales[3].isnan()
+    codes = res.output.cpu().view(torch.uint8).to(torch.int32)
+    assert codes[0, 1, 3] == 0xFE and codes[0, 2, 5] == 0x38  # -448 and 1
+    assert (codes[1] == 0).all()
+    assert ((codes[2] & 0x7F) == 0x7F).sum() == 2  # the two infinities: NaN
+    assert ((codes[2] == 0) | ((codes[2] & 0x7F) == 0x7F)).all()  # the rest: 3 / inf = 0
+    assert ((codes[3] & 0x7F) == 0x7F).all()  # NaN everywhere in the NaN token
+    one = torch.tensor([1.0], device=device)
+    res = attnmerge.merge(outputs, lses, quant=FP8PerToken(scale_ub=one), backend="triton")
+    assert res.scales.cpu().reshape(-1)[2].item() == float(torch.tensor(1.0) / 448.0)
+    codes = res.output.cpu().view(torch.uint8).to(torch.int32)
+    assert codes[2, 0, 0] == 0x7E and codes[2, 1, 1] == 0xFE  # +-448
+    nan_ub = torch.tensor([NAN], device=device)
+    res = attnmerge.merge(outputs, lses, quant=FP8PerToken(scale_ub=nan_ub), backend="triton")
+    assert res.scales.cpu().isnan().all()
+
+
+# ---------------------------------------------------------------------------
 # amax (docs/contract.md C39).
 
 AMAX_FORMATS = {
@@ -219,6 +383,8 @@ AMAX_FORMATS = {
     "fp8_static": lambda amax: FP8Static(torch.tensor([0.25], device=amax.device), amax=amax),
     "group_row": lambda amax: FP8PerTokenGroup(64, amax=amax),
     "group_packed": lambda amax: FP8PerTokenGroup(64, True, "ue8m0_packed", amax=amax),
+    "token": lambda amax: FP8PerToken(amax=amax),
+    "token_ub": lambda amax: FP8PerToken(torch.tensor([2.0], device=amax.device), amax=amax),
 }
 
 
@@ -309,7 +475,7 @@ def test_amax_of_no_tokens_is_zero(device, form):
     else:
         outputs, lses = o[0], lse[0]
         kw["indptr"] = torch.zeros(1, dtype=torch.int64, device=device)
-    for quant in (Plain(torch.float32), FP8PerTokenGroup(64, True, "ue8m0_packed")):
+    for quant in (Plain(torch.float32), FP8PerTokenGroup(64, True, "ue8m0_packed"), FP8PerToken()):
         amax = torch.full((1,), NAN, device=device)
         quant = dataclasses.replace(quant, amax=amax)
         attnmerge.merge(outputs, lses, quant=quant, backend="triton", **kw)
@@ -363,19 +529,24 @@ class _MissingLauncher:
 
 
 def test_amax_calls_are_not_planned_by_the_api(direct_runner, monkeypatch):
-    """Through merge_attn_states: a call with amax stores no plan, and each repeat zeroes
-    and reduces amax again; the same call without amax is planned."""
+    """Through the two-partial path merge() and merge_attn_states share, with a launcher
+    that reports a miss: a call with amax stores no plan, and each repeat zeroes and
+    reduces amax again; the same call without amax is planned."""
     launcher = api.EAGER_LAUNCHER
     monkeypatch.setattr(launcher, "module", _MissingLauncher())
     monkeypatch.setattr(launcher, "plans", {})
+
+    def call(args: tuple) -> None:
+        miss = launcher.module.merge_pair(launcher.plans, 0, *args)
+        api._merge_pair(args, "e", "triton", eager_miss=miss)
+
     amax = torch.zeros(1, device=DEVICE)
     args, _ = _pair_call(Plain(torch.float32, amax))
     want = amax_reference(float32_result([args[1], args[3]], [args[2], args[4]], {}))
     for _ in range(2):
         amax.fill_(3.0e38)
-        api.merge_attn_states(*args[:7], output_scale=args[7], backend="triton")
+        call(args)
         assert launcher.plans == {}
         assert torch.equal(int_bits(amax), int_bits(want))
-    plain = (*args[:7], Plain(torch.float32))
-    api.merge_attn_states(*plain[:7], output_scale=plain[7], backend="triton")
+    call((*args[:7], Plain(torch.float32)))
     assert list(launcher.plans) == [1234]

@@ -38,7 +38,7 @@ itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[in_ty]
 fn = mk._merge_two_kernel
 pointers = {"out_ptr": out_ty, "out_lse_ptr": "fp32", "partial0_ptr": in_ty,
             "lse0_ptr": "fp32", "partial1_ptr": in_ty, "lse1_ptr": "fp32",
-            "operand_ptr": "fp32", "amax_ptr": "i32"}
+            "operand_ptr": "fp32", "amax_ptr": "i32", "scale_ub_ptr": "fp32"}
 # the output format's epilogue, as the launcher passes it (OutputFormat.triton_epilogue)
 output_format = formats.FP8Static if out_ty == "fp8e4nv" else formats.Plain
 epilogue = getattr(epilogues, output_format.triton_epilogue)
@@ -46,14 +46,14 @@ block_d = triton.next_power_of_2(head_size)
 const = dict(NUM_HEADS=32, HEAD_SIZE=head_size, BLOCK_D=block_d,
              BLOCK_ROWS=mk.block_rows_for(head_size, itemsize, num_rows), LSE_BASE_2=base_2,
              WRITE_LSE=True, EPILOGUE=epilogue, GROUP=0, UE8M0=False, UE8M0_PACKED=False,
-             AMAX=False, HEAD_MAJOR=head_major)
+             SCALE_UB=False, AMAX=False, HEAD_MAJOR=head_major, TOKEN_CHUNKS=0)
 sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
        for n in fn.arg_names}
 # What Triton infers for aligned tensors and strides that are multiples of 16.
 aligned = [n for n in fn.arg_names if n in pointers
            or n.startswith(("out_stride", "partial0_stride", "partial1_stride"))]
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-options = {"num_warps": mk._NUM_WARPS, "maxnreg": mk._MAX_REGISTERS}  # as the launcher's
+options = mk.ROW_OPTIONS  # as the launcher's
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 ops = re.findall(r"\b(ld\.global[.\w]*|st\.global[.\w]*|cvt[.\w]*e4m3\w*|ex2\.approx[.\w]*|"
@@ -207,13 +207,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from attnmerge.triton import epilogues, merge_kernel, partials_kernel
 
-# (epilogue, output type, GROUP, UE8M0, UE8M0_PACKED), each with and without amax
+pointers = {"out_lse_ptr": "fp32", "partial0_ptr": "bf16", "partial1_ptr": "bf16",
+            "partials_ptr": "bf16", "lse0_ptr": "fp32", "lse1_ptr": "fp32", "lses_ptr": "fp32",
+            "indptr_ptr": "i32", "amax_ptr": "i32", "scale_ub_ptr": "fp32"}
+
+def compile_(fn, const, out_ty, operand_ty, options):
+    types = {**pointers, "out_ptr": out_ty, "operand_ptr": operand_ty}
+    sig = {n: "constexpr" if n in const else ("*" + types[n] if n in types else "i32")
+           for n in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+                          target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+def ops(ptx):
+    atomics = sorted(set(re.findall(r"\b(?:atom|red)\.global[.\w]*", ptx)))
+    return len(re.findall(r"\bdiv\.rn\.f32\b", ptx)), atomics
+
+# Row tiles: (epilogue, output type, GROUP, UE8M0, UE8M0_PACKED), each with and without amax
 cases = [("plain", "bf16", 0, False, False), ("fp8_static", "fp8e4nv", 0, False, False)]
 cases += [("fp8_group", "fp8e4nv", g, u, False) for g in (64, 128) for u in (False, True)]
 cases += [("fp8_group", "fp8e4nv", g, True, True) for g in (64, 128)]
-pointers = {"out_lse_ptr": "fp32", "partial0_ptr": "bf16", "partial1_ptr": "bf16",
-            "partials_ptr": "bf16", "lse0_ptr": "fp32", "lse1_ptr": "fp32", "lses_ptr": "fp32",
-            "indptr_ptr": "i32", "amax_ptr": "i32"}
 kernels = [(merge_kernel._merge_two_kernel, {"HEAD_MAJOR": h}) for h in (False, True)]
 kernels += [(partials_kernel._merge_partials_kernel, {"PACKED": p}) for p in (False, True)]
 for (name, out_ty, group, ue8m0, packed), amax, (fn, extra) in itertools.product(
@@ -223,20 +235,39 @@ for (name, out_ty, group, ue8m0, packed), amax, (fn, extra) in itertools.product
     heads, head_size = (3, 128) if packed else (2, 192)
     const = dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=256, BLOCK_ROWS=4,
                  LSE_BASE_2=False, WRITE_LSE=True, EPILOGUE=getattr(epilogues, name),
-                 GROUP=group, UE8M0=ue8m0, UE8M0_PACKED=packed, AMAX=amax, **extra)
-    types = {**pointers, "out_ptr": out_ty, "operand_ptr": "i32" if packed else "fp32"}
-    sig = {n: "constexpr" if n in const else ("*" + types[n] if n in types else "i32")
-           for n in fn.arg_names}
-    ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    atomics = sorted(set(re.findall(r"\b(?:atom|red)\.global[.\w]*", ptx)))
+                 GROUP=group, UE8M0=ue8m0, UE8M0_PACKED=packed, SCALE_UB=False, AMAX=amax,
+                 TOKEN_CHUNKS=0, **extra)
+    ptx = compile_(fn, const, out_ty, "i32" if packed else "fp32", {"num_warps": 4})
+    divisions, atomics = ops(ptx)
     print("compiled", name, group, ue8m0, packed, amax, fn.__name__, extra, atomics)
+
+# Token tiles (FP8PerToken) as the launcher sizes them (merge_kernel.token_tiles): 32 heads
+# of 128 (one chunk, 4 warps), 128 of 128 (one chunk, 16 warps) and 128 of 192 (two chunks,
+# 16 warps), with and without scale_ub
+token_kernels = [(merge_kernel._merge_two_kernel, {"HEAD_MAJOR": False})] + kernels[2:]
+shapes = [(32, 128, False), (128, 128, True), (128, 192, True)]
+for (heads, head_size, scale_ub), amax, (fn, extra) in itertools.product(
+    shapes, (False, True), token_kernels
+):
+    block_h, chunks, options = merge_kernel.token_tiles(heads, head_size)
+    block_d = triton.next_power_of_2(head_size)
+    const = dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=block_d, BLOCK_ROWS=block_h,
+                 LSE_BASE_2=False, WRITE_LSE=True, EPILOGUE=epilogues.fp8_token, GROUP=0,
+                 UE8M0=False, UE8M0_PACKED=False, SCALE_UB=scale_ub, AMAX=amax,
+                 TOKEN_CHUNKS=chunks, **extra)
+    ptx = compile_(fn, const, "fp8e4nv", "fp32", options)
+    divisions, atomics = ops(ptx)
+    # a division per element a thread stores (chunks: in the loop's body once), plus a / 448
+    per_thread = block_h * block_d // (32 * options["num_warps"])
+    print("token", heads, head_size, chunks, options["num_warps"], per_thread, divisions, amax,
+          fn.__name__, extra, atomics)
 """
 
 
 def test_every_epilogue_compiles_for_sm_90():
     """Every output format's epilogue in both kernels (and both program orders and partial
-    forms), with packed UE8M0 scales and with amax, compiled (not interpreted): the
+    forms), with packed UE8M0 scales and with amax, and FP8PerToken's in token tiles (one
+    and two chunks, with and without scale_ub), compiled (not interpreted): the
     interpreter accepts code that Triton's compiler rejects, such as a global that is not
     a constexpr. A kernel with amax takes one relaxed atomic maximum on its bits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -257,3 +288,13 @@ def test_every_epilogue_compiles_for_sm_90():
         amax = line.split()[5] == "True"
         want = "['atom.global.gpu.relaxed.max.s32']" if amax else "[]"
         assert line.endswith(want), line
+    tokens = [line.split() for line in proc.stdout.splitlines() if line.startswith("token")]
+    assert len(tokens) == 3 * 2 * 3, proc.stdout
+    assert {(t[3], t[4]) for t in tokens} == {("1", "4"), ("1", "16"), ("2", "16")}, tokens
+    for t in tokens:
+        # FP8PerToken divides each element by its token's scale (IEEE division, no
+        # reciprocal), and a / 448 once; amax as in row tiles, one atomic per token
+        per_thread, divisions = int(t[5]), int(t[6])
+        assert divisions >= per_thread + 1, t
+        want = "['atom.global.gpu.relaxed.max.s32']" if t[7] == "True" else "[]"
+        assert " ".join(t).endswith(want), t

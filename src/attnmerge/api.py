@@ -412,6 +412,11 @@ def merge_attn_states(
         >>> out = torch.empty(T, H, D)
         >>> attnmerge.merge_attn_states(out, o1, l1, o2, l2)
     """
+    if isinstance(output_scale, OutputFormat):  # the internal form merge() passes
+        raise TypeError(
+            "output_scale must be a float32 tensor or None; pass an output format as "
+            "attnmerge.merge(..., quant=...)"
+        )
     args = (
         output,
         prefix_output,

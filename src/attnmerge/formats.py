@@ -300,7 +300,8 @@ class FP8Static(OutputFormat):
 
 class _DynamicFP8(OutputFormat):
     """What the dynamic FP8 formats share: an FP8 output, scales computed by the store
-    (``scales``, allocated by ``with_scales`` where None), no kernel epilogue yet."""
+    (``scales``, allocated by ``with_scales`` where None), a store that needs whole
+    tokens unless a subclass says otherwise."""
 
     __slots__ = ()
     dtype = torch.float8_e4m3fn
@@ -361,9 +362,20 @@ class FP8PerToken(_DynamicFP8):
     scale_ub: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     amax: torch.Tensor | None = None
+    # One program holds a token's H heads (whole_token_tiles); scale_ub is read through
+    # the format's field, as amax is.
+    triton_epilogue = "fp8_token"
+    # The cuda backend's token-tile kernel: a block holds a token (any H * D).
+    cuda_epilogue = "FP8TokenStore"
 
     def _options(self) -> tuple[Hashable, ...]:
         return ("scale_ub",) if self.scale_ub is not None else ()
+
+    def kernel_operand(self) -> torch.Tensor | None:
+        return self.scales  # written by the store, one float32 per token
+
+    def epilogue_strides(self) -> tuple[int, int]:
+        return (self.scales.stride(0), 0)
 
     def check(self, output: torch.Tensor, output_name: str = "output") -> None:
         super().check(output, output_name)

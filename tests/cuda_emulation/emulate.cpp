@@ -1,7 +1,8 @@
 // Host emulation of the CUDA merge kernels, for tests on machines without a GPU.
 //
 // Each CUDA thread of a block runs as an OS thread; __syncthreads is a std::barrier over
-// the block's threads; blocks run one after another. Warp shuffles exchange values through
+// the block's threads (128, or a token tile's 128 to 1024, as the launch says); blocks run
+// one after another. Warp shuffles exchange values through
 // one slot per thread, with a barrier over the lanes of the shuffle's segment (its width).
 // A named barrier (barrier.sync id, threads) is a std::barrier of that many threads per id;
 // __shared__ variables are static ones (one block runs at a time). A warp's redux over a mask
@@ -157,10 +158,14 @@ static inline void emulated_atomic_max(unsigned* at, unsigned v) {
 #include "partials.cuh"
 
 // The kernel's parameter struct (the instance's: with the scales' strides where its store
-// writes scales) read from the packed block.
+// writes scales) read from the packed block; `threads` a block, as the launcher's.
 template <typename Params>
-static int emulate(const void* packed, unsigned grid, void (*kernel)(Params)) {
-  constexpr unsigned kThreads = attnmerge::kBlockThreads;  // every block, every config
+static int emulate(const void* packed, unsigned grid, unsigned threads, void (*kernel)(Params)) {
+  const unsigned kThreads = threads;
+  if (kThreads % 32 != 0 || kThreads > 1024) {
+    std::fprintf(stderr, "emulated launch failed: %u threads a block\n", kThreads);
+    return 1;
+  }
   const Params* params = static_cast<const Params*>(packed);
   emulation_error.clear();
   atomics_count = 0;
@@ -202,12 +207,12 @@ static int emulate(const void* packed, unsigned grid, void (*kernel)(Params)) {
 extern "C" unsigned long emulated_atomics() { return atomics_count; }
 
 #ifdef ATTNMERGE_MERGE_INSTANCE
-extern "C" int emulate_merge(const void* params, unsigned grid) {
-  return emulate(params, grid, attnmerge::attnmerge_merge);
+extern "C" int emulate_merge(const void* params, unsigned grid, unsigned threads) {
+  return emulate(params, grid, threads, attnmerge::attnmerge_merge);
 }
 #endif
 #ifdef ATTNMERGE_PARTIALS_INSTANCE
-extern "C" int emulate_partials(const void* params, unsigned grid) {
-  return emulate(params, grid, attnmerge::attnmerge_merge_partials);
+extern "C" int emulate_partials(const void* params, unsigned grid, unsigned threads) {
+  return emulate(params, grid, threads, attnmerge::attnmerge_merge_partials);
 }
 #endif

@@ -33,8 +33,17 @@ class CudaBackend:
             return reason
         if signature.layout is PartialLayout.SEPARATE and signature.num_partials != 2:
             return f"it merges 2 separate partials, or stacked ones, not {signature.num_partials}"
-        if signature.output_format.kind.whole_token_tiles:
-            return "its blocks tile by rows, and this output format needs whole tokens"
+        kind = signature.output_format.kind
+        if kind.whole_token_tiles:
+            from .backend import TOKEN_TILE_EPILOGUES
+
+            if kind.cuda_epilogue not in TOKEN_TILE_EPILOGUES:
+                return "its blocks tile by rows, and this output format needs whole tokens"
+            if signature.layout is not PartialLayout.SEPARATE:
+                return (
+                    "its token-tile kernel (a block a token, for per-token scales) merges two "
+                    "separate partials only"
+                )
         from .driver import DriverError
         from .nvrtc import BuildError
 
@@ -64,12 +73,15 @@ class CudaBackend:
     def eager_plan(self, key: bytes, call: MergeCall) -> bytes | None:
         """The eager launcher's plan for a two-partial ``call`` it keyed ``key``; none for
         a format with amax, whose output the launch path zeroes first (backend.run) and the
-        eager launcher does not."""
+        eager launcher does not, and none for a whole-token store, whose launch has a
+        block a token and a scale bound's address the plan would not patch."""
         from .eager import cuda_plan
 
         if call.signature.layout is not PartialLayout.SEPARATE:
             return None
         if getattr(call.output_format, "amax", None) is not None:
+            return None
+        if call.output_format.whole_token_tiles:
             return None
         return cuda_plan(key, call)
 

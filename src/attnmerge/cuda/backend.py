@@ -21,12 +21,13 @@ from typing import NamedTuple
 import torch
 
 from ..call import CallSignature, MergeCall, PartialLayout
-from ..formats import FLOAT_DTYPES, FormatKey, FP8PerTokenGroup, FP8Static, Plain
+from ..formats import FLOAT_DTYPES, FormatKey, FP8PerToken, FP8PerTokenGroup, FP8Static, Plain
 from ..version import __version__
 from . import cache, driver, nvrtc
 from .params import ParamBlock
 
 __all__ = [
+    "TOKEN_TILE_EPILOGUES",
     "KernelConfig",
     "Launch",
     "PartialsKernelConfig",
@@ -51,6 +52,17 @@ _MAX_STRIDE = 2**32  # strides (in elements) are 32-bit kernel parameters
 
 #: Threads per block (kBlockThreads in the kernel source), in teams of one row each.
 BLOCK_THREADS = 128
+#: Token-tile kernels (a block stores one whole token, for stores whose scale is per token):
+#: block sizes, and the values of its token each thread keeps in registers
+#: (kTokenTileValues in csrc/merge.cuh). A call takes the smallest block that holds its
+#: H * D values, else the largest, which merges the values past it twice.
+TOKEN_TILE_THREADS = (128, 256, 512)
+TOKEN_TILE_VALUES = 32
+#: Bytes of the widest partial a token-tile thread reads per chunk.
+TOKEN_TILE_CHUNK_BYTES = 16
+#: The stores the token-tile kernels serve (OutputFormat.cuda_epilogue of whole-token
+#: formats).
+TOKEN_TILE_EPILOGUES = frozenset({"FP8TokenStore"})
 #: Bytes of the widest partial a thread reads per row chunk: two 16-byte accesses, falling
 #: back to 16 where the head size is not a multiple of 32 bytes' worth of elements.
 CHUNK_BYTES = 32
@@ -76,17 +88,31 @@ _ELEMENT = {
     torch.bfloat16: "BF16",
     torch.float8_e4m3fn: "FP8E4M3",
 }
-#: The element type of a store that writes a scale per group of columns (Groups in
-#: csrc/epilogues.cuh).
+#: The element types of stores that write scales: per group of columns, per token (Groups,
+#: TokenScales in csrc/epilogues.cuh).
 _GROUPS = "Groups<"
+_TOKEN_SCALES = "TokenScales<"
 #: Head sizes ``attnmerge build`` prepares by default (MLA and common attention heads).
 COMMON_HEAD_SIZES = (64, 80, 96, 128, 192, 256, 512)
 
 
 def _takes_scale_layout(config: KernelConfig | PartialsKernelConfig) -> bool:
     """Whether a kernel's parameters are followed by the scales' layout (its store writes
-    scales: Store::kWritesScales in csrc/epilogues.cuh)."""
-    return config.output_element.startswith(_GROUPS)
+    scales: Store::kWritesScales in csrc/epilogues.cuh): ScaleLayout, or for a token tile
+    TokenScaleLayout."""
+    return config.output_element.startswith((_GROUPS, _TOKEN_SCALES))
+
+
+def _block_threads(config: KernelConfig | PartialsKernelConfig) -> int:
+    """Threads a block of the kernel has: a token tile's ``team``, else BLOCK_THREADS."""
+    return config.team if config.whole_tokens else BLOCK_THREADS
+
+
+def _rows_per_block(config: KernelConfig | PartialsKernelConfig) -> int:
+    """Rows a block of a row-tiled kernel stores (a token tile: all of one token's)."""
+    if config.whole_tokens:
+        raise ValueError("a token-tile kernel stores one token a block, not a row count")
+    return BLOCK_THREADS // config.team
 
 
 @functools.cache
@@ -111,6 +137,7 @@ PARTIALS_PARAMS = ParamBlock(sources()["partials.cuh"], "PartialsParams")
 #: What follows either struct for a store that writes scales and for a kernel that reduces
 #: amax, in this order (WithOutputs in csrc/epilogues.cuh).
 SCALE_LAYOUT = ParamBlock(sources()["epilogues.cuh"], "ScaleLayout")
+TOKEN_SCALE_LAYOUT = ParamBlock(sources()["epilogues.cuh"], "TokenScaleLayout")
 AMAX_OUTPUT = ParamBlock(sources()["epilogues.cuh"], "AmaxOutput")
 
 
@@ -139,10 +166,12 @@ class KernelConfig(NamedTuple):
     epilogue: str  # the output format's store functor (OutputFormat.cuda_epilogue)
     output_element: str  # its element type (Groups<...> with a group store's options)
     vec: int  # elements per access
-    team: int  # threads per row
+    team: int  # threads per row; a token tile's threads per token (the block)
     write_lse: bool
     lse_base_2: bool
     amax: bool = False  # the format's amax output (a template argument only when set)
+    # a token tile: block b stores token b (a whole-token store, TOKEN_TILE_EPILOGUES)
+    whole_tokens: bool = False
 
     source = "merge.cuh"
     instance_macro = "ATTNMERGE_MERGE_INSTANCE"
@@ -152,10 +181,8 @@ class KernelConfig(NamedTuple):
         elements = ", ".join(f"attnmerge::{e}" for e in self.partial_elements)
         return f"{elements}, {_common_arguments(self)}"
 
-    @property
-    def rows_per_block(self) -> int:
-        return BLOCK_THREADS // self.team
-
+    rows_per_block = property(_rows_per_block)
+    block_threads = property(_block_threads)
     takes_scale_layout = property(_takes_scale_layout)
 
 
@@ -171,6 +198,7 @@ class PartialsKernelConfig(NamedTuple):
     write_lse: bool
     lse_base_2: bool
     amax: bool = False
+    whole_tokens: bool = False
 
     source = "partials.cuh"
     instance_macro = "ATTNMERGE_PARTIALS_INSTANCE"
@@ -179,10 +207,8 @@ class PartialsKernelConfig(NamedTuple):
     def template_arguments(self) -> str:
         return f"attnmerge::{self.partial_element}, {_common_arguments(self)}"
 
-    @property
-    def rows_per_block(self) -> int:
-        return BLOCK_THREADS // self.team
-
+    rows_per_block = property(_rows_per_block)
+    block_threads = property(_block_threads)
     takes_scale_layout = property(_takes_scale_layout)
 
 
@@ -195,7 +221,23 @@ def _output_element(output_format: FormatKey) -> str:
         group_size, ue8m0, layout = output_format.options[:3]
         flags = f"{str(ue8m0).lower()}, {str(layout == _PACKED).lower()}"
         return f"{_GROUPS}attnmerge::{element}, {group_size}, {flags}>"
+    if output_format.kind is FP8PerToken:
+        bound = "scale_ub" in output_format.options
+        return f"{_TOKEN_SCALES}attnmerge::{element}, {str(bound).lower()}>"
     return element
+
+
+def whole_tokens(output_format: FormatKey) -> bool:
+    """Whether the format's store takes the token-tile kernels (a block a token)."""
+    return output_format.kind.cuda_epilogue in TOKEN_TILE_EPILOGUES
+
+
+def token_tile_threads(values: int) -> int:
+    """The token-tile block size for tokens of ``values`` (H * D) values."""
+    for threads in TOKEN_TILE_THREADS:
+        if threads * TOKEN_TILE_VALUES >= values:
+            return threads
+    return TOKEN_TILE_THREADS[-1]
 
 
 #: The scale layout of FP8PerTokenGroup whose scales are UE8M0 bytes, four to an int32.
@@ -246,7 +288,7 @@ def build_kernel(config: KernelConfig | PartialsKernelConfig, arch: str) -> byte
 def _kernel(device_index: int, config: KernelConfig | PartialsKernelConfig) -> driver.Kernel:
     arch = arch_of(torch.cuda.get_device_capability(device_index))
     cubin = build_kernel(config, arch)
-    return driver.load_kernel(cubin, config.kernel_name, device_index, BLOCK_THREADS)
+    return driver.load_kernel(cubin, config.kernel_name, device_index, config.block_threads)
 
 
 def _next_pow2(x: int) -> int:
@@ -261,18 +303,24 @@ def config_for(
     vec: int,
     write_lse: bool = False,
     lse_base_2: bool = False,
+    token_threads: int = 0,
 ) -> KernelConfig:
     """The kernel serving these partials, format and head size at vector width ``vec``:
-    teams just wide enough to cover the head size in one pass, at most a block."""
+    teams just wide enough to cover the head size in one pass, at most a block; for a
+    whole-token store a token tile of ``token_threads`` threads."""
+    tile = whole_tokens(output_format)
     return KernelConfig(
         partial_elements=(_ELEMENT[partial_dtypes[0]], _ELEMENT[partial_dtypes[1]]),
         epilogue=output_format.kind.cuda_epilogue,
         output_element=_output_element(output_format),
         vec=vec,
-        team=min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
+        team=(token_threads or TOKEN_TILE_THREADS[0])
+        if tile
+        else min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
         write_lse=write_lse,
         lse_base_2=lse_base_2,
         amax=_reduces_amax(output_format),
+        whole_tokens=tile,
     )
 
 
@@ -336,7 +384,29 @@ def partials_chunk_bytes(partial_size: int, out_size: int) -> int:
     return min(16, MAX_STORE_BYTES * partial_size // out_size)
 
 
+def _token_tile_configs(signature: CallSignature) -> list[KernelConfig]:
+    """Every token-tile kernel a signature can need: each block size, at the chunk width
+    and scalar (the head count and alignment are the call's)."""
+    widest = max(d.itemsize for d in signature.partial_dtypes)
+    vec = vector_width(signature.head_size, widest, TOKEN_TILE_CHUNK_BYTES)
+    return [
+        config_for(
+            signature.partial_dtypes,
+            signature.output_format,
+            signature.head_size,
+            v,
+            signature.write_lse,
+            signature.lse_base_2,
+            threads,
+        )
+        for v in dict.fromkeys((vec, 1))
+        for threads in TOKEN_TILE_THREADS
+    ]
+
+
 def _configs_of(signature: CallSignature) -> list[KernelConfig | PartialsKernelConfig]:
+    if whole_tokens(signature.output_format) and signature.layout is PartialLayout.SEPARATE:
+        return _token_tile_configs(signature)
     if signature.layout is not PartialLayout.SEPARATE:
         (dtype,) = signature.partial_dtypes
         chunk = partials_chunk_bytes(dtype.itemsize, signature.output_dtype.itemsize)
@@ -560,12 +630,17 @@ def _scale_layout(call: MergeCall, head_major: bool = False) -> dict[str, int]:
     }
 
 
-def _with_outputs(params: bytes, scale_layout: dict[str, int] | None, amax: int | None) -> bytes:
+def _with_outputs(
+    params: bytes, scale_layout: dict[str, int] | bytes | None, amax: int | None
+) -> bytes:
     """WithOutputs<Params, ...> (csrc/epilogues.cuh): the packed ``params``, then the
-    scales' layout where given, then the amax output's address where given, each at its
-    C alignment, the whole padded to the 8-byte alignment of the struct's pointers."""
+    scales' layout where given (ScaleLayout's fields, or a packed TokenScaleLayout), then
+    the amax output's address where given, each at its C alignment, the whole padded to
+    the 8-byte alignment of the struct's pointers."""
     block = params
-    if scale_layout is not None:
+    if isinstance(scale_layout, bytes):  # TokenScaleLayout: a pointer first
+        block += bytes(-len(block) % 8) + scale_layout
+    elif scale_layout is not None:
         block += SCALE_LAYOUT.pack(**scale_layout)
     if amax is not None:
         block += bytes(-len(block) % 8) + AMAX_OUTPUT.pack(amax=amax)
@@ -592,7 +667,11 @@ def launch_arguments(
     size0, size1 = partial0.itemsize, partial1.itemsize
     widest = max(size0, size1)
     write_lse = output_lse is not None
-    if chunk_bytes is None:
+    signature = call.signature
+    tile = whole_tokens(signature.output_format)
+    if tile:  # a block a token, token-major (store_token in csrc/merge.cuh)
+        chunk_bytes, head_major = TOKEN_TILE_CHUNK_BYTES, False
+    elif chunk_bytes is None:
         chunk_bytes = chunk_bytes_for(num_rows, widest, output.itemsize, write_lse)
     vec = vector_width(head_size, widest, chunk_bytes)
     if vec > 1 and not (
@@ -601,7 +680,6 @@ def launch_arguments(
         and _aligned(ptr1, st1, size1, vec)
     ):
         vec = 1  # scalar accesses for misaligned rows
-    signature = call.signature
     config = config_for(
         signature.partial_dtypes,
         signature.output_format,
@@ -609,6 +687,7 @@ def launch_arguments(
         vec,
         write_lse,
         signature.lse_base_2,
+        token_tile_threads(num_heads * head_size) if tile else 0,
     )
     kernel = _kernel(output.device.index, config)
     lse_out = output_lse if write_lse else lse1  # not written then
@@ -632,7 +711,12 @@ def launch_arguments(
     else:
         inner, (multiplier, shift) = num_heads, head_divisor(num_heads)
         o, i = 0, 1
-    scale_layout = _scale_layout(call, head_major) if config.takes_scale_layout else None
+    if tile:
+        scale_layout = _token_scale_layout(call)
+    elif config.takes_scale_layout:
+        scale_layout = _scale_layout(call, head_major)
+    else:
+        scale_layout = None
     operand = call.output_format.kernel_operand()
     try:
         params = PARAMS.pack(
@@ -676,7 +760,25 @@ def launch_arguments(
     if scale_layout is not None or config.amax:
         amax = call.output_format.amax.data_ptr() if config.amax else None
         params = _with_outputs(params, scale_layout, amax)
-    return Launch(kernel, -(-num_rows // config.rows_per_block), params)
+    grid = num_tokens if tile else -(-num_rows // config.rows_per_block)
+    return Launch(kernel, grid, params)
+
+
+def _token_scale_layout(call: MergeCall) -> bytes:
+    """The packed TokenScaleLayout (csrc/epilogues.cuh) of a per-token store: the scale
+    bound's address (0 without) and the scales' stride along tokens (0 for one token)."""
+    output_format = call.output_format
+    scales = output_format.kernel_operand()
+    stride = scales.stride(0) if scales.shape[0] > 1 else 0
+    if stride >= _MAX_STRIDE:
+        raise ValueError(
+            f"cuda backend: scales has strides {tuple(scales.stride())}, and the kernel takes "
+            f"a token stride below 2^32 elements (backend='triton' takes any)"
+        )
+    bound = output_format.scale_ub
+    return TOKEN_SCALE_LAYOUT.pack(
+        scale_ub=0 if bound is None else bound.data_ptr(), scale_stride_token=stride
+    )
 
 
 def _zero_size_one(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:

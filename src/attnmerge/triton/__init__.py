@@ -20,6 +20,9 @@ __all__ = ["BACKEND", "interpreting", "load"]
 
 # Triton's fp8e4nv type (the FP8 stores) exists from sm_89 on.
 _FP8_MIN_CAPABILITY = (8, 9)
+# Epilogues written for token tiles (a program holds every head of a token): the formats
+# with whole_token_tiles the kernels store (merge_kernel.token_tiles).
+_TOKEN_TILE_EPILOGUES = frozenset({"fp8_token"})
 
 
 def interpreting() -> bool:
@@ -64,7 +67,8 @@ class TritonBackend:
             return reason
         if signature.layout is PartialLayout.SEPARATE and signature.num_partials != 2:
             return f"it merges 2 separate partials, or stacked ones, not {signature.num_partials}"
-        if signature.output_format.kind.whole_token_tiles:
+        kind = signature.output_format.kind
+        if kind.whole_token_tiles and kind.triton_epilogue not in _TOKEN_TILE_EPILOGUES:
             return "its programs tile by rows, and this output format needs whole tokens"
         fp8 = signature.output_dtype == torch.float8_e4m3fn
         if fp8 and device.type == "cuda" and not interpreting():

@@ -2,16 +2,21 @@
 
 An epilogue turns a tile of merged float32 values into the values the kernel stores::
 
-    values = epilogue(acc, operand_ptr, tok, head, row_ok, num_tokens, stride_t, stride_g,
-                      NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED)
+    values = epilogue(acc, operand_ptr, scale_ub_ptr, token_amax, tok, head, row_ok,
+                      num_tokens, stride_t, stride_g, NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP,
+                      UE8M0, UE8M0_PACKED, SCALE_UB)
 
 ``acc`` is ``[rows, BLOCK_D]`` (columns past ``HEAD_SIZE`` are not stored), ``tok`` and
 ``head`` the rows' token and head (``head`` may be one head for all rows), ``row_ok``
 which rows exist, ``num_tokens`` the call's token count ``T``; ``operand_ptr`` is the
 format's device tensor (:meth:`attnmerge.formats.OutputFormat.kernel_operand`; unused
-without one), ``stride_t`` and ``stride_g`` the element strides of the scales it writes
+without one), ``scale_ub_ptr`` the format's ``scale_ub`` (read only with the compile-time
+``SCALE_UB``), ``stride_t`` and ``stride_g`` the element strides of the scales it writes
 (:meth:`~attnmerge.formats.OutputFormat.epilogue_strides`), ``GROUP``, ``UE8M0`` and
-``UE8M0_PACKED`` its compile-time options (``merge_kernel.format_constexprs``). The kernel
+``UE8M0_PACKED`` its compile-time options (``merge_kernel.format_constexprs``).
+In token tiles (formats with ``whole_token_tiles``: every row of the tile is one token's,
+its heads in order) ``token_amax`` is ``max |O|`` over all of that token's heads (NaN where
+any is NaN); elsewhere it is 0 and unused. The kernel
 converts the values to the output's element type (round to nearest even; FP8 saturating,
 NaN kept) and stores them. It receives the function as a compile-time argument and
 inlines it.
@@ -25,31 +30,39 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..formats import FP8_E4M3_MAX, FP8_GROUP_EPS
+from ..formats import FP8_E4M3_MAX, FP8_GROUP_EPS, FP8_MIN_TOKEN_SCALE
 
 # Globals a @triton.jit function reads must be constexpr objects (compiled code only:
 # the interpreter reads any global).
 _FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
 _GROUP_EPS = tl.constexpr(FP8_GROUP_EPS)
+_MIN_TOKEN_SCALE = tl.constexpr(FP8_MIN_TOKEN_SCALE)
 
 
 @triton.jit
-def reduce_amax(acc, ok, amax_ptr):
-    # max |O| of the tile where ok, into the float32 at amax_ptr (passed as int32).
+def absmax_bits(acc, ok):
+    # The bits of max |O| over the tile where ok (0 where nothing is), NaN 0x7FC00000.
     # |x| exactly: the bits with the sign bit cleared.
     bits = acc.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     # Every NaN becomes 0x7FC00000, the contract's NaN, whose bits order above +inf's.
     bits = tl.where(bits > 0x7F800000, 0x7FC00000, bits)
     # Non-negative floats order like their bits: an integer maximum over the tile.
-    bits = tl.max(tl.max(tl.where(ok, bits, 0), axis=1), axis=0)
+    return tl.max(tl.max(tl.where(ok, bits, 0), axis=1), axis=0)
+
+
+@triton.jit
+def reduce_amax(acc, ok, amax_ptr):
+    # max |O| of the tile where ok, into the float32 at amax_ptr (passed as int32).
     # One atomic per program, relaxed: a maximum needs no order (the launch path zeroed it).
-    tl.atomic_max(amax_ptr, bits, sem="relaxed")
+    tl.atomic_max(amax_ptr, absmax_bits(acc, ok), sem="relaxed")
 
 
 @triton.jit
 def plain(
     acc,
     operand_ptr,
+    scale_ub_ptr,
+    token_amax,
     tok,
     head,
     row_ok,
@@ -62,6 +75,7 @@ def plain(
     GROUP,
     UE8M0,
     UE8M0_PACKED,
+    SCALE_UB,
 ):
     return acc
 
@@ -70,6 +84,8 @@ def plain(
 def fp8_static(
     acc,
     scale_ptr,
+    scale_ub_ptr,
+    token_amax,
     tok,
     head,
     row_ok,
@@ -82,6 +98,7 @@ def fp8_static(
     GROUP,
     UE8M0,
     UE8M0_PACKED,
+    SCALE_UB,
 ):
     # The reciprocal is an IEEE division, as in vLLM's static quantisation. The conversion
     # that follows saturates to +-448 and keeps NaN (cvt.rn.satfinite on sm_89+; torch's
@@ -136,6 +153,8 @@ def _store_ue8m0_packed(
 def fp8_group(
     acc,
     scales_ptr,
+    scale_ub_ptr,
+    token_amax,
     tok,
     head,
     row_ok,
@@ -148,6 +167,7 @@ def fp8_group(
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
     UE8M0_PACKED: tl.constexpr,
+    SCALE_UB: tl.constexpr,
 ):
     # Per-token-group FP8 (FP8PerTokenGroup, groups within a head): per group of GROUP
     # columns, s = max(amax, eps) / 448 (IEEE division), with UE8M0 rounded up to a power
@@ -189,3 +209,41 @@ def fp8_group(
     else:
         tl.store(scales_ptr + tok[:, None] * stride_t + group * stride_g, scale, mask=stored)
     return tl.reshape(x * inv_scale[:, :, None], (ROWS, BLOCK_D))
+
+
+@triton.jit
+def fp8_token(
+    acc,
+    scales_ptr,
+    scale_ub_ptr,
+    token_amax,
+    tok,
+    head,
+    row_ok,
+    num_tokens,
+    stride_t,
+    stride_g,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    UE8M0_PACKED: tl.constexpr,
+    SCALE_UB: tl.constexpr,
+):
+    # Per-token FP8 (FP8PerToken), in token tiles: every row is token tok's, and
+    # token_amax is max |O| over all its heads (NaN where any is NaN).
+    a = token_amax
+    if SCALE_UB:
+        # The bound clamps the absmax, not the scale; a NaN on either side stays NaN.
+        bound = tl.load(scale_ub_ptr).to(tl.float32)
+        a = tl.minimum(a, bound, propagate_nan=tl.PropagateNan.ALL)
+    # IEEE division, then the floor 1 / (448 * 512) (NaN kept, as torch.clamp keeps it).
+    scale = tl.math.div_rn(a, tl.full([], _FP8_MAX, tl.float32))
+    scale = tl.maximum(scale, _MIN_TOKEN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+    # One store per token: the row of its head 0.
+    ROWS: tl.constexpr = acc.shape[0]
+    stored = row_ok & (head == 0)
+    tl.store(scales_ptr + tok * stride_t, tl.full([ROWS], 0.0, tl.float32) + scale, mask=stored)
+    # A division per element, as vLLM's per-token quantiser divides (no reciprocal).
+    return tl.math.div_rn(acc, tl.zeros_like(acc) + scale)

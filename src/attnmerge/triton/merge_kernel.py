@@ -2,11 +2,13 @@
 
 One program handles ``BLOCK_ROWS`` (token, head) rows as a ``[BLOCK_ROWS, BLOCK_D]`` tile:
 consecutive rows, or, for some calls that write the output LSE, consecutive tokens of one
-head (:func:`head_major_programs`). The output format's epilogue (:mod:`.epilogues`) is a
-compile-time argument. Only per-model values are compile-time constants (head count,
-head size, dtypes, flags); token counts and the first partial's token count are run-time
-values Triton does not specialise on, so a new batch size never triggers a recompile
-beyond the few tile instances the grid size picks among. Tile choices and their
+head (:func:`head_major_programs`); for a format with ``whole_token_tiles`` (per-token
+scales), all heads of one token, in chunks where they exceed a tile (:func:`token_tiles`).
+The output format's epilogue (:mod:`.epilogues`) is a compile-time argument. Only
+per-model values are compile-time constants (head count, head size, dtypes, flags); token
+counts and the first partial's token count are run-time values Triton does not specialise
+on, so a new batch size never triggers a recompile beyond the few tile instances the grid
+size picks among. Tile choices and their
 measurements: docs/triton-kernel.md.
 """
 
@@ -24,6 +26,8 @@ from ..formats import OutputFormat
 from . import epilogues, interpreting
 
 __all__ = [
+    "ROW_OPTIONS",
+    "TOKEN_TILE_ELEMENTS",
     "TritonLaunch",
     "amax_pointer",
     "block_rows_for",
@@ -36,6 +40,9 @@ __all__ = [
     "launch_arguments",
     "run",
     "runner_plan",
+    "scale_ub_pointer",
+    "store_without_values",
+    "token_tiles",
     "zero_amax",
 ]
 
@@ -51,6 +58,15 @@ _NUM_WARPS = 4
 # kernel into 32 registers with two memory latencies in a row (docs/triton-kernel.md);
 # tests/test_ptx.py checks the order in the machine code.
 _MAX_REGISTERS = 64
+#: Launch options of row tiles.
+ROW_OPTIONS = {"num_warps": _NUM_WARPS, "maxnreg": _MAX_REGISTERS}
+
+# Token tiles (formats with whole_token_tiles): at most this many elements (BLOCK_H *
+# BLOCK_D, padded) per pass, 32 float32 values per thread at 16 warps; wider tokens take
+# several chunks of heads and two passes (docs/triton-kernel.md).
+TOKEN_TILE_ELEMENTS = 16384
+# Elements per thread that pick a token tile's warps (4 to 16).
+_TOKEN_TILE_PER_THREAD = 32
 
 
 @triton.jit
@@ -96,20 +112,16 @@ def _weights_of(e, total):
     return w_hi, w_lo
 
 
-@triton.jit(do_not_specialize=["num_rows", "tokens_with_first"])
-def _merge_two_kernel(
-    out_ptr,
-    out_lse_ptr,
+@triton.jit
+def _merge_two_rows(
+    tok,
+    head,
+    row_ok,
+    tokens_with_first,
     partial0_ptr,
     lse0_ptr,
     partial1_ptr,
     lse1_ptr,
-    operand_ptr,
-    amax_ptr,
-    num_rows,
-    tokens_with_first,
-    out_stride_t,
-    out_stride_h,
     partial0_stride_t,
     partial0_stride_h,
     partial1_stride_t,
@@ -118,43 +130,15 @@ def _merge_two_kernel(
     lse0_stride_t,
     lse1_stride_h,
     lse1_stride_t,
-    out_lse_stride_h,
-    out_lse_stride_t,
-    scales_stride_t,
-    scales_stride_g,
-    NUM_HEADS: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    cols,
+    col_ok,
     LSE_BASE_2: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
-    EPILOGUE: tl.constexpr,
-    GROUP: tl.constexpr,
-    UE8M0: tl.constexpr,
-    UE8M0_PACKED: tl.constexpr,
-    AMAX: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr,
 ):
+    # The merged float32 tile of rows (tok, head) where row_ok, and what the output LSE
+    # needs: (acc, m, total, empty, has_first, l1_given).
     NEG_INF: tl.constexpr = float("-inf")
-    if HEAD_MAJOR:
-        # Programs over (token block, head); num_rows holds the token count.
-        tokens = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = tokens < num_rows
-        tok = tokens.to(tl.int64)
-        head = tl.program_id(1).to(tl.int64)
-        num_tokens = num_rows
-    else:
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < num_rows
-        # A compile-time head count makes // and % a multiply and shift, not a division.
-        tok = (rows // NUM_HEADS).to(tl.int64)
-        head = (rows % NUM_HEADS).to(tl.int64)
-        num_tokens = num_rows // NUM_HEADS
     # Tokens at or past tokens_with_first have no first partial: nothing of it is read.
     has_first = row_ok & (tok < tokens_with_first)
-
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < HEAD_SIZE
     # All four loads are issued before any math, so their latencies overlap.
     l0 = tl.load(
         lse0_ptr + head * lse0_stride_h + tok * lse0_stride_t, mask=has_first, other=NEG_INF
@@ -195,28 +179,36 @@ def _merge_two_kernel(
     acc = tl.where(w0[:, None] != 0, w0[:, None] * o0, 0.0) + tl.where(
         w1[:, None] != 0, w1[:, None] * o1, 0.0
     )
-    if AMAX:
-        epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
-    acc = EPILOGUE(
-        acc,
-        operand_ptr,
-        tok,
-        head,
-        row_ok,
-        num_tokens,
-        scales_stride_t,
-        scales_stride_g,
-        NUM_HEADS,
-        HEAD_SIZE,
-        BLOCK_D,
-        GROUP,
-        UE8M0,
-        UE8M0_PACKED,
-    )
+    return acc, m, total, empty, has_first, l1_given
+
+
+@triton.jit
+def _store_two_rows(
+    out_ptr,
+    out_lse_ptr,
+    values,
+    m,
+    total,
+    empty,
+    has_first,
+    l1_given,
+    tok,
+    head,
+    row_ok,
+    cols,
+    col_ok,
+    out_stride_t,
+    out_stride_h,
+    out_lse_stride_h,
+    out_lse_stride_t,
+    LSE_BASE_2: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    # Store the epilogue's values of the rows, and their output LSEs with WRITE_LSE.
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
     tl.store(
         o_row[:, None] + cols[None, :],
-        acc.to(out_ptr.dtype.element_ty),
+        values.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
     if WRITE_LSE:
@@ -228,9 +220,158 @@ def _merge_two_kernel(
             lse = m + tl.log2(total)
         else:
             lse = m + tl.log(total)
-        lse = tl.where(empty, NEG_INF, lse)
+        lse = tl.where(empty, float("-inf"), lse)
         lse = tl.where(has_first, lse, l1_given + 0.0)  # the second's LSE as given
         tl.store(out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["num_rows", "tokens_with_first"])
+def _merge_two_kernel(
+    out_ptr,
+    out_lse_ptr,
+    partial0_ptr,
+    lse0_ptr,
+    partial1_ptr,
+    lse1_ptr,
+    operand_ptr,
+    amax_ptr,
+    scale_ub_ptr,
+    num_rows,
+    tokens_with_first,
+    out_stride_t,
+    out_stride_h,
+    partial0_stride_t,
+    partial0_stride_h,
+    partial1_stride_t,
+    partial1_stride_h,
+    lse0_stride_h,
+    lse0_stride_t,
+    lse1_stride_h,
+    lse1_stride_t,
+    out_lse_stride_h,
+    out_lse_stride_t,
+    scales_stride_t,
+    scales_stride_g,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    LSE_BASE_2: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    UE8M0_PACKED: tl.constexpr,
+    SCALE_UB: tl.constexpr,
+    AMAX: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
+    TOKEN_CHUNKS: tl.constexpr,
+):
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_SIZE
+    if TOKEN_CHUNKS == 0:
+        if HEAD_MAJOR:
+            # Programs over (token block, head); num_rows holds the token count.
+            tokens = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ok = tokens < num_rows
+            tok = tokens.to(tl.int64)
+            head = tl.program_id(1).to(tl.int64)
+            num_tokens = num_rows
+        else:
+            rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < num_rows
+            # A compile-time head count makes // and % a multiply and shift, not a division.
+            tok = (rows // NUM_HEADS).to(tl.int64)
+            head = (rows % NUM_HEADS).to(tl.int64)
+            num_tokens = num_rows // NUM_HEADS
+        acc, m, total, empty, has_first, l1_given = _merge_two_rows(
+            tok, head, row_ok, tokens_with_first,
+            partial0_ptr, lse0_ptr, partial1_ptr, lse1_ptr,
+            partial0_stride_t, partial0_stride_h, partial1_stride_t, partial1_stride_h,
+            lse0_stride_h, lse0_stride_t, lse1_stride_h, lse1_stride_t,
+            cols, col_ok, LSE_BASE_2,
+        )  # fmt: skip
+        if AMAX:
+            epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
+        values = EPILOGUE(
+            acc, operand_ptr, scale_ub_ptr, 0.0, tok, head, row_ok, num_tokens,
+            scales_stride_t, scales_stride_g,
+            NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+        )  # fmt: skip
+        _store_two_rows(
+            out_ptr, out_lse_ptr, values, m, total, empty, has_first, l1_given,
+            tok, head, row_ok, cols, col_ok,
+            out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
+            LSE_BASE_2, WRITE_LSE,
+        )  # fmt: skip
+    else:
+        # Token tiles (formats with whole_token_tiles): program t holds token t's heads,
+        # BLOCK_ROWS at a time, in TOKEN_CHUNKS chunks.
+        tok = tl.zeros([BLOCK_ROWS], tl.int64) + tl.program_id(0)
+        num_tokens = num_rows // NUM_HEADS
+        if TOKEN_CHUNKS == 1:
+            head = tl.arange(0, BLOCK_ROWS).to(tl.int64)
+            row_ok = head < NUM_HEADS
+            acc, m, total, empty, has_first, l1_given = _merge_two_rows(
+                tok, head, row_ok, tokens_with_first,
+                partial0_ptr, lse0_ptr, partial1_ptr, lse1_ptr,
+                partial0_stride_t, partial0_stride_h, partial1_stride_t, partial1_stride_h,
+                lse0_stride_h, lse0_stride_t, lse1_stride_h, lse1_stride_t,
+                cols, col_ok, LSE_BASE_2,
+            )  # fmt: skip
+            bits = epilogues.absmax_bits(acc, row_ok[:, None] & col_ok[None, :])
+            if AMAX:
+                tl.atomic_max(amax_ptr, bits, sem="relaxed")
+            values = EPILOGUE(
+                acc, operand_ptr, scale_ub_ptr, bits.to(tl.float32, bitcast=True),
+                tok, head, row_ok, num_tokens, scales_stride_t, scales_stride_g,
+                NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+            )  # fmt: skip
+            _store_two_rows(
+                out_ptr, out_lse_ptr, values, m, total, empty, has_first, l1_given,
+                tok, head, row_ok, cols, col_ok,
+                out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
+                LSE_BASE_2, WRITE_LSE,
+            )  # fmt: skip
+        else:
+            # A token too wide for one tile: a first pass merges its chunks for the
+            # token's absmax only, a second merges them again (the same bits) and stores.
+            bits = tl.zeros([], tl.int32)
+            for c in range(0, TOKEN_CHUNKS):
+                head = (c * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+                row_ok = head < NUM_HEADS
+                acc, m, total, empty, has_first, l1_given = _merge_two_rows(
+                    tok, head, row_ok, tokens_with_first,
+                    partial0_ptr, lse0_ptr, partial1_ptr, lse1_ptr,
+                    partial0_stride_t, partial0_stride_h, partial1_stride_t, partial1_stride_h,
+                    lse0_stride_h, lse0_stride_t, lse1_stride_h, lse1_stride_t,
+                    cols, col_ok, LSE_BASE_2,
+                )  # fmt: skip
+                ok = row_ok[:, None] & col_ok[None, :]
+                bits = tl.maximum(bits, epilogues.absmax_bits(acc, ok))
+            if AMAX:
+                tl.atomic_max(amax_ptr, bits, sem="relaxed")
+            for c in range(0, TOKEN_CHUNKS):
+                head = (c * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+                row_ok = head < NUM_HEADS
+                acc, m, total, empty, has_first, l1_given = _merge_two_rows(
+                    tok, head, row_ok, tokens_with_first,
+                    partial0_ptr, lse0_ptr, partial1_ptr, lse1_ptr,
+                    partial0_stride_t, partial0_stride_h, partial1_stride_t, partial1_stride_h,
+                    lse0_stride_h, lse0_stride_t, lse1_stride_h, lse1_stride_t,
+                    cols, col_ok, LSE_BASE_2,
+                )  # fmt: skip
+                values = EPILOGUE(
+                    acc, operand_ptr, scale_ub_ptr, bits.to(tl.float32, bitcast=True),
+                    tok, head, row_ok, num_tokens, scales_stride_t, scales_stride_g,
+                    NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+                )  # fmt: skip
+                _store_two_rows(
+                    out_ptr, out_lse_ptr, values, m, total, empty, has_first, l1_given,
+                    tok, head, row_ok, cols, col_ok,
+                    out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
+                    LSE_BASE_2, WRITE_LSE,
+                )  # fmt: skip
 
 
 # Small grids take fewer rows per program, spreading them over more SMs: ((at most this
@@ -266,6 +407,19 @@ def head_major_programs(
         and 1 < num_heads <= _MAX_GRID_Y
         and partial_bytes <= HEAD_MAJOR_MAX_PARTIAL_BYTES
     )
+
+
+def token_tiles(num_heads: int, head_size: int) -> tuple[int, int, dict]:
+    """A token tile's heads per chunk (``BLOCK_H``, a power of two), its chunks per token
+    (``TOKEN_CHUNKS``) and its launch options: all heads in one ``[BLOCK_H, BLOCK_D]`` tile
+    up to ``TOKEN_TILE_ELEMENTS``, else chunks of that many elements; warps for
+    ``_TOKEN_TILE_PER_THREAD`` values per thread, 4 to 16; no register cap (the row
+    tiles' cap of 64 would spill these)."""
+    block_d = triton.next_power_of_2(head_size)
+    block_h = min(triton.next_power_of_2(num_heads), max(1, TOKEN_TILE_ELEMENTS // block_d))
+    warps = block_h * block_d // (32 * _TOKEN_TILE_PER_THREAD)
+    options = {"num_warps": min(16, max(4, triton.next_power_of_2(max(1, warps))))}
+    return block_h, triton.cdiv(num_heads, block_h), options
 
 
 def block_rows_for(head_size: int, itemsize: int, num_rows: int | None = None) -> int:
@@ -315,20 +469,41 @@ class TritonLaunch(NamedTuple):
     constexprs: tuple
     device_index: int | None
     tokens_with_first_at: int
+    #: Triton's launch options (warps, register cap)
+    options: dict = ROW_OPTIONS
 
 
 def format_constexprs(output_format: OutputFormat) -> tuple:
     """The kernels' compile-time arguments for ``output_format``: ``EPILOGUE``, then
     ``GROUP`` and ``UE8M0`` (its ``epilogue_constants``), ``UE8M0_PACKED`` (scales in the
-    ``"ue8m0_packed"`` layout) and ``AMAX`` (it writes ``amax``)."""
+    ``"ue8m0_packed"`` layout), ``SCALE_UB`` (it has a ``scale_ub``) and ``AMAX`` (it
+    writes ``amax``)."""
     group, ue8m0 = output_format.epilogue_constants()
     return (
         getattr(epilogues, output_format.triton_epilogue),
         group,
         ue8m0,
         getattr(output_format, "layout", None) == "ue8m0_packed",
+        getattr(output_format, "scale_ub", None) is not None,
         getattr(output_format, "amax", None) is not None,
     )
+
+
+def scale_ub_pointer(output_format: OutputFormat, fallback: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``scale_ub_ptr``: the format's ``scale_ub`` (read by its epilogue
+    with ``SCALE_UB``), else ``fallback``, which the kernel never touches."""
+    scale_ub = getattr(output_format, "scale_ub", None)
+    return fallback if scale_ub is None else scale_ub
+
+
+def store_without_values(call: MergeCall) -> None:
+    """A call with tokens but no values (``H = 0`` or ``D = 0``) launches nothing; the
+    format's extra outputs of such tokens (per-token scales: the smallest scale) are what
+    its reference store makes of them, written on the device."""
+    output = call.output
+    if output.shape[0] and not output.numel():
+        merged = torch.empty(output.shape, dtype=torch.float32, device=output.device)
+        call.output_format.store_reference(merged, output)
 
 
 def amax_pointer(output_format: OutputFormat, fallback: torch.Tensor) -> torch.Tensor:
@@ -353,12 +528,13 @@ def run(call: MergeCall, block_rows: int | None = None) -> None:
     zero_amax(call.output_format)
     launch_ = launch_arguments(call, block_rows)
     if launch_ is None:
+        store_without_values(call)
         return
     kernel, key, grid, args, constexprs = launch_[:5]
     if key is None:  # no compiled kernels to cache
-        kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
+        kernel[grid](*args, *constexprs, **launch_.options)
         return
-    launch(kernel, key, grid, args, constexprs, launch_.device_index)
+    launch(kernel, key, grid, args, constexprs, launch_.device_index, launch_.options)
 
 
 def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLaunch | None:
@@ -373,17 +549,23 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
     if num_rows > _MAX_ROWS:
         raise ValueError(f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
     itemsize = max(partial0.itemsize, partial1.itemsize)
-    rows_per_program = block_rows or block_rows_for(head_size, itemsize, num_rows)
     write_lse = output_lse is not None
     lse_out = output_lse if write_lse else lse1  # never written when WRITE_LSE=False
     out_lse_strides = lse_out.stride()
-    head_major = head_major_programs(
-        out_lse_strides[1] if write_lse else None,
-        num_tokens,
-        num_heads,
-        rows_per_program,
-        num_rows * head_size * itemsize,
-    )
+    token_chunks, options = 0, ROW_OPTIONS
+    if call.output_format.whole_token_tiles:
+        # Program t: token t's heads (its per-token scale needs them all).
+        rows_per_program, token_chunks, options = token_tiles(num_heads, head_size)
+        head_major = False
+    else:
+        rows_per_program = block_rows or block_rows_for(head_size, itemsize, num_rows)
+        head_major = head_major_programs(
+            out_lse_strides[1] if write_lse else None,
+            num_tokens,
+            num_heads,
+            rows_per_program,
+            num_rows * head_size * itemsize,
+        )
     operand = call.output_format.kernel_operand()
     pointers = (
         output,
@@ -394,6 +576,7 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
         lse1,
         lse1 if operand is None else operand,  # never read without an operand
         amax_pointer(call.output_format, lse1),
+        scale_ub_pointer(call.output_format, lse1),
     )
     strides = (
         *output.stride()[:2],
@@ -413,15 +596,21 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
         write_lse,
         *format_constexprs(call.output_format),
         head_major,
+        token_chunks,
     )
     # Head-major programs: the kernel's num_rows holds the token count.
     count = num_tokens if head_major else num_rows
-    grid = (triton.cdiv(count, rows_per_program), num_heads if head_major else 1, 1)
+    if token_chunks:
+        grid = (num_tokens, 1, 1)
+    else:
+        grid = (triton.cdiv(count, rows_per_program), num_heads if head_major else 1, 1)
     args = (*pointers, count, call.tokens_with_first, *strides)
     first_at = len(pointers) + 1
     device = output.device
     if device.type != "cuda" or _INTERPRETING:
-        return TritonLaunch(_merge_two_kernel, None, grid, args, constexprs, device.index, first_at)
+        return TritonLaunch(
+            _merge_two_kernel, None, grid, args, constexprs, device.index, first_at, options
+        )
 
     key = (
         _merge_two_kernel,
@@ -433,18 +622,29 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
         tuple(t.data_ptr() & 15 for t in pointers),
         tuple(int_class(x) for x in strides),
     )
-    return TritonLaunch(_merge_two_kernel, key, grid, args, constexprs, device.index, first_at)
+    return TritonLaunch(
+        _merge_two_kernel, key, grid, args, constexprs, device.index, first_at, options
+    )
 
 
-def launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int):
+def launch(
+    kernel,
+    key: tuple,
+    grid: tuple,
+    args: tuple,
+    constexprs: tuple,
+    device_index: int,
+    options: dict = ROW_OPTIONS,
+):
     """Launch ``kernel`` (a ``@triton.jit`` function) on ``device_index``'s current stream,
     its compiled specialisation cached under ``key`` (the kernel and everything its
-    specialisation depends on, as described above)."""
+    specialisation depends on, as described above; ``options``, Triton's launch options,
+    follow from its compile-time arguments)."""
     if torch.cuda.current_device() == device_index:
-        _launch(kernel, key, grid, args, constexprs, device_index)
+        _launch(kernel, key, grid, args, constexprs, device_index, options)
     else:  # Triton launches on the current device: make it the tensors' one
         with torch.cuda.device(device_index):
-            _launch(kernel, key, grid, args, constexprs, device_index)
+            _launch(kernel, key, grid, args, constexprs, device_index, options)
 
 
 def direct_runner(launch_: TritonLaunch):
@@ -458,9 +658,11 @@ def direct_runner(launch_: TritonLaunch):
 def runner_plan(key: bytes, call: MergeCall) -> tuple | None:
     """The eager launcher's plan for ``call`` (run_runner_plan in attnmerge/cuda/csrc/eager.c):
     ``(key, device index, runner, arguments, slots, first_at)``, the runner None where
-    there is nothing to launch; None while the kernel has no direct runner, and for a
-    format with ``amax``, which must be zeroed before each launch (:func:`run`)."""
-    if getattr(call.output_format, "amax", None) is not None:
+    there is nothing to launch; None while the kernel has no direct runner, for a format
+    with ``amax``, which must be zeroed before each launch (:func:`run`), and for one with
+    scales or ``scale_ub``, tensors the launcher's call does not pass."""
+    fmt = call.output_format
+    if any(getattr(fmt, name, None) is not None for name in ("amax", "scales", "scale_ub")):
         return None
     launch_ = launch_arguments(call)
     if launch_ is None:
@@ -481,7 +683,9 @@ def runner_plan(key: bytes, call: MergeCall) -> tuple | None:
     return (key, device, runner, arguments, tuple(slots), launch_.tokens_with_first_at)
 
 
-def _launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int):
+def _launch(
+    kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, device_index: int, options
+):
     global _direct_launch
     compiled = _compiled.get(key)
     if compiled is not None and _direct_launch is not False:
@@ -503,4 +707,4 @@ def _launch(kernel, key: tuple, grid: tuple, args: tuple, constexprs: tuple, dev
                 e,
             )
     # Triton's own path: compiles (or finds) the kernel, then launches it.
-    _compiled[key] = kernel[grid](*args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
+    _compiled[key] = kernel[grid](*args, *constexprs, **options)

@@ -3,9 +3,10 @@
 One program handles ``BLOCK_ROWS`` consecutive (token, head) rows as a
 ``[BLOCK_ROWS, BLOCK_D]`` tile and folds the partials into it in order: a first pass
 over the LSEs finds the running maximum, a second sums the exponentials, a third adds
-each weighted partial row into a float32 accumulator. The weights are C1's formula for
-any K (docs/contract.md): ``exp(l_k - m)`` over the in-order sum, an IEEE division, so
-two partials give the bits of the two-way kernel. The output format's epilogue
+each weighted partial row into a float32 accumulator (a format with ``whole_token_tiles``:
+a program holds all heads of one token, as in :mod:`.merge_kernel`). The weights are C1's
+formula for any K (docs/contract.md): ``exp(l_k - m)`` over the in-order sum, an IEEE
+division, so two partials give the bits of the two-way kernel. The output format's epilogue
 (:mod:`.epilogues`) is a compile-time argument; K, the token count and the packed row
 count are run-time values.
 """
@@ -18,13 +19,15 @@ import triton.language as tl
 from ..call import MergeCall, PartialLayout
 from . import epilogues
 from .merge_kernel import (
-    _MAX_REGISTERS,
-    _NUM_WARPS,
+    ROW_OPTIONS,
     amax_pointer,
     exp_in_base,
     format_constexprs,
     int_class,
     launch,
+    scale_ub_pointer,
+    store_without_values,
+    token_tiles,
     zero_amax,
 )
 
@@ -81,51 +84,32 @@ def _add_term(acc, w, x, present):
     return tl.where(present[:, None], acc + term, acc)
 
 
-@triton.jit(do_not_specialize=["num_rows", "num_partials", "num_packed", "tokens_with_first"])
-def _merge_partials_kernel(
-    out_ptr,
-    out_lse_ptr,
-    partials_ptr,
-    lses_ptr,
-    indptr_ptr,
-    operand_ptr,
-    amax_ptr,
-    num_rows,
+@triton.jit
+def _merge_partial_rows(
+    tok,
+    head,
+    row_ok,
     num_partials,
     num_packed,
     tokens_with_first,
-    out_stride_t,
-    out_stride_h,
+    partials_ptr,
+    lses_ptr,
+    indptr_ptr,
     partial_stride_k,
     partial_stride_t,
     partial_stride_h,
     lse_stride_k,
     lse_stride_h,
     lse_stride_t,
-    out_lse_stride_h,
-    out_lse_stride_t,
-    scales_stride_t,
-    scales_stride_g,
-    NUM_HEADS: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    cols,
+    col_ok,
     BLOCK_ROWS: tl.constexpr,
     LSE_BASE_2: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
-    EPILOGUE: tl.constexpr,
-    GROUP: tl.constexpr,
-    UE8M0: tl.constexpr,
-    UE8M0_PACKED: tl.constexpr,
-    AMAX: tl.constexpr,
     PACKED: tl.constexpr,
 ):
+    # The merged float32 tile of rows (tok, head) where row_ok, and what the output LSE
+    # needs: (acc, m, total, empty).
     NEG_INF: tl.constexpr = float("-inf")
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < num_rows
-    tok = (rows // NUM_HEADS).to(tl.int64)
-    head = (rows % NUM_HEADS).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < HEAD_SIZE
     if PACKED:
         # Token t's partials are the packed rows [indptr[t], indptr[t + 1]), clamped into
         # [0, num_packed] so that no bad indptr makes the kernel read outside them.
@@ -252,28 +236,34 @@ def _merge_partials_kernel(
         acc = _add_term(acc, w3, x3, k + 3 < count)
     # A row without partials (packed) is 0, as in the reference.
     acc = tl.where(empty[:, None], 0.0, acc)
-    if AMAX:
-        epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
-    acc = EPILOGUE(
-        acc,
-        operand_ptr,
-        tok,
-        head,
-        row_ok,
-        num_rows // NUM_HEADS,
-        scales_stride_t,
-        scales_stride_g,
-        NUM_HEADS,
-        HEAD_SIZE,
-        BLOCK_D,
-        GROUP,
-        UE8M0,
-        UE8M0_PACKED,
-    )
+    return acc, m, total, empty
+
+
+@triton.jit
+def _store_partial_rows(
+    out_ptr,
+    out_lse_ptr,
+    values,
+    m,
+    total,
+    empty,
+    tok,
+    head,
+    row_ok,
+    cols,
+    col_ok,
+    out_stride_t,
+    out_stride_h,
+    out_lse_stride_h,
+    out_lse_stride_t,
+    LSE_BASE_2: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    # Store the epilogue's values of the rows, and their output LSEs with WRITE_LSE.
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
     tl.store(
         o_row[:, None] + cols[None, :],
-        acc.to(out_ptr.dtype.element_ty),
+        values.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
     if WRITE_LSE:
@@ -283,10 +273,145 @@ def _merge_partials_kernel(
             lse_out = m + tl.log2(total)
         else:
             lse_out = m + tl.log(total)
-        lse_out = tl.where(empty, NEG_INF, lse_out)
+        lse_out = tl.where(empty, float("-inf"), lse_out)
         tl.store(
             out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse_out, mask=row_ok
         )
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_partials", "num_packed", "tokens_with_first"])
+def _merge_partials_kernel(
+    out_ptr,
+    out_lse_ptr,
+    partials_ptr,
+    lses_ptr,
+    indptr_ptr,
+    operand_ptr,
+    amax_ptr,
+    scale_ub_ptr,
+    num_rows,
+    num_partials,
+    num_packed,
+    tokens_with_first,
+    out_stride_t,
+    out_stride_h,
+    partial_stride_k,
+    partial_stride_t,
+    partial_stride_h,
+    lse_stride_k,
+    lse_stride_h,
+    lse_stride_t,
+    out_lse_stride_h,
+    out_lse_stride_t,
+    scales_stride_t,
+    scales_stride_g,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    LSE_BASE_2: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    UE8M0_PACKED: tl.constexpr,
+    SCALE_UB: tl.constexpr,
+    AMAX: tl.constexpr,
+    PACKED: tl.constexpr,
+    TOKEN_CHUNKS: tl.constexpr,
+):
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_SIZE
+    num_tokens = num_rows // NUM_HEADS
+    if TOKEN_CHUNKS == 0:
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < num_rows
+        tok = (rows // NUM_HEADS).to(tl.int64)
+        head = (rows % NUM_HEADS).to(tl.int64)
+        acc, m, total, empty = _merge_partial_rows(
+            tok, head, row_ok, num_partials, num_packed, tokens_with_first,
+            partials_ptr, lses_ptr, indptr_ptr,
+            partial_stride_k, partial_stride_t, partial_stride_h,
+            lse_stride_k, lse_stride_h, lse_stride_t,
+            cols, col_ok, BLOCK_ROWS, LSE_BASE_2, PACKED,
+        )  # fmt: skip
+        if AMAX:
+            epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
+        values = EPILOGUE(
+            acc, operand_ptr, scale_ub_ptr, 0.0, tok, head, row_ok, num_tokens,
+            scales_stride_t, scales_stride_g,
+            NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+        )  # fmt: skip
+        _store_partial_rows(
+            out_ptr, out_lse_ptr, values, m, total, empty, tok, head, row_ok, cols, col_ok,
+            out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
+            LSE_BASE_2, WRITE_LSE,
+        )  # fmt: skip
+    else:
+        # Token tiles (formats with whole_token_tiles): program t holds token t's heads,
+        # BLOCK_ROWS at a time, in TOKEN_CHUNKS chunks.
+        tok = tl.zeros([BLOCK_ROWS], tl.int64) + tl.program_id(0)
+        if TOKEN_CHUNKS == 1:
+            head = tl.arange(0, BLOCK_ROWS).to(tl.int64)
+            row_ok = head < NUM_HEADS
+            acc, m, total, empty = _merge_partial_rows(
+                tok, head, row_ok, num_partials, num_packed, tokens_with_first,
+                partials_ptr, lses_ptr, indptr_ptr,
+                partial_stride_k, partial_stride_t, partial_stride_h,
+                lse_stride_k, lse_stride_h, lse_stride_t,
+                cols, col_ok, BLOCK_ROWS, LSE_BASE_2, PACKED,
+            )  # fmt: skip
+            bits = epilogues.absmax_bits(acc, row_ok[:, None] & col_ok[None, :])
+            if AMAX:
+                tl.atomic_max(amax_ptr, bits, sem="relaxed")
+            values = EPILOGUE(
+                acc, operand_ptr, scale_ub_ptr, bits.to(tl.float32, bitcast=True),
+                tok, head, row_ok, num_tokens, scales_stride_t, scales_stride_g,
+                NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+            )  # fmt: skip
+            _store_partial_rows(
+                out_ptr, out_lse_ptr, values, m, total, empty, tok, head, row_ok, cols, col_ok,
+                out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
+                LSE_BASE_2, WRITE_LSE,
+            )  # fmt: skip
+        else:
+            # A token too wide for one tile: a first pass merges its chunks for the
+            # token's absmax only, a second merges them again (the same bits) and stores.
+            bits = tl.zeros([], tl.int32)
+            for c in range(0, TOKEN_CHUNKS):
+                head = (c * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+                row_ok = head < NUM_HEADS
+                acc, m, total, empty = _merge_partial_rows(
+                    tok, head, row_ok, num_partials, num_packed, tokens_with_first,
+                    partials_ptr, lses_ptr, indptr_ptr,
+                    partial_stride_k, partial_stride_t, partial_stride_h,
+                    lse_stride_k, lse_stride_h, lse_stride_t,
+                    cols, col_ok, BLOCK_ROWS, LSE_BASE_2, PACKED,
+                )  # fmt: skip
+                ok = row_ok[:, None] & col_ok[None, :]
+                bits = tl.maximum(bits, epilogues.absmax_bits(acc, ok))
+            if AMAX:
+                tl.atomic_max(amax_ptr, bits, sem="relaxed")
+            for c in range(0, TOKEN_CHUNKS):
+                head = (c * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+                row_ok = head < NUM_HEADS
+                acc, m, total, empty = _merge_partial_rows(
+                    tok, head, row_ok, num_partials, num_packed, tokens_with_first,
+                    partials_ptr, lses_ptr, indptr_ptr,
+                    partial_stride_k, partial_stride_t, partial_stride_h,
+                    lse_stride_k, lse_stride_h, lse_stride_t,
+                    cols, col_ok, BLOCK_ROWS, LSE_BASE_2, PACKED,
+                )  # fmt: skip
+                values = EPILOGUE(
+                    acc, operand_ptr, scale_ub_ptr, bits.to(tl.float32, bitcast=True),
+                    tok, head, row_ok, num_tokens, scales_stride_t, scales_stride_g,
+                    NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+                )  # fmt: skip
+                _store_partial_rows(
+                    out_ptr, out_lse_ptr, values, m, total, empty, tok, head, row_ok,
+                    cols, col_ok, out_stride_t, out_stride_h, out_lse_stride_h,
+                    out_lse_stride_t, LSE_BASE_2, WRITE_LSE,
+                )  # fmt: skip
 
 
 def run(call: MergeCall) -> None:
@@ -297,12 +422,18 @@ def run(call: MergeCall) -> None:
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0 or head_size == 0:
+        store_without_values(call)
         return
     if num_rows > _MAX_ROWS:
         raise ValueError(f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
     packed = call.signature.layout is PartialLayout.PACKED
     block_d = triton.next_power_of_2(head_size)
-    rows_per_program = max(1, _TILE_BYTES // (block_d * partials.itemsize))
+    token_chunks, options = 0, ROW_OPTIONS
+    if call.output_format.whole_token_tiles:
+        # Program t: token t's heads (its per-token scale needs them all).
+        rows_per_program, token_chunks, options = token_tiles(num_heads, head_size)
+    else:
+        rows_per_program = max(1, _TILE_BYTES // (block_d * partials.itemsize))
     write_lse = output_lse is not None
     lse_out = output_lse if write_lse else lses  # never written when WRITE_LSE=False
     operand = call.output_format.kernel_operand()
@@ -323,6 +454,7 @@ def run(call: MergeCall) -> None:
         call.indptr if packed else lses,  # never read unless packed
         lses if operand is None else operand,  # never read without an operand
         amax_pointer(call.output_format, lses),
+        scale_ub_pointer(call.output_format, lses),
     )
     out_lse_strides = output_lse.stride() if write_lse else (0, 0)
     strides = (
@@ -341,15 +473,14 @@ def run(call: MergeCall) -> None:
         write_lse,
         *format_constexprs(call.output_format),
         packed,
+        token_chunks,
     )
-    grid = (triton.cdiv(num_rows, rows_per_program), 1, 1)
+    grid = (num_tokens if token_chunks else triton.cdiv(num_rows, rows_per_program), 1, 1)
     sizes = (num_rows, num_partials, num_packed, call.tokens_with_first)
     args = (*pointers, *sizes, *strides)
     device = output.device
     if device.type != "cuda":  # the interpreter: no compiled kernels to cache
-        _merge_partials_kernel[grid](
-            *args, *constexprs, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS
-        )
+        _merge_partials_kernel[grid](*args, *constexprs, **options)
         return
     key = (
         _merge_partials_kernel,
@@ -361,4 +492,4 @@ def run(call: MergeCall) -> None:
         tuple(t.data_ptr() & 15 for t in pointers),
         tuple(int_class(x) for x in strides),
     )
-    launch(_merge_partials_kernel, key, grid, args, constexprs, device.index)
+    launch(_merge_partials_kernel, key, grid, args, constexprs, device.index, options)

@@ -12,7 +12,10 @@
 //                                store's scales go (ScaleLayout);
 //   store<N>(base, offset, col, in)   stores N merged float32 values at element `offset`,
 //                                the row's columns col .. col + N - 1;
-//   kWritesScales                whether the kernel's parameters carry a ScaleLayout.
+//   kWritesScales                whether the kernel's parameters carry a scale layout;
+//   Layout                       which one (ScaleLayout, or TokenScaleLayout);
+//   kWholeTokens                 whether a block stores whole tokens (the token-tile
+//                                kernels, store_token in merge.cuh) rather than rows.
 // Chunks of whole 32-bit words go out as vector stores; the scalar fallback's chunks as
 // elements or pairs.
 #pragma once
@@ -37,6 +40,14 @@ struct ScaleLayout {
   u32 last_token_offset, padding_tokens;
 };
 
+// Where a per-token store (FP8TokenStore) writes its scales and what bounds them: token t's
+// scale at t * scale_stride_token (float32 elements, 0 for one token), scale_ub the format's
+// bound (read only by stores with TokenScales<..., true>; null without).
+struct TokenScaleLayout {
+  const float* scale_ub;
+  u32 scale_stride_token;
+};
+
 // The amax output (docs/contract.md C39): the caller's float32 scalar, zeroed by the launcher
 // before the kernel runs.
 struct AmaxOutput {
@@ -44,21 +55,22 @@ struct AmaxOutput {
 };
 
 // The parameters of a kernel whose store writes scales (SCALES) or that reduces amax
-// (AMAX): its own, then the scales' layout, then the amax output. Separate structs, so the
-// other kernels' parameters keep their size (KernelArgs picks Params itself for them).
-template <typename Params, bool SCALES, bool AMAX>
+// (AMAX): its own, then the scales' layout (Layout: the store's), then the amax output.
+// Separate structs, so the other kernels' parameters keep their size (KernelArgs picks
+// Params itself for them).
+template <typename Params, bool SCALES, bool AMAX, typename Layout = ScaleLayout>
 struct WithOutputs {
   Params params;
-  ScaleLayout scale_layout;
+  Layout scale_layout;
   AmaxOutput amax;
 };
-template <typename Params>
-struct WithOutputs<Params, true, false> {
+template <typename Params, typename Layout>
+struct WithOutputs<Params, true, false, Layout> {
   Params params;
-  ScaleLayout scale_layout;
+  Layout scale_layout;
 };
-template <typename Params>
-struct WithOutputs<Params, false, true> {
+template <typename Params, typename Layout>
+struct WithOutputs<Params, false, true, Layout> {
   Params params;
   AmaxOutput amax;
 };
@@ -73,14 +85,22 @@ struct Pick<false, A, B> {
   typedef B type;
 };
 
-template <typename Params, bool SCALES, bool AMAX>
-using KernelArgs = typename Pick<SCALES || AMAX, WithOutputs<Params, SCALES, AMAX>, Params>::type;
+template <typename Params, bool SCALES, bool AMAX, typename Layout = ScaleLayout>
+using KernelArgs =
+    typename Pick<SCALES || AMAX, WithOutputs<Params, SCALES, AMAX, Layout>, Params>::type;
 
 #if defined(__CUDACC__) || defined(ATTNMERGE_HOST_EMULATION)
 
-// e4m3fn(saturate(in[i] * inv_scale)) for N values at dst, the conversion RNE and
-// saturating (NaN kept). Four values make one 32-bit word, converted in pairs.
-template <typename E, int N>
+// x * factor, or with DIVIDE x / factor (IEEE division), rounded to nearest even.
+template <bool DIVIDE>
+__device__ __forceinline__ float scaled(float x, float factor) {
+  return DIVIDE ? __fdiv_rn(x, factor) : __fmul_rn(x, factor);
+}
+
+// e4m3fn(saturate(in[i] * inv_scale)) for N values at dst (with DIVIDE in[i] / inv_scale),
+// the conversion RNE and saturating (NaN kept). Four values make one 32-bit word,
+// converted in pairs.
+template <typename E, int N, bool DIVIDE = false>
 __device__ __forceinline__ void store_scaled_fp8(typename E::storage* dst, const float (&in)[N],
                                                  float inv_scale) {
   if constexpr (N % 4 == 0) {
@@ -88,8 +108,10 @@ __device__ __forceinline__ void store_scaled_fp8(typename E::storage* dst, const
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {
       const float* q = in + 4 * i;
-      const u32 lo = E::store2(__fmul_rn(q[0], inv_scale), __fmul_rn(q[1], inv_scale));
-      const u32 hi = E::store2(__fmul_rn(q[2], inv_scale), __fmul_rn(q[3], inv_scale));
+      const u32 lo =
+          E::store2(scaled<DIVIDE>(q[0], inv_scale), scaled<DIVIDE>(q[1], inv_scale));
+      const u32 hi =
+          E::store2(scaled<DIVIDE>(q[2], inv_scale), scaled<DIVIDE>(q[3], inv_scale));
       w[i] = lo | (hi << 16);
     }
     store_words(dst, w);
@@ -97,11 +119,11 @@ __device__ __forceinline__ void store_scaled_fp8(typename E::storage* dst, const
 #pragma unroll
     for (int i = 0; i < N; i += 2) {
       *reinterpret_cast<u16*>(dst + i) =
-          E::store2(__fmul_rn(in[i], inv_scale), __fmul_rn(in[i + 1], inv_scale));
+          E::store2(scaled<DIVIDE>(in[i], inv_scale), scaled<DIVIDE>(in[i + 1], inv_scale));
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) dst[i] = E::store(__fmul_rn(in[i], inv_scale));
+    for (int i = 0; i < N; ++i) dst[i] = E::store(scaled<DIVIDE>(in[i], inv_scale));
   }
 }
 
@@ -111,6 +133,8 @@ template <typename E>
 struct PlainStore {
   typedef typename E::storage S;
   static constexpr bool kWritesScales = false;
+  static constexpr bool kWholeTokens = false;
+  typedef ScaleLayout Layout;
   __device__ __forceinline__ explicit PlainStore(const void*) {}
   __device__ __forceinline__ void ready() {}
   __device__ __forceinline__ void row(const ScaleLayout&, u32, u32) {}
@@ -145,6 +169,8 @@ struct FP8StaticStore {
   typedef typename E::storage S;
   static_assert(sizeof(S) == 1, "FP8StaticStore stores 1-byte elements");
   static constexpr bool kWritesScales = false;
+  static constexpr bool kWholeTokens = false;
+  typedef ScaleLayout Layout;
   float scale, inv_scale;
   __device__ __forceinline__ explicit FP8StaticStore(const void* operand)
       : scale(*static_cast<const float*>(operand)) {}
@@ -227,6 +253,8 @@ struct FP8GroupStore {
   static_assert(sizeof(S) == 1, "FP8GroupStore stores 1-byte elements");
   static constexpr int kGroup = E::kGroup;
   static constexpr bool kWritesScales = true;
+  static constexpr bool kWholeTokens = false;
+  typedef ScaleLayout Layout;
   void* scales;  // the format's operand: the scales this store writes
   i64 scale_row;
   u32 first_group, scale_stride_group;
@@ -293,6 +321,55 @@ struct FP8GroupStore {
 // The largest of two u32.
 __device__ __forceinline__ u32 max_u32(u32 a, u32 b) { return a > b ? a : b; }
 
+// The minimum of a and b where a NaN in either wins (torch.minimum).
+__device__ __forceinline__ float min_nan(float a, float b) {
+  return (a != a || b != b) ? __int_as_float(0x7fffffff) : fminf(a, b);
+}
+
+// An output element type E whose scales are per token, bounded by scale_ub where BOUND (the
+// element type of FP8TokenStore).
+template <typename E, bool BOUND>
+struct TokenScales : E {
+  static constexpr bool kBound = BOUND;
+};
+
+// Dynamic per-token FP8 (FP8PerToken, docs/contract.md C36, C38), E = TokenScales<FP8E4M3,
+// BOUND>: per token over its H * D values, a = max |x| (NaN if it holds one), with BOUND
+// a = min(a, *scale_ub) (NaN wins), scale = max(a / 448, 1 / (448 * 512)) (IEEE division;
+// NaN stays), q = e4m3fn(saturate(x / scale)) with an IEEE division per value, as vLLM's
+// dynamic_per_token_scaled_fp8_quant divides. A block holds a whole token (kWholeTokens):
+// the kernel reduces a over it (store_token in merge.cuh) before any value is stored.
+template <typename E>
+struct FP8TokenStore {
+  typedef typename E::storage S;
+  static_assert(sizeof(S) == 1, "FP8TokenStore stores 1-byte elements");
+  static constexpr bool kWritesScales = true;
+  static constexpr bool kWholeTokens = true;
+  typedef TokenScaleLayout Layout;
+  float* scales;  // the format's operand: the scales this store writes
+  float bound;    // *scale_ub, read first (BOUND only)
+  __device__ __forceinline__ explicit FP8TokenStore(const void* operand)
+      : scales(static_cast<float*>(const_cast<void*>(operand))), bound(0.0f) {}
+  __device__ __forceinline__ void load_bound(const TokenScaleLayout& s) {
+    if constexpr (E::kBound) bound = *s.scale_ub;
+  }
+  // The token's scale from the absmax of its values.
+  __device__ __forceinline__ float scale_of(float amax) const {
+    if constexpr (E::kBound) amax = min_nan(amax, bound);
+    const float smallest = __int_as_float(0x36924925);  // 1 / (448 * 512): FP8_MIN_TOKEN_SCALE
+    return max_nan(__fdiv_rn(amax, 448.0f), smallest);
+  }
+  __device__ __forceinline__ void write_scale(const TokenScaleLayout& s, u32 token,
+                                              float scale) const {
+    scales[(i64)((u64)token * s.scale_stride_token)] = scale;
+  }
+  template <int N>
+  __device__ __forceinline__ void store(void* base, i64 offset, const float (&in)[N],
+                                        float scale) const {
+    store_scaled_fp8<E, N, true>(static_cast<S*>(base) + offset, in, scale);
+  }
+};
+
 // The maximum of v over the lanes of `lanes` (a mask of the calling warp that holds the
 // caller; every lane in it calls with the same mask): one redux instruction (sm_80+).
 __device__ __forceinline__ u32 lanes_max(u32 v, u32 lanes) {
@@ -343,6 +420,23 @@ struct AmaxReduction<false> {
   __device__ __forceinline__ void add(const float (&)[N]) {}
   __device__ __forceinline__ void commit(float*, u32) const {}
 };
+
+// The maximum of v over the block's THREADS threads, in each of them (every thread of the
+// block calls it, once per launch): one redux a warp, then the warps' maxima through shared
+// memory behind the block's barrier.
+template <int THREADS>
+__device__ __forceinline__ u32 block_max_u32(u32 v) {
+  static_assert(THREADS % kWarpSize == 0, "a block of whole warps");
+  constexpr int kWarps = THREADS / kWarpSize;
+  __shared__ u32 warp_max[kWarps];
+  v = lanes_max(v, ~0u);
+  if (threadIdx.x % kWarpSize == 0) warp_max[threadIdx.x / kWarpSize] = v;
+  __syncthreads();
+  v = warp_max[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) v = max_u32(v, warp_max[w]);
+  return v;
+}
 
 #endif  // __CUDACC__ || ATTNMERGE_HOST_EMULATION
 

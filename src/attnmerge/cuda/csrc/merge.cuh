@@ -186,19 +186,26 @@ __device__ __forceinline__ TwoPartialState two_partial_state(float l0, float l1,
 // row's bits are cleared first (keep0, keep1 false), and 0 * +0 is the reference's +0.
 // The inputs arrive in their storage type: a bf16 chunk held across the barrier takes
 // half the registers.
+template <typename P0, typename P1, int VEC>
+__device__ __forceinline__ void combine(float (&acc)[VEC], float w0, bool keep0,
+                                        const Chunk<typename P0::storage, VEC>& x0, float w1,
+                                        bool keep1, const Chunk<typename P1::storage, VEC>& x1) {
+  const Chunk<typename P0::storage, VEC> k0 = x0.kept(keep0);
+  const Chunk<typename P1::storage, VEC> k1 = x1.kept(keep1);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    acc[i] = __fadd_rn(__fmul_rn(w0, P0::load(k0.get(i))), __fmul_rn(w1, P1::load(k1.get(i))));
+  }
+}
+
 template <typename P0, typename P1, typename Store, int VEC, typename Amax>
 __device__ __forceinline__ void combine_store(void* out, i64 offset, u32 col, float w0, bool keep0,
                                               const Chunk<typename P0::storage, VEC>& x0,
                                               float w1, bool keep1,
                                               const Chunk<typename P1::storage, VEC>& x1,
                                               const Store& store, Amax& amax) {
-  const Chunk<typename P0::storage, VEC> k0 = x0.kept(keep0);
-  const Chunk<typename P1::storage, VEC> k1 = x1.kept(keep1);
   float acc[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    acc[i] = __fadd_rn(__fmul_rn(w0, P0::load(k0.get(i))), __fmul_rn(w1, P1::load(k1.get(i))));
-  }
+  combine<P0, P1, VEC>(acc, w0, keep0, x0, w1, keep1, x1);
   amax.add(acc);
   store.template store<VEC>(out, offset, col, acc);
 }
@@ -370,34 +377,184 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p,
   }
 }
 
+// Values of a token a thread of a token-tile kernel keeps in registers between its merge
+// and its store (the launcher's TOKEN_TILE_VALUES); a token of more than THREADS times as
+// many is merged twice past them, once for its absmax and once for the store.
+constexpr int kTokenTileValues = 32;
+
+// The float32 bits of |x| at most, over v and in (NaN above +inf: an integer maximum).
+template <int N>
+__device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) v = max_u32(v, float_bits(in[i]) & 0x7fffffffu);
+  return v;
+}
+
+// One token of `heads` rows of `head_size` columns, merged by `rows` and stored by a
+// whole-token store (Store::kWholeTokens) from a block of THREADS threads (the token-tile
+// kernels: block b holds token b). The token's values are chunks of VEC columns of one row,
+// chunk c of thread c % THREADS; a thread keeps its first kTokenTileValues / VEC chunks'
+// merged values in registers; chunks past THREADS times as many are merged again for the
+// store. The block's absmax (one redux a warp, shared memory, the block's barrier) gives
+// the token's scale; thread 0 writes it and adds the absmax to amax (one atomic a block).
+// With WRITE_LSE every row's output LSE is stored after a second block barrier, which
+// follows every read of the token's input LSEs (the output LSE may be an input LSE).
+//
+// Rows: merge<VEC>(head, col, acc) the merged values of a chunk; store_lse(head) a row's
+// output LSE. Every thread of the block runs this to its end (the barriers).
+template <typename Store, int VEC, int THREADS, bool WRITE_LSE, bool AMAX, typename Rows>
+__device__ __forceinline__ void store_token(const Rows& rows, u32 token, u32 heads,
+                                            u32 head_size, void* out, u32 out_stride_token,
+                                            u32 out_stride_head, const Store& store,
+                                            const TokenScaleLayout& layout, float* amax_out) {
+  constexpr int kChunks = kTokenTileValues / VEC > 0 ? kTokenTileValues / VEC : 1;
+  constexpr u32 kHeld = (u32)kChunks * THREADS;  // chunks a block holds in registers
+  const u32 per_row = head_size / VEC;  // the launcher's VEC divides the head size
+  const u32 chunks = heads * per_row;
+  float held[kChunks][VEC];
+  u32 bits = 0;
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const u32 c = threadIdx.x + (u32)i * THREADS;
+    if (c < chunks) {
+      const u32 head = c / per_row;
+      rows.template merge<VEC>(head, (c - head * per_row) * VEC, held[i]);
+      bits = max_abs_bits<VEC>(bits, held[i]);
+    }
+  }
+  for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
+    float acc[VEC];
+    const u32 head = c / per_row;
+    rows.template merge<VEC>(head, (c - head * per_row) * VEC, acc);
+    bits = max_abs_bits<VEC>(bits, acc);
+  }
+  bits = block_max_u32<THREADS>(bits);
+  const u32 amax_bits = bits > 0x7f800000u ? 0x7fc00000u : bits;  // NaN made canonical
+  if (AMAX && threadIdx.x == 0) atomic_max_u32(amax_out, amax_bits);
+  const float scale = store.scale_of(bits_float(amax_bits));
+  if (threadIdx.x == 0) store.write_scale(layout, token, scale);
+  const i64 out_token = (i64)((u64)token * out_stride_token);
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const u32 c = threadIdx.x + (u32)i * THREADS;
+    if (c < chunks) {
+      const u32 head = c / per_row;
+      const u32 col = (c - head * per_row) * VEC;
+      store.template store<VEC>(out, out_token + (i64)((u64)head * out_stride_head) + col,
+                                held[i], scale);
+    }
+  }
+  for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
+    float acc[VEC];
+    const u32 head = c / per_row;
+    const u32 col = (c - head * per_row) * VEC;
+    rows.template merge<VEC>(head, col, acc);
+    store.template store<VEC>(out, out_token + (i64)((u64)head * out_stride_head) + col, acc,
+                              scale);
+  }
+  if (WRITE_LSE) {
+    __syncthreads();
+    for (u32 head = threadIdx.x; head < heads; head += THREADS) rows.store_lse(head);
+  }
+}
+
+// The rows of one token of two separate partials, for store_token: the same merge state
+// and arithmetic as merge_two_rows, so the same bits.
+template <typename P0, typename P1, bool LSE_BASE_2>
+struct TwoPartialRows {
+  const MergeParams& p;
+  u32 token;
+
+  __device__ __forceinline__ TwoPartialState state(u32 head, bool has_first) const {
+    const float inf = __int_as_float(0x7f800000);
+    const float l0 =
+        has_first ? p.lse0[offset_of(token, p.lse0_stride_outer, head, p.lse0_stride_inner)]
+                  : -inf;
+    const float l1 = p.lse1[offset_of(token, p.lse1_stride_outer, head, p.lse1_stride_inner)];
+    return two_partial_state(l0, l1, has_first, LSE_BASE_2);
+  }
+
+  template <int VEC>
+  __device__ __forceinline__ void merge(u32 head, u32 col, float (&acc)[VEC]) const {
+    const bool has_first = token * p.inner_count + head < p.rows_with_first;
+    Chunk<typename P0::storage, VEC> x0 = Chunk<typename P0::storage, VEC>();
+    if (has_first) {
+      x0 = load_row<P0, VEC>(
+          p.partial0,
+          offset_of(token, p.partial0_stride_outer, head, p.partial0_stride_inner) + col);
+    }
+    const Chunk<typename P1::storage, VEC> x1 = load_row<P1, VEC>(
+        p.partial1, offset_of(token, p.partial1_stride_outer, head, p.partial1_stride_inner) + col);
+    const TwoPartialState s = state(head, has_first);
+    combine<P0, P1, VEC>(acc, s.weight0, s.keep0, x0, s.weight1, s.keep1, x1);
+  }
+
+  __device__ __forceinline__ void store_lse(u32 head) const {
+    const bool has_first = token * p.inner_count + head < p.rows_with_first;
+    const TwoPartialState s = state(head, has_first);
+    const float l1 = p.lse1[offset_of(token, p.lse1_stride_outer, head, p.lse1_stride_inner)];
+    p.out_lse[offset_of(token, p.out_lse_stride_outer, head, p.out_lse_stride_inner)] =
+        has_first ? row_lse(s, LSE_BASE_2) : __fadd_rn(l1, 0.0f);
+  }
+};
+
+// The token-tile kernel of two separate partials: block b stores token b (store_token) with
+// THREADS threads. The launcher orders the rows token-major (inner = head).
+template <typename P0, typename P1, typename Store, int VEC, int THREADS, bool WRITE_LSE,
+          bool LSE_BASE_2, bool AMAX>
+__device__ __forceinline__ void merge_two_tokens(const MergeParams& p,
+                                                 const TokenScaleLayout& layout,
+                                                 float* amax_out) {
+  Store store(p.format_operand);
+  store.load_bound(layout);
+  const TwoPartialRows<P0, P1, LSE_BASE_2> rows{p, blockIdx.x};
+  store_token<Store, VEC, THREADS, WRITE_LSE, AMAX>(rows, blockIdx.x, p.inner_count,
+                                                    p.head_size, p.out, p.out_stride_outer,
+                                                    p.out_stride_inner, store, layout, amax_out);
+}
+
 // The kernel of a store that writes scales or of one that reduces amax: its parameters are
-// followed by the scales' layout and the amax output (WithOutputs).
+// followed by the scales' layout and the amax output (WithOutputs). A whole-token store
+// takes the token-tile kernel, with TEAM threads a block.
 template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
-          bool LSE_BASE_2, bool AMAX = false, bool SCALES, bool AMAX_OUT>
+          bool LSE_BASE_2, bool AMAX = false, bool SCALES, bool AMAX_OUT, typename Layout>
 __device__ __forceinline__ void merge_two_rows(
-    const WithOutputs<MergeParams, SCALES, AMAX_OUT>& a) {
+    const WithOutputs<MergeParams, SCALES, AMAX_OUT, Layout>& a) {
   static_assert(SCALES == Store::kWritesScales && AMAX_OUT == AMAX, "the instance's parameters");
-  ScaleLayout scale_layout;
   float* amax_out = nullptr;
-  if constexpr (SCALES) scale_layout = a.scale_layout;
   if constexpr (AMAX_OUT) amax_out = a.amax.amax;
-  merge_two_rows<P0, P1, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2, AMAX>(a.params, scale_layout,
-                                                                        amax_out);
+  if constexpr (Store::kWholeTokens) {
+    merge_two_tokens<P0, P1, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2, AMAX>(
+        a.params, a.scale_layout, amax_out);
+  } else {
+    ScaleLayout scale_layout;
+    if constexpr (SCALES) scale_layout = a.scale_layout;
+    merge_two_rows<P0, P1, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2, AMAX>(a.params, scale_layout,
+                                                                          amax_out);
+  }
 }
 
 // The parameters of an instance of merge_two_rows: MergeParams, followed by the scales' layout
-// where its store writes scales and by the amax output where it reduces amax.
+// where its store writes scales and by the amax output where it reduces amax; its block
+// size (TEAM for a whole-token store) and launch bounds' minimum of blocks an SM.
 template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRITE_LSE,
           bool LSE_BASE_2, bool AMAX = false>
 struct MergeInstance {
-  typedef KernelArgs<MergeParams, Store::kWritesScales, AMAX> Params;
+  typedef KernelArgs<MergeParams, Store::kWritesScales, AMAX, typename Store::Layout> Params;
+  static constexpr int kThreads = Store::kWholeTokens ? TEAM : kBlockThreads;
+  // One for a token tile: without it ptxas for sm_100a keeps some at 64 registers and spills.
+  // 0 (none asked for) for the others: the same PTX as no minimum.
+  static constexpr int kMinBlocks = Store::kWholeTokens ? 1 : 0;
 };
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the
 // launcher finds it without name mangling. The build defines ATTNMERGE_MERGE_INSTANCE
 // (the template arguments, KernelConfig.template_arguments in attnmerge/cuda/backend.py).
 #ifdef ATTNMERGE_MERGE_INSTANCE
-extern "C" __global__ void __launch_bounds__(kBlockThreads)
+// Constants, not the expressions: __launch_bounds__ is a macro, and the arguments hold commas.
+constexpr int kMergeThreads = MergeInstance<ATTNMERGE_MERGE_INSTANCE>::kThreads;
+constexpr int kMergeMinBlocks = MergeInstance<ATTNMERGE_MERGE_INSTANCE>::kMinBlocks;
+extern "C" __global__ void __launch_bounds__(kMergeThreads, kMergeMinBlocks)
     attnmerge_merge(const MergeInstance<ATTNMERGE_MERGE_INSTANCE>::Params p) {
   merge_two_rows<ATTNMERGE_MERGE_INSTANCE>(p);
 }
