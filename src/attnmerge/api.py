@@ -412,11 +412,6 @@ def merge_attn_states(
         >>> out = torch.empty(T, H, D)
         >>> attnmerge.merge_attn_states(out, o1, l1, o2, l2)
     """
-    if isinstance(output_scale, OutputFormat):  # the internal form merge() passes
-        raise TypeError(
-            "output_scale must be a float32 tensor or None; pass an output format as "
-            "attnmerge.merge(..., quant=...)"
-        )
     args = (
         output,
         prefix_output,
@@ -438,6 +433,12 @@ def merge_attn_states(
             eager_miss = launcher.merge_pair(EAGER_LAUNCHER.plans, code, *args)
             if eager_miss is None:
                 return  # launched from the stored plan of this kind of call
+    # The internal form merge() passes; checked past the launcher, which refuses it.
+    if isinstance(output_scale, OutputFormat):
+        raise TypeError(
+            "output_scale must be a float32 tensor or None; pass an output format as "
+            "attnmerge.merge(..., quant=...)"
+        )
     _merge_pair(args, lse_base, backend, group, eager_miss)
 
 
