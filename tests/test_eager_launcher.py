@@ -18,7 +18,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from attnmerge import api, dispatch
+from attnmerge import FP8Static, api, dispatch
 from attnmerge.cuda import BACKEND as CUDA_BACKEND
 from attnmerge.cuda import backend, eager
 from attnmerge.triton import BACKEND as TRITON_BACKEND
@@ -371,6 +371,41 @@ def test_public_api_takes_the_fast_path(harness: Harness, monkeypatch: pytest.Mo
     assert len(harness.python) == 1 and len(harness.fast) == 2
 
 
+@pytest.mark.parametrize("form", ["list", "stacked", "fp8", "lse"])
+def test_merge_takes_the_fast_path(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """merge() with two partials (a list or stacked, plain or FP8Static, with a new or a
+    given output LSE): its plans are merge_attn_states's, so the first call plans and the
+    next ones launch from the extension, byte for byte the Python path's launch; bad calls
+    still raise the Python path's errors and launch nothing."""
+    monkeypatch.setattr(api, "EAGER_LAUNCHER", harness.launcher)
+    monkeypatch.setattr(dispatch, "select", lambda backend, signature: CUDA_BACKEND.run)
+    t, h, d = 8, 4, 128
+    outputs = [torch.randn(t, h, d), torch.randn(t, h, d)]
+    lses = [torch.randn(h, t), torch.randn(h, t)]
+    if form == "stacked":
+        outputs, lses = torch.stack(outputs), torch.stack(lses)
+    kwargs = {"out": torch.empty(t, h, d, dtype=torch.bfloat16), "backend": "cuda"}
+    if form == "fp8":
+        kwargs = {"quant": FP8Static(torch.tensor([0.5])), "backend": "cuda"}
+    if form == "lse":
+        kwargs |= {"return_lse": True}
+    results = [api.merge(outputs, lses, **kwargs) for _ in range(3)]
+    assert len(harness.python) == 1 and len(harness.fast) == 2
+    assert harness.fast[0].grid == harness.python[0].grid
+    if form in ("fp8", "lse"):  # new tensors per call: only their pointers differ
+        assert len({launch.params for launch in (*harness.python, *harness.fast)}) == 3
+    else:
+        assert harness.fast[0].params == harness.fast[1].params == harness.python[0].params
+    assert all((r.lse is not None) == (form == "lse") for r in results)
+    with pytest.raises(ValueError, match="prefill_tokens_with_context must be in"):
+        api.merge(outputs, lses, prefill_tokens_with_context=t + 1, **kwargs)
+    with pytest.raises(ValueError, match="lse_base must be 'e' or 2"):
+        api.merge(outputs, lses, lse_base=3, **kwargs)
+    assert len(harness.python) == 1 and len(harness.fast) == 2
+
+
 def test_build_failure_leaves_the_python_path(
     monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -452,12 +487,26 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def run_filled(
-    args: tuple, written: list[torch.Tensor], layout: Layout, backend: str
+    args: tuple, written: list[torch.Tensor], layout: Layout, backend: str, entry: str = "op"
 ) -> list[torch.Tensor]:
-    """The call on outputs filled with a byte pattern first; copies of what it wrote."""
+    """The call on outputs filled with a byte pattern first, through merge_attn_states
+    (``entry="op"``) or merge with two partials; copies of what it wrote."""
     for t in written:
         t.fill_(-7.25)
-    api.merge_attn_states(*args, lse_base=layout.lse_base, backend=backend)
+    if entry == "op":
+        api.merge_attn_states(*args, lse_base=layout.lse_base, backend=backend)
+    else:
+        out, prefix, prefix_lse, suffix, suffix_lse, out_lse, prefill, scale = args
+        api.merge(
+            [prefix, suffix],
+            [prefix_lse, suffix_lse],
+            quant=None if scale is None else FP8Static(scale),
+            out=out,
+            out_lse=out_lse,
+            prefill_tokens_with_context=prefill,
+            lse_base=layout.lse_base,
+            backend=backend,
+        )
     return [t.clone() for t in written]
 
 
@@ -467,7 +516,8 @@ def test_gpu_fast_path_gives_the_python_paths_bits(
     monkeypatch: pytest.MonkeyPatch, backend_name: str
 ) -> None:
     """On a GPU: for each layout, the Python path's output, then the same call twice more
-    (planned, then launched by the extension), and once captured in a CUDA graph and
+    (planned, then launched by the extension), three times through merge() (launched),
+    and once captured in a CUDA graph and
     replayed: every output and output LSE bit-identical."""
     real = eager.LAUNCHER
     assert real.load(), real.unavailable
@@ -485,10 +535,11 @@ def test_gpu_fast_path_gives_the_python_paths_bits(
         expected = run_filled(args, written, layout, backend_name)
         monkeypatch.setattr(api, "EAGER_LAUNCHER", counting)
         before = counting.launched
-        for _ in range(3):
-            got = run_filled(args, written, layout, backend_name)
-            for e, g in zip(expected, got, strict=True):
-                assert same_bits(e, g), layout
+        for entry in ("op", "merge"):
+            for _ in range(3):
+                got = run_filled(args, written, layout, backend_name, entry)
+                for e, g in zip(expected, got, strict=True):
+                    assert same_bits(e, g), (layout, entry)
         served += counting.launched - before
         if layout.tokens and layout.heads:
             graph = torch.cuda.CUDAGraph()
@@ -500,4 +551,4 @@ def test_gpu_fast_path_gives_the_python_paths_bits(
             torch.cuda.synchronize()
             for e, t in zip(expected, written, strict=True):
                 assert same_bits(e, t), layout
-    assert served >= 60, served
+    assert served >= 150, served

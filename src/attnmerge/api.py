@@ -328,6 +328,25 @@ def _eager_code(lse_base: object, backend: object) -> int | None:
         return None
 
 
+#: What :func:`_launch_planned` returns for a call it launched.
+_LAUNCHED = object()
+
+
+def _launch_planned(args: tuple, lse_base: object, backend: object) -> object:
+    """Launch the two-partial merge of vLLM's arguments ``args`` from the eager launcher's
+    stored plan for this kind of call: ``_LAUNCHED`` if it did; else what the Python path
+    passes on as ``eager_miss`` (the key to store this call's plan under, or anything
+    else where the launcher is not for the call)."""
+    launcher = EAGER_LAUNCHER.module
+    if launcher is None or torch.compiler.is_compiling():
+        return None
+    code = _eager_code(lse_base, backend)
+    if code is None:
+        return None
+    miss = launcher.merge_pair(EAGER_LAUNCHER.plans, code, *args)
+    return _LAUNCHED if miss is None else miss
+
+
 def merge_attn_states(
     output: torch.Tensor,
     prefix_output: torch.Tensor,
@@ -426,13 +445,10 @@ def merge_attn_states(
     if output_block_scale is not None or quant_group_size is not None or use_ue8m0 is not False:
         group = (output_block_scale, quant_group_size, use_ue8m0)
     eager_miss = None
-    launcher = EAGER_LAUNCHER.module
-    if launcher is not None and group is None and not torch.compiler.is_compiling():
-        code = _eager_code(lse_base, backend)
-        if code is not None:
-            eager_miss = launcher.merge_pair(EAGER_LAUNCHER.plans, code, *args)
-            if eager_miss is None:
-                return  # launched from the stored plan of this kind of call
+    if group is None:
+        eager_miss = _launch_planned(args, lse_base, backend)
+        if eager_miss is _LAUNCHED:
+            return
     # The internal form merge() passes; checked past the launcher, which refuses it.
     if isinstance(output_scale, OutputFormat):
         raise TypeError(
@@ -844,7 +860,11 @@ def merge(
         scale = scale.with_scales(tokens, heads, head_size, out.device)
     if inputs.pair is not None:
         args = (out, *inputs.pair, out_lse, prefill_tokens_with_context, scale)
-        _merge_pair(args, lse_base, backend)
+        eager_miss = None
+        if not isinstance(scale, OutputFormat):  # (the launcher refuses it anyway)
+            eager_miss = _launch_planned(args, lse_base, backend)
+        if eager_miss is not _LAUNCHED:
+            _merge_pair(args, lse_base, backend, eager_miss=eager_miss)
     else:
         args = (out, out_lse, inputs.outputs, inputs.lses, indptr)
         _merge_partials((*args, prefill_tokens_with_context, scale), lse_base, backend)

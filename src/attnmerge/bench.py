@@ -502,9 +502,10 @@ def run(
     return 0
 
 
-#: The columns of ``attnmerge bench --eager``: merge_attn_states per backend, vLLM's op, a
-#: tiny torch op for scale. (ATTNMERGE_EAGER_LAUNCHER=0 measures the Python launch.)
-EAGER_COLUMNS = ("cuda", "auto", "triton", "vllm", "torch.add")
+#: The columns of ``attnmerge bench --eager``: merge_attn_states per backend, merge() with
+#: the two partials in a list and ``out`` given (auto), vLLM's op, a tiny torch op for
+#: scale. (ATTNMERGE_EAGER_LAUNCHER=0 measures the Python launch.)
+EAGER_COLUMNS = ("cuda", "auto", "triton", "merge", "vllm", "torch.add")
 
 
 def eager_us(
@@ -528,6 +529,14 @@ def eager_us(
         "auto": lambda: functools.partial(merge_attn_states, *args),
         "triton": lambda: functools.partial(merge_attn_states, *args, backend="triton"),
         "torch": lambda: functools.partial(merge_attn_states, *args, backend="torch"),
+        "merge": lambda: functools.partial(
+            merge,
+            [args[1], args[3]],
+            [args[2], args[4]],
+            quant=None if scale is None else FP8Static(scale),
+            out=args[0],
+            out_lse=args[5],
+        ),
         "torch.add": lambda: functools.partial(torch.add, small, small, out=small),
     }
     if importlib.util.find_spec("vllm"):
