@@ -532,6 +532,9 @@ def test_amax_calls_are_not_planned_by_the_api(direct_runner, monkeypatch):
     """Through the two-partial path merge() and merge_attn_states share, with a launcher
     that reports a miss: a call with amax stores no plan, and each repeat zeroes and
     reduces amax again; the same call without amax is planned."""
+    amax = torch.zeros(1, device=DEVICE)
+    args, _ = _pair_call(Plain(torch.float32, amax))
+    want = amax_reference(float32_result([args[1], args[3]], [args[2], args[4]], {}))
     launcher = api.EAGER_LAUNCHER
     monkeypatch.setattr(launcher, "module", _MissingLauncher())
     monkeypatch.setattr(launcher, "plans", {})
@@ -540,9 +543,6 @@ def test_amax_calls_are_not_planned_by_the_api(direct_runner, monkeypatch):
         miss = launcher.module.merge_pair(launcher.plans, 0, *args)
         api._merge_pair(args, "e", "triton", eager_miss=miss)
 
-    amax = torch.zeros(1, device=DEVICE)
-    args, _ = _pair_call(Plain(torch.float32, amax))
-    want = amax_reference(float32_result([args[1], args[3]], [args[2], args[4]], {}))
     for _ in range(2):
         amax.fill_(3.0e38)
         call(args)
