@@ -542,7 +542,7 @@ def test_refusals(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 def test_eager(no_vllm: None) -> None:
     """Host time per eager call: a number for each backend that runs, else its error."""
     result = bench.eager_us(DEVICE, calls=10)
-    assert list(result) == ["cuda", "auto", "triton", "merge", "torch.add"]
+    assert list(result) == ["cuda", "auto", "triton", "merge", "merge-k4", "torch.add"]
     runs = list(result)[DEVICE == "cpu" :]  # the cuda backend needs a GPU
     if DEVICE == "cpu":
         assert "BackendError" in result["cuda"]
@@ -587,7 +587,8 @@ def test_eager_table_and_csv(
 ) -> None:
     """bench --eager: a row per shape, a column per EAGER_COLUMNS entry, and a CSV that
     reads back (the timing itself is eager_us's, stood in for here)."""
-    times = {"cuda": 5.0, "auto": 5.5, "triton": 9.0, "merge": 7.0, "torch.add": 4.0}
+    times = {"cuda": 5.0, "auto": 5.5, "triton": 9.0, "merge": 7.0, "merge-k4": 8.0}
+    times |= {"torch.add": 4.0}
     monkeypatch.setattr(bench, "eager_us", lambda device, case: times | {"vllm": "ImportError"})
     path = tmp_path / "eager.csv"
     args = _args("--eager", "--tokens", "1,16", "--heads", "8", "--csv", str(path))

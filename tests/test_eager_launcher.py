@@ -12,6 +12,7 @@ errors stay the Python path's. Every GPU test that repeats a call runs through i
 from __future__ import annotations
 
 import ctypes
+import itertools
 import random
 from typing import NamedTuple
 
@@ -35,12 +36,20 @@ _LAUNCH = ctypes.CFUNCTYPE(
 )
 
 
+#: kMaxParams of csrc/eager.c: the launcher's parameter block (its first bytes the plan's).
+MAX_BLOCK = 512
+
+
 class Launched(NamedTuple):
     function: int
     grid: int
     block: int
     stream: int
-    params: bytes
+    params: bytes  # launched by the extension: MAX_BLOCK bytes, the plan's block first
+
+    def same_block(self, python: Launched) -> bool:
+        """Whether this launch passed the parameter block of the Python path's launch."""
+        return self.params[: len(python.params)] == python.params
 
 
 class StandInKernel:
@@ -69,7 +78,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):
 
     @_LAUNCH
     def launch(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra) -> int:
-        block = ctypes.string_at(params[0], backend.PARAMS.size)
+        block = ctypes.string_at(params[0], MAX_BLOCK)  # then compared up to the plan's size
         fast.append(Launched(function or 0, gx, bx, stream or 0, block))
         return 0
 
@@ -213,7 +222,7 @@ def test_launches_exactly_what_the_python_path_launches(harness: Harness) -> Non
             expected.grid,
             expected.kernel.block,
         ), layout
-        assert got.params == expected.params, layout
+        assert got.params[: len(expected.params)] == expected.params, layout
     assert launched > 200
 
 
@@ -336,6 +345,237 @@ def test_calls_the_fast_path_refuses(harness: Harness, change: str) -> None:
     assert module.merge_pair(plans, 0, *args) is False
 
 
+# ---------------------------------------------------------------------------------------
+# Stacked and packed partials (merge() with K partials): merge_partials, the same way.
+
+
+class StackLayout(NamedTuple):
+    form: str  # "stacked" [K, T, H, D], "flashinfer" ([T, K, H, D] as views), "packed"
+    partials: int  # K; packed: rows per token of tokens 1.. (token 0 has none)
+    tokens: int
+    heads: int
+    head_size: int
+    dtype: torch.dtype
+    fp8: bool
+    out_dtype: torch.dtype
+    misalign: int  # elements the partials' storage starts past a 16-byte boundary
+    output_lse: str  # "none", "HT", "TH", "inplace" (lses[0]; not packed)
+    inplace: bool  # out is outputs[1] (stacked, K >= 2)
+    prefill: str  # "none", "zero", "all", "some" (not packed)
+    indptr_dtype: torch.dtype
+    lse_base: object
+
+
+def random_stack_layout(rng: random.Random) -> StackLayout:
+    form = rng.choice(["stacked", "flashinfer", "packed"])
+    partials = rng.choice([1, 2, 3, 8, 17])
+    dtype = rng.choice(DTYPES)
+    inplace = form != "packed" and partials >= 2 and rng.random() < 0.2
+    return StackLayout(
+        form=form,
+        partials=partials,
+        tokens=rng.choice([0, 1, 2, 5, 16, 33]),
+        heads=rng.choice([1, 2, 3, 8]),
+        head_size=rng.choice([3, 8, 64, 80, 128, 256]),
+        dtype=dtype,
+        fp8=not inplace and rng.random() < 0.4,
+        out_dtype=dtype if inplace else rng.choice(DTYPES),
+        misalign=rng.choice([0, 0, 0, 1, 3]),
+        output_lse=rng.choice(["none", "HT", "TH"] + ([] if form == "packed" else ["inplace"])),
+        inplace=inplace,
+        prefill="none" if form == "packed" else rng.choice(["none", "zero", "all", "some"]),
+        indptr_dtype=rng.choice([torch.int32, torch.int64]),
+        lse_base=rng.choice(["e", 2]),
+    )
+
+
+def make_stack_args(layout: StackLayout, device: str = "cpu") -> tuple:
+    """The arguments of api._merge_partials: (out, out_lse, outputs, lses, indptr,
+    prefill_tokens_with_context, output_scale)."""
+    k, t, h, d = layout.partials, layout.tokens, layout.heads, layout.head_size
+    rows = k * t if layout.form != "packed" else max(t - 1, 0) * k
+    flat = torch.randn(rows * h * d + layout.misalign, device=device).to(layout.dtype)
+    flat = flat[layout.misalign :]
+    indptr = None
+    if layout.form == "stacked":
+        outputs, lses = flat.view(k, t, h, d), torch.randn(k, h, t, device=device) * 3
+    elif layout.form == "flashinfer":
+        outputs = flat.view(t, k, h, d).transpose(0, 1)
+        lses = (torch.randn(t, k, h, device=device) * 3).permute(1, 2, 0)
+    else:
+        outputs, lses = flat.view(rows, h, d), (torch.randn(rows, h, device=device) * 3).t()
+        counts = [0] + [k] * max(t - 1, 0)
+        indptr = torch.tensor([0, *itertools.accumulate(counts)][: t + 1], device=device)
+        indptr = indptr.to(layout.indptr_dtype)
+    if layout.inplace:
+        out = outputs[1]
+    else:
+        dtype = torch.float8_e4m3fn if layout.fp8 else layout.out_dtype
+        out = torch.empty(t, h, d, dtype=dtype, device=device)
+    out_lse = {
+        "none": None,
+        "HT": torch.empty(h, t, device=device),
+        "TH": torch.empty(t, h, device=device).t(),
+        "inplace": lses[0],
+    }[layout.output_lse]
+    prefill = {"none": None, "zero": 0, "all": t, "some": t // 2}[layout.prefill]
+    scale = torch.tensor([0.5], device=device) if layout.fp8 else None
+    return (out, out_lse, outputs, lses, indptr, prefill, scale)
+
+
+def stack_code(layout: StackLayout, backend_name: str = "cuda") -> int:
+    return api._eager_code(layout.lse_base, backend_name)
+
+
+def build_stack_call(args: tuple, layout: StackLayout, backend_name: str = "cuda"):
+    return api._build_partials_call(*args, layout.lse_base, backend_name, real_tensors=True)
+
+
+def plan_then_launch_stacked(harness: Harness, layout: StackLayout, backend_name: str):
+    """As plan_then_launch, for stacked or packed partials."""
+    module, plans = harness.launcher.module, harness.launcher.plans
+    first = make_stack_args(layout)
+    miss = module.merge_partials(plans, stack_code(layout, backend_name), *first)
+    assert isinstance(miss, tuple), (layout, miss)
+    plan_of = {"cuda": CUDA_BACKEND, "triton": TRITON_BACKEND}[backend_name].eager_plan
+    harness.launcher.remember(miss, build_stack_call(first, layout, backend_name), plan_of)
+    again = make_stack_args(layout)
+    assert module.merge_partials(plans, stack_code(layout, backend_name), *again) is None, layout
+    return build_stack_call(again, layout, backend_name)
+
+
+def test_stacked_launches_exactly_what_the_python_path_launches(harness: Harness) -> None:
+    rng = random.Random(5)
+    launched = 0
+    for _ in range(300):
+        layout = random_stack_layout(rng)
+        before = len(harness.fast)
+        call = plan_then_launch_stacked(harness, layout, "cuda")
+        expected = backend.partials_launch_arguments(call)
+        if expected is None:
+            assert len(harness.fast) == before, layout
+            continue
+        launched += 1
+        got = harness.fast[-1]
+        assert (got.function, got.grid, got.block) == (
+            expected.kernel.function_address,
+            expected.grid,
+            expected.kernel.block,
+        ), layout
+        assert got.params[: len(expected.params)] == expected.params, layout
+    assert launched > 200
+
+
+def test_stacked_runner_plans_pass_the_python_paths_arguments(
+    harness: Harness, triton_runner: list[tuple]
+) -> None:
+    partials_kernel = pytest.importorskip("attnmerge.triton").load_partials()
+    rng = random.Random(6)
+    checked = 0
+    for _ in range(150):
+        layout = random_stack_layout(rng)
+        before = len(triton_runner)
+        expected = partials_kernel.launch_arguments(
+            plan_then_launch_stacked(harness, layout, "triton")
+        )
+        if expected is None:
+            assert len(triton_runner) == before, layout
+            continue
+        args, kwargs = triton_runner[-1]
+        assert kwargs == {"stream": 0}
+        want = (*expected.args, *expected.constexprs)
+        assert len(args) == len(want), layout
+        for got, exp in zip(args, want, strict=True):
+            if isinstance(exp, torch.Tensor):
+                assert type(got) is int and got == exp.data_ptr(), layout
+            else:
+                assert got == exp, layout
+        checked += 1
+    assert checked > 100
+
+
+def test_a_different_stacked_fact_is_a_miss(harness: Harness) -> None:
+    """Each fact of a stacked or packed call that can change validation or the launch is
+    part of its key; a two-partial key never serves it."""
+    module, plans = harness.launcher.module, harness.launcher.plans
+    base = StackLayout(
+        "stacked", 4, 16, 8, 128, torch.bfloat16, True, torch.bfloat16, 0, "HT", False, "none",
+        torch.int32, "e",
+    )  # fmt: skip
+    args = make_stack_args(base)
+    miss = module.merge_partials(plans, stack_code(base), *args)
+    harness.launcher.remember(miss, build_stack_call(args, base), CUDA_BACKEND.eager_plan)
+    assert module.merge_partials(plans, stack_code(base), *make_stack_args(base)) is None
+    packed = base._replace(form="packed", output_lse="none")
+    variants = [
+        base._replace(partials=5),
+        base._replace(tokens=17),
+        base._replace(heads=4),
+        base._replace(head_size=64),
+        base._replace(dtype=torch.float16),
+        base._replace(fp8=False),
+        base._replace(form="flashinfer"),
+        base._replace(misalign=1),
+        base._replace(output_lse="none"),
+        base._replace(output_lse="TH"),
+        base._replace(output_lse="inplace"),
+        base._replace(fp8=False, inplace=True),
+        base._replace(prefill="some"),
+        base._replace(prefill="zero"),
+        packed,
+        packed._replace(indptr_dtype=torch.int64),
+    ]
+    for variant in variants:
+        got = module.merge_partials(plans, stack_code(variant), *make_stack_args(variant))
+        assert isinstance(got, tuple), variant
+    assert isinstance(module.merge_partials(plans, stack_code(base, "auto"), *args), tuple)
+    # out in place on outputs[1], then on outputs[2]: the same strides, another call
+    inplace = base._replace(fp8=False, inplace=True)
+    first = make_stack_args(inplace)
+    miss = module.merge_partials(plans, stack_code(inplace), *first)
+    harness.launcher.remember(miss, build_stack_call(first, inplace), CUDA_BACKEND.eager_plan)
+    again = make_stack_args(inplace)
+    assert module.merge_partials(plans, stack_code(inplace), *again) is None
+    moved = (again[2][2], *again[1:])
+    assert isinstance(module.merge_partials(plans, stack_code(inplace), *moved), tuple)
+    # the two entries' keys differ for the same pointers and code
+    pair = (args[0], args[2][0], args[3][0], args[2][1], args[3][1], args[1], None, args[6])
+    assert isinstance(module.merge_pair(plans, stack_code(base), *pair), tuple)
+
+
+def test_merge_with_k_partials_takes_the_fast_path(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """merge() with a stacked tensor, a list of its four views and packed rows: the first
+    call of each kind plans, the next ones launch from the extension with the Python
+    path's block (the list, a view of the same stack, takes the stacked tensor's plan);
+    errors stay the Python path's."""
+    monkeypatch.setattr(api, "EAGER_LAUNCHER", harness.launcher)
+    monkeypatch.setattr(dispatch, "select", lambda backend, signature: CUDA_BACKEND.run)
+    k, t, h, d = 4, 8, 4, 128
+    stacked, lses = torch.randn(k, t, h, d), torch.randn(k, h, t)
+    out = torch.empty(t, h, d, dtype=torch.bfloat16)
+    indptr = torch.arange(0, k * t + 1, k, dtype=torch.int32)
+    forms = [
+        (stacked, lses, {}),
+        (list(stacked), list(lses), {}),
+        (stacked.transpose(0, 1).reshape(t * k, h, d), lses.permute(0, 2, 1).reshape(-1, h).t(),
+         {"indptr": indptr}),
+    ]  # fmt: skip
+    for (outputs, form_lses, extra), planned in zip(forms, (1, 0, 1), strict=True):
+        harness.fast.clear()
+        before = len(harness.python)
+        for _ in range(3):
+            api.merge(outputs, form_lses, out=out, backend="cuda", **extra)
+        assert len(harness.python) - before == planned and len(harness.fast) == 3 - planned
+        assert all(fast.same_block(harness.python[-1]) for fast in harness.fast)
+    with pytest.raises(ValueError, match="prefill_tokens_with_context must be in"):
+        api.merge(stacked, lses, out=out, prefill_tokens_with_context=t + 1, backend="cuda")
+    with pytest.raises(ValueError, match="lse_base must be 'e' or 2"):
+        api.merge(stacked, lses, out=out, lse_base=3, backend="cuda")
+    assert len(harness.fast) == 2 and len(harness.python) == 2
+
+
 def test_host_tensors_are_refused_outside_tests(built) -> None:
     launcher, _, launch = built
     address = ctypes.cast(launch, ctypes.c_void_p).value
@@ -360,7 +600,7 @@ def test_public_api_takes_the_fast_path(harness: Harness, monkeypatch: pytest.Mo
     for _ in range(3):
         api.merge_attn_states(*args, backend="cuda")
     assert len(harness.python) == 1 and len(harness.fast) == 2
-    assert harness.fast[0].params == harness.fast[1].params == harness.python[0].params
+    assert all(fast.same_block(harness.python[0]) for fast in harness.fast)
     assert harness.fast[0].grid == harness.python[0].grid
     with pytest.raises(ValueError, match="prefill_tokens_with_context must be in"):
         api.merge_attn_states(*args, prefill_tokens_with_context=t + 1, backend="cuda")
@@ -394,10 +634,12 @@ def test_merge_takes_the_fast_path(
     results = [api.merge(outputs, lses, **kwargs) for _ in range(3)]
     assert len(harness.python) == 1 and len(harness.fast) == 2
     assert harness.fast[0].grid == harness.python[0].grid
+    python = harness.python[0]
     if form in ("fp8", "lse"):  # new tensors per call: only their pointers differ
-        assert len({launch.params for launch in (*harness.python, *harness.fast)}) == 3
+        blocks = {python.params} | {fast.params[: len(python.params)] for fast in harness.fast}
+        assert len(blocks) == 3
     else:
-        assert harness.fast[0].params == harness.fast[1].params == harness.python[0].params
+        assert all(fast.same_block(python) for fast in harness.fast)
     assert all((r.lse is not None) == (form == "lse") for r in results)
     with pytest.raises(ValueError, match="prefill_tokens_with_context must be in"):
         api.merge(outputs, lses, prefill_tokens_with_context=t + 1, **kwargs)
@@ -461,6 +703,8 @@ def test_plan_header_matches_the_c_declaration() -> None:
             fmt += (str(count) if count > 1 else "") + sizes[ctype]
     assert fmt == eager.PLAN_HEADER.format
     assert len(eager.PLAN_FIELDS) == 7 and set(eager.PLAN_FIELDS) <= set(backend.PARAMS.fields)
+    assert len(eager.PARTIALS_PLAN_FIELDS) <= 7
+    assert set(eager.PARTIALS_PLAN_FIELDS) <= set(backend.PARTIALS_PARAMS.fields)
 
 
 class CountingLauncher:
@@ -472,6 +716,11 @@ class CountingLauncher:
 
     def merge_pair(self, *args):
         result = self.real.module.merge_pair(*args)
+        self.launched += result is None
+        return result
+
+    def merge_partials(self, *args):
+        result = self.real.module.merge_partials(*args)
         self.launched += result is None
         return result
 
@@ -552,3 +801,54 @@ def test_gpu_fast_path_gives_the_python_paths_bits(
             for e, t in zip(expected, written, strict=True):
                 assert same_bits(e, t), layout
     assert served >= 150, served
+
+
+def run_stacked_filled(args: tuple, layout: StackLayout, backend: str) -> list[torch.Tensor]:
+    """merge() of make_stack_args's ``args`` on outputs filled with a byte pattern first;
+    copies of what it wrote."""
+    out, out_lse, outputs, lses, indptr, prefill, scale = args
+    written = [t for t in (out, out_lse) if t is not None]
+    for t in written:
+        t.fill_(-7.25)
+    api.merge(
+        outputs,
+        lses,
+        quant=None if scale is None else FP8Static(scale),
+        out=out,
+        out_lse=out_lse,
+        indptr=indptr,
+        prefill_tokens_with_context=prefill,
+        lse_base=layout.lse_base,
+        backend=backend,
+    )
+    return [t.clone() for t in written]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_gpu_stacked_fast_path_gives_the_python_paths_bits(
+    monkeypatch: pytest.MonkeyPatch, backend_name: str
+) -> None:
+    """On a GPU, stacked and packed partials through merge(): for each layout the Python
+    path's output, then the same call three times more (planned, then launched by the
+    extension): every output and output LSE bit-identical."""
+    real = eager.LAUNCHER
+    assert real.load(), real.unavailable
+    counting = CountingLauncher(real)
+    rng = random.Random(4)
+    served = 0
+    for _ in range(60):
+        layout = random_stack_layout(rng)._replace(inplace=False)
+        if layout.output_lse == "inplace":  # the input LSE is overwritten: not repeatable
+            layout = layout._replace(output_lse="HT")
+        args = make_stack_args(layout, "cuda")
+        monkeypatch.setattr(api, "EAGER_LAUNCHER", eager.EagerLauncher())  # off: Python
+        api.EAGER_LAUNCHER._tried = True
+        expected = run_stacked_filled(args, layout, backend_name)
+        monkeypatch.setattr(api, "EAGER_LAUNCHER", counting)
+        before = counting.launched
+        for _ in range(3):
+            for e, g in zip(expected, run_stacked_filled(args, layout, backend_name), strict=True):
+                assert same_bits(e, g), layout
+        served += counting.launched - before
+    assert served >= 90, served

@@ -21,7 +21,7 @@ run before anything is written: a call that raises leaves its output tensors unt
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -279,6 +279,13 @@ def _merge_attn_states_impl(
     call = _build_call(*args, lse_base, backend, real_tensors=True, group=group)
     run = dispatch.select(backend, call.signature)
     run(call)
+    _plan_eagerly(call, run, eager_miss)
+
+
+def _plan_eagerly(call: MergeCall, run: Callable[[MergeCall], None], eager_miss: object) -> None:
+    """After the Python path ran ``call`` with ``run``: store its plan under the eager
+    launcher's key ``eager_miss`` where a kernel backend ran it; the first GPU call on a
+    kernel backend builds the launcher."""
     first_gpu_call = EAGER_LAUNCHER.module is None and call.signature.device.type == "cuda"
     if isinstance(eager_miss, tuple) or first_gpu_call:
         kernels = next((b for b in (CUDA_BACKEND, TRITON_BACKEND) if run == b.run), None)
@@ -287,7 +294,7 @@ def _merge_attn_states_impl(
         if EAGER_LAUNCHER.module is not None:
             EAGER_LAUNCHER.remember(eager_miss, call, kernels.eager_plan)
         else:
-            EAGER_LAUNCHER.load()  # the first call on a GPU kernel backend builds it
+            EAGER_LAUNCHER.load()
 
 
 #: The eager implementations, never traced by torch.compile (calls reach them through a
@@ -332,18 +339,22 @@ def _eager_code(lse_base: object, backend: object) -> int | None:
 _LAUNCHED = object()
 
 
-def _launch_planned(args: tuple, lse_base: object, backend: object) -> object:
-    """Launch the two-partial merge of vLLM's arguments ``args`` from the eager launcher's
-    stored plan for this kind of call: ``_LAUNCHED`` if it did; else what the Python path
-    passes on as ``eager_miss`` (the key to store this call's plan under, or anything
-    else where the launcher is not for the call)."""
+def _launch_planned(
+    args: tuple, lse_base: object, backend: object, stacked: bool = False
+) -> object:
+    """Launch the merge of ``args`` (vLLM's arguments of a two-partial merge, or with
+    ``stacked`` those of :func:`_merge_partials`) from the eager launcher's stored plan
+    for this kind of call: ``_LAUNCHED`` if it did; else what the Python path passes on as
+    ``eager_miss`` (the key to store this call's plan under, or anything else where the
+    launcher is not for the call)."""
     launcher = EAGER_LAUNCHER.module
     if launcher is None or torch.compiler.is_compiling():
         return None
     code = _eager_code(lse_base, backend)
     if code is None:
         return None
-    miss = launcher.merge_pair(EAGER_LAUNCHER.plans, code, *args)
+    launch = launcher.merge_partials if stacked else launcher.merge_pair
+    miss = launch(EAGER_LAUNCHER.plans, code, *args)
     return _LAUNCHED if miss is None else miss
 
 
@@ -591,11 +602,15 @@ def _build_partials_call(
     )
 
 
-def _merge_partials_impl(args: tuple, lse_base: str | int, backend: str) -> None:
+def _merge_partials_impl(
+    args: tuple, lse_base: str | int, backend: str, eager_miss: object = None
+) -> None:
     """As :func:`_merge_attn_states_impl`, for the stacked and packed forms: ``args`` are
     (out, out_lse, outputs, lses, indptr, prefill_tokens_with_context, output_scale)."""
     call = _build_partials_call(*args, lse_base, backend, real_tensors=True)
-    dispatch.select(backend, call.signature)(call)
+    run = dispatch.select(backend, call.signature)
+    run(call)
+    _plan_eagerly(call, run, eager_miss)
 
 
 _merge_partials_eagerly = torch._disable_dynamo(_merge_partials_impl)  # as above
@@ -609,7 +624,11 @@ def _merge_partials(args: tuple, lse_base: str | int, backend: str) -> None:
         _build_partials_call(*args, lse_base, backend, real_tensors=False)
         torch.ops.attnmerge.merge_partials(*args, lse_base == 2, backend)
         return
-    _merge_partials_impl(args, lse_base, backend)
+    eager_miss = None
+    if not isinstance(args[6], OutputFormat):  # (the launcher refuses it anyway)
+        eager_miss = _launch_planned(args, lse_base, backend, stacked=True)
+    if eager_miss is not _LAUNCHED:
+        _merge_partials_impl(args, lse_base, backend, eager_miss)
 
 
 def _evenly_spaced(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:

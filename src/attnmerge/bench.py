@@ -502,10 +502,11 @@ def run(
     return 0
 
 
-#: The columns of ``attnmerge bench --eager``: merge_attn_states per backend, merge() with
-#: the two partials in a list and ``out`` given (auto), vLLM's op, a tiny torch op for
-#: scale. (ATTNMERGE_EAGER_LAUNCHER=0 measures the Python launch.)
-EAGER_COLUMNS = ("cuda", "auto", "triton", "merge", "vllm", "torch.add")
+#: The columns of ``attnmerge bench --eager``: merge_attn_states per backend, merge() (auto,
+#: ``out`` given) with the two partials in a list and with four stacked ``[4, T, H, D]``,
+#: vLLM's op, a tiny torch op for scale. (ATTNMERGE_EAGER_LAUNCHER=0 measures the Python
+#: launch.)
+EAGER_COLUMNS = ("cuda", "auto", "triton", "merge", "merge-k4", "vllm", "torch.add")
 
 
 def eager_us(
@@ -533,6 +534,14 @@ def eager_us(
             merge,
             [args[1], args[3]],
             [args[2], args[4]],
+            quant=None if scale is None else FP8Static(scale),
+            out=args[0],
+            out_lse=args[5],
+        ),
+        "merge-k4": lambda: functools.partial(
+            merge,
+            torch.stack([args[1], args[3]] * 2),
+            torch.stack([args[2], args[4]] * 2),
             quant=None if scale is None else FP8Static(scale),
             out=args[0],
             out_lse=args[5],

@@ -86,10 +86,14 @@ class MergeCall(NamedTuple):
     def lse_base_2(self) -> bool:
         return self.signature.lse_base_2
 
-    def pair_tensors(self) -> tuple[torch.Tensor | None, ...]:
-        """A two-partial call's tensors in the order the eager launcher reads them
-        (csrc/eager.c in attnmerge.cuda): output, first partial and its LSE, second
-        partial and its LSE, output LSE, the format's device operand (None where absent)."""
+    def launcher_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The call's tensors in the order the eager launcher reads them (csrc/eager.c in
+        attnmerge.cuda), None where absent. Two separate partials: output, first partial
+        and its LSE, second partial and its LSE, output LSE, the format's device operand;
+        stacked or packed: output, partials, LSEs, indptr, output LSE, operand."""
         operand = self.output_format.kernel_operand()
-        (first, second), (first_lse, second_lse) = self.partials, self.lses
-        return (self.output, first, first_lse, second, second_lse, self.output_lse, operand)
+        if self.signature.layout is PartialLayout.SEPARATE:
+            (first, second), (first_lse, second_lse) = self.partials, self.lses
+            return (self.output, first, first_lse, second, second_lse, self.output_lse, operand)
+        (partials,), (lses,) = self.partials, self.lses
+        return (self.output, partials, lses, self.indptr, self.output_lse, operand)

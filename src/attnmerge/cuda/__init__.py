@@ -71,14 +71,12 @@ class CudaBackend:
         _launcher().run(call)
 
     def eager_plan(self, key: bytes, call: MergeCall) -> bytes | None:
-        """The eager launcher's plan for a two-partial ``call`` it keyed ``key``; none for
-        a format with amax, whose output the launch path zeroes first (backend.run) and the
-        eager launcher does not, and none for a whole-token store, whose launch has a
-        block a token and a scale bound's address the plan would not patch."""
+        """The eager launcher's plan for ``call``, which it keyed ``key``; none for a format
+        with amax, whose output the launch path zeroes first (backend.run) and the eager
+        launcher does not, and none for a whole-token store, whose launch has a block a
+        token and a scale bound's address the plan would not patch."""
         from .eager import cuda_plan
 
-        if call.signature.layout is not PartialLayout.SEPARATE:
-            return None
         if getattr(call.output_format, "amax", None) is not None:
             return None
         if call.output_format.whole_token_tiles:

@@ -64,9 +64,11 @@ _MODULE_NAME = "_attnmerge_eager"
 #: PlanHeader in csrc/eager.c: function, grid, block, device index, heads, the byte
 #: offsets of the seven tensors' pointers and of rows_with_first, key and block sizes.
 PLAN_HEADER = struct.Struct("<QIIiI7iiII")
-#: The tensors of merge_attn_states in the order of the header's offsets, by the name of
-#: their field in MergeParams.
+#: The tensors of merge_attn_states in the order of the header's offsets (and of
+#: MergeCall.launcher_tensors), by the name of their field in MergeParams.
 PLAN_FIELDS = ("out", "partial0", "lse0", "partial1", "lse1", "out_lse", "format_operand")
+#: The same for a stacked or packed merge, by their fields in PartialsParams.
+PARTIALS_PLAN_FIELDS = ("out", "partials", "lses", "indptr", "out_lse", "format_operand")
 #: Plans kept at most (one per distinct kind of call; cleared when full).
 MAX_PLANS = 4096
 
@@ -215,23 +217,32 @@ class EagerLauncher:
 
 
 def cuda_plan(key: bytes, call: MergeCall) -> bytes:
-    """The cuda backend's plan: PlanHeader, the key and the launch's parameter block."""
-    from .backend import PARAMS, launch_arguments
+    """The cuda backend's plan: PlanHeader, the key and the launch's parameter block. A
+    stacked or packed call's plan patches its token count with a first partial where a
+    two-partial one patches its row count (the header's head count is then 1)."""
+    from ..call import PartialLayout
+    from .backend import PARAMS, PARTIALS_PARAMS, launch_arguments, partials_launch_arguments
 
-    launch = launch_arguments(call)
+    if call.signature.layout is PartialLayout.SEPARATE:
+        launch = launch_arguments(call)
+        block, fields, first, heads = PARAMS, PLAN_FIELDS, "rows_with_first", call.output.shape[1]
+    else:
+        launch = partials_launch_arguments(call)
+        block, fields, first, heads = PARTIALS_PARAMS, PARTIALS_PLAN_FIELDS, "tokens_with_first", 1
     if launch is None:
         return PLAN_HEADER.pack(0, 0, 0, -1, 0, *([-1] * 8), len(key), 0) + key
-    offsets = [PARAMS.offsets[field] for field in PLAN_FIELDS]
+    offsets = [block.offsets[field] for field in fields]
+    offsets += [-1] * (len(PLAN_FIELDS) - len(offsets))
     if call.output_format.kernel_operand() is None:
-        offsets[-1] = -1  # the block's null operand stays
+        offsets[fields.index("format_operand")] = -1  # the block's null operand stays
     header = PLAN_HEADER.pack(
         launch.kernel.function_address,
         launch.grid,
         launch.kernel.block,
         launch.kernel.device_index,
-        call.output.shape[1],
+        heads,
         *offsets,
-        PARAMS.offsets["rows_with_first"],
+        block.offsets[first],
         len(key),
         len(launch.params),
     )

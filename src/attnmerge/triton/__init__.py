@@ -111,10 +111,10 @@ class TritonBackend:
             load_partials().run(call)
 
     def eager_plan(self, key: bytes, call: MergeCall) -> tuple | None:
-        """The eager launcher's plan for a two-partial ``call`` it keyed ``key``."""
-        if call.signature.layout is not PartialLayout.SEPARATE:
-            return None
-        return load().runner_plan(key, call)
+        """The eager launcher's plan for ``call``, which it keyed ``key``."""
+        if call.signature.layout is PartialLayout.SEPARATE:
+            return load().runner_plan(key, call)
+        return load_partials().runner_plan(key, call)
 
     def clear_caches(self) -> None:
         self._device_reason.cache_clear()

@@ -15,6 +15,7 @@ measurements: docs/triton-kernel.md.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -655,22 +656,27 @@ def direct_runner(launch_: TritonLaunch):
     return compiled[launch_.grid] if compiled is not None and _direct_launch else None
 
 
-def runner_plan(key: bytes, call: MergeCall) -> tuple | None:
+def runner_plan(
+    key: bytes,
+    call: MergeCall,
+    launch_arguments_of: Callable[[MergeCall], TritonLaunch | None] | None = None,
+) -> tuple | None:
     """The eager launcher's plan for ``call`` (run_runner_plan in attnmerge/cuda/csrc/eager.c):
     ``(key, device index, runner, arguments, slots, first_at)``, the runner None where
     there is nothing to launch; None while the kernel has no direct runner, for a format
     with ``amax``, which must be zeroed before each launch (:func:`run`), and for one with
-    scales or ``scale_ub``, tensors the launcher's call does not pass."""
+    scales or ``scale_ub``, tensors the launcher's call does not pass.
+    ``launch_arguments_of``: the kernel's launch (default: this module's two-partial one)."""
     fmt = call.output_format
     if any(getattr(fmt, name, None) is not None for name in ("amax", "scales", "scale_ub")):
         return None
-    launch_ = launch_arguments(call)
+    launch_ = (launch_arguments_of or launch_arguments)(call)
     if launch_ is None:
         return (key, -1, None, (), (), -1)
     runner = direct_runner(launch_)
     if runner is None:
         return None
-    tensors = call.pair_tensors()
+    tensors = call.launcher_tensors()
     slots: list[int] = []
     for at, argument in enumerate(launch_.args):
         if isinstance(argument, torch.Tensor):

@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 
 from ..call import MergeCall, PartialLayout
-from . import epilogues
+from . import epilogues, merge_kernel
 from .merge_kernel import (
     ROW_OPTIONS,
+    TritonLaunch,
     amax_pointer,
     exp_in_base,
     format_constexprs,
@@ -417,13 +418,30 @@ def _merge_partials_kernel(
 def run(call: MergeCall) -> None:
     """Launch the merge of a stacked or packed ``call`` on the current stream."""
     zero_amax(call.output_format)
+    launch_ = launch_arguments(call)
+    if launch_ is None:
+        store_without_values(call)
+        return
+    kernel, key, grid, args, constexprs = launch_[:5]
+    if key is None:  # the interpreter: no compiled kernels to cache
+        kernel[grid](*args, *constexprs, **launch_.options)
+        return
+    launch(kernel, key, grid, args, constexprs, launch_.device_index, launch_.options)
+
+
+def runner_plan(key: bytes, call: MergeCall) -> tuple | None:
+    """The eager launcher's plan for a stacked or packed ``call`` (merge_kernel.runner_plan)."""
+    return merge_kernel.runner_plan(key, call, launch_arguments)
+
+
+def launch_arguments(call: MergeCall) -> TritonLaunch | None:
+    """The launch of a stacked or packed ``call`` (None: nothing to do)."""
     output, output_lse = call.output, call.output_lse
     (partials,), (lses,) = call.partials, call.lses
     num_tokens, num_heads, head_size = output.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0 or head_size == 0:
-        store_without_values(call)
-        return
+        return None
     if num_rows > _MAX_ROWS:
         raise ValueError(f"triton backend: tokens x heads = {num_rows} exceeds {_MAX_ROWS} rows")
     packed = call.signature.layout is PartialLayout.PACKED
@@ -478,10 +496,12 @@ def run(call: MergeCall) -> None:
     grid = (num_tokens if token_chunks else triton.cdiv(num_rows, rows_per_program), 1, 1)
     sizes = (num_rows, num_partials, num_packed, call.tokens_with_first)
     args = (*pointers, *sizes, *strides)
+    first_at = len(pointers) + len(sizes) - 1
     device = output.device
     if device.type != "cuda":  # the interpreter: no compiled kernels to cache
-        _merge_partials_kernel[grid](*args, *constexprs, **options)
-        return
+        return TritonLaunch(
+            _merge_partials_kernel, None, grid, args, constexprs, device.index, first_at, options
+        )
     key = (
         _merge_partials_kernel,
         device.index,
@@ -492,4 +512,6 @@ def run(call: MergeCall) -> None:
         tuple(t.data_ptr() & 15 for t in pointers),
         tuple(int_class(x) for x in strides),
     )
-    launch(_merge_partials_kernel, key, grid, args, constexprs, device.index, options)
+    return TritonLaunch(
+        _merge_partials_kernel, key, grid, args, constexprs, device.index, first_at, options
+    )

@@ -17,6 +17,8 @@
 //
 // merge_pair(plans, code, output, prefix_output, prefix_lse, suffix_output, suffix_lse,
 //            output_lse, prefill_tokens_with_context, output_scale)
+// merge_partials(plans, code, out, out_lse, outputs, lses, indptr,
+//                prefill_tokens_with_context, output_scale)      (stacked or packed partials)
 //   -> None           launched (or nothing to do)
 //   -> (hash, key)    a miss: store the plan as plans[hash] = plan (see eager.py)
 //   -> int            cuLaunchKernel's error code: nothing launched
@@ -37,11 +39,16 @@ static PyTypeObject* tensor_type;
 static int accept_host_tensors;  // tests of the planning on a CPU, with a stand-in launch
 static PyObject* current_device_fn;  // torch._C._cuda_getDevice
 static PyObject* current_stream_fn;  // torch._C._cuda_getCurrentRawStream
-static PyObject *s_data_ptr, *s_stride, *s_shape, *s_dtype, *s_get_device;
+static PyObject *s_data_ptr, *s_stride, *s_shape, *s_dtype, *s_get_device, *s_itemsize;
 static PyObject* stream_kwnames;  // ("stream",)
 
 enum { kMaxDims = 4, kTensors = 7, kMaxParams = 512 };
+// The tensors of a two-partial call, and of a stacked or packed one, in the order of a
+// plan's offsets (PLAN_FIELDS and PARTIALS_PLAN_FIELDS in eager.py).
 enum { kOut, kPartial0, kLse0, kPartial1, kLse1, kOutLse, kScale };
+enum { kStackOut, kStackPartials, kStackLses, kStackIndptr, kStackOutLse, kStackScale };
+// The first word of a stacked or packed call's key, besides the code: no pair key has it.
+static const int64_t kStackedKey = (int64_t)1 << 40;
 
 // The plan's fixed header, packed by eager.py (PLAN_HEADER); the key and the parameter
 // block follow it.
@@ -206,52 +213,27 @@ done:
   Py_RETURN_NONE;
 }
 
-static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 10 || !PyDict_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "merge_pair(plans, code, 8 arguments of the op)");
-    return NULL;
+// The class of prefill_tokens_with_context for the key (0: None, 1: T, 2: 0, 3: between)
+// and the number of tokens with a first partial in *with_first; -1: not for the fast path
+// (not an int, or out of range: the Python path raises).
+static int prefill_class(PyObject* prefill, int64_t tokens, int64_t* with_first) {
+  *with_first = tokens;
+  if (prefill == Py_None) return 0;
+  if (!PyLong_CheckExact(prefill)) return -1;
+  const int64_t value = PyLong_AsLongLong(prefill);
+  if (value == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return -1;
   }
-  if (launch_kernel == NULL) Py_RETURN_FALSE;  // setup() not called
-  PyObject* plans = args[0];
-  int64_t key[2 + kTensors * (4 + 2 * kMaxDims) + 2];
-  int64_t* k = key;
-  *k++ = PyLong_AsLongLong(args[1]);  // the LSE base and the requested backend
-  Tensor tensors[kTensors];
-  int present = 0;
-  for (int i = 0; i < kTensors; ++i) {
-    PyObject* t = args[i < kOutLse ? 2 + i : (i == kOutLse ? 7 : 9)];
-    if (t == Py_None && i >= kOutLse) continue;
-    const int status = read_tensor(t, &tensors[i], &k);
-    if (status < 0) PyErr_Clear();  // e.g. a sparse tensor's stride(): the Python path says
-    if (status != 0) Py_RETURN_FALSE;
-    present |= 1 << i;
-  }
-  // Which written tensors are the very inputs (in place), and the prefill class.
-  const uint64_t out = tensors[kOut].ptr;
-  int64_t facts = present;
-  facts |= (int64_t)(out == tensors[kPartial0].ptr) << 8;
-  facts |= (int64_t)(out == tensors[kPartial1].ptr) << 9;
-  if (present & (1 << kOutLse)) {
-    facts |= (int64_t)(tensors[kOutLse].ptr == tensors[kLse0].ptr) << 10;
-    facts |= (int64_t)(tensors[kOutLse].ptr == tensors[kLse1].ptr) << 11;
-  }
-  const int64_t tokens = tensors[kOut].ndim == 3 ? tensors[kOut].shape[0] : -1;
-  int64_t with_first = tokens;
-  PyObject* prefill = args[8];
-  if (prefill != Py_None) {
-    if (!PyLong_CheckExact(prefill)) Py_RETURN_FALSE;
-    with_first = PyLong_AsLongLong(prefill);
-    if (with_first == -1 && PyErr_Occurred()) {
-      PyErr_Clear();
-      Py_RETURN_FALSE;
-    }
-    if (with_first < 0 || with_first > tokens) Py_RETURN_FALSE;  // the Python path raises
-    facts |= (int64_t)(with_first == tokens ? 1 : with_first == 0 ? 2 : 3) << 12;
-  }
-  *k++ = facts;
-  const size_t n = (size_t)(k - key);
-  const uint64_t hash = hash_key(key, n);
+  if (value < 0 || value > tokens) return -1;
+  *with_first = value;
+  return value == tokens ? 1 : value == 0 ? 2 : 3;
+}
 
+// Runs the plan stored under the key's hash, or reports a miss (see the top of the file).
+static PyObject* run_plan(PyObject* plans, const int64_t* key, size_t n, const Tensor* tensors,
+                          int present, int64_t with_first) {
+  const uint64_t hash = hash_key(key, n);
   PyObject* hash_obj = PyLong_FromUnsignedLongLong(hash);
   if (hash_obj == NULL) return NULL;
   PyObject* plan = PyDict_GetItemWithError(plans, hash_obj);  // borrowed
@@ -308,6 +290,111 @@ static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t na
   Py_RETURN_NONE;
 }
 
+static PyObject* merge_pair(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 10 || !PyDict_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "merge_pair(plans, code, 8 arguments of the op)");
+    return NULL;
+  }
+  if (launch_kernel == NULL) Py_RETURN_FALSE;  // setup() not called
+  int64_t key[2 + kTensors * (4 + 2 * kMaxDims) + 2];
+  int64_t* k = key;
+  *k++ = PyLong_AsLongLong(args[1]);  // the LSE base and the requested backend
+  Tensor tensors[kTensors];
+  int present = 0;
+  for (int i = 0; i < kTensors; ++i) {
+    PyObject* t = args[i < kOutLse ? 2 + i : (i == kOutLse ? 7 : 9)];
+    if (t == Py_None && i >= kOutLse) continue;
+    const int status = read_tensor(t, &tensors[i], &k);
+    if (status < 0) PyErr_Clear();  // e.g. a sparse tensor's stride(): the Python path says
+    if (status != 0) Py_RETURN_FALSE;
+    present |= 1 << i;
+  }
+  // Which written tensors are the very inputs (in place), and the prefill class.
+  const uint64_t out = tensors[kOut].ptr;
+  int64_t facts = present;
+  facts |= (int64_t)(out == tensors[kPartial0].ptr) << 8;
+  facts |= (int64_t)(out == tensors[kPartial1].ptr) << 9;
+  if (present & (1 << kOutLse)) {
+    facts |= (int64_t)(tensors[kOutLse].ptr == tensors[kLse0].ptr) << 10;
+    facts |= (int64_t)(tensors[kOutLse].ptr == tensors[kLse1].ptr) << 11;
+  }
+  const int64_t tokens = tensors[kOut].ndim == 3 ? tensors[kOut].shape[0] : -1;
+  int64_t with_first;
+  const int prefill = prefill_class(args[8], tokens, &with_first);
+  if (prefill < 0) Py_RETURN_FALSE;
+  facts |= (int64_t)prefill << 12;
+  *k++ = facts;
+  return run_plan(args[0], key, (size_t)(k - key), tensors, present, with_first);
+}
+
+// The element size of a tensor, 0 where it cannot be read (a Python error is cleared).
+static int64_t item_size(PyObject* t) {
+  PyObject* value = PyObject_GetAttr(t, s_itemsize);
+  if (value == NULL) {
+    PyErr_Clear();
+    return 0;
+  }
+  const int64_t size = PyLong_AsLongLong(value);
+  Py_DECREF(value);
+  if (size == -1 && PyErr_Occurred()) PyErr_Clear();
+  return size > 0 ? size : 0;
+}
+
+// Where a written tensor starts relative to a stacked input (the checks of
+// _check_written_stack in api.py depend on nothing else): 1 + k where it starts where
+// partial k does (stacked; k < the partial count), -1 where it starts where the input
+// does (packed), else 0.
+static int64_t start_within(const Tensor* written, const Tensor* stack, int64_t step_bytes,
+                            int packed) {
+  const int64_t offset = (int64_t)(written->ptr - stack->ptr);
+  if (packed) return offset == 0 ? -1 : 0;
+  if (step_bytes == 0) return offset == 0 ? 1 : 0;
+  if (offset % step_bytes != 0 || stack->ndim < 1) return 0;
+  const int64_t k = offset / step_bytes;
+  return k >= 0 && k < stack->shape[0] ? 1 + k : 0;
+}
+
+static PyObject* merge_partials(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 9 || !PyDict_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "merge_partials(plans, code, 7 arguments of the op)");
+    return NULL;
+  }
+  if (launch_kernel == NULL) Py_RETURN_FALSE;  // setup() not called
+  int64_t key[2 + kTensors * (4 + 2 * kMaxDims) + 4];
+  int64_t* k = key;
+  *k++ = PyLong_AsLongLong(args[1]) | kStackedKey;  // the LSE base and the requested backend
+  // args: out, out_lse, outputs, lses, indptr, prefill, output_scale
+  static const int kArgOf[] = {2, 4, 5, 6, 3, 8};  // of kStackOut .. kStackScale
+  Tensor tensors[kTensors];
+  int present = 0;
+  for (int i = 0; i <= kStackScale; ++i) {
+    PyObject* t = args[kArgOf[i]];
+    if (t == Py_None && (i == kStackIndptr || i == kStackOutLse || i == kStackScale)) continue;
+    const int status = read_tensor(t, &tensors[i], &k);
+    if (status < 0) PyErr_Clear();
+    if (status != 0) Py_RETURN_FALSE;
+    present |= 1 << i;
+  }
+  const int packed = (present >> kStackIndptr) & 1;
+  const Tensor* partials = &tensors[kStackPartials];
+  const Tensor* lses = &tensors[kStackLses];
+  const int64_t partial_step = partials->stride[0] * item_size(args[kArgOf[kStackPartials]]);
+  // a stacked LSE's partial axis is its first; a packed one's rows are its last ([H, N])
+  const int64_t lse_step =
+      lses->stride[packed ? lses->ndim - 1 : 0] * item_size(args[kArgOf[kStackLses]]);
+  *k++ = present;
+  *k++ = start_within(&tensors[kStackOut], partials, partial_step, packed);
+  *k++ = present & (1 << kStackOutLse)
+             ? start_within(&tensors[kStackOutLse], lses, packed ? 0 : lse_step, packed)
+             : 0;
+  const int64_t tokens = tensors[kStackOut].ndim == 3 ? tensors[kStackOut].shape[0] : -1;
+  int64_t with_first;
+  const int prefill = prefill_class(args[7], tokens, &with_first);
+  if (prefill < 0) Py_RETURN_FALSE;
+  *k++ = prefill;
+  return run_plan(args[0], key, (size_t)(k - key), tensors, present, with_first);
+}
+
 // setup(torch.Tensor, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream,
 //       address of cuLaunchKernel, accept_host_tensors)
 static PyObject* setup(PyObject* self, PyObject* args) {
@@ -335,6 +422,8 @@ static PyObject* setup(PyObject* self, PyObject* args) {
 static PyMethodDef methods[] = {
     {"merge_pair", (PyCFunction)(void (*)(void))merge_pair, METH_FASTCALL,
      "Launch a two-partial merge from its stored plan, or report a miss."},
+    {"merge_partials", (PyCFunction)(void (*)(void))merge_partials, METH_FASTCALL,
+     "Launch a stacked or packed merge from its stored plan, or report a miss."},
     {"setup", setup, METH_VARARGS, "Bind torch's tensor type, getters and cuLaunchKernel."},
     {NULL, NULL, 0, NULL},
 };
@@ -348,7 +437,10 @@ PyMODINIT_FUNC PyInit__attnmerge_eager(void) {
   s_shape = PyUnicode_InternFromString("shape");
   s_dtype = PyUnicode_InternFromString("dtype");
   s_get_device = PyUnicode_InternFromString("get_device");
-  if (!s_data_ptr || !s_stride || !s_shape || !s_dtype || !s_get_device) return NULL;
+  s_itemsize = PyUnicode_InternFromString("itemsize");
+  if (!s_data_ptr || !s_stride || !s_shape || !s_dtype || !s_get_device || !s_itemsize) {
+    return NULL;
+  }
   stream_kwnames = Py_BuildValue("(s)", "stream");
   if (stream_kwnames == NULL) return NULL;
   return PyModule_Create(&module);
