@@ -267,7 +267,7 @@ def check_token_store(outputs, lses, kw, tokens: int, device) -> None:
         assert_bits_equal(scales.cpu().reshape(-1), want_s, f"{shape}: scales")
         assert torch.equal(int_bits(amax), int_bits(amax_reference(merged)))
         written = torch.zeros(buffer.shape, dtype=torch.bool)
-        written[scales.cpu().storage_offset() + torch.arange(tokens) * scales.stride(0)] = True
+        written[scales.storage_offset() + torch.arange(tokens) * scales.stride(0)] = True
         assert (buffer.cpu()[~written] == POISON).all(), f"{shape}: written outside the scales"
 
 
