@@ -19,7 +19,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from attnmerge import FP8Static, api, dispatch
+from attnmerge import FP8Static, Plain, api, dispatch
 from attnmerge.cuda import BACKEND as CUDA_BACKEND
 from attnmerge.cuda import backend, eager
 from attnmerge.triton import BACKEND as TRITON_BACKEND
@@ -645,6 +645,11 @@ def test_merge_takes_the_fast_path(
         api.merge(outputs, lses, prefill_tokens_with_context=t + 1, **kwargs)
     with pytest.raises(ValueError, match="lse_base must be 'e' or 2"):
         api.merge(outputs, lses, lse_base=3, **kwargs)
+    if form == "list":  # merge()'s own checks of the output, for an otherwise planned call
+        with pytest.raises(TypeError, match="out must be torch.float32"):
+            api.merge(outputs, lses, quant=Plain(torch.float32), **kwargs)
+        with pytest.raises(TypeError, match="out must be torch.float16"):
+            api.merge(outputs, lses, out_dtype=torch.float16, **kwargs)
     assert len(harness.python) == 1 and len(harness.fast) == 2
 
 
