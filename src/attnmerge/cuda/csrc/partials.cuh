@@ -112,13 +112,41 @@ __device__ __forceinline__ float exponential(float l, float m) {
   return LSE_BASE_2 ? exp2f(gap) : expf(gap);
 }
 
+// Lanes that compute a row's weights together: a team, or each warp of a wider team (it
+// repeats the work of the team's other warps rather than wait for them at a barrier).
+template <int TEAM>
+struct WeightLanes {
+  static constexpr int kCount = TEAM < kWarpSize ? TEAM : kWarpSize;
+  int lane;  // this thread's lane among them
+  u32 mask;  // the warp's lanes among them
+  __device__ __forceinline__ WeightLanes() {
+    const int warp_lane = threadIdx.x % kWarpSize;
+    lane = warp_lane % kCount;
+    mask = kCount == kWarpSize ? ~0u : ((1u << kCount) - 1u) << (warp_lane / kCount * kCount);
+  }
+  // v of lane `from`
+  __device__ __forceinline__ float get(float v, int from) const {
+    return __shfl_sync(mask, v, from, kCount);
+  }
+  // the maximum of v over the lanes, NaN winning
+  __device__ __forceinline__ float max_all(float v) const {
+#pragma unroll
+    for (int offset = kCount / 2; offset > 0; offset /= 2) {
+      v = max_nan(v, __shfl_xor_sync(mask, v, offset, kCount));
+    }
+    return v;
+  }
+};
+
 // A team of TEAM threads merges one row; its lanes take VEC columns each, further chunks of
 // TEAM * VEC columns where the head is wider. The row's weights are C32's formula
 // (docs/contract.md), in the order of the reference: the maximum, the exponentials summed
 // in order of k, each divided by the sum (IEEE division), so that two partials give the
-// bits of merge_two_rows. Every lane computes all of them itself: no lane waits for
-// another, and the rows of the first two batches of B partials are requested before the
-// LSEs are read, each next batch as soon as its registers are free.
+// bits of merge_two_rows. The weight lanes share the work: lane j computes the exponential
+// and weight of partials j, j + W, ... and passes them on by shuffles; then the rows of
+// partials with a non-zero weight are loaded four at a time and added in order. (This
+// order of work measured 72-79% of the copy rate at K = 4 on an H100, loading every row
+// before the weights 33-37%: docs/perf-log/kway-2026-12.md.)
 //
 // AMAX: the kernel also reduces max |O| over the values it stores into *amax (AmaxReduction).
 template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2,
@@ -127,11 +155,13 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
                                                    const ScaleLayout& scale_layout = ScaleLayout(),
                                                    float* amax_out = nullptr) {
   static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
-  typedef Chunk<typename P::storage, VEC> Rows;
-  constexpr int B = 8;  // partials whose rows are loaded together; two batches in flight
+  constexpr int kLoadBatch = 4;
+  typedef WeightLanes<TEAM> Lanes;
+  constexpr int W = Lanes::kCount;
+  const Lanes lanes;
   const u32 row = blockIdx.x * (kBlockThreads / TEAM) + threadIdx.x / TEAM;
   const int lane = threadIdx.x % TEAM;
-  // A thread without a row stays: it takes part in its team's barrier.
+  // A thread without a row stays: it takes part in its team's shuffles and barriers.
   const bool row_ok = row < p.num_rows;
   const u32 row_or_0 = row_ok ? row : 0;
   const u32 outer = outer_of(row_or_0, p.inner_multiplier, p.inner_shift);
@@ -144,63 +174,61 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
   AmaxReduction<AMAX> amax;
   const PartialRows rows = partial_rows(p, row_ok, outer, inner);
   const float inf = __int_as_float(0x7f800000);
-  Rows even[B], odd[B];  // the batches k0 / B even and odd
-  const u32 first_col = row_ok ? lane * VEC : p.head_size;  // head_size: no load
-  load_batch<P, VEC, B>(even, p, rows, 0, first_col);
-  load_batch<P, VEC, B>(odd, p, rows, B, first_col);
 
   float m = -inf;
-  for (u32 k0 = 0; k0 < rows.count; k0 += B) {
-    float l[B];
-    load_lses<B>(l, p, rows, k0);
-#pragma unroll
-    for (int j = 0; j < B; ++j) m = max_nan(m, l[j]);
+  for (u32 base = 0; base < rows.count; base += W) {
+    m = max_nan(m, partial_lse(p, rows, base + lanes.lane));
   }
+  m = lanes.max_all(m);
   const bool empty = m == -inf;
   if (empty) m = 0.0f;
   // The partials past the count add exp(-inf) = +0, which changes no sum.
   float total = 0.0f;
-  for (u32 k0 = 0; k0 < rows.count; k0 += B) {
-    float l[B];
-    load_lses<B>(l, p, rows, k0);
-#pragma unroll
-    for (int j = 0; j < B; ++j) total = __fadd_rn(total, exponential<LSE_BASE_2>(l[j], m));
+  for (u32 base = 0; base < rows.count; base += W) {
+    const float e = exponential<LSE_BASE_2>(partial_lse(p, rows, base + lanes.lane), m);
+    const u32 n = rows.count - base < W ? rows.count - base : W;
+    for (u32 i = 0; i < n; ++i) total = __fadd_rn(total, lanes.get(e, i));
   }
 
   const i64 out_row = offset_of(outer, p.out_stride_outer, inner, p.out_stride_inner);
   for (u32 col_base = 0; col_base < p.head_size; col_base += TEAM * VEC) {
     const u32 col = col_base + lane * VEC;
     const bool col_ok = row_ok && col < p.head_size;
-    const u32 load_col = col_ok ? col : p.head_size;
-    if (col_base > 0) {
-      load_batch<P, VEC, B>(even, p, rows, 0, load_col);
-      load_batch<P, VEC, B>(odd, p, rows, B, load_col);
-    }
     // -0 adds nothing (-0 + x is x): the sum is the reference's, term for term.
     float acc[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = -0.0f;
-    // Adds batch k0 / B to acc, then asks for the rows of the batch after the next.
-    auto add_batch = [&](Rows(&batch)[B], u32 k0) {
-      float l[B];
-      load_lses<B>(l, p, rows, k0);
+    for (u32 base = 0; base < rows.count; base += W) {
+      const float e = exponential<LSE_BASE_2>(partial_lse(p, rows, base + lanes.lane), m);
+      const float weight = empty ? 0.0f : __fdiv_rn(e, total);
+      const u32 n = rows.count - base < W ? rows.count - base : W;
+      // Batches of kLoadBatch partials: their rows are loaded together, then added in
+      // order, so that that many loads are in flight per thread.
+      for (u32 i = 0; i < n; i += kLoadBatch) {
+        float w[kLoadBatch];
+        bool keep[kLoadBatch];
+        Chunk<typename P::storage, VEC> x[kLoadBatch];
 #pragma unroll
-      for (int j = 0; j < B; ++j) {
-        if (k0 + j < rows.count) {
-          const float w = empty ? 0.0f : __fdiv_rn(exponential<LSE_BASE_2>(l[j], m), total);
-          // A zero weight adds exactly 0 whatever its row holds (NaN kept).
-          const bool keep = w != 0.0f;
+        for (int j = 0; j < kLoadBatch; ++j) {
+          const u32 k = base + i + j;
+          w[j] = lanes.get(weight, i + j);
+          // A zero weight adds exactly 0 whatever its row holds; its row is not read.
+          keep[j] = i + j < n && w[j] != 0.0f;  // NaN kept
+          x[j] = Chunk<typename P::storage, VEC>();  // zero bits where nothing is read
+          if (col_ok && keep[j]) {
+            x[j] = load_row<P, VEC>(p.partials, rows.row_offset + (i64)k * p.partial_stride_k + col);
+          }
+        }
 #pragma unroll
-          for (int c = 0; c < VEC; ++c) {
-            acc[c] = __fadd_rn(acc[c], keep ? __fmul_rn(w, P::load(batch[j].get(c))) : 0.0f);
+        for (int j = 0; j < kLoadBatch; ++j) {
+          if (i + j < n) {
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) {
+              acc[c] = __fadd_rn(acc[c], keep[j] ? __fmul_rn(w[j], P::load(x[j].get(c))) : 0.0f);
+            }
           }
         }
       }
-      if (k0 + 2 * B < rows.count) load_batch<P, VEC, B>(batch, p, rows, k0 + 2 * B, load_col);
-    };
-    for (u32 k0 = 0; k0 < rows.count; k0 += 2 * B) {
-      add_batch(even, k0);
-      if (k0 + B < rows.count) add_batch(odd, k0 + B);
     }
     // A row without partials (packed) added nothing: its 0 is +0, as in the reference.
     if (empty) {
@@ -216,9 +244,7 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
     // The output LSE may be the first partial's: every read of the row's LSEs (by all of
     // its team's lanes) comes before the store.
     if constexpr (TEAM <= kWarpSize) {
-      const u32 team_mask = TEAM == kWarpSize ? ~0u : ((1u << TEAM) - 1u)
-                                                          << (threadIdx.x % kWarpSize / TEAM * TEAM);
-      __syncwarp(team_mask);
+      __syncwarp(lanes.mask);
     } else {
       __syncthreads();
     }
