@@ -646,9 +646,9 @@ def test_merge_takes_the_fast_path(
     with pytest.raises(ValueError, match="lse_base must be 'e' or 2"):
         api.merge(outputs, lses, lse_base=3, **kwargs)
     if form == "list":  # merge()'s own checks of the output, for an otherwise planned call
-        with pytest.raises(TypeError, match="out must be torch.float32"):
+        with pytest.raises(TypeError, match=r"out must be torch\.float32"):
             api.merge(outputs, lses, quant=Plain(torch.float32), **kwargs)
-        with pytest.raises(TypeError, match="out must be torch.float16"):
+        with pytest.raises(TypeError, match=r"out must be torch\.float16"):
             api.merge(outputs, lses, out_dtype=torch.float16, **kwargs)
     assert len(harness.python) == 1 and len(harness.fast) == 2
 
