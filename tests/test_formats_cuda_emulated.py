@@ -667,21 +667,24 @@ def _nvcc_archs() -> list[str]:
 def test_new_store_configs_compile_with_nvcc_without_spills(arch, tmp_path):
     """As tests/test_cuda_source.py's check of `attnmerge build`'s configurations, for the
     kernels of the amax reduction, the group stores and the per-token store's token tiles
-    (launch bounds of their block size): each compiles for every target with registers
-    only (no spills, no stack), without warnings. Beyond sm_90a only the token tiles of
-    float32 partials, which hold the most registers, to keep the suite's time down."""
-    configs = _new_store_configs() + _token_store_configs()
+    of both kernels (launch bounds of their block size): each compiles for every target
+    with registers only (no spills, no stack), without warnings. Beyond sm_90a only the
+    token tiles of float32 partials, which hold the most registers, and of those for
+    stacked or packed partials the 512-thread blocks (128 registers at most), to keep the
+    suite's time down."""
+    partials_tiles = _partials_token_store_configs()
+    configs = _new_store_configs() + _token_store_configs() + partials_tiles
     if arch != "sm_90a":
         configs = [c for c in configs if c.whole_tokens and "F32" in _partial_elements(c)]
+        configs = [c for c in configs if c not in partials_tiles or c.team == 512]
     lines = ['#include "partials.cuh"', "namespace attnmerge {"]
     for i, config in enumerate(configs):
         args = config.template_arguments()
         if cuda_emulator_support.is_two_partial(config):
             instance, body = "MergeInstance", "merge_two_rows"
-            bounds = f"{instance}<{args}>::kThreads, {instance}<{args}>::kMinBlocks"
         else:
             instance, body = "PartialsInstance", "merge_partial_rows"
-            bounds = "kBlockThreads, 1"
+        bounds = f"{instance}<{args}>::kThreads, {instance}<{args}>::kMinBlocks"
         lines.append(f"constexpr int kBounds{i}[2] = {{{bounds}}};")  # commas in a macro
         bounds = f"kBounds{i}[0], kBounds{i}[1]"
         lines.append(
@@ -861,29 +864,38 @@ def test_token_store_prefill_tokens_in_place_lse_and_strided_output(emulated):
 
 
 def test_token_tile_dispatch_and_eager_plans(clean_dispatch, emulated, monkeypatch):
-    """FP8PerToken reaches the cuda backend for two separate partials (the format has a cuda
-    epilogue and no gap), which refuses stacked and packed partials with the reason; the
-    eager launcher gets no plan for it (its launch has a block a token and a scale bound
-    the plan would not patch)."""
+    """FP8PerToken reaches the cuda backend (the format has a cuda epilogue and no gap), which
+    serves it for two separate partials and for stacked and packed ones (token tiles of both
+    kernels) and is chosen first; the eager launcher gets no plan for it in any layout (its
+    launch has a block a token and a scale bound the plan would not patch)."""
     from attnmerge.cuda import CudaBackend
 
     monkeypatch.setattr(CudaBackend, "_device_reason", staticmethod(lambda device: None))
     monkeypatch.setattr(cuda_backend, "prepare", lambda index, signature: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
-    def reason(fmt, layout=PartialLayout.SEPARATE):
+    def signature(fmt, layout):
         dtypes = (torch.bfloat16,) * (2 if layout is PartialLayout.SEPARATE else 1)
-        sig = CallSignature(torch.device("cuda"), dtypes, 128, fmt.key, False, False, layout)
-        return dispatch._unsupported("cuda", sig)
+        return CallSignature(torch.device("cuda"), dtypes, 128, fmt.key, False, False, layout)
 
     for fmt in (FP8PerToken(), FP8PerToken(scale_ub=torch.ones(1), amax=torch.zeros(1))):
-        assert reason(fmt) is None
-        for layout in (PartialLayout.STACKED, PartialLayout.PACKED):
-            assert "two separate partials only" in reason(fmt, layout)
-    outputs, lses = token_states(3, 2, 64, 1)
-    fmt, _ = token_format(3, "[T, 1]", torch.tensor([UB]))
-    _, _, call = run_cuda(outputs, lses, None, fmt)
-    assert dispatch.REGISTRY["cuda"].eager_plan(b"key", call) is None
+        for layout in PartialLayout:
+            assert dispatch._unsupported("cuda", signature(fmt, layout)) is None
+            run = dispatch.select("auto", signature(fmt, layout))
+            assert run == dispatch.REGISTRY["cuda"].run
+    outputs, lses = token_states(4, 2, 64, 1)
+    counts = torch.tensor([0, 2, 1, 3])
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    forms = [
+        (outputs, lses, None),
+        (torch.stack(outputs), torch.stack(lses), None),
+        (torch.cat([outputs[0], outputs[1][:2]]), torch.cat([lses[0], lses[1][:, :2]], 1), indptr),
+    ]
+    for form, layout in zip(forms, PartialLayout, strict=True):
+        fmt, _ = token_format(4, "[T, 1]", torch.tensor([UB]))
+        _, _, call = run_cuda(*form, fmt)
+        assert call.signature.layout is layout and emulated.launches[-1].config.whole_tokens
+        assert dispatch.REGISTRY["cuda"].eager_plan(b"key", call) is None
 
 
 def test_token_scale_layout():
@@ -912,9 +924,9 @@ def test_token_scale_layout():
 
 
 def _token_store_configs():
-    """The token-tile kernels: bf16, fp16 and fp32 partials, head sizes of 128 and 576 (and
-    72: scalar and 8-wide), with and without the output LSE, scale_ub and amax, every block
-    size and vector width a call can take."""
+    """The token-tile kernels of two separate partials: bf16 and fp32 partials, head sizes of
+    128 and 576, with and without the output LSE, scale_ub and amax, every block size and
+    vector width a call can take."""
     found = {}
     for ub, amax, dtype, head_size, lse in itertools.product(
         (None, torch.ones(1)), (None, torch.zeros(1)), (torch.bfloat16, torch.float32),
@@ -929,21 +941,44 @@ def _token_store_configs():
     return list(found)
 
 
-@pytest.mark.parametrize("threads, vec", [(128, 8), (512, 1)])
-def test_token_tile_compiles_with_nvrtc(monkeypatch, tmp_path, threads, vec):
-    """The first-use build (NVRTC, sm_90a) of token-tile kernels: the block's barrier, the
-    warps' maxima in shared memory, redux, the IEEE division per value, launch bounds of
-    the block size."""
+def _partials_token_store_configs():
+    """The token-tile kernels of stacked or packed partials (one kernel for both), each
+    block size and vector width a call can take, bf16 and fp32 partials, with the output
+    LSE, scale_ub and amax (what holds the most registers): the flags change a few
+    instructions each, and every configuration costs the suite seconds to compile."""
+    fmt = FP8PerToken(scale_ub=torch.ones(1), amax=torch.zeros(1))
+    found = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        sig = CallSignature(
+            torch.device("cuda"), (dtype,), 576, fmt.key, True, False, PartialLayout.STACKED
+        )
+        found.update(dict.fromkeys(cuda_backend._configs_of(sig)))
+    return list(found)
+
+
+@pytest.mark.parametrize(
+    "layout, dtype, threads, vec",
+    [
+        (PartialLayout.SEPARATE, torch.bfloat16, 128, 8),
+        (PartialLayout.SEPARATE, torch.bfloat16, 512, 1),
+        (PartialLayout.STACKED, torch.bfloat16, 128, 8),
+        (PartialLayout.PACKED, torch.float32, 512, 1),
+    ],
+)
+def test_token_tile_compiles_with_nvrtc(monkeypatch, tmp_path, layout, dtype, threads, vec):
+    """The first-use build (NVRTC, sm_90a) of token-tile kernels of both kernels: the block's
+    barrier, the warps' maxima in shared memory, redux, the IEEE division per value, launch
+    bounds of the block size."""
     from attnmerge.cuda import nvrtc
 
     if nvrtc.unavailable_reason() is not None:
         pytest.skip(nvrtc.unavailable_reason())
     monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
     fmt = FP8PerToken(scale_ub=torch.ones(1), amax=torch.zeros(1))
-    sig = CallSignature(
-        torch.device("cuda"), (torch.bfloat16,) * 2, 72, fmt.key, True, False,
-        PartialLayout.SEPARATE,
-    )  # fmt: skip
+    dtypes = (dtype,) * (2 if layout is PartialLayout.SEPARATE else 1)
+    sig = CallSignature(torch.device("cuda"), dtypes, 72, fmt.key, True, False, layout)
     configs = [c for c in cuda_backend._configs_of(sig) if (c.team, c.vec) == (threads, vec)]
     assert len(configs) == 1 and configs[0].whole_tokens and configs[0].block_threads == threads
+    two = cuda_emulator_support.is_two_partial(configs[0])
+    assert two == (layout is PartialLayout.SEPARATE)
     assert cuda_backend.build_kernel(configs[0], "sm_90a")[:4] == b"\x7fELF"

@@ -39,11 +39,6 @@ class CudaBackend:
 
             if kind.cuda_epilogue not in TOKEN_TILE_EPILOGUES:
                 return "its blocks tile by rows, and this output format needs whole tokens"
-            if signature.layout is not PartialLayout.SEPARATE:
-                return (
-                    "its token-tile kernel (a block a token, for per-token scales) merges two "
-                    "separate partials only"
-                )
         from .driver import DriverError
         from .nvrtc import BuildError
 

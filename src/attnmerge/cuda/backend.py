@@ -364,17 +364,22 @@ def partials_config_for(
     vec: int,
     write_lse: bool = False,
     lse_base_2: bool = False,
+    token_threads: int = 0,
 ) -> PartialsKernelConfig:
     """As :func:`config_for`, for stacked or packed partials of ``partial_dtype``."""
+    tile = whole_tokens(output_format)
     return PartialsKernelConfig(
         partial_element=_ELEMENT[partial_dtype],
         epilogue=output_format.kind.cuda_epilogue,
         output_element=_output_element(output_format),
         vec=vec,
-        team=min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
+        team=(token_threads or TOKEN_TILE_THREADS[0])
+        if tile
+        else min(_next_pow2(-(-head_size // vec)), BLOCK_THREADS),
         write_lse=write_lse,
         lse_base_2=lse_base_2,
         amax=_reduces_amax(output_format),
+        whole_tokens=tile,
     )
 
 
@@ -384,14 +389,19 @@ def partials_chunk_bytes(partial_size: int, out_size: int) -> int:
     return min(16, MAX_STORE_BYTES * partial_size // out_size)
 
 
-def _token_tile_configs(signature: CallSignature) -> list[KernelConfig]:
+def _token_tile_configs(signature: CallSignature) -> list[KernelConfig | PartialsKernelConfig]:
     """Every token-tile kernel a signature can need: each block size, at the chunk width
-    and scalar (the head count and alignment are the call's)."""
+    and scalar (the head count and alignment are the call's), for two separate partials
+    or for stacked or packed ones."""
     widest = max(d.itemsize for d in signature.partial_dtypes)
     vec = vector_width(signature.head_size, widest, TOKEN_TILE_CHUNK_BYTES)
+    if signature.layout is PartialLayout.SEPARATE:
+        config, dtypes = config_for, signature.partial_dtypes
+    else:  # stacked or packed partials: one dtype
+        config, (dtypes,) = partials_config_for, signature.partial_dtypes
     return [
-        config_for(
-            signature.partial_dtypes,
+        config(
+            dtypes,
             signature.output_format,
             signature.head_size,
             v,
@@ -405,7 +415,7 @@ def _token_tile_configs(signature: CallSignature) -> list[KernelConfig]:
 
 
 def _configs_of(signature: CallSignature) -> list[KernelConfig | PartialsKernelConfig]:
-    if whole_tokens(signature.output_format) and signature.layout is PartialLayout.SEPARATE:
+    if whole_tokens(signature.output_format):
         return _token_tile_configs(signature)
     if signature.layout is not PartialLayout.SEPARATE:
         (dtype,) = signature.partial_dtypes
@@ -807,13 +817,15 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
         lse_strides = (l_strides[0], l_strides[2], l_strides[1])
     out_strides = _zero_size_one(output.shape, output.stride())
     size = partials.itemsize
-    vec = vector_width(head_size, size, partials_chunk_bytes(size, output.itemsize))
+    signature = call.signature
+    tile = whole_tokens(signature.output_format)  # a block a token, token-major rows
+    chunk = TOKEN_TILE_CHUNK_BYTES if tile else partials_chunk_bytes(size, output.itemsize)
+    vec = vector_width(head_size, size, chunk)
     if vec > 1 and not (
         _aligned(output.data_ptr(), out_strides[:2], output.itemsize, vec)
         and _aligned(partials.data_ptr(), partial_strides, size, vec)
     ):
         vec = 1  # scalar accesses for misaligned rows
-    signature = call.signature
     config = partials_config_for(
         partials.dtype,
         signature.output_format,
@@ -821,6 +833,7 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
         vec,
         output_lse is not None,
         signature.lse_base_2,
+        token_tile_threads(num_heads * head_size) if tile else 0,
     )
     kernel = _kernel(output.device.index, config)
     if output_lse is None:
@@ -829,7 +842,12 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
         out_lse_ptr = output_lse.data_ptr()
         out_lse_strides = _zero_size_one(output_lse.shape, output_lse.stride())
     multiplier, shift = head_divisor(num_heads)
-    scale_layout = _scale_layout(call) if config.takes_scale_layout else None
+    if tile:
+        scale_layout = _token_scale_layout(call)
+    elif config.takes_scale_layout:
+        scale_layout = _scale_layout(call)
+    else:
+        scale_layout = None
     operand = call.output_format.kernel_operand()
     try:
         params = PARTIALS_PARAMS.pack(
@@ -867,4 +885,5 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
     if scale_layout is not None or config.amax:
         amax = call.output_format.amax.data_ptr() if config.amax else None
         params = _with_outputs(params, scale_layout, amax)
-    return Launch(kernel, -(-num_rows // config.rows_per_block), params)
+    grid = num_tokens if tile else -(-num_rows // config.rows_per_block)
+    return Launch(kernel, grid, params)

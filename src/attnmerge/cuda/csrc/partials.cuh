@@ -1,7 +1,8 @@
 // attnmerge CUDA kernels: merge K partial attention states, stacked ([K, T, H, D] with
 // [K, H, T] LSEs, any strides) or packed (rows [N, H, D] with [H, N] LSEs, token t taking
 // rows indptr[t] <= n < indptr[t + 1]), and store the result through an output format's
-// epilogue. The contract: docs/contract.md; the layout: docs/cuda-backend.md.
+// epilogue (a whole-token store through the token tile, merge_partial_tokens). The
+// contract: docs/contract.md; the layout: docs/cuda-backend.md.
 #pragma once
 
 #include "merge.cuh"
@@ -256,33 +257,148 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
   amax.commit(amax_out, ~0u);  // every thread of the block is here
 }
 
+// The merge state of one row of K partials, with merge_partial_rows's arithmetic in its
+// order (the same bits): the maximum of the LSEs (NaN wins; 0 for an empty row, whose
+// weights are 0 and LSE -inf) and the sum of the exponentials in order of k. Its loops stay
+// rolled: a token tile inlines one state for each chunk a thread holds.
+template <bool LSE_BASE_2>
+struct KPartialState {
+  float max, total;
+  bool empty;
+
+  __device__ __forceinline__ KPartialState(const PartialsParams& p, const PartialRows& r) {
+    const float inf = __int_as_float(0x7f800000);
+    float m = -inf;
+#pragma unroll 1
+    for (u32 k = 0; k < r.count; ++k) m = max_nan(m, partial_lse(p, r, k));
+    empty = m == -inf;
+    max = empty ? 0.0f : m;
+    total = 0.0f;
+#pragma unroll 1
+    for (u32 k = 0; k < r.count; ++k) {
+      total = __fadd_rn(total, exponential<LSE_BASE_2>(partial_lse(p, r, k), max));
+    }
+  }
+  // The weight of a partial with LSE l (partial_lse).
+  __device__ __forceinline__ float weight(float l) const {
+    return empty ? 0.0f : __fdiv_rn(exponential<LSE_BASE_2>(l, max), total);
+  }
+  __device__ __forceinline__ float lse() const {
+    const float inf = __int_as_float(0x7f800000);
+    return empty ? -inf : __fadd_rn(max, LSE_BASE_2 ? log2f(total) : logf(total));
+  }
+};
+
+// The rows of one token of stacked or packed partials, for store_token: the arithmetic of
+// merge_partial_rows (KPartialState, the same sum), so the same bits. A chunk asks for the
+// rows of its first B partials before it reads the LSEs, each next B as soon as the last
+// are added.
+template <typename P, bool LSE_BASE_2>
+struct KPartialRows {
+  const PartialsParams& p;
+  u32 token;
+
+  template <int VEC>
+  __device__ __forceinline__ void merge(u32 head, u32 col, float (&acc)[VEC]) const {
+    // Partials whose rows are loaded together: four (eight held all 128 registers a thread
+    // of 512 may have); one for scalar chunks, of which a thread inlines 32 (four: 115
+    // registers instead of 73, and three times the build time).
+    constexpr int B = VEC > 1 ? 4 : 1;
+    const PartialRows r = partial_rows(p, true, token, head);
+    Chunk<typename P::storage, VEC> batch[B];
+    load_batch<P, VEC, B>(batch, p, r, 0, col);
+    const KPartialState<LSE_BASE_2> s(p, r);
+    // -0 adds nothing (-0 + x is x): the sum is the reference's, term for term.
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) acc[c] = -0.0f;
+#pragma unroll 1
+    for (u32 k0 = 0; k0 < r.count; k0 += B) {
+      float l[B];
+      load_lses<B>(l, p, r, k0);
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        if (k0 + j < r.count) {
+          const float w = s.weight(l[j]);
+          // A zero weight adds exactly 0 whatever its row holds (NaN kept).
+          const bool keep = w != 0.0f;
+#pragma unroll
+          for (int c = 0; c < VEC; ++c) {
+            acc[c] = __fadd_rn(acc[c], keep ? __fmul_rn(w, P::load(batch[j].get(c))) : 0.0f);
+          }
+        }
+      }
+      if (k0 + B < r.count) load_batch<P, VEC, B>(batch, p, r, k0 + B, col);
+    }
+    // A row without partials (packed) added nothing: its 0 is +0, as in the reference.
+    if (s.empty) {
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) acc[c] = 0.0f;
+    }
+  }
+
+  __device__ __forceinline__ void store_lse(u32 head) const {
+    const PartialRows r = partial_rows(p, true, token, head);
+    p.out_lse[offset_of(token, p.out_lse_stride_outer, head, p.out_lse_stride_inner)] =
+        KPartialState<LSE_BASE_2>(p, r).lse();
+  }
+};
+
+// The token-tile kernel of stacked or packed partials: block b stores token b (store_token)
+// with THREADS threads; rows token-major (inner = head), as the launcher passes them.
+template <typename P, typename Store, int VEC, int THREADS, bool WRITE_LSE, bool LSE_BASE_2,
+          bool AMAX>
+__device__ __forceinline__ void merge_partial_tokens(const PartialsParams& p,
+                                                     const TokenScaleLayout& layout,
+                                                     float* amax_out) {
+  Store store(p.format_operand);
+  store.load_bound(layout);
+  const KPartialRows<P, LSE_BASE_2> rows{p, blockIdx.x};
+  store_token<Store, VEC, THREADS, WRITE_LSE, AMAX>(rows, blockIdx.x, p.inner_count,
+                                                    p.head_size, p.out, p.out_stride_outer,
+                                                    p.out_stride_inner, store, layout, amax_out);
+}
+
 // The kernel of a store that writes scales or of one that reduces amax: its parameters are
-// followed by the scales' layout and the amax output (WithOutputs).
+// followed by the scales' layout and the amax output (WithOutputs). A whole-token store
+// takes the token-tile kernel, with TEAM threads a block.
 template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2,
-          bool AMAX = false, bool SCALES, bool AMAX_OUT>
+          bool AMAX = false, bool SCALES, bool AMAX_OUT, typename Layout>
 __device__ __forceinline__ void merge_partial_rows(
-    const WithOutputs<PartialsParams, SCALES, AMAX_OUT>& a) {
+    const WithOutputs<PartialsParams, SCALES, AMAX_OUT, Layout>& a) {
   static_assert(SCALES == Store::kWritesScales && AMAX_OUT == AMAX, "the instance's parameters");
-  ScaleLayout scale_layout;
-  float* amax_out = nullptr;
-  if constexpr (SCALES) scale_layout = a.scale_layout;
-  if constexpr (AMAX_OUT) amax_out = a.amax.amax;
-  merge_partial_rows<P, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2, AMAX>(a.params, scale_layout,
-                                                                       amax_out);
+  if constexpr (Store::kWholeTokens) {
+    float* amax_out = nullptr;
+    if constexpr (AMAX_OUT) amax_out = a.amax.amax;
+    merge_partial_tokens<P, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2, AMAX>(
+        a.params, a.scale_layout, amax_out);
+  } else {
+    ScaleLayout scale_layout;
+    float* amax_out = nullptr;
+    if constexpr (SCALES) scale_layout = a.scale_layout;
+    if constexpr (AMAX_OUT) amax_out = a.amax.amax;
+    merge_partial_rows<P, Store, VEC, TEAM, WRITE_LSE, LSE_BASE_2, AMAX>(a.params, scale_layout,
+                                                                         amax_out);
+  }
 }
 
 // The parameters of an instance of merge_partial_rows: PartialsParams, followed by the scales'
-// layout where its store writes scales and by the amax output where it reduces amax.
+// layout where its store writes scales and by the amax output where it reduces amax; its
+// block size (TEAM for a whole-token store) and launch bounds' minimum of blocks an SM.
 template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2,
           bool AMAX = false>
 struct PartialsInstance {
-  typedef KernelArgs<PartialsParams, Store::kWritesScales, AMAX> Params;
+  typedef KernelArgs<PartialsParams, Store::kWritesScales, AMAX, typename Store::Layout> Params;
+  static constexpr int kThreads = Store::kWholeTokens ? TEAM : kBlockThreads;
+  // At least one block per SM, no more asked for: without it, ptxas for sm_100a keeps some
+  // configurations at 64 registers and spills a few bytes.
+  static constexpr int kMinBlocks = 1;
 };
 
 #ifdef ATTNMERGE_PARTIALS_INSTANCE
-// At least one block per SM, no more asked for: without it, ptxas for sm_100a keeps some
-// configurations at 64 registers and spills a few bytes.
-extern "C" __global__ void __launch_bounds__(kBlockThreads, 1)
+// Constants, not the expressions: __launch_bounds__ is a macro, and the arguments hold commas.
+constexpr int kPartialsThreads = PartialsInstance<ATTNMERGE_PARTIALS_INSTANCE>::kThreads;
+constexpr int kPartialsMinBlocks = PartialsInstance<ATTNMERGE_PARTIALS_INSTANCE>::kMinBlocks;
+extern "C" __global__ void __launch_bounds__(kPartialsThreads, kPartialsMinBlocks)
     attnmerge_merge_partials(const PartialsInstance<ATTNMERGE_PARTIALS_INSTANCE>::Params p) {
   merge_partial_rows<ATTNMERGE_PARTIALS_INSTANCE>(p);
 }
