@@ -55,8 +55,8 @@
 # dispatcher and Triton kernel, its CUDA op built with nvcc on first use (vllm_build.log).
 # The test suite never sees it (its test of a real vLLM deployment would take it for one).
 # A step given as STEP:SECONDS is stopped after that many seconds (exit code 124). One
-# step takes a few minutes at most: on an H100/H200 "tests" takes ~4,
-# the other steps one or two.
+# step takes a few minutes at most: on an H100 "tests" takes about 7 (a 330 s limit
+# stopped it at three quarters), the other steps one to four.
 set -u
 OUT=${OUT:-./gpu_logs}
 mkdir -p "$OUT"
