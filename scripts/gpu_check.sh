@@ -129,9 +129,10 @@ for arg in "$@"; do
   limit=""
   [ "$name" != "$arg" ] && limit=${arg#*:}
   case $name in
-    tests) step tests "$limit" pytest.log "${PYTEST[@]}" -q -k "not fuzz" --durations=15 tests ;;
+    # -v: a line per test as it ends, so a time limit still leaves the failures' names
+    tests) step tests "$limit" pytest.log "${PYTEST[@]}" -v -k "not fuzz" --durations=15 tests ;;
     cuda-tests)
-      step cuda-tests "$limit" pytest_cuda.log "${PYTEST[@]}" -q -k "cuda and not fuzz" tests ;;
+      step cuda-tests "$limit" pytest_cuda.log "${PYTEST[@]}" -v -k "cuda and not fuzz" tests ;;
     prebuild)
       sizes=$(cd tests && python3 -c 'import test_fuzz; print(",".join(map(str, test_fuzz.HEAD_SIZES)))')
       step prebuild "$limit" prebuild.log python3 -m attnmerge build --mixed-dtypes \
@@ -196,7 +197,7 @@ head -n 2 "$OUT/env.txt"
 for log in pytest.log pytest_cuda.log fuzz.log fuzz_cuda.log fuzz_triton.log; do
   [ -f "$OUT/$log" ] || continue
   echo "--- $log"
-  grep -E "FAILED|ERROR" "$OUT/$log" | head -10
+  grep -E "FAILED|ERROR" "$OUT/$log" | head -20
   case $log in fuzz*) grep -cE "PASSED" "$OUT/$log" | sed 's/^/shards passed so far: /' ;; esac
   tail -n 1 "$OUT/$log"
 done
