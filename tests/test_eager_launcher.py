@@ -205,13 +205,27 @@ def plan_then_launch(harness: Harness, layout: Layout, backend_name: str):
     return build_call(again, layout, backend_name)
 
 
-def test_launches_exactly_what_the_python_path_launches(harness: Harness) -> None:
-    rng = random.Random(0)
+def planned_calls(form: str):
+    """(random layout, plan-then-launch) of two partials (``form="pair"``) or of stacked
+    and packed ones."""
+    if form == "pair":
+        return random_layout, plan_then_launch
+    return random_stack_layout, plan_then_launch_stacked
+
+
+@pytest.mark.parametrize(("form", "seed"), [("pair", 0), ("stacked", 5)])
+def test_launches_exactly_what_the_python_path_launches(
+    harness: Harness, form: str, seed: int
+) -> None:
+    new_layout, planned = planned_calls(form)
+    pair = form == "pair"
+    launch_arguments = backend.launch_arguments if pair else backend.partials_launch_arguments
+    rng = random.Random(seed)
     launched = 0
     for _ in range(300):
-        layout = random_layout(rng)
+        layout = new_layout(rng)
         before = len(harness.fast)
-        expected = backend.launch_arguments(plan_then_launch(harness, layout, "cuda"))
+        expected = launch_arguments(planned(harness, layout, "cuda"))
         if expected is None:  # nothing to do: nothing launched
             assert len(harness.fast) == before, layout
             continue
@@ -237,19 +251,22 @@ def triton_runner(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     return calls
 
 
+@pytest.mark.parametrize(("form", "seed"), [("pair", 3), ("stacked", 6)])
 def test_runner_plans_pass_the_python_paths_arguments(
-    harness: Harness, triton_runner: list[tuple]
+    harness: Harness, triton_runner: list[tuple], form: str, seed: int
 ) -> None:
     """The triton backend's plans: the runner receives the arguments the Python path
     computes for the new call (its tensors' data pointers, the same numbers and
     compile-time arguments) and the current stream."""
-    merge_kernel = pytest.importorskip("attnmerge.triton").load()
-    rng = random.Random(3)
+    triton_backend = pytest.importorskip("attnmerge.triton")
+    kernels = triton_backend.load() if form == "pair" else triton_backend.load_partials()
+    new_layout, planned = planned_calls(form)
+    rng = random.Random(seed)
     checked = 0
     for _ in range(150):
-        layout = random_layout(rng)
+        layout = new_layout(rng)
         before = len(triton_runner)
-        expected = merge_kernel.launch_arguments(plan_then_launch(harness, layout, "triton"))
+        expected = kernels.launch_arguments(planned(harness, layout, "triton"))
         if expected is None:
             assert len(triton_runner) == before, layout
             continue
@@ -442,56 +459,6 @@ def plan_then_launch_stacked(harness: Harness, layout: StackLayout, backend_name
     again = make_stack_args(layout)
     assert module.merge_partials(plans, stack_code(layout, backend_name), *again) is None, layout
     return build_stack_call(again, layout, backend_name)
-
-
-def test_stacked_launches_exactly_what_the_python_path_launches(harness: Harness) -> None:
-    rng = random.Random(5)
-    launched = 0
-    for _ in range(300):
-        layout = random_stack_layout(rng)
-        before = len(harness.fast)
-        call = plan_then_launch_stacked(harness, layout, "cuda")
-        expected = backend.partials_launch_arguments(call)
-        if expected is None:
-            assert len(harness.fast) == before, layout
-            continue
-        launched += 1
-        got = harness.fast[-1]
-        assert (got.function, got.grid, got.block) == (
-            expected.kernel.function_address,
-            expected.grid,
-            expected.kernel.block,
-        ), layout
-        assert got.params[: len(expected.params)] == expected.params, layout
-    assert launched > 200
-
-
-def test_stacked_runner_plans_pass_the_python_paths_arguments(
-    harness: Harness, triton_runner: list[tuple]
-) -> None:
-    partials_kernel = pytest.importorskip("attnmerge.triton").load_partials()
-    rng = random.Random(6)
-    checked = 0
-    for _ in range(150):
-        layout = random_stack_layout(rng)
-        before = len(triton_runner)
-        expected = partials_kernel.launch_arguments(
-            plan_then_launch_stacked(harness, layout, "triton")
-        )
-        if expected is None:
-            assert len(triton_runner) == before, layout
-            continue
-        args, kwargs = triton_runner[-1]
-        assert kwargs == {"stream": 0}
-        want = (*expected.args, *expected.constexprs)
-        assert len(args) == len(want), layout
-        for got, exp in zip(args, want, strict=True):
-            if isinstance(exp, torch.Tensor):
-                assert type(got) is int and got == exp.data_ptr(), layout
-            else:
-                assert got == exp, layout
-        checked += 1
-    assert checked > 100
 
 
 def test_a_different_stacked_fact_is_a_miss(harness: Harness) -> None:
