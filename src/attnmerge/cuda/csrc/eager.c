@@ -379,13 +379,12 @@ static PyObject* merge_partials(PyObject* self, PyObject* const* args, Py_ssize_
   const Tensor* partials = &tensors[kStackPartials];
   const Tensor* lses = &tensors[kStackLses];
   const int64_t partial_step = partials->stride[0] * item_size(args[kArgOf[kStackPartials]]);
-  // a stacked LSE's partial axis is its first; a packed one's rows are its last ([H, N])
-  const int64_t lse_step =
-      lses->stride[packed ? lses->ndim - 1 : 0] * item_size(args[kArgOf[kStackLses]]);
   *k++ = present;
   *k++ = start_within(&tensors[kStackOut], partials, partial_step, packed);
+  // A stacked LSE's partial axis is its first. float32: LSEs of another dtype (in the key)
+  // are never planned, so their start fact may be anything.
   *k++ = present & (1 << kStackOutLse)
-             ? start_within(&tensors[kStackOutLse], lses, packed ? 0 : lse_step, packed)
+             ? start_within(&tensors[kStackOutLse], lses, lses->stride[0] * 4, packed)
              : 0;
   const int64_t tokens = tensors[kStackOut].ndim == 3 ? tensors[kStackOut].shape[0] : -1;
   int64_t with_first;
