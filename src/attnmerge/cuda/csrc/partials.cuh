@@ -145,9 +145,8 @@ struct WeightLanes {
 // in order of k, each divided by the sum (IEEE division), so that two partials give the
 // bits of merge_two_rows. The weight lanes share the work: lane j computes the exponential
 // and weight of partials j, j + W, ... and passes them on by shuffles; then the rows of
-// partials with a non-zero weight are loaded four at a time and added in order. (This
-// order of work measured 72-79% of the copy rate at K = 4 on an H100, loading every row
-// before the weights 33-37%: docs/perf-log/kway-2026-12.md.)
+// partials with a non-zero weight are loaded four at a time and added in order. (Loading
+// every row before the weights took 1.9x the time at K = 4, 4096 x 128: docs/perf-log.)
 //
 // AMAX: the kernel also reduces max |O| over the values it stores into *amax (AmaxReduction).
 template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2,
