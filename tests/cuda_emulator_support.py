@@ -102,11 +102,13 @@ def library(directory: Path, template_args: str, two_partial: bool) -> ctypes.CD
 
 
 class Launched(NamedTuple):
-    """One emulated launch: its configuration, grid and the atomics it made."""
+    """One emulated launch: its configuration, grid, the atomics it made and the fields of
+    its parameter struct."""
 
     config: object
     grid: int
     atomics: int
+    fields: dict[str, int]
 
 
 class Emulated(list):
@@ -130,8 +132,9 @@ class EmulatedKernel:
         values = fields(self._config, params)
         if self._config.whole_tokens:  # a token tile: one block a token
             assert grid * values["inner_count"] == values["num_rows"]
-        else:  # one block per rows_per_block rows, no block without a row
-            assert grid == -(-values["num_rows"] // self._config.rows_per_block)
+        else:  # one block per rows_per_block rows (shared by `split` teams each)
+            split = values.get("split", 1)
+            assert grid == -(-values["num_rows"] * split // self._config.rows_per_block)
         two = is_two_partial(self._config)
         run = self._lib.emulate_merge if two else self._lib.emulate_partials
         threads = ctypes.c_uint(self._config.block_threads)
@@ -139,7 +142,7 @@ class EmulatedKernel:
             "the emulated launch failed"
         )
         self._launched.append(self._config)
-        self._launched.launches.append(Launched(self._config, grid, self._lib.emulated_atomics()))
+        self._launched.launches.append(Launched(self._config, grid, self._lib.emulated_atomics(), values))
 
 
 def emulate(directory: Path, monkeypatch) -> Emulated:

@@ -149,3 +149,66 @@ def test_two_partials_give_the_two_way_bits(emulated):
     ref = merge_states_reference(pair, lses)
     assert_bits_equal(out, ref[0], "output")
     assert_bits_equal(out_lse, ref[1], "lse")
+
+
+def _launch_each_way(emulated, monkeypatch, fmt, outputs, lses, indptr=None, **kw):
+    """The call once with the launcher's split (teams a row) and once with one team a row:
+    ``[(out, out_lse, scales, amax, split), ...]``."""
+    results = []
+    for force_one in (False, True):
+        if force_one:
+            monkeypatch.setattr(cuda_backend, "partials_split", lambda *args: 1)
+        T = indptr.numel() - 1 if indptr is not None else outputs.shape[1]
+        H, D = outputs.shape[-2:]
+        fmt_now = fmt().with_scales(T, H, D, outputs.device)
+        out = torch.full((T, H, D), 7.0).to(fmt_now.dtype)
+        out_lse = torch.full((H, T), 3.0)
+        call = api._build_partials_call(
+            out, out_lse, outputs, lses, indptr, None, fmt_now, "e", "cuda", real_tensors=True
+        )
+        cuda_backend.run(call)
+        split = emulated.launches[-1].fields["split"]
+        scales = getattr(fmt_now, "scales", None)
+        results.append((out, out_lse, scales, getattr(fmt_now, "amax", None), split))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("form", "K", "D", "dtype", "fmt"),
+    [
+        ("stacked", 16, 128, torch.bfloat16, lambda: attnmerge.Plain(torch.bfloat16)),
+        ("stacked", 13, 64, torch.float32, lambda: attnmerge.Plain(torch.float32)),
+        ("stacked", 9, 13, torch.bfloat16, lambda: attnmerge.Plain(torch.float32)),  # scalar
+        ("stacked", 5, 8, torch.float32, lambda: attnmerge.Plain(torch.bfloat16)),  # team of 2
+        ("stacked", 12, 128, torch.bfloat16,
+         lambda: attnmerge.FP8PerTokenGroup(64, amax=torch.zeros(1))),  # fmt: skip
+        ("stacked", 8, 64, torch.float16,
+         lambda: attnmerge.FP8Static(torch.tensor([0.03]), amax=torch.zeros(1))),  # fmt: skip
+        ("packed", 40, 128, torch.bfloat16, lambda: attnmerge.Plain(torch.bfloat16)),
+        ("packed", 40, 64, torch.bfloat16, lambda: attnmerge.FP8PerTokenGroup(64, ue8m0=True)),
+    ],
+)
+def test_teams_sharing_a_row_give_one_teams_bits(emulated, monkeypatch, form, K, D, dtype, fmt):
+    """Rows shared by several teams (the launcher's split on a small grid: the running sum
+    handed on through shared memory, in order of k) give the bits of one team a row: the
+    output, output LSE, scales and amax, with empty, NaN and underflowing LSEs; packed rows
+    with counts from 0 to K (teams of one row with no batch, rounds that some rows skip)."""
+    gen = torch.Generator().manual_seed(K * 100 + D)
+    H = 3
+    if form == "stacked":
+        T, indptr = 4, None
+        outputs = torch.randn(K, T, H, D, generator=gen).to(dtype)
+        lses = _lses((K, H, T), gen, special=True)
+    else:
+        counts = [0, 3, K, 1, 17, 0, 8]
+        indptr = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+        n = int(indptr[-1])
+        outputs = torch.randn(n, H, D, generator=gen).to(dtype) * 4
+        lses = _lses((n, H), gen, special=True).t()
+    (shared, one) = _launch_each_way(emulated, monkeypatch, fmt, outputs, lses, indptr)
+    assert shared[4] > 1 and one[4] == 1
+    names = ("output", "output LSE", "scales", "amax")
+    for name, a, b in zip(names, shared[:4], one[:4], strict=True):
+        if a is not None:
+            assert_bits_equal(a.view(torch.uint8) if a.dtype == FP8 else a,
+                              b.view(torch.uint8) if b.dtype == FP8 else b, name)  # fmt: skip

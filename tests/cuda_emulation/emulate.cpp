@@ -33,6 +33,22 @@ static thread_local EmulatedDim3 threadIdx, blockIdx;
 static std::barrier<>* block_barrier = nullptr;
 
 static inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+// __syncthreads_or: the votes of one call gather in a flag that the barriers around it
+// keep apart from the call before and the call after.
+static std::mutex vote_mutex;
+static int vote_or = 0;
+static inline int __syncthreads_or(int predicate) {
+  block_barrier->arrive_and_wait();  // the last call's reads are done
+  if (predicate) {
+    std::lock_guard<std::mutex> lock(vote_mutex);
+    vote_or = 1;
+  }
+  block_barrier->arrive_and_wait();
+  const int result = vote_or;
+  block_barrier->arrive_and_wait();
+  if (threadIdx.x == 0) vote_or = 0;  // before thread 0 reaches the next call's barrier
+  return result;
+}
 // A warp barrier as the block's: stronger (every thread of the block that has not
 // returned reaches it, and the returned ones have dropped out of the barrier).
 static inline void __syncwarp(unsigned) { block_barrier->arrive_and_wait(); }

@@ -383,6 +383,29 @@ def partials_config_for(
     )
 
 
+#: Partials whose rows a team of the stacked/packed kernel loads together (B in
+#: merge_partial_rows, csrc/partials.cuh, for teams of four lanes or more).
+PARTIALS_BATCH = 4
+#: Threads a grid of few rows takes at most by sharing each row among teams
+#: (merge_partial_rows' split): about half the threads an H100 holds at once.
+SPLIT_MAX_THREADS = 1 << 17
+
+
+def partials_split(num_rows: int, team: int, partials_a_row: int) -> int:
+    """Teams that share a row of the stacked/packed kernel (a power of two): one per batch
+    of the row's partials, while the grid stays within SPLIT_MAX_THREADS and a block holds
+    whole rows. A latency-bound grid then has that many more rows' loads in flight."""
+    batches = -(-partials_a_row // min(PARTIALS_BATCH, team, 32))
+    split = 1
+    while (
+        split * 2 <= batches
+        and team * split * 2 <= BLOCK_THREADS
+        and num_rows * team * split * 2 <= SPLIT_MAX_THREADS
+    ):
+        split *= 2
+    return split
+
+
 def partials_chunk_bytes(partial_size: int, out_size: int) -> int:
     """Bytes of a partial a thread reads per row chunk in the stacked/packed kernel: one
     16-byte access, less where its output chunk would exceed one 16-byte store."""
@@ -843,6 +866,11 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
         out_lse_strides = _zero_size_one(output_lse.shape, output_lse.stride())
     multiplier, shift = head_divisor(num_heads)
     if tile:
+        split = 1
+    else:  # packed: the mean count of a token's partials
+        partials_a_row = -(-partials.shape[0] // num_tokens) if packed else partials.shape[0]
+        split = partials_split(num_rows, config.team, partials_a_row)
+    if tile:
         scale_layout = _token_scale_layout(call)
     elif config.takes_scale_layout:
         scale_layout = _scale_layout(call)
@@ -863,6 +891,7 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
             num_partials=partials.shape[0],  # K, or the packed rows' count N
             tokens_with_first=call.tokens_with_first,
             indptr_bytes=call.indptr.itemsize if packed else 0,
+            split=split,
             inner_multiplier=multiplier,
             inner_shift=shift,
             out_stride_outer=out_strides[0],
@@ -885,5 +914,5 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
     if scale_layout is not None or config.amax:
         amax = call.output_format.amax.data_ptr() if config.amax else None
         params = _with_outputs(params, scale_layout, amax)
-    grid = num_tokens if tile else -(-num_rows // config.rows_per_block)
+    grid = num_tokens if tile else -(-num_rows * split // config.rows_per_block)
     return Launch(kernel, grid, params)

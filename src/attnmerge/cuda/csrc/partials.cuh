@@ -24,6 +24,7 @@ struct PartialsParams {
   u32 num_partials;       // stacked: K; packed: the number of packed rows N
   u32 tokens_with_first;  // stacked: tokens from here on have no first partial
   u32 indptr_bytes;       // 0: stacked; 4 or 8: packed, with an int32 or int64 indptr
+  u32 split;              // teams a row (merge_partial_rows): a power of two
   u32 inner_multiplier, inner_shift;  // row / inner_count as a multiply and shift
   u32 out_stride_outer, out_stride_inner;
   u32 partial_stride_k, partial_stride_outer, partial_stride_inner;
@@ -144,9 +145,16 @@ struct WeightLanes {
 // (docs/contract.md), in the order of the reference: the maximum, the exponentials summed
 // in order of k, each divided by the sum (IEEE division), so that two partials give the
 // bits of merge_two_rows. The weight lanes share the work: lane j computes the exponential
-// and weight of partials j, j + W, ... and passes them on by shuffles; then the rows of
-// partials with a non-zero weight are loaded four at a time and added in order. (Loading
-// every row before the weights took 1.9x the time at K = 4, 4096 x 128: docs/perf-log.)
+// and weight of partials j, j + W, ... and passes them on by shuffles. The rows are added
+// in order of k, in batches of B partials whose rows are loaded together; a thread asks
+// for its first batch before it reads the LSEs and for each next one as soon as the last
+// is added. (Loading every row before the weights took 1.9x the time at K = 4, 4096 x 128:
+// docs/perf-log.)
+//
+// p.split teams share a row where the launcher asks for it (a grid of few rows: more
+// loads in flight, docs/cuda-backend.md): team s of the row adds the batches s, s + split,
+// ... to the running sum, which passes from team to team through shared memory, so that
+// the sum keeps the order of k; the row's first team stores it.
 //
 // AMAX: the kernel also reduces max |O| over the values it stores into *amax (AmaxReduction).
 template <typename P, typename Store, int VEC, int TEAM, bool WRITE_LSE, bool LSE_BASE_2,
@@ -155,11 +163,16 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
                                                    const ScaleLayout& scale_layout = ScaleLayout(),
                                                    float* amax_out = nullptr) {
   static_assert(kBlockThreads % TEAM == 0, "a block of whole teams");
-  constexpr int kLoadBatch = 4;
   typedef WeightLanes<TEAM> Lanes;
+  typedef Chunk<typename P::storage, VEC> Rows;
   constexpr int W = Lanes::kCount;
+  // Partials in a batch: four (a whole number of them per set of weight lanes).
+  constexpr int B = W < 4 ? W : 4;
   const Lanes lanes;
-  const u32 row = blockIdx.x * (kBlockThreads / TEAM) + threadIdx.x / TEAM;
+  const u32 split = p.split;  // a power of two, at most kBlockThreads / TEAM
+  const u32 team = threadIdx.x / TEAM;
+  const u32 part = team % split;  // this team's share of its row
+  const u32 row = blockIdx.x * (kBlockThreads / TEAM / split) + team / split;
   const int lane = threadIdx.x % TEAM;
   // A thread without a row stays: it takes part in its team's shuffles and barriers.
   const bool row_ok = row < p.num_rows;
@@ -174,6 +187,12 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
   AmaxReduction<AMAX> amax;
   const PartialRows rows = partial_rows(p, row_ok, outer, inner);
   const float inf = __int_as_float(0x7f800000);
+  // The running sums handed from team to team: one slot per lane of the block's rows.
+  __shared__ float handed[kBlockThreads][VEC];
+  float(&slot)[VEC] = handed[team / split * TEAM + lane];
+
+  Rows batch[B];
+  load_batch<P, VEC, B>(batch, p, rows, part * B, row_ok ? lane * VEC : p.head_size);
 
   float m = -inf;
   for (u32 base = 0; base < rows.count; base += W) {
@@ -194,61 +213,82 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
   for (u32 col_base = 0; col_base < p.head_size; col_base += TEAM * VEC) {
     const u32 col = col_base + lane * VEC;
     const bool col_ok = row_ok && col < p.head_size;
+    const u32 load_col = col_ok ? col : p.head_size;  // head_size: nothing is read
+    if (col_base > 0) load_batch<P, VEC, B>(batch, p, rows, part * B, load_col);
     // -0 adds nothing (-0 + x is x): the sum is the reference's, term for term.
     float acc[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = -0.0f;
-    for (u32 base = 0; base < rows.count; base += W) {
-      const float e = exponential<LSE_BASE_2>(partial_lse(p, rows, base + lanes.lane), m);
-      const float weight = empty ? 0.0f : __fdiv_rn(e, total);
-      const u32 n = rows.count - base < W ? rows.count - base : W;
-      // Batches of kLoadBatch partials: their rows are loaded together, then added in
-      // order, so that that many loads are in flight per thread.
-      for (u32 i = 0; i < n; i += kLoadBatch) {
-        float w[kLoadBatch];
-        bool keep[kLoadBatch];
-        Chunk<typename P::storage, VEC> x[kLoadBatch];
+    // The weight of partial weight_base + lanes.lane (none yet: no set starts at ~0).
+    float weight = 0.0f;
+    u32 weight_base = ~0u;
+    // Adds the batch of partials k0 .. k0 + B - 1 (k0 < count) to acc, then asks for the
+    // rows of this team's next batch.
+    auto add_batch = [&](u32 k0) {
+      const u32 base = k0 / W * W;  // the weight lanes' set that holds the batch
+      if (base != weight_base) {
+        const float e = exponential<LSE_BASE_2>(partial_lse(p, rows, base + lanes.lane), m);
+        weight = empty ? 0.0f : __fdiv_rn(e, total);
+        weight_base = base;
+      }
 #pragma unroll
-        for (int j = 0; j < kLoadBatch; ++j) {
-          const u32 k = base + i + j;
-          w[j] = lanes.get(weight, i + j);
-          // A zero weight adds exactly 0 whatever its row holds; its row is not read.
-          keep[j] = i + j < n && w[j] != 0.0f;  // NaN kept
-          x[j] = Chunk<typename P::storage, VEC>();  // zero bits where nothing is read
-          if (col_ok && keep[j]) {
-            x[j] = load_row<P, VEC>(p.partials, rows.row_offset + (i64)k * p.partial_stride_k + col);
-          }
-        }
+      for (int j = 0; j < B; ++j) {
+        const float w = lanes.get(weight, k0 - base + j);
+        if (k0 + j < rows.count) {
+          // A zero weight adds exactly 0 whatever its row holds (NaN kept).
+          const bool keep = w != 0.0f;
 #pragma unroll
-        for (int j = 0; j < kLoadBatch; ++j) {
-          if (i + j < n) {
-#pragma unroll
-            for (int c = 0; c < VEC; ++c) {
-              acc[c] = __fadd_rn(acc[c], keep[j] ? __fmul_rn(w[j], P::load(x[j].get(c))) : 0.0f);
-            }
+          for (int c = 0; c < VEC; ++c) {
+            acc[c] = __fadd_rn(acc[c], keep ? __fmul_rn(w, P::load(batch[j].get(c))) : 0.0f);
           }
         }
       }
+      const u32 next = k0 + split * B;
+      if (next < rows.count) load_batch<P, VEC, B>(batch, p, rows, next, load_col);
+    };
+    if (split == 1) {
+      for (u32 k0 = 0; k0 < rows.count; k0 += B) add_batch(k0);
+    } else {
+      // A round: the row's teams add one batch each, in order, each behind the block's
+      // barrier; rounds go on while a row of the block has batches left.
+      for (u32 k0 = part * B; __syncthreads_or(k0 - part * B < rows.count); k0 += split * B) {
+        for (u32 turn = 0; turn < split; ++turn) {
+          if (turn == part && k0 < rows.count) {
+            if (k0 > 0) {
+#pragma unroll
+              for (int c = 0; c < VEC; ++c) acc[c] = slot[c];
+            }
+            add_batch(k0);
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) slot[c] = acc[c];
+          }
+          __syncthreads();
+        }
+      }
+      // The last batch's team handed the row's sum on (a row without partials: none).
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) acc[c] = rows.count > 0 ? slot[c] : -0.0f;
+      __syncthreads();  // every read of the slots before the next chunk's rounds
     }
     // A row without partials (packed) added nothing: its 0 is +0, as in the reference.
     if (empty) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
     }
-    if (col_ok) {
+    if (col_ok && part == 0) {
       amax.add(acc);
       store.template store<VEC>(p.out, out_row + col, col, acc);
     }
   }
   if (WRITE_LSE) {
     // The output LSE may be the first partial's: every read of the row's LSEs (by all of
-    // its team's lanes) comes before the store.
-    if constexpr (TEAM <= kWarpSize) {
-      __syncwarp(lanes.mask);
-    } else {
+    // its teams' lanes) comes before the store.
+    if (TEAM > kWarpSize || split > 1) {
       __syncthreads();
+    } else {
+      __syncwarp(lanes.mask);
     }
-    if (lane == 0 && row_ok) {
+    if (lane == 0 && part == 0 && row_ok) {
       const float lse = empty ? -inf : __fadd_rn(m, LSE_BASE_2 ? log2f(total) : logf(total));
       p.out_lse[offset_of(outer, p.out_lse_stride_outer, inner, p.out_lse_stride_inner)] = lse;
     }
