@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh [STEP[:SECONDS] ...]
 #
 # Steps (default: tests sanitize demo bench):
-#   tests        the whole test suite except the fuzz (pytest -n 8)
+#   tests        the whole test suite except the fuzz (pytest -n 8; tests/test_large.py after it, alone)
 #   cuda-tests   only the tests that involve the cuda backend or device (faster)
 #   prebuild     compile every CUDA kernel instance the fuzz can ask for (all partial dtype
 #                pairs, the fuzz's head sizes) in parallel, so the fuzz only loads them
@@ -130,7 +130,13 @@ for arg in "$@"; do
   [ "$name" != "$arg" ] && limit=${arg#*:}
   case $name in
     # -v: a line per test as it ends, so a time limit still leaves the failures' names
-    tests) step tests "$limit" pytest.log "${PYTEST[@]}" -v -k "not fuzz" --durations=15 tests ;;
+    # tests/test_large.py then runs alone: its cases allocate up to 17 GB each, which the
+    # memory the other workers' caching allocators hold could deny them
+    tests)
+      step tests "$limit" pytest.log "${PYTEST[@]}" -v -k "not fuzz" --durations=15 \
+        --ignore tests/test_large.py tests
+      step tests-large "$limit" pytest_large.log python3 -m pytest -p no:cacheprovider -v \
+        tests/test_large.py ;;
     cuda-tests)
       step cuda-tests "$limit" pytest_cuda.log "${PYTEST[@]}" -v -k "cuda and not fuzz" tests ;;
     prebuild)
@@ -194,7 +200,7 @@ done
 
 echo "=================== summary ==================="
 head -n 2 "$OUT/env.txt"
-for log in pytest.log pytest_cuda.log fuzz.log fuzz_cuda.log fuzz_triton.log; do
+for log in pytest.log pytest_large.log pytest_cuda.log fuzz.log fuzz_cuda.log fuzz_triton.log; do
   [ -f "$OUT/$log" ] || continue
   echo "--- $log"
   grep -E "FAILED|ERROR" "$OUT/$log" | head -20
