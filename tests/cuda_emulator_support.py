@@ -142,7 +142,9 @@ class EmulatedKernel:
             "the emulated launch failed"
         )
         self._launched.append(self._config)
-        self._launched.launches.append(Launched(self._config, grid, self._lib.emulated_atomics(), values))
+        self._launched.launches.append(
+            Launched(self._config, grid, self._lib.emulated_atomics(), values)
+        )
 
 
 def emulate(directory: Path, monkeypatch) -> Emulated:

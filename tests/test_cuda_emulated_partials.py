@@ -180,10 +180,20 @@ def _launch_each_way(emulated, monkeypatch, fmt, outputs, lses, indptr=None, **k
         ("stacked", 13, 64, torch.float32, lambda: attnmerge.Plain(torch.float32)),
         ("stacked", 9, 13, torch.bfloat16, lambda: attnmerge.Plain(torch.float32)),  # scalar
         ("stacked", 5, 8, torch.float32, lambda: attnmerge.Plain(torch.bfloat16)),  # team of 2
-        ("stacked", 12, 128, torch.bfloat16,
-         lambda: attnmerge.FP8PerTokenGroup(64, amax=torch.zeros(1))),  # fmt: skip
-        ("stacked", 8, 64, torch.float16,
-         lambda: attnmerge.FP8Static(torch.tensor([0.03]), amax=torch.zeros(1))),  # fmt: skip
+        (
+            "stacked",
+            12,
+            128,
+            torch.bfloat16,
+            lambda: attnmerge.FP8PerTokenGroup(64, amax=torch.zeros(1)),
+        ),
+        (
+            "stacked",
+            8,
+            64,
+            torch.float16,
+            lambda: attnmerge.FP8Static(torch.tensor([0.03]), amax=torch.zeros(1)),
+        ),
         ("packed", 40, 128, torch.bfloat16, lambda: attnmerge.Plain(torch.bfloat16)),
         ("packed", 40, 64, torch.bfloat16, lambda: attnmerge.FP8PerTokenGroup(64, ue8m0=True)),
     ],
