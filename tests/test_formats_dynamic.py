@@ -550,12 +550,12 @@ def test_bad_output_block_scale_raises_before_writing():
 
 
 def _signature(quant) -> CallSignature:
-    return CallSignature(torch.device("cpu"), (torch.float32,) * 2, 64, quant.key, False, False)
+    return CallSignature(torch.device("cpu"), (torch.float32,) * 2, 96, quant.key, False, False)
 
 
 @pytest.mark.parametrize(
     "quant, reason",
-    [(FP8PerTokenGroup(128), "groups of 128 span heads of 64")],
+    [(FP8PerTokenGroup(64), "groups of 64 span heads of 96")],
 )
 def test_kernels_refuse_with_the_reason(clean_dispatch, caplog, monkeypatch, quant, reason):
     """auto falls back to torch and logs why; backend="cuda"/"triton" (argument or
@@ -563,7 +563,7 @@ def test_kernels_refuse_with_the_reason(clean_dispatch, caplog, monkeypatch, qua
     with caplog.at_level(logging.INFO, logger="attnmerge"):
         assert dispatch.select("auto", _signature(quant)) == dispatch.REGISTRY["torch"].run
     assert reason in caplog.text
-    o, lse = torch.randn(2, 3, 2, 64), torch.randn(2, 2, 3)  # two heads: 128 values a token
+    o, lse = torch.randn(2, 3, 2, 96), torch.randn(2, 2, 3)  # two heads: 3 groups a token
     attnmerge.merge(o, lse, quant=quant)  # auto: torch
     for backend in ("cuda", "triton"):
         with pytest.raises(attnmerge.BackendError, match=f"'{backend}'.*{reason}"):

@@ -550,3 +550,64 @@ def test_amax_calls_are_not_planned_by_the_api(direct_runner, monkeypatch):
         assert torch.equal(int_bits(amax), int_bits(want))
     call((*args[:7], Plain(torch.float32)))
     assert list(launcher.plans) == [1234]
+
+
+# ---------------------------------------------------------------------------
+# Groups of whole heads (docs/contract.md C37: FP8PerTokenGroup where the group size is a
+# multiple of a power-of-two head size): token tiles, whose heads the epilogue reshapes
+# into groups.
+
+
+def poisoned_scales(fmt: FP8PerTokenGroup, tokens: int, heads: int, head_size: int, device):
+    """(buffer, scales): the caller's scales in any layout as a view into a poisoned buffer
+    with ``GUARD`` elements on either side of their extent (TMA padding rows inside it)."""
+    shape, strides, dtype = fmt.scales_layout(tokens, fmt.groups(heads, head_size))
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides, strict=True))
+    buffer = torch.full((GUARD + extent + GUARD,), POISON, dtype=torch.int32, device=device)
+    buffer = buffer.view(dtype)
+    return buffer, buffer.as_strided(shape, strides, GUARD)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["pair", "pair_prefill", "stacked_prefill", "packed"])
+@pytest.mark.parametrize("layout", ["row_major", "col_major", "col_major_tma", "ue8m0_packed"])
+@pytest.mark.parametrize(
+    "heads, head_size, group_size, tile_elements",
+    [
+        (8, 64, 128, None),  # DeepSeek-like groups of 128 over heads of 64
+        (6, 64, 128, None),  # a tile of 8 heads: one group of padding heads
+        (4, 32, 128, None),  # four heads a group
+        (4, 16, 64, None),  # one group a token
+        (8, 64, 128, 256),  # two passes: tiles of 4 heads, two groups each
+    ],
+)
+def test_groups_of_whole_heads_are_the_reference_store(
+    device, monkeypatch, form, layout, heads, head_size, group_size, tile_elements
+):
+    """The FP8 codes, every element of a poisoned buffer around the caller's scales (NaN
+    and +inf groups, empty tokens, TMA and packed padding) and amax, bit for bit what the
+    reference store makes of the backend's own float32 result; scales merge() allocates
+    equal them."""
+    if tile_elements is not None:
+        monkeypatch.setattr(triton_backend.load(), "TOKEN_TILE_ELEMENTS", tile_elements)
+        assert triton_backend.load().token_tiles(heads, head_size)[1] > 1
+    tokens = 6
+    seed = heads * 100 + head_size + group_size
+    outputs, lses, kw = partials(form, tokens, heads, head_size, seed, device)
+    merged = float32_result(outputs, lses, kw)
+    ue8m0 = layout == "ue8m0_packed" or head_size == 32
+    fmt = FP8PerTokenGroup(group_size, ue8m0=ue8m0, layout=layout)
+    buffer, scales = poisoned_scales(fmt, tokens, heads, head_size, device)
+    amax = torch.full((1,), 3.0e38, device=device)
+    given = dataclasses.replace(fmt, scales=scales, amax=amax)
+    res = attnmerge.merge(outputs, lses, quant=given, backend="triton", **kw)
+    want_q, want_buffer, _ = reference_store(given, merged, buffer, scales)
+    assert res.scales is scales
+    assert_bits_equal(res.output.cpu(), want_q, "output")
+    assert_bits_equal(buffer.cpu(), want_buffer, "scales' buffer")
+    assert int_bits(buffer[:GUARD]).eq(POISON).all() and int_bits(buffer[-GUARD:]).eq(POISON).all()
+    assert torch.equal(int_bits(amax), int_bits(amax_reference(merged)))
+
+    allocated = attnmerge.merge(outputs, lses, quant=fmt, backend="triton", **kw)
+    assert_bits_equal(allocated.output.cpu(), want_q, "output (allocated scales)")
+    assert_bits_equal(allocated.scales.cpu(), scales.cpu(), "allocated scales")

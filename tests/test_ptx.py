@@ -261,13 +261,25 @@ for (heads, head_size, scale_ub), amax, (fn, extra) in itertools.product(
     per_thread = block_h * block_d // (32 * options["num_warps"])
     print("token", heads, head_size, chunks, options["num_warps"], per_thread, divisions, amax,
           fn.__name__, extra, atomics)
+
+# Groups of whole heads (FP8PerTokenGroup, GROUP > HEAD_SIZE) in token tiles: groups of 128
+# over 128 heads of 64 (one chunk) and 512 heads of 64 (two chunks, packed UE8M0 scales)
+for (heads, packed), (fn, extra) in itertools.product(((128, False), (512, True)), token_kernels):
+    block_h, chunks, options = merge_kernel.token_tiles(heads, 64)
+    const = dict(NUM_HEADS=heads, HEAD_SIZE=64, BLOCK_D=64, BLOCK_ROWS=block_h,
+                 LSE_BASE_2=False, WRITE_LSE=True, EPILOGUE=epilogues.fp8_group, GROUP=128,
+                 UE8M0=packed, UE8M0_PACKED=packed, SCALE_UB=False, AMAX=True,
+                 TOKEN_CHUNKS=chunks, **extra)
+    ptx = compile_(fn, const, "fp8e4nv", "i32" if packed else "fp32", options)
+    print("groups", heads, chunks, fn.__name__, extra, ops(ptx)[1])
 """
 
 
 def test_every_epilogue_compiles_for_sm_90():
     """Every output format's epilogue in both kernels (and both program orders and partial
-    forms), with packed UE8M0 scales and with amax, and FP8PerToken's in token tiles (one
-    and two chunks, with and without scale_ub), compiled (not interpreted): the
+    forms), with packed UE8M0 scales and with amax, and FP8PerToken's and groups of whole
+    heads in token tiles (one and two chunks, with and without scale_ub), compiled (not
+    interpreted): the
     interpreter accepts code that Triton's compiler rejects, such as a global that is not
     a constexpr. A kernel with amax takes one relaxed atomic maximum on its bits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -298,3 +310,5 @@ def test_every_epilogue_compiles_for_sm_90():
         assert divisions >= per_thread + 1, t
         want = "['atom.global.gpu.relaxed.max.s32']" if t[7] == "True" else "[]"
         assert " ".join(t).endswith(want), t
+    groups = [line.split() for line in proc.stdout.splitlines() if line.startswith("groups")]
+    assert len(groups) == 2 * 3 and {g[2] for g in groups} == {"1", "2"}, proc.stdout

@@ -165,6 +165,11 @@ class OutputFormat:
         format's epilogue."""
         return None
 
+    def token_tiles(self, head_size: int) -> bool:
+        """Whether a Triton program of this format's store holds whole tokens at
+        ``head_size`` (``whole_token_tiles``, or groups that span heads)."""
+        return self.whole_token_tiles
+
     def epilogue_strides(self) -> tuple[int, int]:
         """Run-time arguments of the epilogue besides ``kernel_operand``: the element
         strides (per token, per group) of the scales a format writes, (0, 0) without."""
@@ -296,6 +301,12 @@ class FP8Static(OutputFormat):
 
     def kernel_operand(self) -> torch.Tensor | None:
         return self.scale
+
+
+def _spans_whole_heads(head_size: int, group_size: int) -> bool:
+    """Whether each group of ``group_size`` is whole heads of ``head_size``, a power of
+    two (the Triton epilogue's token tiles then reshape heads into groups)."""
+    return head_size & (head_size - 1) == 0 and group_size % head_size == 0
 
 
 class _DynamicFP8(OutputFormat):
@@ -457,7 +468,8 @@ class FP8PerTokenGroup(_DynamicFP8):
             )
         super().__post_init__()
 
-    # Groups within one head: each row's store computes its own groups' scales.
+    # Groups within one head: each row's store computes its own groups' scales (groups of
+    # whole heads: Triton token tiles, token_tiles).
     triton_epilogue = "fp8_group"
     cuda_epilogue = "FP8GroupStore"
     whole_token_tiles = False
@@ -468,12 +480,26 @@ class FP8PerTokenGroup(_DynamicFP8):
     @classmethod
     def kernel_gap(cls, key: FormatKey, head_size: int, backend: str) -> str | None:
         group_size = key.options[0]
-        if head_size % group_size:
+        if head_size % group_size == 0:
+            return super().kernel_gap(key, head_size, backend)
+        whole_heads = _spans_whole_heads(head_size, group_size)
+        if backend == "triton" and whole_heads:
+            return super().kernel_gap(key, head_size, backend)
+        if backend == "triton":
             return (
-                f"its kernels tile by (token, head) rows, and groups of {group_size} span "
-                f"heads of {head_size}; the torch backend stores them"
+                f"groups of {group_size} span heads of {head_size} but are not whole heads "
+                f"(its token tiles take a head size that is a power of two dividing the group "
+                f"size); the torch backend stores them"
             )
-        return super().kernel_gap(key, head_size, backend)
+        also = ", and the triton backend (groups of whole heads)" if whole_heads else ""
+        return (
+            f"its kernels tile by (token, head) rows, and groups of {group_size} span heads "
+            f"of {head_size}; the torch backend stores them{also}"
+        )
+
+    def token_tiles(self, head_size: int) -> bool:
+        # Groups of whole heads: a program holds the token's heads (Triton token tiles).
+        return head_size % self.group_size != 0
 
     def kernel_operand(self) -> torch.Tensor | None:
         return self.scales  # written by the store

@@ -142,7 +142,7 @@ def _store_ue8m0_packed(
     tl.store(byte_ptr + pad_at * 4 + lane[:, :, None], tl.zeros(pad_at.shape, tl.uint8), pad_ok)
     if GROUPS % 4 != 0:
         # Bytes past G in the last column are 0: zeroed by the row of the token's last
-        # group, its last head (groups lie within a head).
+        # group, whose (last) head is the token's last.
         tail_at = (tok * stride_t + (GROUPS // 4) * stride_g) * 4
         tail_ok = (row_ok & (head == NUM_HEADS - 1))[:, None] & (pad >= GROUPS % 4)[None, :]
         tail = tail_at[:, None] + pad[None, :]
@@ -169,12 +169,29 @@ def fp8_group(
     UE8M0_PACKED: tl.constexpr,
     SCALE_UB: tl.constexpr,
 ):
-    # Per-token-group FP8 (FP8PerTokenGroup, groups within a head): per group of GROUP
-    # columns, s = max(amax, eps) / 448 (IEEE division), with UE8M0 rounded up to a power
-    # of two; q = x * (1 / s). A NaN makes its group's amax and scale NaN.
+    # Per-token-group FP8 (FP8PerTokenGroup): per group of GROUP values, s = max(amax,
+    # eps) / 448 (IEEE division), with UE8M0 rounded up to a power of two; q = x * (1 / s).
+    # A NaN makes its group's amax and scale NaN. Groups lie within a head, or are whole
+    # heads of a power-of-two HEAD_SIZE (BLOCK_D) in a token tile, whose heads go in order.
     ROWS: tl.constexpr = acc.shape[0]
-    NUM_GROUPS: tl.constexpr = BLOCK_D // GROUP
-    x = tl.reshape(acc, (ROWS, NUM_GROUPS, GROUP))
+    if GROUP > HEAD_SIZE:
+        # Groups of SPAN heads: group rows of the tile, each group's token, last head and
+        # index (its first head / SPAN); a group's heads all exist or none does.
+        SPAN: tl.constexpr = GROUP // HEAD_SIZE
+        NUM_GROUPS: tl.constexpr = 1
+        x = tl.reshape(acc, (ROWS // SPAN, 1, GROUP))
+        head = tl.max(tl.reshape(head + tl.zeros_like(tok), (ROWS // SPAN, SPAN)), axis=1)
+        tok = tl.max(tl.reshape(tok, (ROWS // SPAN, SPAN)), axis=1)
+        row_ok = head < NUM_HEADS
+        group = (head // SPAN)[:, None]
+        stored = row_ok[:, None]
+    else:
+        NUM_GROUPS: tl.constexpr = BLOCK_D // GROUP
+        x = tl.reshape(acc, (ROWS, NUM_GROUPS, GROUP))
+        col_group = tl.arange(0, NUM_GROUPS)
+        first_group = head * (HEAD_SIZE // GROUP) + tl.zeros_like(tok)  # a row's or all's
+        group = first_group[:, None] + col_group[None, :]
+        stored = row_ok[:, None] & (col_group[None, :] * GROUP < HEAD_SIZE)
     amax = tl.max(tl.abs(x), axis=2)
     has_nan = tl.max((x != x).to(tl.int32), axis=2) > 0
     amax = tl.where(has_nan, float("nan"), tl.maximum(amax, _GROUP_EPS))
@@ -187,10 +204,6 @@ def fp8_group(
         rounded = (tl.minimum(exponent, 255) << 23).to(tl.float32, bitcast=True)
         scale = tl.where(scale != scale, scale, rounded)
     inv_scale = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
-    col_group = tl.arange(0, NUM_GROUPS)
-    first_group = head * (HEAD_SIZE // GROUP) + tl.zeros_like(tok)  # head: a row's or all's
-    group = first_group[:, None] + col_group[None, :]
-    stored = row_ok[:, None] & (col_group[None, :] * GROUP < HEAD_SIZE)
     if UE8M0_PACKED:
         _store_ue8m0_packed(
             scales_ptr,

@@ -554,8 +554,8 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
     lse_out = output_lse if write_lse else lse1  # never written when WRITE_LSE=False
     out_lse_strides = lse_out.stride()
     token_chunks, options = 0, ROW_OPTIONS
-    if call.output_format.whole_token_tiles:
-        # Program t: token t's heads (its per-token scale needs them all).
+    if call.output_format.token_tiles(head_size):
+        # Program t: token t's heads (a per-token scale, or groups of several heads).
         rows_per_program, token_chunks, options = token_tiles(num_heads, head_size)
         head_major = False
     else:

@@ -447,8 +447,8 @@ def launch_arguments(call: MergeCall) -> TritonLaunch | None:
     packed = call.signature.layout is PartialLayout.PACKED
     block_d = triton.next_power_of_2(head_size)
     token_chunks, options = 0, ROW_OPTIONS
-    if call.output_format.whole_token_tiles:
-        # Program t: token t's heads (its per-token scale needs them all).
+    if call.output_format.token_tiles(head_size):
+        # Program t: token t's heads (a per-token scale, or groups of several heads).
         rows_per_program, token_chunks, options = token_tiles(num_heads, head_size)
     else:
         rows_per_program = max(1, _TILE_BYTES // (block_d * partials.itemsize))
