@@ -865,11 +865,9 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
         out_lse_ptr = output_lse.data_ptr()
         out_lse_strides = _zero_size_one(output_lse.shape, output_lse.stride())
     multiplier, shift = head_divisor(num_heads)
-    if tile:
-        split = 1
-    else:  # packed: the mean count of a token's partials
-        partials_a_row = -(-partials.shape[0] // num_tokens) if packed else partials.shape[0]
-        split = partials_split(num_rows, config.team, partials_a_row)
+    # Teams a row (none shared in a token tile); packed: the mean count of a token's rows.
+    partials_a_row = -(-partials.shape[0] // num_tokens) if packed else partials.shape[0]
+    split = 1 if tile else partials_split(num_rows, config.team, partials_a_row)
     if tile:
         scale_layout = _token_scale_layout(call)
     elif config.takes_scale_layout:
