@@ -148,8 +148,8 @@ struct WeightLanes {
 // and weight of partials j, j + W, ... and passes them on by shuffles. The rows are added
 // in order of k, in batches of B partials whose rows are loaded together; a thread asks
 // for its first batch before it reads the LSEs and for each next one as soon as the last
-// is added. (Loading every row before the weights took 1.9x the time at K = 4, 4096 x 128:
-// docs/perf-log.)
+// is added. (Two batches of eight ahead, every lane computing every weight, took 1.9x the
+// time at K = 4, 4096 x 128: docs/perf-log.)
 //
 // p.split teams share a row where the launcher asks for it (a grid of few rows: more
 // loads in flight, docs/cuda-backend.md): team s of the row adds the batches s, s + split,
