@@ -222,3 +222,16 @@ def test_teams_sharing_a_row_give_one_teams_bits(emulated, monkeypatch, form, K,
         if a is not None:
             assert_bits_equal(a.view(torch.uint8) if a.dtype == FP8 else a,
                               b.view(torch.uint8) if b.dtype == FP8 else b, name)  # fmt: skip
+
+
+def test_rows_are_shared_only_on_small_grids():
+    """The launcher's split: one team per batch of four partials on a decode-sized grid,
+    fewer as the grid grows past SPLIT_MAX_THREADS threads, one on large grids, and never
+    more teams than a block holds."""
+    split = cuda_backend.partials_split
+    assert split(8, 16, 16) == 4  # T = 1, H = 8, K = 16: four batches, four teams
+    assert split(8, 16, 3) == 1  # one batch
+    assert split(8, 16, 64) == 8  # a block of 128 threads holds 8 teams of 16
+    assert split(8, 128, 64) == 1  # a team of a whole block
+    assert split(4096, 16, 16) == 2  # 4096 x 16 x 2 threads = SPLIT_MAX_THREADS
+    assert split(4096 * 128, 16, 4) == split(4096 * 128, 16, 32) == 1
