@@ -175,6 +175,33 @@ def test_group_store_is_the_reference_quantiser(emulated, form, head_size, group
     assert emulated, "nothing reached the kernel"
 
 
+@pytest.mark.parametrize("form", ["pair", "stacked", "packed"])
+@pytest.mark.parametrize(
+    "head_size, group_size, ue8m0, dtype",
+    [(64, 128, False, torch.bfloat16), (64, 128, True, torch.bfloat16),
+     (32, 128, True, torch.float16), (16, 64, False, torch.float32)],
+)  # fmt: skip
+def test_groups_of_whole_heads(emulated, form, head_size, group_size, ue8m0, dtype):
+    """Groups of 2 to 4 whole heads (D a power of two dividing G): a group's rows are
+    consecutive teams (token-major rows, also where the output LSE is [H, T], and one team
+    a row of K partials on small grids), whose lanes reduce its amax together; every
+    layout, packed UE8M0 padding included, with empty, NaN and infinite entries."""
+    span = group_size // head_size
+    for tokens, heads in [(0, span), (1, span), (5, 2 * span), (7, 3 * span)]:
+        seed = tokens * 10 + heads
+        outputs, lses, indptr = states(form, tokens, heads, head_size, seed, dtype)
+        check_group_store(outputs, lses, indptr, group_size, ue8m0, emulated)
+    if form == "stacked":  # 12 partials on a small grid: teams would share rows, but not here
+        g = torch.Generator().manual_seed(12)
+        outputs = (torch.randn(12, 3, 2 * span, head_size, generator=g) * 4).to(dtype)
+        lses = torch.randn(12, 2 * span, 3, generator=g) * 3
+        lses[0, 0, 0] = NAN
+        check_group_store(outputs, lses, None, group_size, ue8m0, emulated)
+        assert emulated.launches[-1].fields["split"] == 1
+        assert cuda_backend.partials_split(6 * span, emulated[-1].team, 12) > 1
+    assert emulated, "nothing reached the kernel"
+
+
 @pytest.mark.parametrize(
     "form, head_size, group_size, ue8m0, with_lse, vec",
     [
@@ -204,7 +231,7 @@ def test_groups_across_warps_and_column_loops(
 @pytest.mark.parametrize(
     "form, head_size, group_size, with_lse",
     [("pair", 64, 64, False), ("pair", 192, 64, True), ("stacked", 128, 128, False),
-     ("stacked", 256, 128, True)],
+     ("stacked", 256, 128, True), ("pair", 64, 128, True), ("stacked", 32, 64, False)],
 )  # fmt: skip
 def test_misaligned_partials_take_scalar_accesses(emulated, form, head_size, group_size, with_lse):
     """Partials one element off 16-byte alignment take scalar accesses (VEC = 1): a group is
@@ -279,10 +306,10 @@ def test_special_groups(emulated, form, layout, ue8m0):
 
 
 def test_scale_layout_in_the_kernel_row_order():
-    """The launcher's ScaleLayout: a row's token stride and first group along the outer and
-    inner index (swapped for head-major rows), the group stride, 0 along dimensions of one
-    element; packed scales in bytes, with G, token T - 1's offset and the padding tokens
-    after it; past 32 bits a ValueError naming the scales."""
+    """The launcher's ScaleLayout: a row's token stride and first column within its token
+    along the outer and inner index (swapped for head-major rows), the group stride, 0
+    along dimensions of one element; packed scales in bytes, with G, token T - 1's offset
+    and the padding tokens after it; past 32 bits a ValueError naming the scales."""
 
     def layout(fmt, tokens, heads, head_size, head_major=False):
         fmt = fmt.with_scales(tokens, heads, head_size, "meta")
@@ -291,15 +318,17 @@ def test_scale_layout_in_the_kernel_row_order():
         return tuple(cuda_backend._scale_layout(call, head_major).values())
 
     col_major = FP8PerTokenGroup(64, layout="col_major")
-    assert layout(col_major, 5, 3, 128) == (1, 0, 0, 2, 5, 6, 0, 0)
-    assert layout(col_major, 5, 3, 128, head_major=True) == (0, 1, 2, 0, 5, 6, 0, 0)
+    assert layout(col_major, 5, 3, 128) == (1, 0, 0, 128, 5, 6, 0, 0)
+    assert layout(col_major, 5, 3, 128, head_major=True) == (0, 1, 128, 0, 5, 6, 0, 0)
     assert layout(FP8PerTokenGroup(128), 1, 1, 128) == (0, 0, 0, 0, 0, 1, 0, 0)
+    # groups of two heads of 64: [3, 2] row-major, a head 64 columns into its token
+    assert layout(FP8PerTokenGroup(128), 3, 4, 64) == (2, 0, 0, 64, 1, 2, 0, 0)
     packed = FP8PerTokenGroup(64, True, PACKED)
     # int32 [5, 2] with strides (1, 8): 4 bytes a token, 32 a column, 3 padding tokens
-    assert layout(packed, 5, 3, 128) == (4, 0, 0, 2, 32, 6, 16, 3)
-    assert layout(packed, 5, 3, 128, head_major=True) == (0, 4, 2, 0, 32, 6, 16, 3)
-    assert layout(packed, 8, 2, 64) == (4, 0, 0, 1, 0, 2, 28, 0)  # one column: no padding
-    assert layout(packed, 1, 5, 64) == (0, 0, 0, 1, 16, 5, 0, 3)  # [1, 2], strides (1, 4)
+    assert layout(packed, 5, 3, 128) == (4, 0, 0, 128, 32, 6, 16, 3)
+    assert layout(packed, 5, 3, 128, head_major=True) == (0, 4, 128, 0, 32, 6, 16, 3)
+    assert layout(packed, 8, 2, 64) == (4, 0, 0, 64, 0, 2, 28, 0)  # one column: no padding
+    assert layout(packed, 1, 5, 64) == (0, 0, 0, 64, 16, 5, 0, 3)  # [1, 2], strides (1, 4)
     tokens = 2**32  # col_major: 2^32 elements a group
     fmt = FP8PerTokenGroup(64, layout="col_major").with_scales(tokens, 2, 128, "meta")
     call = SimpleNamespace(output=torch.empty(tokens, 2, 128, device="meta"), output_format=fmt)
@@ -390,8 +419,8 @@ def test_outputs_follow_the_parameters(tmp_path):
 
 def test_dispatch_serves_groups_within_a_head(clean_dispatch, monkeypatch):
     """The format's gaps are the kernels' (FP8PerTokenGroup.kernel_gap): groups within a head
-    in every layout, and amax of every format, reach the cuda backend; groups that span
-    heads are refused with their reason."""
+    or of whole heads in every layout, and amax of every format, reach the cuda backend;
+    other groups that span heads are refused with their reason."""
 
     class Serves:
         def unsupported(self, signature):
@@ -411,8 +440,10 @@ def test_dispatch_serves_groups_within_a_head(clean_dispatch, monkeypatch):
             assert reason(FP8PerTokenGroup(64, True, fmt_layout, amax=amax), 64, layout) is None
         for fmt in (Plain(torch.float16, amax), FP8Static(torch.ones(1), amax=amax)):
             assert reason(fmt, 128, layout) is None
-    assert "span heads" in reason(FP8PerTokenGroup(128), 64)
-    assert "span heads" in reason(FP8PerTokenGroup(128, True, PACKED, amax=amax), 64)
+    assert reason(FP8PerTokenGroup(128), 64) is None  # groups of two heads
+    assert reason(FP8PerTokenGroup(128, True, PACKED, amax=amax), 32) is None
+    assert "span heads" in reason(FP8PerTokenGroup(64), 96)
+    assert "span heads" in reason(FP8PerTokenGroup(128, True, PACKED, amax=amax), 192)
 
 
 @pytest.mark.parametrize(

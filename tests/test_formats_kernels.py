@@ -106,8 +106,8 @@ def test_group_store_with_prefill_tokens_and_strides(backend, device):
 
 def test_both_kernel_backends_have_the_store(clean_dispatch, monkeypatch):
     """Dispatch passes the format on to the cuda and triton backends (each then answers for
-    its device) where its groups lie within a head, and to the triton backend where they are
-    whole heads of a power-of-two size; it refuses the other groups that span heads."""
+    its device) where its groups lie within a head or are whole heads of a power-of-two
+    size, and refuses the other groups that span heads."""
     from attnmerge import dispatch
     from attnmerge.call import CallSignature
 
@@ -117,8 +117,7 @@ def test_both_kernel_backends_have_the_store(clean_dispatch, monkeypatch):
 
     for backend in ("cuda", "triton"):
         monkeypatch.setitem(dispatch.REGISTRY, backend, ServesAll())
-        whole_heads = None if backend == "triton" else "span heads"
-        for head_size, reason in ((128, None), (256, None), (64, whole_heads), (32, whole_heads),
+        for head_size, reason in ((128, None), (256, None), (64, None), (32, None),
                                   (96, "span heads"), (192, "span heads")):  # fmt: skip
             sig = CallSignature(
                 torch.device("cuda"), (torch.bfloat16,) * 2, head_size,

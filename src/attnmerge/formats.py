@@ -305,7 +305,7 @@ class FP8Static(OutputFormat):
 
 def _spans_whole_heads(head_size: int, group_size: int) -> bool:
     """Whether each group of ``group_size`` is whole heads of ``head_size``, a power of
-    two (the Triton epilogue's token tiles then reshape heads into groups)."""
+    two: the kernels' stores then find a group's heads in consecutive rows or tile rows."""
     return head_size & (head_size - 1) == 0 and group_size % head_size == 0
 
 
@@ -468,8 +468,8 @@ class FP8PerTokenGroup(_DynamicFP8):
             )
         super().__post_init__()
 
-    # Groups within one head: each row's store computes its own groups' scales (groups of
-    # whole heads: Triton token tiles, token_tiles).
+    # Groups within one head: each row's store computes its own groups' scales; groups of
+    # whole heads: consecutive rows (cuda) or token tiles (Triton, token_tiles).
     triton_epilogue = "fp8_group"
     cuda_epilogue = "FP8GroupStore"
     whole_token_tiles = False
@@ -480,26 +480,22 @@ class FP8PerTokenGroup(_DynamicFP8):
     @classmethod
     def kernel_gap(cls, key: FormatKey, head_size: int, backend: str) -> str | None:
         group_size = key.options[0]
-        if head_size % group_size == 0:
-            return super().kernel_gap(key, head_size, backend)
-        whole_heads = _spans_whole_heads(head_size, group_size)
-        if backend == "triton" and whole_heads:
-            return super().kernel_gap(key, head_size, backend)
-        if backend == "triton":
+        if head_size % group_size and not _spans_whole_heads(head_size, group_size):
             return (
-                f"groups of {group_size} span heads of {head_size} but are not whole heads "
-                f"(its token tiles take a head size that is a power of two dividing the group "
-                f"size); the torch backend stores them"
+                f"groups of {group_size} span heads of {head_size}: its kernels store groups "
+                f"within a head or of whole heads (a head size that is a power of two "
+                f"dividing the group size); the torch backend stores them"
             )
-        also = ", and the triton backend (groups of whole heads)" if whole_heads else ""
-        return (
-            f"its kernels tile by (token, head) rows, and groups of {group_size} span heads "
-            f"of {head_size}; the torch backend stores them{also}"
-        )
+        return super().kernel_gap(key, head_size, backend)
+
+    def spans_heads(self, head_size: int) -> bool:
+        """Whether a group holds several heads of ``head_size`` (whole ones, where a kernel
+        stores it): the kernels then keep a group's heads together."""
+        return head_size % self.group_size != 0
 
     def token_tiles(self, head_size: int) -> bool:
-        # Groups of whole heads: a program holds the token's heads (Triton token tiles).
-        return head_size % self.group_size != 0
+        # Groups of whole heads: a Triton program holds the token's heads.
+        return self.spans_heads(head_size)
 
     def kernel_operand(self) -> torch.Tensor | None:
         return self.scales  # written by the store

@@ -21,7 +21,15 @@ from typing import NamedTuple
 import torch
 
 from ..call import CallSignature, MergeCall, PartialLayout
-from ..formats import FLOAT_DTYPES, FormatKey, FP8PerToken, FP8PerTokenGroup, FP8Static, Plain
+from ..formats import (
+    FLOAT_DTYPES,
+    FormatKey,
+    FP8PerToken,
+    FP8PerTokenGroup,
+    FP8Static,
+    OutputFormat,
+    Plain,
+)
 from ..version import __version__
 from . import cache, driver, nvrtc
 from .params import ParamBlock
@@ -622,24 +630,29 @@ def _check_strides(call: MergeCall) -> None:
             )
 
 
+def _groups_span_heads(output_format: OutputFormat, head_size: int) -> bool:
+    """Whether the format's groups hold several heads (FP8PerTokenGroup.spans_heads): a
+    group's rows must then be consecutive rows of one block, each a whole team."""
+    return isinstance(output_format, FP8PerTokenGroup) and output_format.spans_heads(head_size)
+
+
 def _scale_layout(call: MergeCall, head_major: bool = False) -> dict[str, int]:
     """The ScaleLayout fields (csrc/epilogues.cuh) of the scales a group store writes, in
     the kernel's row order: a row's token stride (float32 elements, or bytes of packed
-    scales) and first group (head * groups per head) along the outer and inner index, the
+    scales) and first column within the token (head * D) along the outer and inner index, the
     stride per group (packed: per column of four, in bytes), and for packed scales G, the
     offset of token T - 1 and the padding tokens after it (in every column but the last).
     0 along a dimension of one element, which addresses nothing."""
     output_format = call.output_format
     num_tokens, num_heads, head_size = call.output.shape
     stride_t, stride_g = output_format.epilogue_strides()
-    groups_per_head = head_size // output_format.epilogue_constants()[0]
-    groups = num_heads * groups_per_head
+    groups = num_heads * head_size // output_format.epilogue_constants()[0]
     packed = output_format.key.options[2] == _PACKED
     # Packed scales are addressed in bytes, each int32 column holding four groups.
     unit, columns = (4, -(-groups // 4)) if packed else (1, groups)
     token = unit * stride_t if num_tokens > 1 else 0
     group = unit * stride_g if columns > 1 else 0
-    head = groups_per_head if num_heads > 1 else 0
+    head = head_size if num_heads > 1 else 0  # a head's first column within its token
     # Packed: token T - 1 zeros the padding tokens of its columns (stride_g is round_up(T, 4)).
     last_token = (num_tokens - 1) * token if packed else 0
     padding = stride_g - num_tokens if packed and columns > 1 else 0
@@ -654,8 +667,8 @@ def _scale_layout(call: MergeCall, head_major: bool = False) -> dict[str, int]:
     return {
         "scale_stride_outer": tokens[0],
         "scale_stride_inner": tokens[1],
-        "first_group_outer": heads[0],
-        "first_group_inner": heads[1],
+        "first_col_outer": heads[0],
+        "first_col_inner": heads[1],
         "scale_stride_group": group,
         "num_groups": groups,
         "last_token_offset": last_token,
@@ -727,18 +740,23 @@ def launch_arguments(
     lst0, lst1, ol_st = lse0.stride(), lse1.stride(), lse_out.stride()
     first = call.tokens_with_first
     if head_major is None:
-        head_major = head_major_rows(
-            ol_st[1] if write_lse else None,
-            num_tokens,
-            num_heads,
-            first,
-            num_rows * head_size * widest,
+        # A group of several heads needs its heads in consecutive rows (token-major).
+        head_major = not _groups_span_heads(call.output_format, head_size) and (
+            head_major_rows(
+                ol_st[1] if write_lse else None,
+                num_tokens,
+                num_heads,
+                first,
+                num_rows * head_size * widest,
+            )
         )
     # Token-major rows: the inner count is H and each tensor's first stride is the outer
     # one. Head-major: T is the inner count and every tensor's two strides trade places.
     if head_major:
         if first not in (0, num_tokens):
             raise ValueError("head-major rows need a first partial on every token or on none")
+        if _groups_span_heads(call.output_format, head_size):
+            raise ValueError("head-major rows cannot keep a group's heads together")
         inner, (multiplier, shift) = num_tokens, token_divisor(num_tokens)
         o, i = 1, 0
     else:
@@ -865,9 +883,11 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
         out_lse_ptr = output_lse.data_ptr()
         out_lse_strides = _zero_size_one(output_lse.shape, output_lse.stride())
     multiplier, shift = head_divisor(num_heads)
-    # Teams a row (none shared in a token tile); packed: the mean count of a token's rows.
+    # Teams a row (none shared in a token tile, nor where a group holds several rows);
+    # packed: the mean count of a token's rows.
     partials_a_row = -(-partials.shape[0] // num_tokens) if packed else partials.shape[0]
-    split = 1 if tile else partials_split(num_rows, config.team, partials_a_row)
+    one_team = tile or _groups_span_heads(call.output_format, head_size)
+    split = 1 if one_team else partials_split(num_rows, config.team, partials_a_row)
     if tile:
         scale_layout = _token_scale_layout(call)
     elif config.takes_scale_layout:

@@ -26,15 +26,16 @@ namespace attnmerge {
 
 // Where a group store writes its scales (the launcher's _scale_layout), in the kernel's row
 // order. A row's token starts at outer * scale_stride_outer + inner * scale_stride_inner
-// (float32 elements; bytes for packed UE8M0 scales), its first group is outer *
-// first_group_outer + inner * first_group_inner (head * groups per head), and group g of a
-// token is g * scale_stride_group further (packed: column g / 4, in bytes, then byte g % 4).
+// (float32 elements; bytes for packed UE8M0 scales), its first column within the token's
+// H * D values is outer * first_col_outer + inner * first_col_inner (head * D), column c of
+// the token is in group c / G, and group g of a token is g * scale_stride_group further
+// (packed: column g / 4, in bytes, then byte g % 4).
 // The last three fields serve packed scales only: the bytes of a column past group G - 1
 // are written 0, and so are the padding tokens after token T - 1 (at last_token_offset) in
 // every column but the last.
 struct ScaleLayout {
   u32 scale_stride_outer, scale_stride_inner;
-  u32 first_group_outer, first_group_inner;
+  u32 first_col_outer, first_col_inner;
   u32 scale_stride_group;
   u32 num_groups;
   u32 last_token_offset, padding_tokens;
@@ -234,13 +235,15 @@ __device__ __forceinline__ float group_max(float v) {
   return v;
 }
 
-// Per-token-group FP8 (FP8PerTokenGroup, groups within a head), E = Groups<FP8E4M3, G,
+// Per-token-group FP8 (FP8PerTokenGroup), E = Groups<FP8E4M3, G,
 // UE8M0, PACKED>: per group of G columns, scale = max(max |x|, eps) / 448 (IEEE division;
 // NaN if the group holds one), with UE8M0 rounded up to a power of two; q = e4m3fn(saturate(
 // x * (1 / scale))), the reciprocal an IEEE division. The lanes holding a group (G / N
-// consecutive lanes of a team) reduce its amax together; its first lane writes the scale
-// where the ScaleLayout puts it. A group's lanes leave early or store together: a row is a
-// whole team, and the launcher's head size is a multiple of G (FP8PerTokenGroup.kernel_gap).
+// consecutive lanes) reduce its amax together; its first lane writes the scale where the
+// ScaleLayout puts it. A group's lanes leave early or store together: a group lies within
+// a row, a whole team, or (head sizes a power of two dividing G, FP8PerTokenGroup.
+// kernel_gap) is the rows of G / D heads of a token, consecutive teams of whole rows where
+// the launcher orders rows token-major with one team a row.
 //
 // Packed scales (int32 [T, ceil(G / 4)], strides (1, round_up(T, 4))) are written byte by
 // byte, each byte by one lane, so lanes need no atomics: the lane of group g of token t
@@ -257,14 +260,14 @@ struct FP8GroupStore {
   typedef ScaleLayout Layout;
   void* scales;  // the format's operand: the scales this store writes
   i64 scale_row;
-  u32 first_group, scale_stride_group;
+  u32 first_col, scale_stride_group;
   u32 num_groups, padding_tokens;  // packed scales only
   __device__ __forceinline__ explicit FP8GroupStore(const void* operand)
       : scales(const_cast<void*>(operand)) {}
   __device__ __forceinline__ void ready() {}
   __device__ __forceinline__ void row(const ScaleLayout& s, u32 outer, u32 inner) {
     scale_row = (i64)((u64)outer * s.scale_stride_outer + (u64)inner * s.scale_stride_inner);
-    first_group = outer * s.first_group_outer + inner * s.first_group_inner;
+    first_col = outer * s.first_col_outer + inner * s.first_col_inner;
     scale_stride_group = s.scale_stride_group;
     if constexpr (E::kPacked) {
       num_groups = s.num_groups;
@@ -313,7 +316,8 @@ struct FP8GroupStore {
         exponent = 255u;
       }
     }
-    if (col % kGroup == 0) write_scale(first_group + col / kGroup, scale, exponent);
+    const u32 token_col = first_col + col;  // a group's first lane writes its scale
+    if (token_col % kGroup == 0) write_scale(token_col / kGroup, scale, exponent);
     store_scaled_fp8<E, N>(static_cast<S*>(base) + offset, in, __fdiv_rn(1.0f, scale));
   }
 };
