@@ -10,6 +10,7 @@
 #   prebuild     compile every CUDA kernel instance the fuzz can ask for (all partial dtype
 #                pairs, the fuzz's head sizes) in parallel, so the fuzz only loads them
 #   fuzz         the fuzz, every GPU (backend, device); ATTNMERGE_FUZZ_EXAMPLES cases each
+#                (tests/test_fuzz.py; tests/test_fuzz_formats.py, dynamic FP8: half as many)
 #   fuzz-cuda    the fuzz of the cuda backend only
 #   fuzz-triton  the fuzz of the triton backend only
 #   sanitize     compute-sanitizer memcheck, racecheck, initcheck on scripts/sanitize_cases.py
@@ -143,10 +144,13 @@ for arg in "$@"; do
       sizes=$(cd tests && python3 -c 'import test_fuzz; print(",".join(map(str, test_fuzz.HEAD_SIZES)))')
       step prebuild "$limit" prebuild.log python3 -m attnmerge build --mixed-dtypes \
         --head-sizes "$sizes" ;;
-    fuzz) step fuzz "$limit" fuzz.log "${FUZZ[@]}" tests/test_fuzz.py ;;
-    fuzz-cuda) step fuzz-cuda "$limit" fuzz_cuda.log "${FUZZ[@]}" -k "cuda-cuda" tests/test_fuzz.py ;;
+    fuzz) step fuzz "$limit" fuzz.log "${FUZZ[@]}" tests/test_fuzz.py tests/test_fuzz_formats.py ;;
+    fuzz-cuda)
+      step fuzz-cuda "$limit" fuzz_cuda.log "${FUZZ[@]}" -k "cuda-cuda" tests/test_fuzz.py \
+        tests/test_fuzz_formats.py ;;
     fuzz-triton)
-      step fuzz-triton "$limit" fuzz_triton.log "${FUZZ[@]}" -k "triton-cuda" tests/test_fuzz.py ;;
+      step fuzz-triton "$limit" fuzz_triton.log "${FUZZ[@]}" -k "triton-cuda" tests/test_fuzz.py \
+        tests/test_fuzz_formats.py ;;
     sanitize)
       for tool in memcheck racecheck initcheck; do
         step "$tool" "$limit" "sanitize_$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
@@ -208,7 +212,7 @@ for log in pytest.log pytest_large.log pytest_cuda.log fuzz.log fuzz_cuda.log fu
   tail -n 1 "$OUT/$log"
 done
 if [ -d "$ATTNMERGE_FUZZ_PROGRESS_DIR" ]; then
-  for pair in cuda-cuda triton-cuda torch-cuda; do
+  for pair in cuda-cuda triton-cuda torch-cuda formats-cuda-cuda formats-triton-cuda; do
     files=("$ATTNMERGE_FUZZ_PROGRESS_DIR/$pair"-*.txt)
     [ -e "${files[0]}" ] || continue
     echo "fuzz $pair: $(cat "${files[@]}" | awk '{s += $1; if ($2 > t) t = $2} END {print s " cases passed, longest shard " t " s"}')" \
