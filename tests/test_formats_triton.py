@@ -570,19 +570,19 @@ def poisoned_scales(fmt: FP8PerTokenGroup, tokens: int, heads: int, head_size: i
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["pair", "pair_prefill", "stacked_prefill", "packed"])
-@pytest.mark.parametrize("layout", ["row_major", "col_major", "col_major_tma", "ue8m0_packed"])
 @pytest.mark.parametrize(
-    "heads, head_size, group_size, tile_elements",
+    "heads, head_size, group_size, tile_elements, layout",
     [
-        (8, 64, 128, None),  # DeepSeek-like groups of 128 over heads of 64
-        (6, 64, 128, None),  # a tile of 8 heads: one group of padding heads
-        (4, 32, 128, None),  # four heads a group
-        (4, 16, 64, None),  # one group a token
-        (8, 64, 128, 256),  # two passes: tiles of 4 heads, two groups each
+        (8, 64, 128, None, "row_major"),  # groups of 128 over heads of 64
+        (8, 64, 128, None, "ue8m0_packed"),
+        (6, 64, 128, None, "col_major_tma"),  # a tile of 8 heads: a group of padding heads
+        (4, 32, 128, None, "ue8m0_packed"),  # four heads a group
+        (4, 16, 64, None, "col_major"),  # one group a token
+        (8, 64, 128, 256, "ue8m0_packed"),  # two passes: tiles of 4 heads, two groups each
     ],
 )
 def test_groups_of_whole_heads_are_the_reference_store(
-    device, monkeypatch, form, layout, heads, head_size, group_size, tile_elements
+    device, monkeypatch, form, heads, head_size, group_size, tile_elements, layout
 ):
     """The FP8 codes, every element of a poisoned buffer around the caller's scales (NaN
     and +inf groups, empty tokens, TMA and packed padding) and amax, bit for bit what the
