@@ -178,11 +178,10 @@ def test_group_store_is_the_reference_quantiser(emulated, form, head_size, group
 @pytest.mark.parametrize("form", ["pair", "stacked", "packed"])
 @pytest.mark.parametrize(
     "head_size, group_size, ue8m0, dtype",
-    [(64, 128, True, torch.bfloat16), (32, 128, True, torch.float16),
-     (16, 64, False, torch.float32)],
+    [(64, 128, True, torch.bfloat16), (16, 64, False, torch.float32)],
 )  # fmt: skip
 def test_groups_of_whole_heads(emulated, form, head_size, group_size, ue8m0, dtype):
-    """Groups of 2 to 4 whole heads (D a power of two dividing G): a group's rows are
+    """Groups of 2 or 4 whole heads (D a power of two dividing G): a group's rows are
     consecutive teams (token-major rows, also where the output LSE is [H, T], and one team
     a row of K partials on small grids), whose lanes reduce its amax together; every
     layout, packed UE8M0 padding included, with empty, NaN and infinite entries."""
@@ -231,7 +230,7 @@ def test_groups_across_warps_and_column_loops(
 @pytest.mark.parametrize(
     "form, head_size, group_size, with_lse",
     [("pair", 64, 64, False), ("pair", 192, 64, True), ("stacked", 128, 128, False),
-     ("stacked", 256, 128, True), ("pair", 64, 128, True), ("stacked", 32, 64, False)],
+     ("stacked", 256, 128, True), ("pair", 64, 128, True)],
 )  # fmt: skip
 def test_misaligned_partials_take_scalar_accesses(emulated, form, head_size, group_size, with_lse):
     """Partials one element off 16-byte alignment take scalar accesses (VEC = 1): a group is
