@@ -395,13 +395,18 @@ __device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
 // kernels: block b holds token b). The token's values are chunks of VEC columns of one row,
 // chunk c of thread c % THREADS; a thread keeps its first kTokenTileValues / VEC chunks'
 // merged values in registers; chunks past THREADS times as many are merged again for the
-// store. The block's absmax (one redux a warp, shared memory, the block's barrier) gives
-// the token's scale; thread 0 writes it and adds the absmax to amax (one atomic a block).
-// With WRITE_LSE every row's output LSE is stored after a second block barrier, which
-// follows every read of the token's input LSEs (the output LSE may be an input LSE).
+// store. A thread asks for all its held chunks' inputs before it combines any (left to
+// itself, ptxas loaded each chunk after the previous one's weights: one chunk in flight;
+// not for scalar chunks, 32 of them); a chunk past the token's end loads the token's last
+// chunk again and is not counted. The
+// block's absmax (one redux a warp, shared memory, the block's barrier) gives the token's
+// scale; thread 0 writes it and adds the absmax to amax (one atomic a block). With
+// WRITE_LSE every row's output LSE is stored after a second block barrier, which follows
+// every read of the token's input LSEs (the output LSE may be an input LSE).
 //
-// Rows: merge<VEC>(head, col, acc) the merged values of a chunk; store_lse(head) a row's
-// output LSE. Every thread of the block runs this to its end (the barriers).
+// Rows: load<VEC>(head, col) a chunk's inputs (a Rows::Loaded<VEC>), merge_loaded<VEC>(
+// loaded, acc) its merged values, merge<VEC>(head, col, acc) both; store_lse(head) a row's output
+// LSE. Every thread of the block runs this to its end (the barriers).
 template <typename Store, int VEC, int THREADS, bool WRITE_LSE, bool AMAX, typename Rows>
 __device__ __forceinline__ void store_token(const Rows& rows, u32 token, u32 heads,
                                             u32 head_size, void* out, u32 out_stride_token,
@@ -413,13 +418,29 @@ __device__ __forceinline__ void store_token(const Rows& rows, u32 token, u32 hea
   const u32 chunks = heads * per_row;
   float held[kChunks][VEC];
   u32 bits = 0;
+  if constexpr (VEC > 1) {
+    typename Rows::template Loaded<VEC> loaded[kChunks];
 #pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    const u32 c = threadIdx.x + (u32)i * THREADS;
-    if (c < chunks) {
+    for (int i = 0; i < kChunks; ++i) {
+      u32 c = threadIdx.x + (u32)i * THREADS;
+      c = c < chunks ? c : chunks - 1;
       const u32 head = c / per_row;
-      rows.template merge<VEC>(head, (c - head * per_row) * VEC, held[i]);
-      bits = max_abs_bits<VEC>(bits, held[i]);
+      loaded[i] = rows.template load<VEC>(head, (c - head * per_row) * VEC);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      rows.template merge_loaded<VEC>(loaded[i], held[i]);
+      if (threadIdx.x + (u32)i * THREADS < chunks) bits = max_abs_bits<VEC>(bits, held[i]);
+    }
+  } else {  // scalar chunks: 32 held ones' inputs would take every register
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const u32 c = threadIdx.x + (u32)i * THREADS;
+      if (c < chunks) {
+        const u32 head = c / per_row;
+        rows.template merge<VEC>(head, (c - head * per_row) * VEC, held[i]);
+        bits = max_abs_bits<VEC>(bits, held[i]);
+      }
     }
   }
   for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
@@ -474,19 +495,43 @@ struct TwoPartialRows {
     return two_partial_state(l0, l1, has_first, LSE_BASE_2);
   }
 
+  // A chunk's inputs: its rows and both LSEs.
   template <int VEC>
-  __device__ __forceinline__ void merge(u32 head, u32 col, float (&acc)[VEC]) const {
-    const bool has_first = token * p.inner_count + head < p.rows_with_first;
-    Chunk<typename P0::storage, VEC> x0 = Chunk<typename P0::storage, VEC>();
-    if (has_first) {
-      x0 = load_row<P0, VEC>(
+  struct Loaded {
+    Chunk<typename P0::storage, VEC> x0;
+    Chunk<typename P1::storage, VEC> x1;
+    float l0, l1;
+    bool has_first;
+  };
+
+  template <int VEC>
+  __device__ __forceinline__ Loaded<VEC> load(u32 head, u32 col) const {
+    const float inf = __int_as_float(0x7f800000);
+    Loaded<VEC> in;
+    in.has_first = token * p.inner_count + head < p.rows_with_first;
+    in.x0 = Chunk<typename P0::storage, VEC>();
+    in.l0 = -inf;
+    if (in.has_first) {
+      in.l0 = p.lse0[offset_of(token, p.lse0_stride_outer, head, p.lse0_stride_inner)];
+      in.x0 = load_row<P0, VEC>(
           p.partial0,
           offset_of(token, p.partial0_stride_outer, head, p.partial0_stride_inner) + col);
     }
-    const Chunk<typename P1::storage, VEC> x1 = load_row<P1, VEC>(
+    in.l1 = p.lse1[offset_of(token, p.lse1_stride_outer, head, p.lse1_stride_inner)];
+    in.x1 = load_row<P1, VEC>(
         p.partial1, offset_of(token, p.partial1_stride_outer, head, p.partial1_stride_inner) + col);
-    const TwoPartialState s = state(head, has_first);
-    combine<P0, P1, VEC>(acc, s.weight0, s.keep0, x0, s.weight1, s.keep1, x1);
+    return in;
+  }
+
+  template <int VEC>
+  __device__ __forceinline__ void merge_loaded(const Loaded<VEC>& in, float (&acc)[VEC]) const {
+    const TwoPartialState s = two_partial_state(in.l0, in.l1, in.has_first, LSE_BASE_2);
+    combine<P0, P1, VEC>(acc, s.weight0, s.keep0, in.x0, s.weight1, s.keep1, in.x1);
+  }
+
+  template <int VEC>
+  __device__ __forceinline__ void merge(u32 head, u32 col, float (&acc)[VEC]) const {
+    merge_loaded<VEC>(load<VEC>(head, col), acc);
   }
 
   __device__ __forceinline__ void store_lse(u32 head) const {

@@ -337,6 +337,23 @@ struct KPartialRows {
   const PartialsParams& p;
   u32 token;
 
+  // A chunk's inputs are loaded by merge: a batch of B partials' rows for each of a
+  // thread's held chunks would take more registers than a thread of 512 may have.
+  template <int VEC>
+  struct Loaded {
+    u32 head, col;
+  };
+
+  template <int VEC>
+  __device__ __forceinline__ Loaded<VEC> load(u32 head, u32 col) const {
+    return {head, col};
+  }
+
+  template <int VEC>
+  __device__ __forceinline__ void merge_loaded(const Loaded<VEC>& in, float (&acc)[VEC]) const {
+    merge<VEC>(in.head, in.col, acc);
+  }
+
   template <int VEC>
   __device__ __forceinline__ void merge(u32 head, u32 col, float (&acc)[VEC]) const {
     // Partials whose rows are loaded together: four (eight held all 128 registers a thread
