@@ -382,6 +382,23 @@ __device__ __forceinline__ void merge_two_rows(const MergeParams& p,
 // many is merged twice past them, once for its absmax and once for the store.
 constexpr int kTokenTileValues = 32;
 
+// The chunks of a token a thread of a token tile holds: chunk c is VEC columns from
+// col(c) of row head(c); the thread's i-th is held(i), for i < kTokenTileValues / VEC.
+struct TokenChunks {
+  u32 first, stride;  // the thread's first chunk, and the block's threads
+  u32 per_row, count;  // chunks a row, and the token's
+  __device__ __forceinline__ u32 held(int i) const { return first + (u32)i * stride; }
+  // held(i), or the token's last chunk where held(i) is past its end
+  __device__ __forceinline__ u32 held_or_last(int i) const {
+    return held(i) < count ? held(i) : count - 1;
+  }
+  __device__ __forceinline__ u32 head(u32 c) const { return c / per_row; }
+  template <int VEC>
+  __device__ __forceinline__ u32 col(u32 c, u32 head) const {
+    return (c - head * per_row) * VEC;
+  }
+};
+
 // The float32 bits of |x| at most, over v and in (NaN above +inf: an integer maximum).
 template <int N>
 __device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
@@ -395,18 +412,17 @@ __device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
 // kernels: block b holds token b). The token's values are chunks of VEC columns of one row,
 // chunk c of thread c % THREADS; a thread keeps its first kTokenTileValues / VEC chunks'
 // merged values in registers; chunks past THREADS times as many are merged again for the
-// store. A thread asks for all its held chunks' inputs before it combines any (left to
-// itself, ptxas loaded each chunk after the previous one's weights: one chunk in flight;
-// not for scalar chunks, 32 of them); a chunk past the token's end loads the token's last
-// chunk again and is not counted. The
-// block's absmax (one redux a warp, shared memory, the block's barrier) gives the token's
-// scale; thread 0 writes it and adds the absmax to amax (one atomic a block). With
-// WRITE_LSE every row's output LSE is stored after a second block barrier, which follows
-// every read of the token's input LSEs (the output LSE may be an input LSE).
+// store. The held chunks are merged together (Rows::merge_chunks), so that their loads are
+// in flight at once. The block's absmax (one redux a warp, shared memory, the block's
+// barrier) gives the token's scale; thread 0 writes it and adds the absmax to amax (one
+// atomic a block). With WRITE_LSE every row's output LSE is stored after a second block
+// barrier, which follows every read of the token's input LSEs (the output LSE may be an
+// input LSE).
 //
-// Rows: load<VEC>(head, col) a chunk's inputs (a Rows::Loaded<VEC>), merge_loaded<VEC>(
-// loaded, acc) its merged values, merge<VEC>(head, col, acc) both; store_lse(head) a row's output
-// LSE. Every thread of the block runs this to its end (the barriers).
+// Rows: merge_chunks<VEC, N>(chunks, acc) the merged values of a thread's N held chunks
+// (TokenChunks; those past the token's end are not counted and may be left unmerged),
+// merge<VEC>(head, col, acc) those of one chunk; store_lse(head) a row's
+// output LSE. Every thread of the block runs this to its end (the barriers).
 template <typename Store, int VEC, int THREADS, bool WRITE_LSE, bool AMAX, typename Rows>
 __device__ __forceinline__ void store_token(const Rows& rows, u32 token, u32 heads,
                                             u32 head_size, void* out, u32 out_stride_token,
@@ -417,31 +433,12 @@ __device__ __forceinline__ void store_token(const Rows& rows, u32 token, u32 hea
   const u32 per_row = head_size / VEC;  // the launcher's VEC divides the head size
   const u32 chunks = heads * per_row;
   float held[kChunks][VEC];
+  rows.template merge_chunks<VEC, kChunks>(TokenChunks{threadIdx.x, THREADS, per_row, chunks},
+                                           held);
   u32 bits = 0;
-  if constexpr (VEC > 1) {
-    typename Rows::template Loaded<VEC> loaded[kChunks];
 #pragma unroll
-    for (int i = 0; i < kChunks; ++i) {
-      u32 c = threadIdx.x + (u32)i * THREADS;
-      c = c < chunks ? c : chunks - 1;
-      const u32 head = c / per_row;
-      loaded[i] = rows.template load<VEC>(head, (c - head * per_row) * VEC);
-    }
-#pragma unroll
-    for (int i = 0; i < kChunks; ++i) {
-      rows.template merge_loaded<VEC>(loaded[i], held[i]);
-      if (threadIdx.x + (u32)i * THREADS < chunks) bits = max_abs_bits<VEC>(bits, held[i]);
-    }
-  } else {  // scalar chunks: 32 held ones' inputs would take every register
-#pragma unroll
-    for (int i = 0; i < kChunks; ++i) {
-      const u32 c = threadIdx.x + (u32)i * THREADS;
-      if (c < chunks) {
-        const u32 head = c / per_row;
-        rows.template merge<VEC>(head, (c - head * per_row) * VEC, held[i]);
-        bits = max_abs_bits<VEC>(bits, held[i]);
-      }
-    }
+  for (int i = 0; i < kChunks; ++i) {
+    if (threadIdx.x + (u32)i * THREADS < chunks) bits = max_abs_bits<VEC>(bits, held[i]);
   }
   for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
     float acc[VEC];
@@ -534,6 +531,39 @@ struct TwoPartialRows {
     merge_loaded<VEC>(load<VEC>(head, col), acc);
   }
 
+  // The inputs of up to 128 bytes of rows (four bf16 chunks, two fp32) are asked for
+  // before any of them is combined, the uncounted ones too (left to itself, ptxas loaded
+  // each chunk after the previous one's weights: one chunk in flight; predicated loads
+  // took more registers); scalar chunks, 32 a thread, one after another.
+  template <int VEC, int N>
+  __device__ __forceinline__ void merge_chunks(const TokenChunks& chunks,
+                                               float (&acc)[N][VEC]) const {
+    if constexpr (VEC > 1) {
+      constexpr int kPairBytes =
+          VEC * (int)(sizeof(typename P0::storage) + sizeof(typename P1::storage));
+      constexpr int G = kPairBytes >= 128 ? 1 : 128 / kPairBytes;  // chunks loaded together
+      static_assert(N % G == 0, "whole groups of chunks");
+#pragma unroll
+      for (int g = 0; g < N; g += G) {
+        Loaded<VEC> in[G];
+#pragma unroll
+        for (int i = 0; i < G; ++i) {
+          const u32 c = chunks.held_or_last(g + i);
+          const u32 head = chunks.head(c);
+          in[i] = load<VEC>(head, chunks.col<VEC>(c, head));
+        }
+#pragma unroll
+        for (int i = 0; i < G; ++i) merge_loaded<VEC>(in[i], acc[g + i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const u32 c = chunks.held(i);
+        if (c < chunks.count) merge<VEC>(chunks.head(c), chunks.col<VEC>(c, chunks.head(c)), acc[i]);
+      }
+    }
+  }
+
   __device__ __forceinline__ void store_lse(u32 head) const {
     const bool has_first = token * p.inner_count + head < p.rows_with_first;
     const TwoPartialState s = state(head, has_first);
@@ -587,9 +617,13 @@ template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRIT
 struct MergeInstance {
   typedef KernelArgs<MergeParams, Store::kWritesScales, AMAX, typename Store::Layout> Params;
   static constexpr int kThreads = Store::kWholeTokens ? TEAM : kBlockThreads;
-  // One for a token tile: without it ptxas for sm_100a keeps some at 64 registers and spills.
-  // 0 (none asked for) for the others: the same PTX as no minimum.
-  static constexpr int kMinBlocks = Store::kWholeTokens ? 1 : 0;
+  // A token tile of 2-byte partials: two blocks of 512 threads an SM (64 registers), so that
+  // one block's loads overlap the other's barrier and stores; of wider partials one (ptxas
+  // spills at 64, and for sm_100a without a minimum). 0 (none asked for) for the others:
+  // the same PTX as no minimum.
+  static constexpr bool kNarrowPartials =
+      sizeof(typename P0::storage) <= 2 && sizeof(typename P1::storage) <= 2;
+  static constexpr int kMinBlocks = Store::kWholeTokens ? (kNarrowPartials ? 1024 / TEAM : 1) : 0;
 };
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the

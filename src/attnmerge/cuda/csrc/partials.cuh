@@ -354,6 +354,16 @@ struct KPartialRows {
     merge<VEC>(in.head, in.col, acc);
   }
 
+  template <int VEC, int N>
+  __device__ __forceinline__ void merge_chunks(const TokenChunks& chunks,
+                                               float (&acc)[N][VEC]) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const u32 c = chunks.held(i);
+      if (c < chunks.count) merge<VEC>(chunks.head(c), chunks.col<VEC>(c, chunks.head(c)), acc[i]);
+    }
+  }
+
   template <int VEC>
   __device__ __forceinline__ void merge(u32 head, u32 col, float (&acc)[VEC]) const {
     // Partials whose rows are loaded together: four (eight held all 128 registers a thread
