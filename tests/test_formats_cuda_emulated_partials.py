@@ -281,6 +281,17 @@ def test_token_tiles_past_the_registers_and_misaligned(emulated, heads, head_siz
         assert (config.team, config.vec) == (threads, vec)
 
 
+def test_tokens_past_the_staged_lses(emulated):
+    """A token tile stages a token's LSEs in shared memory where its heads times its
+    partials fit (kTokenLses, 4096), else each chunk reads them from global memory: packed
+    tokens of 2049 rows (4098 LSEs: not staged), 2048 (4096: staged) and 3 over two heads,
+    the same bits as the torch backend (base 2, exact)."""
+    counts = [2049, 3, 2048]
+    rows, lses, indptr = packed_states(counts, 2, 16, 7, torch.bfloat16, exact=True)
+    check_token_store(rows, lses, indptr, emulated, exact=True, lse_base=2)
+    assert emulated.launches[-1].config.vec == 8
+
+
 def test_prefill_tokens_in_place_lse_and_flashinfer_layout(emulated):
     """Stacked partials with prefill_tokens_with_context (tokens from P on without the first
     partial: its rows and LSEs there not read); the output LSE written into lses[0] and into

@@ -559,7 +559,10 @@ struct TwoPartialRows {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         const u32 c = chunks.held(i);
-        if (c < chunks.count) merge<VEC>(chunks.head(c), chunks.col<VEC>(c, chunks.head(c)), acc[i]);
+        if (c < chunks.count) {
+          const u32 head = chunks.head(c);
+          merge<VEC>(head, chunks.col<VEC>(c, head), acc[i]);
+        }
       }
     }
   }

@@ -299,24 +299,25 @@ __device__ __forceinline__ void merge_partial_rows(const PartialsParams& p,
 // The merge state of one row of K partials, with merge_partial_rows's arithmetic in its
 // order (the same bits): the maximum of the LSEs (NaN wins; 0 for an empty row, whose
 // weights are 0 and LSE -inf) and the sum of the exponentials in order of k. Its loops stay
-// rolled: a token tile inlines one state for each chunk a thread holds.
+// rolled: a token tile inlines one state for each chunk a thread holds. `lse(k)` gives
+// partial k's LSE as partial_lse does, for k < count.
 template <bool LSE_BASE_2>
 struct KPartialState {
   float max, total;
   bool empty;
 
-  __device__ __forceinline__ KPartialState(const PartialsParams& p, const PartialRows& r) {
+  KPartialState() = default;
+  template <typename Lse>
+  __device__ __forceinline__ KPartialState(u32 count, const Lse& lse) {
     const float inf = __int_as_float(0x7f800000);
     float m = -inf;
 #pragma unroll 1
-    for (u32 k = 0; k < r.count; ++k) m = max_nan(m, partial_lse(p, r, k));
+    for (u32 k = 0; k < count; ++k) m = max_nan(m, lse(k));
     empty = m == -inf;
     max = empty ? 0.0f : m;
     total = 0.0f;
 #pragma unroll 1
-    for (u32 k = 0; k < r.count; ++k) {
-      total = __fadd_rn(total, exponential<LSE_BASE_2>(partial_lse(p, r, k), max));
-    }
+    for (u32 k = 0; k < count; ++k) total = __fadd_rn(total, exponential<LSE_BASE_2>(lse(k), max));
   }
   // The weight of a partial with LSE l (partial_lse).
   __device__ __forceinline__ float weight(float l) const {
@@ -328,39 +329,118 @@ struct KPartialState {
   }
 };
 
+// A token tile's LSEs in shared memory: partial k of head h at [h * count + k], as
+// partial_lse reads it, where the token's heads times its partials fit (16 KB).
+constexpr u32 kTokenLses = 4096;
+
 // The rows of one token of stacked or packed partials, for store_token: the arithmetic of
-// merge_partial_rows (KPartialState, the same sum), so the same bits. A chunk asks for the
-// rows of its first B partials before it reads the LSEs, each next B as soon as the last
-// are added.
+// merge_partial_rows (KPartialState, the same sum), so the same bits. With the token's LSEs
+// staged (`lses`), a thread's held chunks go through the partials together, 128 bytes of
+// rows on their way at once, and their weights come from shared memory (not K round trips
+// to memory for the LSEs of each chunk). Otherwise (scalar
+// chunks, or more LSEs than kTokenLses) each chunk asks for the rows of its first B
+// partials before it reads the LSEs, each next B as soon as the last are added.
 template <typename P, bool LSE_BASE_2>
 struct KPartialRows {
   const PartialsParams& p;
   u32 token;
+  const float* lses;  // the token's staged LSEs, or null
+  u32 count;          // partials a row of the token has (one count for all its heads)
 
-  // A chunk's inputs are loaded by merge: a batch of B partials' rows for each of a
-  // thread's held chunks would take more registers than a thread of 512 may have.
-  template <int VEC>
-  struct Loaded {
-    u32 head, col;
-  };
-
-  template <int VEC>
-  __device__ __forceinline__ Loaded<VEC> load(u32 head, u32 col) const {
-    return {head, col};
-  }
-
-  template <int VEC>
-  __device__ __forceinline__ void merge_loaded(const Loaded<VEC>& in, float (&acc)[VEC]) const {
-    merge<VEC>(in.head, in.col, acc);
+  __device__ __forceinline__ KPartialState<LSE_BASE_2> state(const PartialRows& r,
+                                                             u32 head) const {
+    if (lses != nullptr) {
+      const float* row = lses + head * count;
+      return KPartialState<LSE_BASE_2>(count, [row](u32 k) { return row[k]; });
+    }
+    return KPartialState<LSE_BASE_2>(r.count, [&](u32 k) { return partial_lse(p, r, k); });
   }
 
   template <int VEC, int N>
   __device__ __forceinline__ void merge_chunks(const TokenChunks& chunks,
                                                float (&acc)[N][VEC]) const {
+    if constexpr (VEC > 1) {
+      if (lses != nullptr) return merge_staged<VEC, N>(chunks, acc);
+    }
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const u32 c = chunks.held(i);
-      if (c < chunks.count) merge<VEC>(chunks.head(c), chunks.col<VEC>(c, chunks.head(c)), acc[i]);
+      if (c < chunks.count) {
+        const u32 head = chunks.head(c);
+        merge<VEC>(head, chunks.col<VEC>(c, head), acc[i]);
+      }
+    }
+  }
+
+  // merge_chunks with the token's LSEs staged: the held chunks G at a time (64 bytes of a
+  // partial's rows: four bf16 chunks, four of a thread's eight fp32 ones; all eight fp32
+  // chunks spilled registers at 512 threads), through the partials B at a time, so that
+  // 128 bytes of rows are on their way a thread.
+  template <int VEC, int N>
+  __device__ __forceinline__ void merge_staged(const TokenChunks& chunks,
+                                               float (&acc)[N][VEC]) const {
+    constexpr int kChunkBytes = VEC * (int)sizeof(typename P::storage);
+    constexpr int G = N * kChunkBytes > 64 ? 64 / kChunkBytes : N;
+    static_assert(G >= 1 && N % G == 0, "whole groups of chunks");
+#pragma unroll
+    for (int g = 0; g < N; g += G) merge_staged_group<VEC, N, G>(chunks, g, acc);
+  }
+
+  template <int VEC, int N, int G>
+  __device__ __forceinline__ void merge_staged_group(const TokenChunks& chunks, int first,
+                                                     float (&acc)[N][VEC]) const {
+    constexpr int kRoundBytes = G * VEC * (int)sizeof(typename P::storage);
+    constexpr int B = kRoundBytes >= 128 ? 1 : 128 / kRoundBytes;
+    // Every held chunk, those past the token's end as its last one (merged, not counted).
+    const PartialRows r = partial_rows(p, true, token, 0);
+    i64 row[G];
+    u32 head[G];
+    KPartialState<LSE_BASE_2> s[G];
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+      const u32 c = chunks.held_or_last(first + i);
+      head[i] = chunks.head(c);
+      row[i] = r.row_offset + (i64)head[i] * p.partial_stride_inner;
+      row[i] += chunks.col<VEC>(c, head[i]);
+      s[i] = state(r, head[i]);
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) acc[first + i][c] = -0.0f;  // -0 + x is x: the sum's
+    }
+#pragma unroll 1
+    for (u32 k0 = 0; k0 < count; k0 += B) {
+      Chunk<typename P::storage, VEC> x[B][G];
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        const u32 k = k0 + j;
+        const bool exists = k < count && (k > 0 || r.has_first);
+#pragma unroll
+        for (int i = 0; i < G; ++i) {
+          x[j][i] = Chunk<typename P::storage, VEC>();
+          if (exists) x[j][i] = load_row<P, VEC>(p.partials, row[i] + (i64)k * p.partial_stride_k);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        if (k0 + j < count) {
+#pragma unroll
+          for (int i = 0; i < G; ++i) {
+            const float w = s[i].weight(lses[head[i] * count + k0 + j]);
+            const bool keep = w != 0.0f;  // a zero weight adds exactly 0 (NaN rows too)
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) {
+              const float term = keep ? __fmul_rn(w, P::load(x[j][i].get(c))) : 0.0f;
+              acc[first + i][c] = __fadd_rn(acc[first + i][c], term);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+      if (s[i].empty) {  // a row without partials added nothing: +0, as in the reference
+#pragma unroll
+        for (int c = 0; c < VEC; ++c) acc[first + i][c] = 0.0f;
+      }
     }
   }
 
@@ -373,7 +453,7 @@ struct KPartialRows {
     const PartialRows r = partial_rows(p, true, token, head);
     Chunk<typename P::storage, VEC> batch[B];
     load_batch<P, VEC, B>(batch, p, r, 0, col);
-    const KPartialState<LSE_BASE_2> s(p, r);
+    const KPartialState<LSE_BASE_2> s = state(r, head);
     // -0 adds nothing (-0 + x is x): the sum is the reference's, term for term.
 #pragma unroll
     for (int c = 0; c < VEC; ++c) acc[c] = -0.0f;
@@ -405,7 +485,7 @@ struct KPartialRows {
   __device__ __forceinline__ void store_lse(u32 head) const {
     const PartialRows r = partial_rows(p, true, token, head);
     p.out_lse[offset_of(token, p.out_lse_stride_outer, head, p.out_lse_stride_inner)] =
-        KPartialState<LSE_BASE_2>(p, r).lse();
+        state(r, head).lse();
   }
 };
 
@@ -418,8 +498,21 @@ __device__ __forceinline__ void merge_partial_tokens(const PartialsParams& p,
                                                      float* amax_out) {
   Store store(p.format_operand);
   store.load_bound(layout);
-  const KPartialRows<P, LSE_BASE_2> rows{p, blockIdx.x};
-  store_token<Store, VEC, THREADS, WRITE_LSE, AMAX>(rows, blockIdx.x, p.inner_count,
+  const u32 token = blockIdx.x, heads = p.inner_count;
+  // Stage the token's LSEs (all its rows have one count of partials), one load a thread,
+  // where they fit; the barrier also orders these reads before any output LSE is written.
+  __shared__ float staged[kTokenLses];
+  const u32 count = partial_rows(p, true, token, 0).count;
+  const bool stage = VEC > 1 && (u64)heads * count <= kTokenLses;
+  if (stage) {
+    for (u32 i = threadIdx.x; i < heads * count; i += THREADS) {
+      const u32 head = i / count;
+      staged[i] = partial_lse(p, partial_rows(p, true, token, head), i - head * count);
+    }
+    __syncthreads();
+  }
+  const KPartialRows<P, LSE_BASE_2> rows{p, token, stage ? staged : nullptr, count};
+  store_token<Store, VEC, THREADS, WRITE_LSE, AMAX>(rows, token, p.inner_count,
                                                     p.head_size, p.out, p.out_stride_outer,
                                                     p.out_stride_inner, store, layout, amax_out);
 }
