@@ -337,9 +337,9 @@ constexpr u32 kTokenLses = 4096;
 // merge_partial_rows (KPartialState, the same sum), so the same bits. With the token's LSEs
 // staged (`lses`), a thread's held chunks go through the partials together, 128 bytes of
 // rows on their way at once, and their weights come from shared memory (not K round trips
-// to memory for the LSEs of each chunk). Otherwise (scalar
-// chunks, or more LSEs than kTokenLses) each chunk asks for the rows of its first B
-// partials before it reads the LSEs, each next B as soon as the last are added.
+// to memory for the LSEs of each chunk). Otherwise (scalar chunks, or more LSEs than
+// kTokenLses) each chunk asks for the rows of its first B partials before it reads the
+// LSEs, each next B as soon as the last are added.
 template <typename P, bool LSE_BASE_2>
 struct KPartialRows {
   const PartialsParams& p;
