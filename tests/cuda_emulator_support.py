@@ -63,11 +63,11 @@ def struct_of(config):
 
 def block_size(config) -> int:
     """Bytes of the instance's parameters (WithOutputs in csrc/epilogues.cuh): its struct,
-    then the scales' layout where its store writes scales (a token tile's TokenScaleLayout),
+    then the scales' layout where its store writes scales (a per-token TokenScaleLayout),
     then the amax output's address where it reduces amax, each at its alignment, padded to
     8 bytes."""
     size = struct_of(config).size
-    if config.whole_tokens:  # TokenScaleLayout, at a pointer's alignment
+    if config.output_element.startswith("TokenScales<"):  # at a pointer's alignment
         size = -(-size // 8) * 8 + cuda_backend.TOKEN_SCALE_LAYOUT.size
     elif config.takes_scale_layout:
         size += cuda_backend.SCALE_LAYOUT.size

@@ -148,7 +148,10 @@ def check_group_store(outputs, lses, indptr, group_size, ue8m0, launched, **kw):
             assert config in cuda_backend._configs_of(call.signature)  # what prepare builds
             assert config.takes_scale_layout and config.epilogue == "FP8GroupStore"
             flags = f"{str(ue8m0).lower()}, {str(layout == PACKED).lower()}"
-            assert f"FP8E4M3, {group_size}, {flags}>" in config.template_arguments()
+            tiled = cuda_backend.groups_in_token_tiles(fmt.key, head_size)
+            assert config.whole_tokens == tiled
+            flags += ", true>" if tiled else ">"
+            assert f"FP8E4M3, {group_size}, {flags}" in config.template_arguments()
 
 
 SHAPES = [(0, 1), (1, 2), (5, 3), (7, 4)]  # (T, H): none and odd tokens, 1 to 4 heads
@@ -199,6 +202,55 @@ def test_groups_of_whole_heads(emulated, form, head_size, group_size, ue8m0, dty
         assert emulated.launches[-1].fields["split"] == 1
         assert cuda_backend.partials_split(6 * span, emulated[-1].team, 12) > 1
     assert emulated, "nothing reached the kernel"
+
+
+@pytest.mark.parametrize("form", ["pair", "stacked", "packed"])
+@pytest.mark.parametrize(
+    "head_size, group_size, ue8m0, dtype, heads",
+    [(96, 64, True, torch.bfloat16, 2), (192, 128, False, torch.float32, 2),
+     (40, 64, False, torch.bfloat16, 8)],
+)  # fmt: skip
+def test_groups_spanning_heads_unevenly(emulated, form, head_size, group_size, ue8m0, dtype,
+                                        heads):  # fmt: skip
+    """Groups that span heads without being whole heads (D = 96 in groups of 64, 192 in
+    128, 40 in 64: a group across two or three heads, starting mid-head) take the token
+    tiles, a block a token, where a group is G / VEC consecutive lanes; every layout with
+    empty, NaN and infinite entries; amax on the same call, one atomic a block."""
+    for tokens, mult in [(0, 1), (1, 1), (5, 2), (7, 1)]:
+        seed = tokens * 10 + heads
+        outputs, lses, indptr = states(form, tokens, heads * mult, head_size, seed, dtype)
+        check_group_store(outputs, lses, indptr, group_size, ue8m0, emulated)
+    assert all(c.whole_tokens for c in emulated if c.epilogue == "FP8GroupStore")
+    merged, _, _ = run_cuda(outputs, lses, indptr, Plain(torch.float32))
+    without, _ = group_format(group_size, ue8m0, "row_major", 7, heads, head_size)
+    fmt = dataclasses.replace(without, scales=without.scales.clone(), amax=torch.full((1,), 3e38))
+    out_without, _, _ = run_cuda(outputs, lses, indptr, without)
+    out, _, _ = run_cuda(outputs, lses, indptr, fmt)
+    assert_bits_equal(fmt.amax, amax_reference(merged).reshape(1), "amax")
+    assert_bits_equal(out, out_without, "output with amax")
+    assert_bits_equal(fmt.scales, without.scales, "scales with amax")
+    assert emulated.launches[-1].config.amax and emulated.launches[-1].atomics == 7
+
+
+@pytest.mark.parametrize(
+    "form, dtype, head_size, heads, group_size, vec",
+    [
+        ("pair", torch.bfloat16, 96, 176, 64, 8),  # 16896 values: past a block's registers
+        ("stacked", torch.float32, 96, 4, 128, 4),  # 32 lanes a group
+        ("packed", torch.bfloat16, 96, 4, 128, 1),  # misaligned: 128 lanes a group
+    ],
+)
+def test_uneven_groups_past_the_registers_and_across_warps(emulated, form, dtype, head_size,
+                                                           heads, group_size, vec):  # fmt: skip
+    """Token tiles of uneven groups: chunks past the registers (merged again for the
+    store), groups of 32 lanes, and scalar accesses, whose groups of 128 lanes span four
+    warps (named barriers of a 128-thread block)."""
+    outputs, lses, indptr = states(form, 3, heads, head_size, heads, dtype)
+    if vec == 1:
+        shifted = torch.empty(outputs.numel() + 1, dtype=dtype)
+        outputs = shifted[1:].view(outputs.shape).copy_(outputs)
+    check_group_store(outputs, lses, indptr, group_size, True, emulated)
+    assert (emulated[-1].vec, emulated[-1].whole_tokens) == (vec, True)
 
 
 @pytest.mark.parametrize(
@@ -417,9 +469,9 @@ def test_outputs_follow_the_parameters(tmp_path):
 
 
 def test_dispatch_serves_groups_within_a_head(clean_dispatch, monkeypatch):
-    """The format's gaps are the kernels' (FP8PerTokenGroup.kernel_gap): groups within a head
-    or of whole heads in every layout, and amax of every format, reach the cuda backend;
-    other groups that span heads are refused with their reason."""
+    """The format's gaps are the kernels' (FP8PerTokenGroup.kernel_gap): groups within a head,
+    of whole heads or spanning heads unevenly (the token tiles), in every layout, and amax
+    of every format, reach the cuda backend."""
 
     class Serves:
         def unsupported(self, signature):
@@ -441,8 +493,9 @@ def test_dispatch_serves_groups_within_a_head(clean_dispatch, monkeypatch):
             assert reason(fmt, 128, layout) is None
     assert reason(FP8PerTokenGroup(128), 64) is None  # groups of two heads
     assert reason(FP8PerTokenGroup(128, True, PACKED, amax=amax), 32) is None
-    assert "span heads" in reason(FP8PerTokenGroup(64), 96)
-    assert "span heads" in reason(FP8PerTokenGroup(128, True, PACKED, amax=amax), 192)
+    # groups across heads unevenly: the token tiles
+    assert reason(FP8PerTokenGroup(64), 96) is None
+    assert reason(FP8PerTokenGroup(128, True, PACKED, amax=amax), 192) is None
 
 
 @pytest.mark.parametrize(
@@ -704,6 +757,7 @@ def test_new_store_configs_compile_with_nvcc_without_spills(arch, tmp_path):
     suite's time down."""
     partials_tiles = _partials_token_store_configs()
     configs = _new_store_configs() + _token_store_configs() + partials_tiles
+    configs += _uneven_group_configs()
     if arch != "sm_90a":
         configs = [c for c in configs if c.whole_tokens and "F32" in _partial_elements(c)]
         configs = [c for c in configs if c not in partials_tiles or c.team == 512]
@@ -971,6 +1025,21 @@ def _token_store_configs():
     return list(found)
 
 
+def _uneven_group_configs():
+    """The token tiles of groups spanning heads unevenly (D = 96, G = 64) with every flag,
+    bf16 and fp32 partials, two of them and stacked: 512-thread blocks (the most registers
+    a thread may have are 128), vector and scalar accesses."""
+    fmt = FP8PerTokenGroup(64, True, PACKED, amax=torch.zeros(1))
+    found = {}
+    for dtype, layout in itertools.product(
+        (torch.bfloat16, torch.float32), (PartialLayout.SEPARATE, PartialLayout.STACKED)
+    ):
+        dtypes = (dtype,) * (2 if layout is PartialLayout.SEPARATE else 1)
+        sig = CallSignature(torch.device("cuda"), dtypes, 96, fmt.key, True, False, layout)
+        found.update(dict.fromkeys(c for c in cuda_backend._configs_of(sig) if c.team == 512))
+    return list(found)
+
+
 def _partials_token_store_configs():
     """The token-tile kernels of stacked or packed partials (one kernel for both), each
     block size and vector width a call can take, bf16 and fp32 partials, with the output
@@ -987,24 +1056,32 @@ def _partials_token_store_configs():
 
 
 @pytest.mark.parametrize(
-    "layout, dtype, threads, vec",
+    "layout, dtype, threads, vec, groups",
     [
-        (PartialLayout.SEPARATE, torch.bfloat16, 128, 8),
-        (PartialLayout.SEPARATE, torch.bfloat16, 512, 1),
-        (PartialLayout.STACKED, torch.bfloat16, 128, 8),
-        (PartialLayout.PACKED, torch.float32, 512, 1),
+        (PartialLayout.SEPARATE, torch.bfloat16, 128, 8, False),
+        (PartialLayout.SEPARATE, torch.bfloat16, 512, 1, False),
+        (PartialLayout.STACKED, torch.bfloat16, 128, 8, False),
+        (PartialLayout.PACKED, torch.float32, 512, 1, False),
+        # groups spanning heads unevenly: named barriers of 512 threads at scalar accesses
+        (PartialLayout.SEPARATE, torch.bfloat16, 512, 1, True),
+        (PartialLayout.STACKED, torch.bfloat16, 256, 8, True),
     ],
 )
-def test_token_tile_compiles_with_nvrtc(monkeypatch, tmp_path, layout, dtype, threads, vec):
+def test_token_tile_compiles_with_nvrtc(monkeypatch, tmp_path, layout, dtype, threads, vec,
+                                        groups):  # fmt: skip
     """The first-use build (NVRTC, sm_90a) of token-tile kernels of both kernels: the block's
     barrier, the warps' maxima in shared memory, redux, the IEEE division per value, launch
-    bounds of the block size."""
+    bounds of the block size; per-token scales, or groups across heads (D = 72, G = 64)."""
     from attnmerge.cuda import nvrtc
 
     if nvrtc.unavailable_reason() is not None:
         pytest.skip(nvrtc.unavailable_reason())
     monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
-    fmt = FP8PerToken(scale_ub=torch.ones(1), amax=torch.zeros(1))
+    amax = torch.zeros(1)
+    if groups:
+        fmt = FP8PerTokenGroup(64, True, PACKED, amax=amax)
+    else:
+        fmt = FP8PerToken(scale_ub=torch.ones(1), amax=amax)
     dtypes = (dtype,) * (2 if layout is PartialLayout.SEPARATE else 1)
     sig = CallSignature(torch.device("cuda"), dtypes, 72, fmt.key, True, False, layout)
     configs = [c for c in cuda_backend._configs_of(sig) if (c.team, c.vec) == (threads, vec)]

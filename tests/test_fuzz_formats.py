@@ -67,7 +67,7 @@ TOKEN_HEAD_SIZES = [1, 8, 13, 64, 80, 128, 192, 256]
 #: head sizes of the per-token-group format: groups within a head (D a multiple of the
 #: group size), groups of whole heads (32 and 64 in groups of 128, 32 in groups of 64: the
 #: triton backend's token tiles) and other groups that span heads (96, and 192 in groups of
-#: 128: the torch backend only)
+#: 128: the cuda backend's token tiles and the torch backend)
 GROUP_HEAD_SIZES = [32, 64, 96, 128, 192, 256]
 LAYOUTS = ("row_major", "col_major", "col_major_tma", "ue8m0_packed")
 FORMS = ("pair", "stacked", "flashinfer", "packed")

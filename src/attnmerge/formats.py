@@ -303,7 +303,7 @@ class FP8Static(OutputFormat):
         return self.scale
 
 
-def _spans_whole_heads(head_size: int, group_size: int) -> bool:
+def spans_whole_heads(head_size: int, group_size: int) -> bool:
     """Whether each group of ``group_size`` is whole heads of ``head_size``, a power of
     two: the kernels' stores then find a group's heads in consecutive rows or tile rows."""
     return head_size & (head_size - 1) == 0 and group_size % head_size == 0
@@ -480,11 +480,12 @@ class FP8PerTokenGroup(_DynamicFP8):
     @classmethod
     def kernel_gap(cls, key: FormatKey, head_size: int, backend: str) -> str | None:
         group_size = key.options[0]
-        if head_size % group_size and not _spans_whole_heads(head_size, group_size):
+        uneven = head_size % group_size and not spans_whole_heads(head_size, group_size)
+        if uneven and backend != "cuda":  # the cuda backend's token tiles store those
             return (
-                f"groups of {group_size} span heads of {head_size}: its kernels store groups "
-                f"within a head or of whole heads (a head size that is a power of two "
-                f"dividing the group size); the torch backend stores them"
+                f"groups of {group_size} span heads of {head_size}: its {backend} kernels "
+                f"store groups within a head or of whole heads (a head size that is a power "
+                f"of two dividing the group size); the cuda and torch backends store them"
             )
         return super().kernel_gap(key, head_size, backend)
 

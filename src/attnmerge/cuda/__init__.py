@@ -68,13 +68,15 @@ class CudaBackend:
     def eager_plan(self, key: bytes, call: MergeCall) -> bytes | None:
         """The eager launcher's plan for ``call``, which it keyed ``key``; none for a format
         with amax, whose output the launch path zeroes first (backend.run) and the eager
-        launcher does not, and none for a whole-token store, whose launch has a block a
-        token and a scale bound's address the plan would not patch."""
+        launcher does not, and none for a token tile (a per-token scale, or groups that
+        span heads unevenly), whose launch has a block a token and may hold a scale bound's
+        address the plan would not patch."""
+        from .backend import whole_tokens
         from .eager import cuda_plan
 
         if getattr(call.output_format, "amax", None) is not None:
             return None
-        if call.output_format.whole_token_tiles:
+        if whole_tokens(call.output_format.key, call.output.shape[-1]):
             return None
         return cuda_plan(key, call)
 

@@ -29,6 +29,7 @@ from ..formats import (
     FP8Static,
     OutputFormat,
     Plain,
+    spans_whole_heads,
 )
 from ..version import __version__
 from . import cache, driver, nvrtc
@@ -220,14 +221,17 @@ class PartialsKernelConfig(NamedTuple):
     takes_scale_layout = property(_takes_scale_layout)
 
 
-def _output_element(output_format: FormatKey) -> str:
+def _output_element(output_format: FormatKey, head_size: int) -> str:
     """The element type the format's store is instantiated with: the output dtype's, and
     for FP8PerTokenGroup the group size, the UE8M0 flag and whether the scales are packed
-    with it (compile-time options that lead the key's options)."""
+    with it (compile-time options that lead the key's options), and whether token tiles
+    store the groups (:func:`groups_in_token_tiles`)."""
     element = _ELEMENT[output_format.dtype]
     if output_format.kind is FP8PerTokenGroup and output_format.options:
         group_size, ue8m0, layout = output_format.options[:3]
         flags = f"{str(ue8m0).lower()}, {str(layout == _PACKED).lower()}"
+        if groups_in_token_tiles(output_format, head_size):
+            flags += ", true"
         return f"{_GROUPS}attnmerge::{element}, {group_size}, {flags}>"
     if output_format.kind is FP8PerToken:
         bound = "scale_ub" in output_format.options
@@ -235,9 +239,23 @@ def _output_element(output_format: FormatKey) -> str:
     return element
 
 
-def whole_tokens(output_format: FormatKey) -> bool:
-    """Whether the format's store takes the token-tile kernels (a block a token)."""
-    return output_format.kind.cuda_epilogue in TOKEN_TILE_EPILOGUES
+def groups_in_token_tiles(output_format: FormatKey, head_size: int) -> bool:
+    """Whether the format's groups span heads of ``head_size`` without being whole heads
+    (FP8PerTokenGroup at a head size it does not divide, that is not a power of two
+    dividing it): the token-tile kernels store those, where a group is consecutive lanes
+    of the block whatever the heads (Groups<..., TILED> in csrc/epilogues.cuh)."""
+    if output_format.kind is not FP8PerTokenGroup or not output_format.options:
+        return False
+    group_size = output_format.options[0]
+    return head_size % group_size != 0 and not spans_whole_heads(head_size, group_size)
+
+
+def whole_tokens(output_format: FormatKey, head_size: int) -> bool:
+    """Whether the format's store takes the token-tile kernels (a block a token) at
+    ``head_size``: a per-token scale, or groups that span heads unevenly."""
+    return output_format.kind.cuda_epilogue in TOKEN_TILE_EPILOGUES or groups_in_token_tiles(
+        output_format, head_size
+    )
 
 
 def token_tile_threads(values: int) -> int:
@@ -316,11 +334,11 @@ def config_for(
     """The kernel serving these partials, format and head size at vector width ``vec``:
     teams just wide enough to cover the head size in one pass, at most a block; for a
     whole-token store a token tile of ``token_threads`` threads."""
-    tile = whole_tokens(output_format)
+    tile = whole_tokens(output_format, head_size)
     return KernelConfig(
         partial_elements=(_ELEMENT[partial_dtypes[0]], _ELEMENT[partial_dtypes[1]]),
         epilogue=output_format.kind.cuda_epilogue,
-        output_element=_output_element(output_format),
+        output_element=_output_element(output_format, head_size),
         vec=vec,
         team=(token_threads or TOKEN_TILE_THREADS[0])
         if tile
@@ -375,11 +393,11 @@ def partials_config_for(
     token_threads: int = 0,
 ) -> PartialsKernelConfig:
     """As :func:`config_for`, for stacked or packed partials of ``partial_dtype``."""
-    tile = whole_tokens(output_format)
+    tile = whole_tokens(output_format, head_size)
     return PartialsKernelConfig(
         partial_element=_ELEMENT[partial_dtype],
         epilogue=output_format.kind.cuda_epilogue,
-        output_element=_output_element(output_format),
+        output_element=_output_element(output_format, head_size),
         vec=vec,
         team=(token_threads or TOKEN_TILE_THREADS[0])
         if tile
@@ -446,7 +464,7 @@ def _token_tile_configs(signature: CallSignature) -> list[KernelConfig | Partial
 
 
 def _configs_of(signature: CallSignature) -> list[KernelConfig | PartialsKernelConfig]:
-    if whole_tokens(signature.output_format):
+    if whole_tokens(signature.output_format, signature.head_size):
         return _token_tile_configs(signature)
     if signature.layout is not PartialLayout.SEPARATE:
         (dtype,) = signature.partial_dtypes
@@ -714,7 +732,7 @@ def launch_arguments(
     widest = max(size0, size1)
     write_lse = output_lse is not None
     signature = call.signature
-    tile = whole_tokens(signature.output_format)
+    tile = whole_tokens(signature.output_format, head_size)
     if tile:  # a block a token, token-major (store_token in csrc/merge.cuh)
         chunk_bytes, head_major = TOKEN_TILE_CHUNK_BYTES, False
     elif chunk_bytes is None:
@@ -762,7 +780,7 @@ def launch_arguments(
     else:
         inner, (multiplier, shift) = num_heads, head_divisor(num_heads)
         o, i = 0, 1
-    if tile:
+    if config.output_element.startswith(_TOKEN_SCALES):
         scale_layout = _token_scale_layout(call)
     elif config.takes_scale_layout:
         scale_layout = _scale_layout(call, head_major)
@@ -859,7 +877,7 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
     out_strides = _zero_size_one(output.shape, output.stride())
     size = partials.itemsize
     signature = call.signature
-    tile = whole_tokens(signature.output_format)  # a block a token, token-major rows
+    tile = whole_tokens(signature.output_format, head_size)  # a block a token, token-major
     chunk = TOKEN_TILE_CHUNK_BYTES if tile else partials_chunk_bytes(size, output.itemsize)
     vec = vector_width(head_size, size, chunk)
     if vec > 1 and not (
@@ -888,7 +906,7 @@ def partials_launch_arguments(call: MergeCall) -> Launch | None:
     partials_a_row = -(-partials.shape[0] // num_tokens) if packed else partials.shape[0]
     one_team = tile or _groups_span_heads(call.output_format, head_size)
     split = 1 if one_team else partials_split(num_rows, config.team, partials_a_row)
-    if tile:
+    if config.output_element.startswith(_TOKEN_SCALES):
         scale_layout = _token_scale_layout(call)
     elif config.takes_scale_layout:
         scale_layout = _scale_layout(call)

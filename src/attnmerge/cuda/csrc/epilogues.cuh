@@ -15,7 +15,9 @@
 //   kWritesScales                whether the kernel's parameters carry a scale layout;
 //   Layout                       which one (ScaleLayout, or TokenScaleLayout);
 //   kWholeTokens                 whether a block stores whole tokens (the token-tile
-//                                kernels, store_token in merge.cuh) rather than rows.
+//                                kernels, store_token in merge.cuh) rather than rows;
+//   kTokenScale                  (token tiles) whether the store scales a token by the
+//                                absmax of all its values, which the block reduces first.
 // Chunks of whole 32-bit words go out as vector stores; the scalar fallback's chunks as
 // elements or pairs.
 #pragma once
@@ -185,15 +187,17 @@ struct FP8StaticStore {
   }
 };
 
-// An output element type E stored in groups of GROUP consecutive columns of a row, each
+// An output element type E stored in groups of GROUP consecutive columns of a token, each
 // group with its own scale (UE8M0: a power of two; PACKED: its biased exponent in one byte,
-// four groups to an int32, DeepGEMM's layout): the element type of FP8GroupStore.
-template <typename E, int GROUP, bool UE8M0, bool PACKED = false>
+// four groups to an int32, DeepGEMM's layout): the element type of FP8GroupStore. TILED:
+// stored by the token-tile kernels (groups that span heads without being whole heads).
+template <typename E, int GROUP, bool UE8M0, bool PACKED = false, bool TILED = false>
 struct Groups : E {
   static_assert(UE8M0 || !PACKED, "packed scales are UE8M0");
   static constexpr int kGroup = GROUP;
   static constexpr bool kUe8m0 = UE8M0;
   static constexpr bool kPacked = PACKED;
+  static constexpr bool kTiled = TILED;
 };
 
 // Waits for `threads` threads (whole warps) at the block's barrier `id` (1 to 15; 0 is
@@ -208,8 +212,9 @@ __device__ __forceinline__ void sync_warps(int id, int threads) {
 
 // The maximum of v over the kLanes consecutive lanes of a group (NaN wins), in each of
 // them: xor shuffles within a warp; a group of several warps then exchanges each warp's
-// maximum through shared memory, behind a barrier over the group's warps only.
-template <int kLanes>
+// maximum through shared memory, behind a barrier over the group's warps only (blocks of
+// THREADS threads, at most 15 groups a block).
+template <int kLanes, int THREADS = kBlockThreads>
 __device__ __forceinline__ float group_max(float v) {
   static_assert(kLanes > 1 && (kLanes & (kLanes - 1)) == 0, "a power of two of lanes");
   constexpr int kWarpLanes = kLanes < kWarpSize ? kLanes : kWarpSize;
@@ -221,7 +226,8 @@ __device__ __forceinline__ float group_max(float v) {
   }
   if constexpr (kLanes > kWarpSize) {
     constexpr int kWarps = kLanes / kWarpSize;
-    __shared__ float warp_max[kBlockThreads / kWarpSize];
+    static_assert(THREADS / kLanes <= 15, "a named barrier a group");
+    __shared__ float warp_max[THREADS / kWarpSize];
     const int warp = threadIdx.x / kWarpSize;
     const int first_warp = warp / kWarps * kWarps;
     const int barrier = 1 + threadIdx.x / kLanes;
@@ -243,7 +249,11 @@ __device__ __forceinline__ float group_max(float v) {
 // ScaleLayout puts it. A group's lanes leave early or store together: a group lies within
 // a row, a whole team, or (head sizes a power of two dividing G, FP8PerTokenGroup.
 // kernel_gap) is the rows of G / D heads of a token, consecutive teams of whole rows where
-// the launcher orders rows token-major with one team a row.
+// the launcher orders rows token-major with one team a row. Groups that span heads
+// otherwise are TILED: a block stores a token, chunk c of VEC columns at column c * VEC of
+// the token and on thread c % THREADS, so a group is G / VEC consecutive chunks on
+// consecutive lanes, whatever the heads (the launcher's row is the token's, col the
+// column within the token).
 //
 // Packed scales (int32 [T, ceil(G / 4)], strides (1, round_up(T, 4))) are written byte by
 // byte, each byte by one lane, so lanes need no atomics: the lane of group g of token t
@@ -256,7 +266,8 @@ struct FP8GroupStore {
   static_assert(sizeof(S) == 1, "FP8GroupStore stores 1-byte elements");
   static constexpr int kGroup = E::kGroup;
   static constexpr bool kWritesScales = true;
-  static constexpr bool kWholeTokens = false;
+  static constexpr bool kWholeTokens = E::kTiled;
+  static constexpr bool kTokenScale = false;
   typedef ScaleLayout Layout;
   void* scales;  // the format's operand: the scales this store writes
   i64 scale_row;
@@ -293,14 +304,15 @@ struct FP8GroupStore {
     }
   }
 
-  template <int N>
+  // THREADS: the block's (a token tile's may exceed kBlockThreads).
+  template <int N, int THREADS = kBlockThreads>
   __device__ __forceinline__ void store(void* base, i64 offset, u32 col,
                                         const float (&in)[N]) const {
     static_assert(kGroup % N == 0, "a chunk lies within one group");
     float amax = fabsf(in[0]);
 #pragma unroll
     for (int i = 1; i < N; ++i) amax = max_nan(amax, fabsf(in[i]));
-    amax = group_max<kGroup / N>(amax);
+    amax = group_max<kGroup / N, THREADS>(amax);
     const float eps = __int_as_float(0x2edbe6ff);  // 1e-10 in float32 (FP8_GROUP_EPS)
     float scale = __fdiv_rn(max_nan(amax, eps), 448.0f);
     u32 exponent = 0;
@@ -349,6 +361,7 @@ struct FP8TokenStore {
   static_assert(sizeof(S) == 1, "FP8TokenStore stores 1-byte elements");
   static constexpr bool kWritesScales = true;
   static constexpr bool kWholeTokens = true;
+  static constexpr bool kTokenScale = true;
   typedef TokenScaleLayout Layout;
   float* scales;  // the format's operand: the scales this store writes
   float bound;    // *scale_ub, read first (BOUND only)

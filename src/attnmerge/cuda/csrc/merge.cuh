@@ -426,49 +426,75 @@ __device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
 template <typename Store, int VEC, int THREADS, bool WRITE_LSE, bool AMAX, typename Rows>
 __device__ __forceinline__ void store_token(const Rows& rows, u32 token, u32 heads,
                                             u32 head_size, void* out, u32 out_stride_token,
-                                            u32 out_stride_head, const Store& store,
-                                            const TokenScaleLayout& layout, float* amax_out) {
+                                            u32 out_stride_head, Store store,
+                                            const typename Store::Layout& layout,
+                                            float* amax_out) {
   constexpr int kChunks = kTokenTileValues / VEC > 0 ? kTokenTileValues / VEC : 1;
   constexpr u32 kHeld = (u32)kChunks * THREADS;  // chunks a block holds in registers
   const u32 per_row = head_size / VEC;  // the launcher's VEC divides the head size
   const u32 chunks = heads * per_row;
+  if constexpr (Store::kTokenScale) {
+    store.load_bound(layout);
+  } else {
+    store.row(layout, token, 0);  // the token's scales; a chunk's column is the token's
+  }
   float held[kChunks][VEC];
   rows.template merge_chunks<VEC, kChunks>(TokenChunks{threadIdx.x, THREADS, per_row, chunks},
                                            held);
   u32 bits = 0;
+  if (Store::kTokenScale || AMAX) {
 #pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    if (threadIdx.x + (u32)i * THREADS < chunks) bits = max_abs_bits<VEC>(bits, held[i]);
-  }
-  for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
-    float acc[VEC];
-    const u32 head = c / per_row;
-    rows.template merge<VEC>(head, (c - head * per_row) * VEC, acc);
-    bits = max_abs_bits<VEC>(bits, acc);
-  }
-  bits = block_max_u32<THREADS>(bits);
-  const u32 amax_bits = bits > 0x7f800000u ? 0x7fc00000u : bits;  // NaN made canonical
-  if (AMAX && threadIdx.x == 0) atomic_max_u32(amax_out, amax_bits);
-  const float scale = store.scale_of(bits_float(amax_bits));
-  if (threadIdx.x == 0) store.write_scale(layout, token, scale);
-  const i64 out_token = (i64)((u64)token * out_stride_token);
-#pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    const u32 c = threadIdx.x + (u32)i * THREADS;
-    if (c < chunks) {
-      const u32 head = c / per_row;
-      const u32 col = (c - head * per_row) * VEC;
-      store.template store<VEC>(out, out_token + (i64)((u64)head * out_stride_head) + col,
-                                held[i], scale);
+    for (int i = 0; i < kChunks; ++i) {
+      if (threadIdx.x + (u32)i * THREADS < chunks) bits = max_abs_bits<VEC>(bits, held[i]);
     }
   }
-  for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
-    float acc[VEC];
+  const i64 out_token = (i64)((u64)token * out_stride_token);
+  // Chunk c's element offset in the output, and its column within the token (c * VEC).
+  auto offset_of_chunk = [&](u32 c) {
     const u32 head = c / per_row;
-    const u32 col = (c - head * per_row) * VEC;
-    rows.template merge<VEC>(head, col, acc);
-    store.template store<VEC>(out, out_token + (i64)((u64)head * out_stride_head) + col, acc,
-                              scale);
+    return out_token + (i64)((u64)head * out_stride_head) + (c - head * per_row) * VEC;
+  };
+  if constexpr (Store::kTokenScale) {
+    for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
+      float acc[VEC];
+      const u32 head = c / per_row;
+      rows.template merge<VEC>(head, (c - head * per_row) * VEC, acc);
+      bits = max_abs_bits<VEC>(bits, acc);
+    }
+    bits = block_max_u32<THREADS>(bits);
+    const u32 amax_bits = bits > 0x7f800000u ? 0x7fc00000u : bits;  // NaN made canonical
+    if (AMAX && threadIdx.x == 0) atomic_max_u32(amax_out, amax_bits);
+    const float scale = store.scale_of(bits_float(amax_bits));
+    if (threadIdx.x == 0) store.write_scale(layout, token, scale);
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const u32 c = threadIdx.x + (u32)i * THREADS;
+      if (c < chunks) store.template store<VEC>(out, offset_of_chunk(c), held[i], scale);
+    }
+    for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
+      float acc[VEC];
+      const u32 head = c / per_row;
+      rows.template merge<VEC>(head, (c - head * per_row) * VEC, acc);
+      store.template store<VEC>(out, offset_of_chunk(c), acc, scale);
+    }
+  } else {
+    // Groups: a group's chunks are consecutive (G / VEC lanes), all in the token or none.
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const u32 c = threadIdx.x + (u32)i * THREADS;
+      if (c < chunks) store.template store<VEC, THREADS>(out, offset_of_chunk(c), c * VEC, held[i]);
+    }
+    for (u32 c = kHeld + threadIdx.x; c < chunks; c += THREADS) {
+      float acc[VEC];
+      const u32 head = c / per_row;
+      rows.template merge<VEC>(head, (c - head * per_row) * VEC, acc);
+      if (AMAX) bits = max_abs_bits<VEC>(bits, acc);
+      store.template store<VEC, THREADS>(out, offset_of_chunk(c), c * VEC, acc);
+    }
+    if (AMAX) {
+      bits = block_max_u32<THREADS>(bits);
+      if (threadIdx.x == 0) atomic_max_u32(amax_out, bits > 0x7f800000u ? 0x7fc00000u : bits);
+    }
   }
   if (WRITE_LSE) {
     __syncthreads();
@@ -581,10 +607,9 @@ struct TwoPartialRows {
 template <typename P0, typename P1, typename Store, int VEC, int THREADS, bool WRITE_LSE,
           bool LSE_BASE_2, bool AMAX>
 __device__ __forceinline__ void merge_two_tokens(const MergeParams& p,
-                                                 const TokenScaleLayout& layout,
+                                                 const typename Store::Layout& layout,
                                                  float* amax_out) {
-  Store store(p.format_operand);
-  store.load_bound(layout);
+  const Store store(p.format_operand);
   const TwoPartialRows<P0, P1, LSE_BASE_2> rows{p, blockIdx.x};
   store_token<Store, VEC, THREADS, WRITE_LSE, AMAX>(rows, blockIdx.x, p.inner_count,
                                                     p.head_size, p.out, p.out_stride_outer,
@@ -620,12 +645,12 @@ template <typename P0, typename P1, typename Store, int VEC, int TEAM, bool WRIT
 struct MergeInstance {
   typedef KernelArgs<MergeParams, Store::kWritesScales, AMAX, typename Store::Layout> Params;
   static constexpr int kThreads = Store::kWholeTokens ? TEAM : kBlockThreads;
-  // A token tile of 2-byte partials: two blocks of 512 threads an SM (64 registers), so that
-  // one block's loads overlap the other's barrier and stores; of wider partials one (ptxas
-  // spills at 64, and for sm_100a without a minimum). 0 (none asked for) for the others:
-  // the same PTX as no minimum.
+  // A token tile of 2-byte partials in vector accesses: two blocks of 512 threads an SM (64
+  // registers), so that one block's loads overlap the other's barrier and stores; else one
+  // (ptxas spills at 64, and for sm_100a without a minimum). 0 (none asked for) for the
+  // others: the same PTX as no minimum.
   static constexpr bool kNarrowPartials =
-      sizeof(typename P0::storage) <= 2 && sizeof(typename P1::storage) <= 2;
+      sizeof(typename P0::storage) <= 2 && sizeof(typename P1::storage) <= 2 && VEC > 1;
   static constexpr int kMinBlocks = Store::kWholeTokens ? (kNarrowPartials ? 1024 / TEAM : 1) : 0;
 };
 

@@ -494,10 +494,9 @@ struct KPartialRows {
 template <typename P, typename Store, int VEC, int THREADS, bool WRITE_LSE, bool LSE_BASE_2,
           bool AMAX>
 __device__ __forceinline__ void merge_partial_tokens(const PartialsParams& p,
-                                                     const TokenScaleLayout& layout,
+                                                     const typename Store::Layout& layout,
                                                      float* amax_out) {
-  Store store(p.format_operand);
-  store.load_bound(layout);
+  const Store store(p.format_operand);
   const u32 token = blockIdx.x, heads = p.inner_count;
   // Stage the token's LSEs (all its rows have one count of partials), one load a thread,
   // where they fit; the barrier also orders these reads before any output LSE is written.
