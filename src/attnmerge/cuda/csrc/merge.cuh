@@ -413,16 +413,18 @@ __device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
 // chunk c of thread c % THREADS; a thread keeps its first kTokenTileValues / VEC chunks'
 // merged values in registers; chunks past THREADS times as many are merged again for the
 // store. The held chunks are merged together (Rows::merge_chunks), so that their loads are
-// in flight at once. The block's absmax (one redux a warp, shared memory, the block's
-// barrier) gives the token's scale; thread 0 writes it and adds the absmax to amax (one
-// atomic a block). With WRITE_LSE every row's output LSE is stored after a second block
-// barrier, which follows every read of the token's input LSEs (the output LSE may be an
-// input LSE).
+// in flight at once. A per-token store (Store::kTokenScale): the block's absmax (one redux
+// a warp, shared memory, the block's barrier) gives the token's scale; thread 0 writes it
+// and adds the absmax to amax (one atomic a block). A group store (groups that span heads
+// unevenly): each chunk is stored as merged, at its column c * VEC of the token, the
+// group's lanes reducing its scale; with AMAX the block then reduces the absmax once. With
+// WRITE_LSE every row's output LSE is stored after a last block barrier, which follows
+// every read of the token's input LSEs (the output LSE may be an input LSE).
 //
 // Rows: merge_chunks<VEC, N>(chunks, acc) the merged values of a thread's N held chunks
 // (TokenChunks; those past the token's end are not counted and may be left unmerged),
-// merge<VEC>(head, col, acc) those of one chunk; store_lse(head) a row's
-// output LSE. Every thread of the block runs this to its end (the barriers).
+// merge<VEC>(head, col, acc) those of one chunk; store_lse(head) a row's output LSE. Every
+// thread of the block runs this to its end (the barriers).
 template <typename Store, int VEC, int THREADS, bool WRITE_LSE, bool AMAX, typename Rows>
 __device__ __forceinline__ void store_token(const Rows& rows, u32 token, u32 heads,
                                             u32 head_size, void* out, u32 out_stride_token,
@@ -567,19 +569,19 @@ struct TwoPartialRows {
     if constexpr (VEC > 1) {
       constexpr int kPairBytes =
           VEC * (int)(sizeof(typename P0::storage) + sizeof(typename P1::storage));
-      constexpr int G = kPairBytes >= 128 ? 1 : 128 / kPairBytes;  // chunks loaded together
-      static_assert(N % G == 0, "whole groups of chunks");
+      constexpr int kTogether = kPairBytes >= 128 ? 1 : 128 / kPairBytes;  // chunks a round
+      static_assert(N % kTogether == 0, "whole rounds of chunks");
 #pragma unroll
-      for (int g = 0; g < N; g += G) {
-        Loaded<VEC> in[G];
+      for (int first = 0; first < N; first += kTogether) {
+        Loaded<VEC> in[kTogether];
 #pragma unroll
-        for (int i = 0; i < G; ++i) {
-          const u32 c = chunks.held_or_last(g + i);
+        for (int i = 0; i < kTogether; ++i) {
+          const u32 c = chunks.held_or_last(first + i);
           const u32 head = chunks.head(c);
           in[i] = load<VEC>(head, chunks.col<VEC>(c, head));
         }
 #pragma unroll
-        for (int i = 0; i < G; ++i) merge_loaded<VEC>(in[i], acc[g + i]);
+        for (int i = 0; i < kTogether; ++i) merge_loaded<VEC>(in[i], acc[first + i]);
       }
     } else {
 #pragma unroll
@@ -649,9 +651,9 @@ struct MergeInstance {
   // registers), so that one block's loads overlap the other's barrier and stores; else one
   // (ptxas spills at 64, and for sm_100a without a minimum). 0 (none asked for) for the
   // others: the same PTX as no minimum.
-  static constexpr bool kNarrowPartials =
+  static constexpr bool kTwoTilesAnSm =
       sizeof(typename P0::storage) <= 2 && sizeof(typename P1::storage) <= 2 && VEC > 1;
-  static constexpr int kMinBlocks = Store::kWholeTokens ? (kNarrowPartials ? 1024 / TEAM : 1) : 0;
+  static constexpr int kMinBlocks = Store::kWholeTokens ? (kTwoTilesAnSm ? 1024 / TEAM : 1) : 0;
 };
 
 // For run-time compilation: one instantiation under a fixed, unmangled name, so the

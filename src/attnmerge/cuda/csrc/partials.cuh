@@ -372,7 +372,7 @@ struct KPartialRows {
     }
   }
 
-  // merge_chunks with the token's LSEs staged: the held chunks G at a time (64 bytes of a
+  // merge_chunks with the token's LSEs staged: the held chunks C at a time (64 bytes of a
   // partial's rows: four bf16 chunks, four of a thread's eight fp32 ones; all eight fp32
   // chunks spilled registers at 512 threads), through the partials B at a time, so that
   // 128 bytes of rows are on their way a thread.
@@ -380,41 +380,42 @@ struct KPartialRows {
   __device__ __forceinline__ void merge_staged(const TokenChunks& chunks,
                                                float (&acc)[N][VEC]) const {
     constexpr int kChunkBytes = VEC * (int)sizeof(typename P::storage);
-    constexpr int G = N * kChunkBytes > 64 ? 64 / kChunkBytes : N;
-    static_assert(G >= 1 && N % G == 0, "whole groups of chunks");
+    constexpr int C = N * kChunkBytes > 64 ? 64 / kChunkBytes : N;
+    static_assert(C >= 1 && N % C == 0, "whole sets of chunks");
 #pragma unroll
-    for (int g = 0; g < N; g += G) merge_staged_group<VEC, N, G>(chunks, g, acc);
+    for (int first = 0; first < N; first += C) merge_staged_set<VEC, N, C>(chunks, first, acc);
   }
 
-  template <int VEC, int N, int G>
-  __device__ __forceinline__ void merge_staged_group(const TokenChunks& chunks, int first,
-                                                     float (&acc)[N][VEC]) const {
-    constexpr int kRoundBytes = G * VEC * (int)sizeof(typename P::storage);
+  // Held chunks first .. first + C - 1.
+  template <int VEC, int N, int C>
+  __device__ __forceinline__ void merge_staged_set(const TokenChunks& chunks, int first,
+                                                   float (&acc)[N][VEC]) const {
+    constexpr int kRoundBytes = C * VEC * (int)sizeof(typename P::storage);
     constexpr int B = kRoundBytes >= 128 ? 1 : 128 / kRoundBytes;
     // Every held chunk, those past the token's end as its last one (merged, not counted).
     const PartialRows r = partial_rows(p, true, token, 0);
-    i64 row[G];
-    u32 head[G];
-    KPartialState<LSE_BASE_2> s[G];
+    i64 row[C];
+    u32 head[C];
+    KPartialState<LSE_BASE_2> s[C];
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
+    for (int i = 0; i < C; ++i) {
       const u32 c = chunks.held_or_last(first + i);
       head[i] = chunks.head(c);
       row[i] = r.row_offset + (i64)head[i] * p.partial_stride_inner;
       row[i] += chunks.col<VEC>(c, head[i]);
       s[i] = state(r, head[i]);
 #pragma unroll
-      for (int c = 0; c < VEC; ++c) acc[first + i][c] = -0.0f;  // -0 + x is x: the sum's
+      for (int e = 0; e < VEC; ++e) acc[first + i][e] = -0.0f;  // -0 + x is x: the sum's
     }
 #pragma unroll 1
     for (u32 k0 = 0; k0 < count; k0 += B) {
-      Chunk<typename P::storage, VEC> x[B][G];
+      Chunk<typename P::storage, VEC> x[B][C];
 #pragma unroll
       for (int j = 0; j < B; ++j) {
         const u32 k = k0 + j;
         const bool exists = k < count && (k > 0 || r.has_first);
 #pragma unroll
-        for (int i = 0; i < G; ++i) {
+        for (int i = 0; i < C; ++i) {
           x[j][i] = Chunk<typename P::storage, VEC>();
           if (exists) x[j][i] = load_row<P, VEC>(p.partials, row[i] + (i64)k * p.partial_stride_k);
         }
@@ -423,23 +424,23 @@ struct KPartialRows {
       for (int j = 0; j < B; ++j) {
         if (k0 + j < count) {
 #pragma unroll
-          for (int i = 0; i < G; ++i) {
+          for (int i = 0; i < C; ++i) {
             const float w = s[i].weight(lses[head[i] * count + k0 + j]);
             const bool keep = w != 0.0f;  // a zero weight adds exactly 0 (NaN rows too)
 #pragma unroll
-            for (int c = 0; c < VEC; ++c) {
-              const float term = keep ? __fmul_rn(w, P::load(x[j][i].get(c))) : 0.0f;
-              acc[first + i][c] = __fadd_rn(acc[first + i][c], term);
+            for (int e = 0; e < VEC; ++e) {
+              const float term = keep ? __fmul_rn(w, P::load(x[j][i].get(e))) : 0.0f;
+              acc[first + i][e] = __fadd_rn(acc[first + i][e], term);
             }
           }
         }
       }
     }
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
+    for (int i = 0; i < C; ++i) {
       if (s[i].empty) {  // a row without partials added nothing: +0, as in the reference
 #pragma unroll
-        for (int c = 0; c < VEC; ++c) acc[first + i][c] = 0.0f;
+        for (int e = 0; e < VEC; ++e) acc[first + i][e] = 0.0f;
       }
     }
   }
