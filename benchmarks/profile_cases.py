@@ -1,5 +1,6 @@
 """Merges for Nsight Compute to profile: the CUDA and Triton backends and vLLM's kernels
-(where vLLM is installed) on a latency-bound and a bandwidth-bound shape.
+(where vLLM is installed) on a latency-bound and a bandwidth-bound shape; with
+``--formats``, attnmerge's dynamic FP8 formats too (per-token, per-token-group of 128).
 
 Every case runs a few times first, outside the profiled range, so that builds, loads and
 caches are warm; then once between ``cudaProfilerStart`` and ``cudaProfilerStop``. Run under
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import itertools
 
 import torch
 
@@ -30,9 +32,23 @@ VLLM_MODULES = {
     "vllm-triton": VLLM_TRITON_MODULE,
 }
 PROVIDERS = ("cuda", "triton", *VLLM_MODULES)
+#: The output formats: static FP8 (every provider), the dynamic ones (attnmerge's only).
+FORMATS = {
+    "static": None,
+    "token": attnmerge.FP8PerToken(),
+    "group": attnmerge.FP8PerTokenGroup(128),
+}
 
 
-def _call(provider: str, args: tuple):
+def _call(provider: str, args: tuple, fmt: str = "static"):
+    if FORMATS[fmt] is not None:  # attnmerge.merge into the format, scales allocated here
+        if provider in VLLM_MODULES:
+            return None
+        out, p, lp, s, ls = args[:5]
+        quant = FORMATS[fmt].with_scales(*out.shape, out.device)
+        return functools.partial(
+            attnmerge.merge, [p, s], [lp, ls], quant=quant, out=out, backend=provider
+        )
     if provider not in VLLM_MODULES:
         return functools.partial(attnmerge.merge_attn_states, *args, backend=provider)
     try:
@@ -56,6 +72,9 @@ def main() -> None:
     parser.add_argument(
         "--providers", default=",".join(PROVIDERS), help="of " + ",".join(PROVIDERS)
     )
+    parser.add_argument(
+        "--formats", default="static", help="of " + ",".join(FORMATS) + " (default: static)"
+    )
     opts = parser.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     calls = []
@@ -67,10 +86,11 @@ def main() -> None:
         lp, ls = (torch.randn(heads, tokens, generator=g, device="cuda") for _ in "ps")
         out = torch.empty(tokens, heads, HEAD_SIZE, dtype=torch.float8_e4m3fn, device="cuda")
         args = (out, p, lp, s, ls, None, None, torch.tensor([0.1], device="cuda"))
-        for provider in opts.providers.split(","):
-            call = _call(provider, args)
+        for fmt, provider in itertools.product(opts.formats.split(","), opts.providers.split(",")):
+            call = _call(provider, args, fmt)
             if call is not None:
-                calls.append((f"{provider} bf16->fp8 T={tokens} H={heads} D={HEAD_SIZE}", call))
+                name = f"{provider} bf16->fp8 {fmt} T={tokens} H={heads} D={HEAD_SIZE}"
+                calls.append((name, call))
     for _, call in calls:
         for _ in range(3):
             call()

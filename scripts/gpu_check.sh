@@ -37,7 +37,8 @@
 #                K = 2, 4, 8; formats.csv and its summary (about 4 minutes on an H100; the CSV
 #                is rewritten at each tenth of the cases)
 #   profile      Nsight Compute on the CUDA and Triton kernels and vLLM's
-#                (benchmarks/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8)
+#                (benchmarks/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8: static,
+#                and attnmerge's per-token and per-token-group of 128)
 #   launch-floor host time of one kernel launch from C, no Python (benchmarks/launch_floor.cu),
 #                the host time per eager call of each backend and vLLM's op (attnmerge bench
 #                --eager, eager.csv), and a few shapes with the eager launcher off
@@ -180,7 +181,8 @@ for arg in "$@"; do
     profile)
       step profile "$limit" profile.log "${WITH_VLLM[@]}" ncu --profile-from-start off \
         --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section WarpStateStats python3 -m benchmarks.profile_cases ;;
+        --section WarpStateStats python3 -m benchmarks.profile_cases \
+        --formats static,token,group ;;
     launch-floor)
       step launch-floor "$limit" launch_floor.log "${WITH_VLLM[@]}" bash -c 'nvcc -O2 \
         -o /tmp/launch_floor benchmarks/launch_floor.cu && /tmp/launch_floor &&
