@@ -9,7 +9,8 @@ own allocation and an out-of-bounds access is caught at the tensor's edge:
 Each case is also checked against the reference, so a run that the sanitizer passes but
 that computes garbage still fails (exit code 1). The cases run through the public API; their
 sizes range from one row to 65536, so that the backends pick their different kernel
-layouts themselves.
+layouts themselves: two partials, K partials stacked and packed, and the dynamic FP8
+formats (the token tiles' shared memory and named barriers among them).
 """
 
 from __future__ import annotations
@@ -139,8 +140,61 @@ def run_kway(backend: str) -> int:
     return failures
 
 
+FORMAT_CASES = [
+    # K (2: two separate partials; None: packed rows), T, H, D, format, misaligned
+    (2, 33, 32, 128, attnmerge.FP8PerToken(), False),
+    (8, 9, 16, 128, attnmerge.FP8PerToken(), False),  # token tiles with staged LSEs
+    (None, 7, 4, 96, attnmerge.FP8PerToken(), False),
+    (2, 5, 4, 96, attnmerge.FP8PerTokenGroup(64, ue8m0=True, layout="ue8m0_packed"), False),
+    (4, 6, 2, 192, attnmerge.FP8PerTokenGroup(128, layout="col_major_tma"), True),
+    (2, 40, 8, 128, attnmerge.FP8PerTokenGroup(128), False),
+]
+
+
+def run_formats(backend: str) -> int:
+    """Dynamic FP8 formats: the token tiles (per-token scales; groups that span heads
+    unevenly, with scalar accesses where misaligned) and a group store, against the torch
+    backend (FP8 codes one apart at most, scales to float32 rounding)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    failures = 0
+    for K, T, H, D, fmt, misaligned in FORMAT_CASES:
+        if fmt.kernel_gap(fmt.key, D, backend) is not None:
+            continue
+        if K is None:
+            counts = torch.randint(0, 6, (T,), generator=g, device="cuda")
+            indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            n = int(indptr[-1])
+            outputs = torch.randn(n, H, D, generator=g, device="cuda").bfloat16()
+            lses, kwargs = _lse(H, n, "TH", g), {"indptr": indptr}
+        else:
+            shape = (K, T, H, D)
+            flat = torch.randn(torch.Size(shape).numel() + misaligned, generator=g, device="cuda")
+            outputs = flat.bfloat16()[misaligned:].view(shape)
+            lses, kwargs = torch.stack([_lse(H, T, "HT", g) for _ in range(K)]), {}
+            if K == 2:
+                outputs, lses = list(outputs), list(lses)
+        ref = attnmerge.merge(outputs, lses, quant=fmt, backend="torch", **kwargs)
+        res = attnmerge.merge(outputs, lses, quant=fmt, backend=backend, **kwargs)
+        torch.cuda.synchronize()
+        a, b = res.output.float(), ref.output.float()
+        same_nan = torch.equal(a.isnan(), b.isnan())
+        tol = b.abs().nan_to_num(0) * 0.13 + 1e-6
+        ok = same_nan and bool(((a - b).abs().nan_to_num(0) <= tol).all())
+        got, want = res.scales.view(torch.float32), ref.scales.view(torch.float32)
+        if res.scales.dtype == torch.int32:  # packed UE8M0 bytes: equal, or one step apart
+            got, want = res.scales.view(torch.uint8).float(), ref.scales.view(torch.uint8).float()
+        scales_ok = torch.allclose(got, want, rtol=1e-5, atol=1.0, equal_nan=True)
+        status = "ok" if ok and scales_ok else "MISMATCH"
+        failures += status != "ok"
+        print(
+            f"{backend:6} K={K or 'packed'} T={T:<4} H={H:<3} D={D:<4} {type(fmt).__name__} "
+            f"{getattr(fmt, 'layout', '')} misaligned={misaligned}: {status}"
+        )
+    return failures
+
+
 if __name__ == "__main__":
     backends = sys.argv[1:] or ["cuda", "triton"]
-    bad = sum(run(b) + run_kway(b) for b in backends)
+    bad = sum(run(b) + run_kway(b) + run_formats(b) for b in backends)
     print("sanitize cases:", "all ok" if not bad else f"{bad} mismatches")
     sys.exit(1 if bad else 0)
