@@ -21,6 +21,7 @@ import itertools
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import cuda_emulator_support
@@ -1052,6 +1053,36 @@ def _partials_token_store_configs():
         )
         found.update(dict.fromkeys(cuda_backend._configs_of(sig)))
     return list(found)
+
+
+def test_token_tile_asks_for_its_rows_before_the_weights(monkeypatch, tmp_path):
+    """The production build (NVRTC, sm_90a) of the two-partial token tile of bf16 partials
+    at 512 threads: at least four of the eight 16-byte row loads of a thread's held chunks
+    are issued before the first exponential (Rows::merge_chunks; loading each chunk after
+    the previous one's weights issued two)."""
+    from attnmerge.cuda import nvrtc
+
+    if nvrtc.unavailable_reason() is not None:
+        pytest.skip(nvrtc.unavailable_reason())
+    triton = pytest.importorskip("triton")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip("this Triton ships no cuobjdump to read the machine code with")
+    monkeypatch.setenv("ATTNMERGE_CACHE_DIR", str(tmp_path))
+    sig = CallSignature(
+        torch.device("cuda"), (torch.bfloat16,) * 2, 128, FP8PerToken().key, False, False,
+        PartialLayout.SEPARATE,
+    )  # fmt: skip
+    (config,) = [c for c in cuda_backend._configs_of(sig) if (c.team, c.vec) == (512, 8)]
+    cubin = tmp_path / "tile.cubin"
+    cubin.write_bytes(cuda_backend.build_kernel(config, "sm_90a"))
+    sass = subprocess.run(
+        [str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    loads = [i for i, line in enumerate(sass) if "LDG.E.128" in line]
+    exps = [i for i, line in enumerate(sass) if "MUFU.EX2" in line]
+    assert len(loads) >= 8 and exps, sass
+    assert sum(i < exps[0] for i in loads) >= 4, [sass[i] for i in sorted(loads + exps)]
 
 
 @pytest.mark.parametrize(
