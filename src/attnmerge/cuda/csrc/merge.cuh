@@ -399,6 +399,21 @@ struct TokenChunks {
   }
 };
 
+// A thread's held chunks (TokenChunks) merged one by one (Rows::merge), those past the
+// token's end left unmerged.
+template <int VEC, int N, typename Rows>
+__device__ __forceinline__ void merge_each_chunk(const Rows& rows, const TokenChunks& chunks,
+                                                 float (&acc)[N][VEC]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const u32 c = chunks.held(i);
+    if (c < chunks.count) {
+      const u32 head = chunks.head(c);
+      rows.template merge<VEC>(head, chunks.col<VEC>(c, head), acc[i]);
+    }
+  }
+}
+
 // The float32 bits of |x| at most, over v and in (NaN above +inf: an integer maximum).
 template <int N>
 __device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
@@ -584,14 +599,7 @@ struct TwoPartialRows {
         for (int i = 0; i < kTogether; ++i) merge_loaded<VEC>(in[i], acc[first + i]);
       }
     } else {
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const u32 c = chunks.held(i);
-        if (c < chunks.count) {
-          const u32 head = chunks.head(c);
-          merge<VEC>(head, chunks.col<VEC>(c, head), acc[i]);
-        }
-      }
+      merge_each_chunk<VEC, N>(*this, chunks, acc);
     }
   }
 

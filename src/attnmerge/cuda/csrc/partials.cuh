@@ -362,14 +362,7 @@ struct KPartialRows {
     if constexpr (VEC > 1) {
       if (lses != nullptr) return merge_staged<VEC, N>(chunks, acc);
     }
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const u32 c = chunks.held(i);
-      if (c < chunks.count) {
-        const u32 head = chunks.head(c);
-        merge<VEC>(head, chunks.col<VEC>(c, head), acc[i]);
-      }
-    }
+    merge_each_chunk<VEC, N>(*this, chunks, acc);
   }
 
   // merge_chunks with the token's LSEs staged: the held chunks C at a time (64 bytes of a
