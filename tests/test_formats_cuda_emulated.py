@@ -496,6 +496,7 @@ def test_dispatch_serves_groups_within_a_head(clean_dispatch, monkeypatch):
     # groups across heads unevenly: the token tiles
     assert reason(FP8PerTokenGroup(64), 96) is None
     assert reason(FP8PerTokenGroup(128, True, PACKED, amax=amax), 192) is None
+    assert reason(FP8PerTokenGroup(128), 258) is None  # (past the triton backend's tiles)
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ The tests check the torch backend (the reference) three ways: a table of small c
 bytes and scales are derived by hand below; an independent float64 re-implementation of
 vLLM's arithmetic on random merges (K = 1, 2, 3, 5, stacked and packed partials, tokens
 past ``prefill_tokens_with_context``, every layout); and the storage of each scale layout.
-Then the checks (C41) and the dispatch (the triton kernels refuse groups that span heads
-unevenly with a reason, so ``auto`` takes torch on a CPU and ``backend="triton"`` raises).
+Then the checks (C41) and the dispatch (the triton kernels refuse groups whose heads and
+groups meet only past their tiles, ``lcm(D, G) > 16384``, with a reason, so ``auto`` takes
+torch on a CPU and ``backend="triton"`` raises).
 vLLM deviates on NaN (its ``fmaxf``/``fminf`` drop NaN): here NaN stays visible (C38), and
 the tables say so.
 
@@ -549,13 +550,18 @@ def test_bad_output_block_scale_raises_before_writing():
 # Dispatch (docs/contract.md C40): the kernels refuse these formats with the reason.
 
 
+HEADS, HEAD_SIZE = 64, 258  # 129 groups of 128 a token, lcm(258, 128) = 16512 values
+
+
 def _signature(quant) -> CallSignature:
-    return CallSignature(torch.device("cpu"), (torch.float32,) * 2, 96, quant.key, False, False)
+    return CallSignature(
+        torch.device("cpu"), (torch.float32,) * 2, HEAD_SIZE, quant.key, False, False
+    )
 
 
 @pytest.mark.parametrize(
     "quant, reason",
-    [(FP8PerTokenGroup(64), "groups of 64 span heads of 96: its triton kernels")],
+    [(FP8PerTokenGroup(128), "groups of 128 span heads of 258: its triton kernels take")],
 )
 def test_kernels_refuse_with_the_reason(clean_dispatch, caplog, monkeypatch, quant, reason):
     """auto falls back to torch and logs why; backend="triton" (argument or
@@ -564,7 +570,7 @@ def test_kernels_refuse_with_the_reason(clean_dispatch, caplog, monkeypatch, qua
     with caplog.at_level(logging.INFO, logger="attnmerge"):
         assert dispatch.select("auto", _signature(quant)) == dispatch.REGISTRY["torch"].run
     assert reason in caplog.text
-    o, lse = torch.randn(2, 3, 2, 96), torch.randn(2, 2, 3)  # two heads: 3 groups a token
+    o, lse = torch.randn(2, 3, HEADS, HEAD_SIZE), torch.randn(2, HEADS, 3)
     attnmerge.merge(o, lse, quant=quant)  # auto: torch
     for backend in ("triton",):
         with pytest.raises(attnmerge.BackendError, match=f"'{backend}'.*{reason}"):

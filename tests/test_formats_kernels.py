@@ -106,9 +106,10 @@ def test_group_store_with_prefill_tokens_and_strides(backend, device):
 
 def test_both_kernel_backends_have_the_store(clean_dispatch, monkeypatch):
     """Dispatch passes the format on to the cuda and triton backends (each then answers for
-    its device) where its groups lie within a head or are whole heads of a power-of-two
-    size; the other groups that span heads go to the cuda backend's token tiles, and the
-    triton backend refuses them."""
+    its device) whether its groups lie within a head, are whole heads of a power-of-two
+    size or span heads otherwise (the cuda backend's token tiles, the triton backend's rows
+    of part of a head); the triton backend refuses groups whose programs would exceed its
+    tiles (lcm(D, G) above 16384 values: odd head sizes past 128)."""
     from attnmerge import dispatch
     from attnmerge.call import CallSignature
 
@@ -118,9 +119,10 @@ def test_both_kernel_backends_have_the_store(clean_dispatch, monkeypatch):
 
     for backend in ("cuda", "triton"):
         monkeypatch.setitem(dispatch.REGISTRY, backend, ServesAll())
-        uneven = None if backend == "cuda" else "span heads"
+        too_wide = None if backend == "cuda" else "lcm(258, 128) = 16512 values"
         for head_size, reason in ((128, None), (256, None), (64, None), (32, None),
-                                  (96, uneven), (192, uneven)):  # fmt: skip
+                                  (96, None), (192, None), (40, None), (258, too_wide),
+                                  (254, None)):  # fmt: skip
             sig = CallSignature(
                 torch.device("cuda"), (torch.bfloat16,) * 2, head_size,
                 FP8PerTokenGroup(128).key, False, False,

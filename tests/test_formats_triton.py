@@ -611,3 +611,73 @@ def test_groups_of_whole_heads_are_the_reference_store(
     allocated = attnmerge.merge(outputs, lses, quant=fmt, backend="triton", **kw)
     assert_bits_equal(allocated.output.cpu(), want_q, "output (allocated scales)")
     assert_bits_equal(allocated.scales.cpu(), scales.cpu(), "allocated scales")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["pair", "pair_prefill", "stacked_prefill", "packed"])
+@pytest.mark.parametrize(
+    "tokens, heads, head_size, group_size, layout",
+    [
+        (6, 2, 96, 64, "ue8m0_packed"),  # rows of 32: a group over two heads, mid-head
+        (6, 2, 96, 64, "row_major"),  # (three programs of two tokens each)
+        (3, 8, 40, 64, "col_major_tma"),  # rows of 8, a group over two or three heads
+        (5, 4, 96, 128, "ue8m0_packed"),  # G = 3: bytes past G, padding rows
+        (4, 2, 192, 128, "col_major"),  # rows of 64
+        (2, 16, 100, 64, "row_major"),  # rows of 4: a unit (1600 values) past a row tile
+    ],
+)
+def test_groups_spanning_heads_unevenly_are_the_reference_store(
+    device, form, tokens, heads, head_size, group_size, layout
+):
+    """Groups that span heads without being whole heads, in rows of part of a head: the
+    FP8 codes, every element of a poisoned buffer around the caller's scales, amax and the
+    output LSE (one store per head), bit for bit what the reference store makes of the
+    backend's own float32 result; scales merge() allocates equal them."""
+    seed = heads * 100 + head_size + group_size
+    outputs, lses, kw = partials(form, tokens, heads, head_size, seed, device)
+    res32 = attnmerge.merge(
+        outputs, lses, out_dtype=torch.float32, backend="triton", return_lse=True, **kw
+    )
+    merged = res32.output.cpu()
+    fmt = FP8PerTokenGroup(group_size, ue8m0=layout == "ue8m0_packed", layout=layout)
+    buffer, scales = poisoned_scales(fmt, tokens, heads, head_size, device)
+    amax = torch.full((1,), 3.0e38, device=device)
+    given = dataclasses.replace(fmt, scales=scales, amax=amax)
+    res = attnmerge.merge(outputs, lses, quant=given, backend="triton", return_lse=True, **kw)
+    want_q, want_buffer, _ = reference_store(given, merged, buffer, scales)
+    assert res.scales is scales
+    assert_bits_equal(res.output.cpu(), want_q, "output")
+    assert_bits_equal(res.lse.cpu(), res32.lse.cpu(), "output LSE")
+    assert_bits_equal(buffer.cpu(), want_buffer, "scales' buffer")
+    assert int_bits(buffer[:GUARD]).eq(POISON).all() and int_bits(buffer[-GUARD:]).eq(POISON).all()
+    assert torch.equal(int_bits(amax), int_bits(amax_reference(merged)))
+
+    allocated = attnmerge.merge(outputs, lses, quant=fmt, backend="triton", **kw)
+    assert_bits_equal(allocated.output.cpu(), want_q, "output (allocated scales)")
+    assert_bits_equal(allocated.scales.cpu(), scales.cpu(), "allocated scales")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["pair", "stacked"])
+def test_uneven_groups_in_place_and_strided(device, form):
+    """Rows of part of a head read strided partials (a head and token stride of their own)
+    and store a strided FP8 output and the output LSE into an input LSE (in place: a head's
+    rows all lie in one program, which loads its LSEs before any is stored)."""
+    tokens, heads, head_size = 7, 4, 96
+    g = torch.Generator().manual_seed(7)
+    big = torch.randn(2, tokens, heads + 1, head_size + 32, generator=g).to(device)
+    outs = big[:, :, 1:, 32:]  # strides (.., (heads + 1) * 128, 128, 1)
+    lses = (torch.randn(2, tokens, heads, generator=g) * 3).to(device).transpose(1, 2)
+    lses[0, 1, 2] = INF
+    if form == "pair":
+        outs, lses = list(outs), list(lses)
+    res32 = attnmerge.merge(outs, lses, out_dtype=torch.float32, backend="triton", return_lse=True)
+    fmt = FP8PerTokenGroup(64, ue8m0=True, layout="col_major_tma")
+    want_q, want_scales = fmt.quantize_with_scales(res32.output.cpu())
+    out = torch.zeros(tokens, heads + 2, head_size, dtype=FP8, device=device)[:, 2:]
+    in_place = lses[0]
+    res = attnmerge.merge(outs, lses, quant=fmt, out=out, out_lse=in_place, backend="triton")
+    assert res.output is out and res.lse is in_place
+    assert_bits_equal(out.cpu(), want_q, "output")
+    assert_bits_equal(res.scales.cpu(), want_scales, "scales")
+    assert_bits_equal(in_place.cpu(), res32.lse.cpu(), "output LSE in place")

@@ -12,9 +12,8 @@ twice on the backend under test: into float32, checked against the float32 refer
 through the shared tolerance, and in the format, whose FP8 codes, scales (with a caller's
 buffer: every element of it, the poison around the scales included) and amax bits must be
 what the format's reference store makes of that float32 result, bit for bit. A case the
-backend cannot store (the format's ``kernel_gap``: groups that span heads in a way its
-kernels do not tile) must raise BackendError naming the reason; each shard counts such
-cases and fails if none of its cases ran the backend.
+backend cannot store (the format's ``kernel_gap``) must raise BackendError naming the
+reason; each shard counts such cases and fails if none of its cases ran the backend.
 
 Backends: torch and triton (under Triton's interpreter) on a CPU, triton and cuda on a GPU.
 ATTNMERGE_FUZZ_EXAMPLES sets the count as for tests/test_fuzz.py, halved (every case runs
@@ -67,7 +66,7 @@ TOKEN_HEAD_SIZES = [1, 8, 13, 64, 80, 128, 192, 256]
 #: head sizes of the per-token-group format: groups within a head (D a multiple of the
 #: group size), groups of whole heads (32 and 64 in groups of 128, 32 in groups of 64: the
 #: triton backend's token tiles) and other groups that span heads (96, and 192 in groups of
-#: 128: the cuda backend's token tiles and the torch backend)
+#: 128: the cuda backend's token tiles, the triton backend's rows of part of a head)
 GROUP_HEAD_SIZES = [32, 64, 96, 128, 192, 256]
 LAYOUTS = ("row_major", "col_major", "col_major_tma", "ue8m0_packed")
 FORMS = ("pair", "stacked", "flashinfer", "packed")

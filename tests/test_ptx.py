@@ -46,7 +46,8 @@ block_d = triton.next_power_of_2(head_size)
 const = dict(NUM_HEADS=32, HEAD_SIZE=head_size, BLOCK_D=block_d,
              BLOCK_ROWS=mk.block_rows_for(head_size, itemsize, num_rows), LSE_BASE_2=base_2,
              WRITE_LSE=True, EPILOGUE=epilogue, GROUP=0, UE8M0=False, UE8M0_PACKED=False,
-             SCALE_UB=False, AMAX=False, HEAD_MAJOR=head_major, TOKEN_CHUNKS=0)
+             SCALE_UB=False, AMAX=False, HEAD_MAJOR=head_major, TOKEN_CHUNKS=0,
+             SEGMENT=0)
 sig = {n: "constexpr" if n in const else ("*" + pointers[n] if n in pointers else "i32")
        for n in fn.arg_names}
 # What Triton infers for aligned tensors and strides that are multiples of 16.
@@ -205,17 +206,21 @@ _EPILOGUES_SCRIPT = r"""
 import itertools, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from attnmerge import formats
 from attnmerge.triton import epilogues, merge_kernel, partials_kernel
 
 pointers = {"out_lse_ptr": "fp32", "partial0_ptr": "bf16", "partial1_ptr": "bf16",
             "partials_ptr": "bf16", "lse0_ptr": "fp32", "lse1_ptr": "fp32", "lses_ptr": "fp32",
             "indptr_ptr": "i32", "amax_ptr": "i32", "scale_ub_ptr": "fp32"}
 
-def compile_(fn, const, out_ty, operand_ty, options):
+def compile_(fn, const, out_ty, operand_ty, options, aligned=False):
     types = {**pointers, "out_ptr": out_ty, "operand_ptr": operand_ty}
     sig = {n: "constexpr" if n in const else ("*" + types[n] if n in types else "i32")
            for n in fn.arg_names}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+    # aligned: what Triton infers for aligned tensors and row strides that are multiples of 16
+    names = [n for n in fn.arg_names if n in types or "_stride_" in n and "lse" not in n]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names if aligned}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 def ops(ptx):
@@ -236,7 +241,7 @@ for (name, out_ty, group, ue8m0, packed), amax, (fn, extra) in itertools.product
     const = dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=256, BLOCK_ROWS=4,
                  LSE_BASE_2=False, WRITE_LSE=True, EPILOGUE=getattr(epilogues, name),
                  GROUP=group, UE8M0=ue8m0, UE8M0_PACKED=packed, SCALE_UB=False, AMAX=amax,
-                 TOKEN_CHUNKS=0, **extra)
+                 TOKEN_CHUNKS=0, SEGMENT=0, **extra)
     ptx = compile_(fn, const, out_ty, "i32" if packed else "fp32", {"num_warps": 4})
     divisions, atomics = ops(ptx)
     print("compiled", name, group, ue8m0, packed, amax, fn.__name__, extra, atomics)
@@ -254,7 +259,7 @@ for (heads, head_size, scale_ub), amax, (fn, extra) in itertools.product(
     const = dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=block_d, BLOCK_ROWS=block_h,
                  LSE_BASE_2=False, WRITE_LSE=True, EPILOGUE=epilogues.fp8_token, GROUP=0,
                  UE8M0=False, UE8M0_PACKED=False, SCALE_UB=scale_ub, AMAX=amax,
-                 TOKEN_CHUNKS=chunks, **extra)
+                 TOKEN_CHUNKS=chunks, SEGMENT=0, **extra)
     ptx = compile_(fn, const, "fp8e4nv", "fp32", options)
     divisions, atomics = ops(ptx)
     # a division per element a thread stores (chunks: in the loop's body once), plus a / 448
@@ -269,16 +274,35 @@ for (heads, packed), (fn, extra) in zip(((128, False), (512, True), (128, True))
     const = dict(NUM_HEADS=heads, HEAD_SIZE=64, BLOCK_D=64, BLOCK_ROWS=block_h,
                  LSE_BASE_2=False, WRITE_LSE=True, EPILOGUE=epilogues.fp8_group, GROUP=128,
                  UE8M0=packed, UE8M0_PACKED=packed, SCALE_UB=False, AMAX=True,
-                 TOKEN_CHUNKS=chunks, **extra)
+                 TOKEN_CHUNKS=chunks, SEGMENT=0, **extra)
     ptx = compile_(fn, const, "fp8e4nv", "i32" if packed else "fp32", options)
     print("groups", heads, chunks, fn.__name__, extra, ops(ptx)[1])
+
+# Groups that span heads unevenly (FP8PerTokenGroup.segment_size) in rows of part of a head,
+# as the launcher sizes them (merge_kernel.segment_tiles), aligned bf16 partials: 2 heads of
+# 96 in groups of 64 (rows of 32 values), 8 of 40 in 64 (rows of 8, packed UE8M0 scales),
+# 128 of 192 in 128 (rows of 64); the count of 16-byte row loads
+for (heads, head_size, group, packed), (fn, extra) in itertools.product(
+    ((2, 96, 64, False), (8, 40, 64, True), (128, 192, 128, False)), token_kernels
+):
+    segment = formats.FP8PerTokenGroup(group).segment_size(head_size)
+    tiles = merge_kernel.segment_tiles(head_size, group, segment, 2048)
+    const = dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=segment,
+                 BLOCK_ROWS=tiles.block_rows, LSE_BASE_2=False, WRITE_LSE=True,
+                 EPILOGUE=epilogues.fp8_group, GROUP=group, UE8M0=packed,
+                 UE8M0_PACKED=packed, SCALE_UB=False, AMAX=True, TOKEN_CHUNKS=0,
+                 SEGMENT=segment, **extra)
+    ptx = compile_(fn, const, "fp8e4nv", "i32" if packed else "fp32", tiles.options, True)
+    vector_loads = len(re.findall(r"\bld\.global\.v4\.b32\b", ptx))
+    print("segments", heads, head_size, vector_loads, fn.__name__, extra, ops(ptx)[1])
 """
 
 
 def test_every_epilogue_compiles_for_sm_90():
     """Every output format's epilogue in both kernels (and both program orders and partial
-    forms), with packed UE8M0 scales and with amax, and FP8PerToken's and groups of whole
-    heads in token tiles (one and two chunks, with and without scale_ub), compiled (not
+    forms), with packed UE8M0 scales and with amax, FP8PerToken's and groups of whole
+    heads in token tiles (one and two chunks, with and without scale_ub), and groups that
+    span heads unevenly in rows of part of a head (16-byte loads), compiled (not
     interpreted): the
     interpreter accepts code that Triton's compiler rejects, such as a global that is not
     a constexpr. A kernel with amax takes one relaxed atomic maximum on its bits."""
@@ -312,3 +336,10 @@ def test_every_epilogue_compiles_for_sm_90():
         assert " ".join(t).endswith(want), t
     groups = [line.split() for line in proc.stdout.splitlines() if line.startswith("groups")]
     assert len(groups) == 3 and {g[2] for g in groups} == {"1", "2"}, proc.stdout
+    segments = [line.split() for line in proc.stdout.splitlines() if line.startswith("segments")]
+    assert len(segments) == 3 * 3, proc.stdout
+    for t in segments:
+        # a row of part of a head is still loaded 16 bytes at a time (its first column is a
+        # multiple of the row's length), each partial's; one atomic for amax
+        assert int(t[3]) >= 2, t
+        assert " ".join(t).endswith("['atom.global.gpu.relaxed.max.s32']"), t

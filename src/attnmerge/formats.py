@@ -24,6 +24,7 @@ epilogue per kernel language and its tests (docs/architecture.md).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -167,8 +168,13 @@ class OutputFormat:
 
     def token_tiles(self, head_size: int) -> bool:
         """Whether a Triton program of this format's store holds whole tokens at
-        ``head_size`` (``whole_token_tiles``, or groups that span heads)."""
+        ``head_size`` (``whole_token_tiles``, or groups of whole heads)."""
         return self.whole_token_tiles
+
+    def segment_size(self, head_size: int) -> int:
+        """Values of one head per row of a Triton tile where the store's groups span heads
+        of ``head_size`` unevenly (a group is then whole rows); 0 where rows are heads."""
+        return 0
 
     def epilogue_strides(self) -> tuple[int, int]:
         """Run-time arguments of the epilogue besides ``kernel_operand``: the element
@@ -412,6 +418,9 @@ class FP8PerToken(_DynamicFP8):
 
 
 _GROUP_LAYOUTS = ("row_major", "col_major", "col_major_tma", "ue8m0_packed")
+# Where groups span heads unevenly, a Triton program takes whole units of lcm(head size,
+# group size) values (merge_kernel.segment_tiles): at most this many, 32 a thread at 16 warps.
+_TRITON_MAX_UNIT = 16384
 
 
 @dataclass(frozen=True, eq=False)
@@ -469,7 +478,9 @@ class FP8PerTokenGroup(_DynamicFP8):
         super().__post_init__()
 
     # Groups within one head: each row's store computes its own groups' scales; groups of
-    # whole heads: consecutive rows (cuda) or token tiles (Triton, token_tiles).
+    # whole heads: consecutive rows (cuda) or token tiles (Triton, token_tiles); groups
+    # that span heads unevenly: token tiles (cuda) or rows of part of a head (Triton,
+    # segment_size).
     triton_epilogue = "fp8_group"
     cuda_epilogue = "FP8GroupStore"
     whole_token_tiles = False
@@ -480,23 +491,30 @@ class FP8PerTokenGroup(_DynamicFP8):
     @classmethod
     def kernel_gap(cls, key: FormatKey, head_size: int, backend: str) -> str | None:
         group_size = key.options[0]
-        uneven = head_size % group_size and not spans_whole_heads(head_size, group_size)
-        if uneven and backend != "cuda":  # the cuda backend's token tiles store those
+        unit = math.lcm(head_size, group_size)
+        if backend == "triton" and unit > _TRITON_MAX_UNIT:
             return (
-                f"groups of {group_size} span heads of {head_size}: its {backend} kernels "
-                f"store groups within a head or of whole heads (a head size that is a power "
-                f"of two dividing the group size); the cuda and torch backends store them"
+                f"groups of {group_size} span heads of {head_size}: its triton kernels take "
+                f"whole heads and groups, lcm({head_size}, {group_size}) = {unit} values, "
+                f"and at most {_TRITON_MAX_UNIT} a program; the cuda and torch "
+                f"backends store them"
             )
         return super().kernel_gap(key, head_size, backend)
 
     def spans_heads(self, head_size: int) -> bool:
-        """Whether a group holds several heads of ``head_size`` (whole ones, where a kernel
-        stores it): the kernels then keep a group's heads together."""
+        """Whether a group holds values of several heads of ``head_size``: the kernels
+        then keep a group's heads together."""
         return head_size % self.group_size != 0
 
     def token_tiles(self, head_size: int) -> bool:
         # Groups of whole heads: a Triton program holds the token's heads.
-        return self.spans_heads(head_size)
+        return self.spans_heads(head_size) and spans_whole_heads(head_size, self.group_size)
+
+    def segment_size(self, head_size: int) -> int:
+        # Groups that span heads unevenly: rows of gcd(head size, group size) values.
+        if not self.spans_heads(head_size) or spans_whole_heads(head_size, self.group_size):
+            return 0
+        return math.gcd(head_size, self.group_size)
 
     def kernel_operand(self) -> torch.Tensor | None:
         return self.scales  # written by the store

@@ -29,6 +29,7 @@ from . import epilogues, interpreting
 __all__ = [
     "ROW_OPTIONS",
     "TOKEN_TILE_ELEMENTS",
+    "SegmentTiles",
     "TritonLaunch",
     "amax_pointer",
     "block_rows_for",
@@ -42,6 +43,10 @@ __all__ = [
     "run",
     "runner_plan",
     "scale_ub_pointer",
+    "segment_count",
+    "segment_groups",
+    "segment_rows",
+    "segment_tiles",
     "store_without_values",
     "token_tiles",
     "zero_amax",
@@ -196,6 +201,7 @@ def _store_two_rows(
     tok,
     head,
     row_ok,
+    lse_ok,
     cols,
     col_ok,
     out_stride_t,
@@ -205,7 +211,8 @@ def _store_two_rows(
     LSE_BASE_2: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
-    # Store the epilogue's values of the rows, and their output LSEs with WRITE_LSE.
+    # Store the epilogue's values of the rows, and with WRITE_LSE the output LSEs of the
+    # rows where lse_ok (row_ok, or a head's first segment row).
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
     tl.store(
         o_row[:, None] + cols[None, :],
@@ -223,7 +230,60 @@ def _store_two_rows(
             lse = m + tl.log(total)
         lse = tl.where(empty, float("-inf"), lse)
         lse = tl.where(has_first, lse, l1_given + 0.0)  # the second's LSE as given
-        tl.store(out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse, mask=row_ok)
+        tl.store(out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse, mask=lse_ok)
+
+
+@triton.jit
+def segment_rows(
+    num_rows,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    SEGMENT: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    # The rows of a program where groups span heads unevenly (segment_tiles): a row is
+    # SEGMENT values of one head, a token's rows in order, num_rows rows in all. A program
+    # takes whole units of lcm(HEAD_SIZE, GROUP) values, so every group and head it touches
+    # is its own: a head's output LSE, stored by the head's first row, may alias an input
+    # LSE that no other program reads. (tok, head, first column, row_ok, lse_ok)
+    UNIT_ROWS: tl.constexpr = HEAD_SIZE * GROUP // (SEGMENT * SEGMENT)
+    PROGRAM_ROWS: tl.constexpr = BLOCK_ROWS // UNIT_ROWS * UNIT_ROWS
+    HEAD_ROWS: tl.constexpr = HEAD_SIZE // SEGMENT
+    TOKEN_ROWS: tl.constexpr = NUM_HEADS * HEAD_ROWS
+    lanes = tl.arange(0, BLOCK_ROWS)
+    rows = tl.program_id(0) * PROGRAM_ROWS + lanes
+    row_ok = (lanes < PROGRAM_ROWS) & (rows < num_rows)
+    in_token = rows % TOKEN_ROWS
+    in_head = in_token % HEAD_ROWS
+    tok = (rows // TOKEN_ROWS).to(tl.int64)
+    head = (in_token // HEAD_ROWS).to(tl.int64)
+    return tok, head, in_head * SEGMENT, row_ok, row_ok & (in_head == 0)
+
+
+@triton.jit
+def segment_groups(
+    acc,
+    num_rows,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    SEGMENT: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    # segment_rows' tile as its groups: the [groups, GROUP] values, each group's token,
+    # its index within the token and whether it exists, and the call's token count.
+    GROUP_ROWS: tl.constexpr = GROUP // SEGMENT
+    UNIT_ROWS: tl.constexpr = HEAD_SIZE * GROUP // (SEGMENT * SEGMENT)
+    PROGRAM_GROUPS: tl.constexpr = BLOCK_ROWS // UNIT_ROWS * UNIT_ROWS // GROUP_ROWS
+    TOKEN_GROUPS: tl.constexpr = NUM_HEADS * HEAD_SIZE // GROUP
+    lanes = tl.arange(0, BLOCK_ROWS // GROUP_ROWS)
+    groups = tl.program_id(0) * PROGRAM_GROUPS + lanes
+    ok = (lanes < PROGRAM_GROUPS) & (groups < num_rows // GROUP_ROWS)
+    values = tl.reshape(acc, (BLOCK_ROWS // GROUP_ROWS, GROUP))
+    tok = (groups // TOKEN_GROUPS).to(tl.int64)
+    index = (groups % TOKEN_GROUPS).to(tl.int64)
+    return values, tok, index, ok, num_rows // (TOKEN_GROUPS * GROUP_ROWS)
 
 
 @triton.jit(do_not_specialize=["num_rows", "tokens_with_first"])
@@ -267,10 +327,40 @@ def _merge_two_kernel(
     AMAX: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     TOKEN_CHUNKS: tl.constexpr,
+    SEGMENT: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < HEAD_SIZE
-    if TOKEN_CHUNKS == 0:
+    if SEGMENT > 0:
+        # Groups that span heads unevenly: rows of SEGMENT (BLOCK_D) values of a head
+        # (segment_rows); the epilogue sees the tile as its groups.
+        tok, head, first_col, row_ok, lse_ok = segment_rows(
+            num_rows, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS, SEGMENT, GROUP
+        )
+        acc, m, total, empty, has_first, l1_given = _merge_two_rows(
+            tok, head, row_ok, tokens_with_first,
+            partial0_ptr + first_col, lse0_ptr, partial1_ptr + first_col, lse1_ptr,
+            partial0_stride_t, partial0_stride_h, partial1_stride_t, partial1_stride_h,
+            lse0_stride_h, lse0_stride_t, lse1_stride_h, lse1_stride_t,
+            cols, col_ok, LSE_BASE_2,
+        )  # fmt: skip
+        if AMAX:
+            epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
+        groups, group_tok, group, group_ok, num_tokens = segment_groups(
+            acc, num_rows, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS, SEGMENT, GROUP
+        )
+        values = EPILOGUE(
+            groups, operand_ptr, scale_ub_ptr, 0.0, group_tok, group, group_ok, num_tokens,
+            scales_stride_t, scales_stride_g,
+            NUM_HEADS * HEAD_SIZE // GROUP, GROUP, GROUP, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+        )  # fmt: skip
+        _store_two_rows(
+            out_ptr + first_col, out_lse_ptr, tl.reshape(values, (BLOCK_ROWS, BLOCK_D)),
+            m, total, empty, has_first, l1_given, tok, head, row_ok, lse_ok, cols, col_ok,
+            out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
+            LSE_BASE_2, WRITE_LSE,
+        )  # fmt: skip
+    elif TOKEN_CHUNKS == 0:
         if HEAD_MAJOR:
             # Programs over (token block, head); num_rows holds the token count.
             tokens = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -301,7 +391,7 @@ def _merge_two_kernel(
         )  # fmt: skip
         _store_two_rows(
             out_ptr, out_lse_ptr, values, m, total, empty, has_first, l1_given,
-            tok, head, row_ok, cols, col_ok,
+            tok, head, row_ok, row_ok, cols, col_ok,
             out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
             LSE_BASE_2, WRITE_LSE,
         )  # fmt: skip
@@ -330,7 +420,7 @@ def _merge_two_kernel(
             )  # fmt: skip
             _store_two_rows(
                 out_ptr, out_lse_ptr, values, m, total, empty, has_first, l1_given,
-                tok, head, row_ok, cols, col_ok,
+                tok, head, row_ok, row_ok, cols, col_ok,
                 out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
                 LSE_BASE_2, WRITE_LSE,
             )  # fmt: skip
@@ -369,7 +459,7 @@ def _merge_two_kernel(
                 )  # fmt: skip
                 _store_two_rows(
                     out_ptr, out_lse_ptr, values, m, total, empty, has_first, l1_given,
-                    tok, head, row_ok, cols, col_ok,
+                    tok, head, row_ok, row_ok, cols, col_ok,
                     out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
                     LSE_BASE_2, WRITE_LSE,
                 )  # fmt: skip
@@ -421,6 +511,43 @@ def token_tiles(num_heads: int, head_size: int) -> tuple[int, int, dict]:
     warps = block_h * block_d // (32 * _TOKEN_TILE_PER_THREAD)
     options = {"num_warps": min(16, max(4, triton.next_power_of_2(max(1, warps))))}
     return block_h, triton.cdiv(num_heads, block_h), options
+
+
+class SegmentTiles(NamedTuple):
+    """The tiles of a call whose groups span heads unevenly (``segment_size``)."""
+
+    #: rows of a tile (a power of two)
+    block_rows: int
+    #: the tile's rows a program takes: whole units of lcm(head size, group size) values
+    program_rows: int
+    #: Triton's launch options
+    options: dict
+
+
+def segment_tiles(head_size: int, group_size: int, segment: int, tile_values: int) -> SegmentTiles:
+    """The tiles of a call whose groups of ``group_size`` span heads of ``head_size``
+    unevenly, in rows of ``segment`` values: ``tile_values`` values per tile (what a
+    row tile of whole heads would hold) and at least one unit of lcm(head size, group
+    size) values; launched as row tiles, or, where a unit exceeds a row tile's bytes, as
+    token tiles are (``_TOKEN_TILE_PER_THREAD`` values per thread)."""
+    unit_rows = head_size * group_size // (segment * segment)
+    rows = max(tile_values // segment, triton.next_power_of_2(unit_rows))
+    options = ROW_OPTIONS
+    if rows * segment > tile_values:
+        warps = triton.next_power_of_2(max(1, rows * segment // (32 * _TOKEN_TILE_PER_THREAD)))
+        options = {"num_warps": min(16, max(4, warps))}
+    return SegmentTiles(rows, rows // unit_rows * unit_rows, options)
+
+
+def segment_count(num_rows: int, head_size: int, segment: int) -> int:
+    """The segment rows of ``num_rows`` rows of ``head_size`` values (at most ``_MAX_ROWS``)."""
+    count = num_rows * (head_size // segment)
+    if count > _MAX_ROWS:
+        raise ValueError(
+            f"triton backend: tokens x heads x head_size / {segment} = {count} exceeds "
+            f"{_MAX_ROWS} rows"
+        )
+    return count
 
 
 def block_rows_for(head_size: int, itemsize: int, num_rows: int | None = None) -> int:
@@ -554,7 +681,16 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
     lse_out = output_lse if write_lse else lse1  # never written when WRITE_LSE=False
     out_lse_strides = lse_out.stride()
     token_chunks, options = 0, ROW_OPTIONS
-    if call.output_format.token_tiles(head_size):
+    block_d = triton.next_power_of_2(head_size)
+    segment = call.output_format.segment_size(head_size)
+    if segment:
+        # Rows of `segment` values, programs of whole heads and groups (segment_rows).
+        group_size = call.output_format.group_size
+        tile_values = block_rows_for(head_size, itemsize, num_rows) * block_d
+        tiles = segment_tiles(head_size, group_size, segment, tile_values)
+        rows_per_program, options = tiles.block_rows, tiles.options
+        block_d, head_major = segment, False
+    elif call.output_format.token_tiles(head_size):
         # Program t: token t's heads (a per-token scale, or groups of several heads).
         rows_per_program, token_chunks, options = token_tiles(num_heads, head_size)
         head_major = False
@@ -591,18 +727,23 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
     constexprs = (
         num_heads,
         head_size,
-        triton.next_power_of_2(head_size),
+        block_d,
         rows_per_program,
         call.lse_base_2,
         write_lse,
         *format_constexprs(call.output_format),
         head_major,
         token_chunks,
+        segment,
     )
-    # Head-major programs: the kernel's num_rows holds the token count.
+    # Head-major programs: the kernel's num_rows holds the token count; segment rows:
+    # the segment count.
     count = num_tokens if head_major else num_rows
     if token_chunks:
         grid = (num_tokens, 1, 1)
+    elif segment:
+        count = segment_count(num_rows, head_size, segment)
+        grid = (triton.cdiv(count, tiles.program_rows), 1, 1)
     else:
         grid = (triton.cdiv(count, rows_per_program), num_heads if head_major else 1, 1)
     args = (*pointers, count, call.tokens_with_first, *strides)

@@ -27,6 +27,10 @@ from .merge_kernel import (
     int_class,
     launch,
     scale_ub_pointer,
+    segment_count,
+    segment_groups,
+    segment_rows,
+    segment_tiles,
     store_without_values,
     token_tiles,
     zero_amax,
@@ -251,6 +255,7 @@ def _store_partial_rows(
     tok,
     head,
     row_ok,
+    lse_ok,
     cols,
     col_ok,
     out_stride_t,
@@ -260,7 +265,8 @@ def _store_partial_rows(
     LSE_BASE_2: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
-    # Store the epilogue's values of the rows, and their output LSEs with WRITE_LSE.
+    # Store the epilogue's values of the rows, and with WRITE_LSE the output LSEs of the
+    # rows where lse_ok (row_ok, or a head's first segment row).
     o_row = out_ptr + tok * out_stride_t + head * out_stride_h
     tl.store(
         o_row[:, None] + cols[None, :],
@@ -276,7 +282,7 @@ def _store_partial_rows(
             lse_out = m + tl.log(total)
         lse_out = tl.where(empty, float("-inf"), lse_out)
         tl.store(
-            out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse_out, mask=row_ok
+            out_lse_ptr + head * out_lse_stride_h + tok * out_lse_stride_t, lse_out, mask=lse_ok
         )
 
 
@@ -320,11 +326,41 @@ def _merge_partials_kernel(
     AMAX: tl.constexpr,
     PACKED: tl.constexpr,
     TOKEN_CHUNKS: tl.constexpr,
+    SEGMENT: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < HEAD_SIZE
     num_tokens = num_rows // NUM_HEADS
-    if TOKEN_CHUNKS == 0:
+    if SEGMENT > 0:
+        # Groups that span heads unevenly: rows of SEGMENT (BLOCK_D) values of a head
+        # (merge_kernel.segment_rows); the epilogue sees the tile as its groups.
+        tok, head, first_col, row_ok, lse_ok = segment_rows(
+            num_rows, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS, SEGMENT, GROUP
+        )
+        acc, m, total, empty = _merge_partial_rows(
+            tok, head, row_ok, num_partials, num_packed, tokens_with_first,
+            partials_ptr + first_col, lses_ptr, indptr_ptr,
+            partial_stride_k, partial_stride_t, partial_stride_h,
+            lse_stride_k, lse_stride_h, lse_stride_t,
+            cols, col_ok, BLOCK_ROWS, LSE_BASE_2, PACKED,
+        )  # fmt: skip
+        if AMAX:
+            epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
+        groups, group_tok, group, group_ok, num_tokens = segment_groups(
+            acc, num_rows, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS, SEGMENT, GROUP
+        )
+        values = EPILOGUE(
+            groups, operand_ptr, scale_ub_ptr, 0.0, group_tok, group, group_ok, num_tokens,
+            scales_stride_t, scales_stride_g,
+            NUM_HEADS * HEAD_SIZE // GROUP, GROUP, GROUP, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+        )  # fmt: skip
+        _store_partial_rows(
+            out_ptr + first_col, out_lse_ptr, tl.reshape(values, (BLOCK_ROWS, BLOCK_D)),
+            m, total, empty, tok, head, row_ok, lse_ok, cols, col_ok,
+            out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
+            LSE_BASE_2, WRITE_LSE,
+        )  # fmt: skip
+    elif TOKEN_CHUNKS == 0:
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < num_rows
         tok = (rows // NUM_HEADS).to(tl.int64)
@@ -344,7 +380,8 @@ def _merge_partials_kernel(
             NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
         )  # fmt: skip
         _store_partial_rows(
-            out_ptr, out_lse_ptr, values, m, total, empty, tok, head, row_ok, cols, col_ok,
+            out_ptr, out_lse_ptr, values, m, total, empty, tok, head, row_ok, row_ok,
+            cols, col_ok,
             out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
             LSE_BASE_2, WRITE_LSE,
         )  # fmt: skip
@@ -371,7 +408,8 @@ def _merge_partials_kernel(
                 NUM_HEADS, HEAD_SIZE, BLOCK_D, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
             )  # fmt: skip
             _store_partial_rows(
-                out_ptr, out_lse_ptr, values, m, total, empty, tok, head, row_ok, cols, col_ok,
+                out_ptr, out_lse_ptr, values, m, total, empty, tok, head, row_ok, row_ok,
+            cols, col_ok,
                 out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
                 LSE_BASE_2, WRITE_LSE,
             )  # fmt: skip
@@ -410,7 +448,7 @@ def _merge_partials_kernel(
                 )  # fmt: skip
                 _store_partial_rows(
                     out_ptr, out_lse_ptr, values, m, total, empty, tok, head, row_ok,
-                    cols, col_ok, out_stride_t, out_stride_h, out_lse_stride_h,
+                    row_ok, cols, col_ok, out_stride_t, out_stride_h, out_lse_stride_h,
                     out_lse_stride_t, LSE_BASE_2, WRITE_LSE,
                 )  # fmt: skip
 
@@ -447,7 +485,16 @@ def launch_arguments(call: MergeCall) -> TritonLaunch | None:
     packed = call.signature.layout is PartialLayout.PACKED
     block_d = triton.next_power_of_2(head_size)
     token_chunks, options = 0, ROW_OPTIONS
-    if call.output_format.token_tiles(head_size):
+    segment = call.output_format.segment_size(head_size)
+    count = num_rows
+    if segment:
+        # Rows of `segment` values, programs of whole heads and groups (segment_rows).
+        group_size = call.output_format.group_size
+        tile_values = max(block_d, _TILE_BYTES // partials.itemsize)
+        tiles = segment_tiles(head_size, group_size, segment, tile_values)
+        rows_per_program, options = tiles.block_rows, tiles.options
+        count, block_d = segment_count(num_rows, head_size, segment), segment
+    elif call.output_format.token_tiles(head_size):
         # Program t: token t's heads (a per-token scale, or groups of several heads).
         rows_per_program, token_chunks, options = token_tiles(num_heads, head_size)
     else:
@@ -492,9 +539,13 @@ def launch_arguments(call: MergeCall) -> TritonLaunch | None:
         *format_constexprs(call.output_format),
         packed,
         token_chunks,
+        segment,
     )
-    grid = (num_tokens if token_chunks else triton.cdiv(num_rows, rows_per_program), 1, 1)
-    sizes = (num_rows, num_partials, num_packed, call.tokens_with_first)
+    if token_chunks:
+        grid = (num_tokens, 1, 1)
+    else:  # (segment rows: a program takes tiles.program_rows of its rows)
+        grid = (triton.cdiv(count, tiles.program_rows if segment else rows_per_program), 1, 1)
+    sizes = (count, num_partials, num_packed, call.tokens_with_first)
     args = (*pointers, *sizes, *strides)
     first_at = len(pointers) + len(sizes) - 1
     device = output.device
