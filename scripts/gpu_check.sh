@@ -36,6 +36,11 @@
 #                quantiser and against the static FP8 store; H in 128..16 x T in 1..8192 x
 #                K = 2, 4, 8; formats.csv and its summary (about 4 minutes on an H100; the CSV
 #                is rewritten at each tenth of the cases)
+#   bench-cp     the context-parallel combine (benchmarks/cp_combine.py): cp_combine against
+#                vLLM's all-gather + rescale + reduce-scatter pattern (+ a separate FP8
+#                quantiser) over NCCL on W = 2 and 4 GPUs (those of them visible; 1 on one
+#                GPU), T in 1..4096 x H in 128/32, bf16 and FP8 out: CUDA-graph and eager
+#                times, errors against float64; cp.csv and its summary
 #   profile      Nsight Compute on the CUDA and Triton kernels and vLLM's
 #                (benchmarks/profile_cases.py: T = 1 and 4096, H = 128, bf16 -> FP8: static,
 #                and attnmerge's per-token and per-token-group of 128)
@@ -104,8 +109,8 @@ step() {  # step NAME LIMIT LOGFILE CMD...: run (under a time limit), log, recor
 for arg in "$@"; do  # check every step name before running any
   case ${arg%%:*} in
     tests | cuda-tests | prebuild | fuzz | fuzz-cuda | fuzz-triton | sanitize | demo | bench) ;;
-    bench-lse | bench-nofp8 | bench-kway | bench-formats | profile | launch-floor | vllm-tests) ;;
-    compare-outputs | compare-speed | compare-speed-lse) ;;
+    bench-lse | bench-nofp8 | bench-kway | bench-formats | bench-cp | profile | launch-floor) ;;
+    compare-outputs | compare-speed | compare-speed-lse | vllm-tests) ;;
     *) echo "unknown step: ${arg%%:*}" >&2; exit 2 ;;
   esac
 done
@@ -178,6 +183,12 @@ for arg in "$@"; do
     bench-formats)
       step bench-formats "$limit" bench_formats.log python3 -m benchmarks.formats \
         --csv "$OUT/formats.csv" ;;
+    bench-cp)  # one rank per GPU: W = 2 and 4 where that many are visible, else 1
+      gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null)
+      worlds=""
+      for w in 2 4; do [ "${gpus:-0}" -ge "$w" ] && worlds="${worlds:+$worlds,}$w"; done
+      step bench-cp "$limit" bench_cp.log python3 -m benchmarks.cp_combine --device cuda \
+        --worlds "${worlds:-1}" --out "$OUT/cp.csv" ;;
     profile)
       step profile "$limit" profile.log "${WITH_VLLM[@]}" ncu --profile-from-start off \
         --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
@@ -239,6 +250,7 @@ for csv in bench.csv bench-lse.csv bench-nofp8.csv; do
   [ -f "$OUT/$csv" ] && [ -n "$VLLM" ] && python3 -m benchmarks.targets "$OUT/$csv"
 done
 [ -f "$OUT/kway.csv" ] && python3 -m benchmarks.kway_summary "$OUT/kway.csv"
+[ -f "$OUT/cp.csv" ] && python3 -m benchmarks.cp_combine --summary "$OUT/cp.csv"
 [ -f "$OUT/launch_floor.log" ] && sed -n '/^host time per eager call/,$p' "$OUT/launch_floor.log"
 [ -f "$OUT/profile.log" ] && grep -E "^profiled:|merge_two|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread" "$OUT/profile.log" | head -80
 printf '%s\n' "${summary[@]}"
