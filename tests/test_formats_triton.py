@@ -681,3 +681,21 @@ def test_uneven_groups_in_place_and_strided(device, form):
     assert_bits_equal(out.cpu(), want_q, "output")
     assert_bits_equal(res.scales.cpu(), want_scales, "scales")
     assert_bits_equal(in_place.cpu(), res32.lse.cpu(), "output LSE in place")
+
+
+def test_segment_tiles_take_whole_units():
+    """A program's rows are whole units of lcm(D, G) values, at least one, in a tile of a
+    power of two rows; a unit past a row tile's values takes token tiles' warps; the row
+    count stops short of int32's end by a tile."""
+    mk = triton_backend.load()
+    fmt = FP8PerTokenGroup(64)
+    assert (fmt.segment_size(96), fmt.segment_size(40), fmt.segment_size(128)) == (32, 8, 0)
+    assert FP8PerTokenGroup(128).segment_size(64) == 0  # whole heads: token tiles
+    tiles = mk.segment_tiles(96, 64, 32, tile_values=512)  # a unit: 6 rows (2 heads)
+    assert (tiles.block_rows, tiles.program_rows, tiles.options) == (16, 12, mk.ROW_OPTIONS)
+    tiles = mk.segment_tiles(100, 64, 4, tile_values=512)  # a unit: 400 rows (16 heads)
+    assert (tiles.block_rows, tiles.program_rows) == (512, 400)
+    assert tiles.options == {"num_warps": 4}
+    assert mk.segment_count(10, 96, mk.segment_tiles(96, 64, 32, 512)) == 30
+    with pytest.raises(ValueError, match="exceeds"):
+        mk.segment_count(2**31 // 3, 96, mk.segment_tiles(96, 64, 32, 512))

@@ -56,6 +56,7 @@ logger = logging.getLogger("attnmerge")
 
 # Row offsets are int32 (token = row // heads); every memory offset is int64.
 _MAX_ROWS = 2**31 - 4096
+_MAX_INT32 = 2**31 - 1
 
 # Bytes of each partial per program tile: 32 bytes per thread per input at 4 warps.
 _TILE_BYTES = 4096
@@ -516,6 +517,8 @@ def token_tiles(num_heads: int, head_size: int) -> tuple[int, int, dict]:
 class SegmentTiles(NamedTuple):
     """The tiles of a call whose groups span heads unevenly (``segment_size``)."""
 
+    #: values of one head per row (``segment_size``)
+    segment: int
     #: rows of a tile (a power of two)
     block_rows: int
     #: the tile's rows a program takes: whole units of lcm(head size, group size) values
@@ -536,16 +539,17 @@ def segment_tiles(head_size: int, group_size: int, segment: int, tile_values: in
     if rows * segment > tile_values:
         warps = triton.next_power_of_2(max(1, rows * segment // (32 * _TOKEN_TILE_PER_THREAD)))
         options = {"num_warps": min(16, max(4, warps))}
-    return SegmentTiles(rows, rows // unit_rows * unit_rows, options)
+    return SegmentTiles(segment, rows, rows // unit_rows * unit_rows, options)
 
 
-def segment_count(num_rows: int, head_size: int, segment: int) -> int:
-    """The segment rows of ``num_rows`` rows of ``head_size`` values (at most ``_MAX_ROWS``)."""
-    count = num_rows * (head_size // segment)
-    if count > _MAX_ROWS:
+def segment_count(num_rows: int, head_size: int, tiles: SegmentTiles) -> int:
+    """The segment rows of ``num_rows`` rows of ``head_size`` values; ValueError where a
+    program's int32 row index could pass 2^31 - 1."""
+    count = num_rows * (head_size // tiles.segment)
+    if count > _MAX_INT32 - tiles.block_rows:
         raise ValueError(
-            f"triton backend: tokens x heads x head_size / {segment} = {count} exceeds "
-            f"{_MAX_ROWS} rows"
+            f"triton backend: tokens x heads x head_size / {tiles.segment} = {count} exceeds "
+            f"{_MAX_INT32 - tiles.block_rows} rows"
         )
     return count
 
@@ -742,7 +746,7 @@ def launch_arguments(call: MergeCall, block_rows: int | None = None) -> TritonLa
     if token_chunks:
         grid = (num_tokens, 1, 1)
     elif segment:
-        count = segment_count(num_rows, head_size, segment)
+        count = segment_count(num_rows, head_size, tiles)
         grid = (triton.cdiv(count, tiles.program_rows), 1, 1)
     else:
         grid = (triton.cdiv(count, rows_per_program), num_heads if head_major else 1, 1)

@@ -493,7 +493,7 @@ def launch_arguments(call: MergeCall) -> TritonLaunch | None:
         tile_values = max(block_d, _TILE_BYTES // partials.itemsize)
         tiles = segment_tiles(head_size, group_size, segment, tile_values)
         rows_per_program, options = tiles.block_rows, tiles.options
-        count, block_d = segment_count(num_rows, head_size, segment), segment
+        count, block_d = segment_count(num_rows, head_size, tiles), segment
     elif call.output_format.token_tiles(head_size):
         # Program t: token t's heads (a per-token scale, or groups of several heads).
         rows_per_program, token_chunks, options = token_tiles(num_heads, head_size)
