@@ -3,7 +3,8 @@
 One program handles ``BLOCK_ROWS`` (token, head) rows as a ``[BLOCK_ROWS, BLOCK_D]`` tile:
 consecutive rows, or, for some calls that write the output LSE, consecutive tokens of one
 head (:func:`head_major_programs`); for a format with ``whole_token_tiles`` (per-token
-scales), all heads of one token, in chunks where they exceed a tile (:func:`token_tiles`).
+scales), all heads of one token, in chunks where they exceed a tile (:func:`token_tiles`);
+for groups that span heads unevenly, rows of part of a head (:func:`segment_rows`).
 The output format's epilogue (:mod:`.epilogues`) is a compile-time argument. Only
 per-model values are compile-time constants (head count, head size, dtypes, flags); token
 counts and the first partial's token count are run-time values Triton does not specialise

@@ -4,7 +4,8 @@ One program handles ``BLOCK_ROWS`` consecutive (token, head) rows as a
 ``[BLOCK_ROWS, BLOCK_D]`` tile and folds the partials into it in order: a first pass
 over the LSEs finds the running maximum, a second sums the exponentials, a third adds
 each weighted partial row into a float32 accumulator (a format with ``whole_token_tiles``:
-a program holds all heads of one token, as in :mod:`.merge_kernel`). The weights are C1's
+a program holds all heads of one token, as in :mod:`.merge_kernel`; groups that span heads
+unevenly: rows of part of a head, as there). The weights are C1's
 formula for any K (docs/contract.md): ``exp(l_k - m)`` over the in-order sum, an IEEE
 division, so two partials give the bits of the two-way kernel. The output format's epilogue
 (:mod:`.epilogues`) is a compile-time argument; K, the token count and the packed row
