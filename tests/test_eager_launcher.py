@@ -71,9 +71,22 @@ class Harness(NamedTuple):
     python: list[Launched]  # launched by the Python path
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory):
-    """One build of the extension for the module, in its own cache directory."""
+class Built(NamedTuple):
+    launcher: eager.EagerLauncher
+    fast: list[Launched]  # launched by the extension
+    launch: object  # the stand-in cuLaunchKernel (must outlive the extension's use of it)
+    exchange: object  # the DLPack exchange API given to setup(), or None
+
+
+@pytest.fixture(scope="module", params=["dlpack", "python"])
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One build of the extension for the module, in its own cache directory, reading
+    tensors through DLPack's exchange API (torch 2.10 on) or through Python's C API."""
+    exchange = getattr(torch.Tensor, eager.DLPACK_EXCHANGE_API, None)
+    if request.param == "python":
+        exchange = None
+    elif exchange is None:
+        pytest.skip(f"torch {torch.__version__} has no DLPack exchange API")
     fast: list[Launched] = []
 
     @_LAUNCH
@@ -88,13 +101,16 @@ def built(tmp_path_factory: pytest.TempPathFactory):
         launcher = eager.EagerLauncher()
         address = ctypes.cast(launch, ctypes.c_void_p).value
         assert launcher.load(launch_address=address, host_tensors=True), launcher.unavailable
-    launcher.module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, True)
-    yield launcher, fast, launch  # (the callback must outlive the extension's use of it)
+    reads = launcher.module.setup(
+        torch.Tensor, lambda: -1, lambda index: 0, address, True, exchange
+    )
+    assert reads is (exchange is not None)
+    yield Built(launcher, fast, launch, exchange)
 
 
 @pytest.fixture
-def harness(built, monkeypatch: pytest.MonkeyPatch) -> Harness:
-    launcher, fast, _ = built
+def harness(built: Built, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    launcher, fast = built.launcher, built.fast
     launcher.plans.clear()
     fast.clear()
     python: list[Launched] = []
@@ -543,16 +559,31 @@ def test_merge_with_k_partials_takes_the_fast_path(
     assert len(harness.fast) == 2 and len(harness.python) == 2
 
 
-def test_host_tensors_are_refused_outside_tests(built) -> None:
-    launcher, _, launch = built
-    address = ctypes.cast(launch, ctypes.c_void_p).value
+def test_host_tensors_are_refused_outside_tests(built: Built) -> None:
+    module = built.launcher.module
+    address = ctypes.cast(built.launch, ctypes.c_void_p).value
     args = (torch.empty(2, 1, 8), torch.randn(2, 1, 8), torch.randn(1, 2))
     args += (torch.randn(2, 1, 8), torch.randn(1, 2), None, None, None)
     try:
-        launcher.module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, False)
-        assert launcher.module.merge_pair({}, 0, *args) is False
+        module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, False, built.exchange)
+        assert module.merge_pair({}, 0, *args) is False
     finally:
-        launcher.module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, True)
+        module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, True, built.exchange)
+
+
+def test_the_exchange_api_is_taken_where_torch_has_one(built: Built) -> None:
+    """load() reads tensors through DLPack's exchange API where torch.Tensor has one (torch
+    2.10 on); setup() takes nothing but such a capsule for it."""
+    assert built.launcher.reads_with_dlpack is hasattr(torch.Tensor, eager.DLPACK_EXCHANGE_API)
+    module = built.launcher.module
+    address = ctypes.cast(built.launch, ctypes.c_void_p).value
+    try:
+        for other in (None, object(), torch.empty(0)):
+            assert (
+                module.setup(torch.Tensor, lambda: -1, lambda i: 0, address, True, other) is False
+            )
+    finally:
+        module.setup(torch.Tensor, lambda: -1, lambda index: 0, address, True, built.exchange)
 
 
 def test_public_api_takes_the_fast_path(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,9 @@ mostly argument checks, reading tensor metadata and the ctypes launch
 an earlier call's (dtypes, devices, shapes, strides, alignment, which written tensors are
 the very inputs, the class of ``prefill_tokens_with_context``) passes every check that
 call passed and launches the same kernel with the same parameters but for its pointers.
-``csrc/eager.c``, a CPython extension, reads those facts from the tensors, finds the
-launch plan stored for them and launches it: the cuda backend's kernel with
+``csrc/eager.c``, a CPython extension, reads those facts from the tensors (one C call a
+tensor through DLPack's exchange API where torch has it, torch 2.10 on; else Python's C
+API), finds the launch plan stored for them and launches it: the cuda backend's kernel with
 ``cuLaunchKernel``, the triton backend's through its compiled kernel's runner. Everything
 else (the first call of each kind, errors, the torch backend, ``torch.compile``) takes the
 Python path, which stores the plan of each call it launches on a kernel backend.
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from ..call import MergeCall
 
 __all__ = [
+    "DLPACK_EXCHANGE_API",
     "ENV_EAGER_LAUNCHER",
     "LAUNCHER",
     "EagerLauncher",
@@ -71,6 +73,9 @@ PLAN_FIELDS = ("out", "partial0", "lse0", "partial1", "lse1", "out_lse", "format
 PARTIALS_PLAN_FIELDS = ("out", "partials", "lses", "indptr", "out_lse", "format_operand")
 #: Plans kept at most (one per distinct kind of call; cleared when full).
 MAX_PLANS = 4096
+#: The attribute of torch.Tensor holding DLPack's exchange API (a capsule), by which the
+#: extension reads a tensor in one C call (csrc/eager.c).
+DLPACK_EXCHANGE_API = "__dlpack_c_exchange_api__"
 
 
 def _source() -> str:
@@ -165,6 +170,9 @@ class EagerLauncher:
         self.module: ModuleType | None = None
         self.plans: dict[int, bytes | tuple] = {}  # csrc/eager.c: bytes (cuda), tuple (triton)
         self.unavailable: str | None = None  # why the fast path is off, once tried
+        #: whether the extension reads tensors through DLPack's exchange API (torch 2.10
+        #: on), not through Python's C API
+        self.reads_with_dlpack = False
         self._tried = False
 
     def load(self, launch_address: int | None = None, host_tensors: bool = False) -> bool:
@@ -191,7 +199,14 @@ class EagerLauncher:
                 launch_address = ctypes.cast(_lib().cuLaunchKernel, ctypes.c_void_p).value
             device_getter = getattr(torch._C, "_cuda_getDevice", lambda: -1)
             stream_getter = getattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0)
-            module.setup(torch.Tensor, device_getter, stream_getter, launch_address, host_tensors)
+            self.reads_with_dlpack = module.setup(
+                torch.Tensor,
+                device_getter,
+                stream_getter,
+                launch_address,
+                host_tensors,
+                getattr(torch.Tensor, DLPACK_EXCHANGE_API, None),
+            )
         except (BuildError, OSError, ImportError) as e:
             self.unavailable = str(e).splitlines()[0]
             logger.info("attnmerge: eager launcher unavailable, Python launches: %s", e)

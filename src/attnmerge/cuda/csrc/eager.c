@@ -65,12 +65,89 @@ typedef struct {
 typedef struct {
   uint64_t ptr;
   int64_t ndim, shape[kMaxDims], stride[kMaxDims];
+  int64_t itemsize;  // 0 where not read (read_tensor_python)
 } Tensor;
 
-// 0: read; 1: not a plain torch.Tensor of at most kMaxDims dimensions on a device; -1: a
-// Python error.
-static int read_tensor(PyObject* t, Tensor* out, int64_t** key) {
-  if (Py_TYPE(t) != tensor_type) return 1;
+// DLPack's exchange API (DLPack 1.2 on; torch.Tensor's __dlpack_c_exchange_api__ from torch
+// 2.10): one C call describes a tensor as a DLTensor, where Python's C API takes five calls
+// (docs/host-overhead.md). The declarations follow the DLPack specification; the extension
+// includes no header but Python's.
+typedef struct {
+  int32_t device_type, device_id;
+} DLDevice;
+typedef struct {
+  uint8_t code, bits;
+  uint16_t lanes;
+} DLDataType;
+typedef struct {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+} DLTensor;
+typedef struct DLPackExchangeAPIHeader {
+  uint32_t major, minor;  // DLPackVersion
+  struct DLPackExchangeAPIHeader* prev_api;
+} DLPackExchangeAPIHeader;
+typedef int (*DLTensorFromPyObjectFn)(void* py_object, DLTensor* out);
+typedef struct {  // major version 1
+  DLPackExchangeAPIHeader header;
+  void *managed_tensor_allocator, *managed_tensor_from_py_object_no_sync;
+  void* managed_tensor_to_py_object_no_sync;
+  DLTensorFromPyObjectFn dltensor_from_py_object_no_sync;  // may be NULL
+  void* current_work_stream;
+} DLPackExchangeAPI;
+enum { kDLCPU = 1, kDLCUDA = 2 };
+// The exchange API's reader, or NULL: read through Python's C API.
+static DLTensorFromPyObjectFn dltensor_of;
+// A DLPack dtype in a key, apart from any dtype object's address (which is even).
+static const int64_t kDLPackDtype = 1;
+
+// The facts of a read tensor into the key: its dtype (an identity), device, pointer's
+// alignment, shape and strides.
+static void add_to_key(const Tensor* t, int64_t dtype, long device, int64_t** key) {
+  int64_t* k = *key;
+  *k++ = dtype;
+  *k++ = device;
+  *k++ = (int64_t)(t->ptr % 16);
+  *k++ = t->ndim;
+  for (int64_t i = 0; i < t->ndim; ++i) {
+    *k++ = t->shape[i];
+    *k++ = t->stride[i];
+  }
+  *key = k;
+}
+
+// read_tensor through the exchange API.
+static int read_dltensor(PyObject* t, Tensor* out, int64_t** key) {
+  DLTensor dl;
+  if (dltensor_of(t, &dl) != 0) return -1;
+  long device;
+  if (dl.device.device_type == kDLCUDA) {
+    device = dl.device.device_id;
+  } else if (dl.device.device_type == kDLCPU && accept_host_tensors) {
+    device = -1;  // torch's get_device() of a host tensor
+  } else {
+    return 1;
+  }
+  if (dl.ndim < 0 || dl.ndim > kMaxDims) return 1;
+  out->ptr = (uint64_t)(uintptr_t)dl.data + dl.byte_offset;
+  out->ndim = dl.ndim;
+  for (int32_t i = 0; i < dl.ndim; ++i) {
+    out->shape[i] = dl.shape[i];
+    out->stride[i] = dl.strides[i];
+  }
+  out->itemsize = (int64_t)dl.dtype.bits * dl.dtype.lanes / 8;
+  const int64_t dtype = (int64_t)dl.dtype.code << 32 | (int64_t)dl.dtype.bits << 16;
+  add_to_key(out, kDLPackDtype | dtype | (int64_t)dl.dtype.lanes << 40, device, key);
+  return 0;
+}
+
+// read_tensor through Python's C API: get_device(), dtype, shape, stride(), data_ptr().
+static int read_tensor_python(PyObject* t, Tensor* out, int64_t** key) {
   PyObject* args[1] = {t};
   const size_t nargs = 1 | PY_VECTORCALL_ARGUMENTS_OFFSET;
   PyObject* value = PyObject_VectorcallMethod(s_get_device, args, nargs, NULL);
@@ -108,17 +185,16 @@ static int read_tensor(PyObject* t, Tensor* out, int64_t** key) {
   out->ptr = PyLong_AsUnsignedLongLong(value);
   Py_DECREF(value);
   if (PyErr_Occurred()) return -1;
-  int64_t* k = *key;
-  *k++ = (int64_t)(uintptr_t)dtype;
-  *k++ = device;
-  *k++ = (int64_t)(out->ptr % 16);
-  *k++ = ndim;
-  for (Py_ssize_t i = 0; i < ndim; ++i) {
-    *k++ = out->shape[i];
-    *k++ = out->stride[i];
-  }
-  *key = k;
+  out->itemsize = 0;
+  add_to_key(out, (int64_t)(uintptr_t)dtype, device, key);
   return 0;
+}
+
+// 0: read; 1: not a plain torch.Tensor of at most kMaxDims dimensions on a device; -1: a
+// Python error.
+static int read_tensor(PyObject* t, Tensor* out, int64_t** key) {
+  if (Py_TYPE(t) != tensor_type) return 1;
+  return dltensor_of != NULL ? read_dltensor(t, out, key) : read_tensor_python(t, out, key);
 }
 
 static uint64_t hash_key(const int64_t* key, size_t n) {
@@ -378,7 +454,9 @@ static PyObject* merge_partials(PyObject* self, PyObject* const* args, Py_ssize_
   const int packed = (present >> kStackIndptr) & 1;
   const Tensor* partials = &tensors[kStackPartials];
   const Tensor* lses = &tensors[kStackLses];
-  const int64_t partial_step = partials->stride[0] * item_size(args[kArgOf[kStackPartials]]);
+  const int64_t itemsize =
+      partials->itemsize ? partials->itemsize : item_size(args[kArgOf[kStackPartials]]);
+  const int64_t partial_step = partials->stride[0] * itemsize;
   *k++ = present;
   *k++ = start_within(&tensors[kStackOut], partials, partial_step, packed);
   // A stacked LSE's partial axis is its first. float32: LSEs of another dtype (in the key)
@@ -394,14 +472,29 @@ static PyObject* merge_partials(PyObject* self, PyObject* const* args, Py_ssize_
   return run_plan(args[0], key, (size_t)(k - key), tensors, present, with_first);
 }
 
+// The exchange API's reader in a torch.Tensor.__dlpack_c_exchange_api__ capsule (one of
+// major version 1 along its chain), or NULL.
+static DLTensorFromPyObjectFn exchange_reader(PyObject* capsule) {
+  if (capsule == Py_None || !PyCapsule_CheckExact(capsule)) return NULL;
+  const DLPackExchangeAPIHeader* header = PyCapsule_GetPointer(capsule, "dlpack_exchange_api");
+  if (header == NULL) {
+    PyErr_Clear();
+    return NULL;
+  }
+  while (header != NULL && header->major != 1) header = header->prev_api;
+  if (header == NULL) return NULL;
+  return ((const DLPackExchangeAPI*)header)->dltensor_from_py_object_no_sync;
+}
+
 // setup(torch.Tensor, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream,
-//       address of cuLaunchKernel, accept_host_tensors)
+//       address of cuLaunchKernel, accept_host_tensors, exchange API capsule or None)
+//   -> whether tensors are read through the exchange API
 static PyObject* setup(PyObject* self, PyObject* args) {
-  PyObject *type, *device_fn, *stream_fn;
+  PyObject *type, *device_fn, *stream_fn, *exchange = Py_None;
   unsigned long long launch_address;
   int host;
-  if (!PyArg_ParseTuple(args, "O!OOKp", &PyType_Type, &type, &device_fn, &stream_fn,
-                        &launch_address, &host)) {
+  if (!PyArg_ParseTuple(args, "O!OOKp|O", &PyType_Type, &type, &device_fn, &stream_fn,
+                        &launch_address, &host, &exchange)) {
     return NULL;
   }
   Py_INCREF(type);
@@ -415,7 +508,8 @@ static PyObject* setup(PyObject* self, PyObject* args) {
   current_stream_fn = stream_fn;
   launch_kernel = (LaunchKernelFn)(uintptr_t)launch_address;
   accept_host_tensors = host;
-  Py_RETURN_NONE;
+  dltensor_of = exchange_reader(exchange);
+  return PyBool_FromLong(dltensor_of != NULL);
 }
 
 static PyMethodDef methods[] = {
@@ -423,7 +517,8 @@ static PyMethodDef methods[] = {
      "Launch a two-partial merge from its stored plan, or report a miss."},
     {"merge_partials", (PyCFunction)(void (*)(void))merge_partials, METH_FASTCALL,
      "Launch a stacked or packed merge from its stored plan, or report a miss."},
-    {"setup", setup, METH_VARARGS, "Bind torch's tensor type, getters and cuLaunchKernel."},
+    {"setup", setup, METH_VARARGS,
+     "Bind torch's tensor type, getters, cuLaunchKernel and DLPack's exchange API."},
     {NULL, NULL, 0, NULL},
 };
 
