@@ -40,14 +40,18 @@ _MIN_TOKEN_SCALE = tl.constexpr(FP8_MIN_TOKEN_SCALE)
 
 
 @triton.jit
+def _abs_bits(x):
+    # The bits of |x| (the sign bit cleared), every NaN made 0x7FC00000, the contract's NaN,
+    # whose bits order above +inf's: non-negative floats order like their bits, so an
+    # integer maximum is max |x| with NaN winning, in one reduction.
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.where(bits > 0x7F800000, 0x7FC00000, bits)
+
+
+@triton.jit
 def absmax_bits(acc, ok):
     # The bits of max |O| over the tile where ok (0 where nothing is), NaN 0x7FC00000.
-    # |x| exactly: the bits with the sign bit cleared.
-    bits = acc.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    # Every NaN becomes 0x7FC00000, the contract's NaN, whose bits order above +inf's.
-    bits = tl.where(bits > 0x7F800000, 0x7FC00000, bits)
-    # Non-negative floats order like their bits: an integer maximum over the tile.
-    return tl.max(tl.max(tl.where(ok, bits, 0), axis=1), axis=0)
+    return tl.max(tl.max(tl.where(ok, _abs_bits(acc), 0), axis=1), axis=0)
 
 
 @triton.jit
@@ -194,9 +198,9 @@ def fp8_group(
         first_group = head * (HEAD_SIZE // GROUP) + tl.zeros_like(tok)  # a row's or all's
         group = first_group[:, None] + col_group[None, :]
         stored = row_ok[:, None] & (col_group[None, :] * GROUP < HEAD_SIZE)
-    amax = tl.max(tl.abs(x), axis=2)
-    has_nan = tl.max((x != x).to(tl.int32), axis=2) > 0
-    amax = tl.where(has_nan, float("nan"), tl.maximum(amax, _GROUP_EPS))
+    # max |x| of each group, NaN where the group holds one: one reduction, on the bits.
+    amax = tl.max(_abs_bits(x), axis=2).to(tl.float32, bitcast=True)
+    amax = tl.where(amax != amax, amax, tl.maximum(amax, _GROUP_EPS))
     scale = tl.math.div_rn(amax, tl.full([], _FP8_MAX, tl.float32))
     if UE8M0:
         # 2^ceil(log2(max(s, eps))), exactly: the exponent up by one where the mantissa is
