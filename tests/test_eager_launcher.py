@@ -5,8 +5,9 @@ what it is asked to launch; on a GPU, its launches are compared with the Python 
 What it must do: launch exactly what the Python path launches (kernel, grid, block, every
 byte of the parameter block; the runner's every argument) for every call shaped like one
 the Python path validated, and hand every other call to the Python path (misses), so
-errors stay the Python path's. Every GPU test that repeats a call runs through it too, and
-`attnmerge bench --eager` times it.
+errors stay the Python path's. The CPU tests run with both ways the extension reads a
+tensor: DLPack's exchange API (torch 2.10 on) and Python's C API (older torch). Every GPU
+test that repeats a call runs through it too, and `attnmerge bench --eager` times it.
 """
 
 from __future__ import annotations
