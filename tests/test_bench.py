@@ -600,4 +600,3 @@ def test_eager_table_and_csv(
     assert len(rows) == 8 * len(bench.EAGER_COLUMNS)
     assert {(r.column, r.host_us) for r in rows if r.column != "vllm"} == set(times.items())
     assert {r.error for r in rows if r.column == "vllm"} == {"ImportError"}
-    assert lines[-2].startswith("eager launcher: ")  # (then the CSV's line)

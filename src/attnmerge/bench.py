@@ -603,16 +603,6 @@ def read_eager_csv(path: str | Path) -> list[EagerRecord]:
         ]
 
 
-def eager_launcher_state() -> str:
-    """The process's eager launcher, in a line: off (and why), or how it reads tensors."""
-    from .api import EAGER_LAUNCHER
-
-    if EAGER_LAUNCHER.module is None:
-        return f"not in use ({EAGER_LAUNCHER.unavailable or 'not loaded'}): Python launches"
-    reader = "DLPack's exchange API" if EAGER_LAUNCHER.reads_with_dlpack else "Python's C API"
-    return f"on, tensors read through {reader}"
-
-
 def write_eager_table(device: torch.device, args: argparse.Namespace, out: TextIO) -> None:
     """``attnmerge bench --eager``: one row per shape of the options' grid, one column per
     :data:`EAGER_COLUMNS` entry; the CSV (``--csv``) has one row per shape and column."""
@@ -635,7 +625,6 @@ def write_eager_table(device: torch.device, args: argparse.Namespace, out: TextI
         line += "".join(f" {v:9.2f}" if isinstance(v, float) else f" {'-':>9}" for v in cells)
         print(line, file=out, flush=True)
         rows += [(case, column, value) for column, value in zip(EAGER_COLUMNS, cells, strict=True)]
-    print(f"eager launcher: {eager_launcher_state()}", file=out)
     if args.csv:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         with open(args.csv, "w", newline="") as f:
