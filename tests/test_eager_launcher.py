@@ -672,6 +672,9 @@ def test_describe_and_prebuild(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     assert eager.describe().startswith("built on first use, with ")
     assert eager.prebuild().startswith("eager launcher built with ")
     assert eager.describe().startswith("built, with ")
+    dlpack = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
+    reader = "DLPack's exchange API" if dlpack else "Python's C API"
+    assert eager.describe().endswith(f"tensors read through {reader}")
     monkeypatch.setenv(eager.ENV_EAGER_LAUNCHER, "0")
     assert eager.describe().startswith("off (ATTNMERGE_EAGER_LAUNCHER=0)")
     monkeypatch.delenv(eager.ENV_EAGER_LAUNCHER)

@@ -146,7 +146,9 @@ def describe() -> str:
     if not Path(include, "Python.h").is_file():
         return f"unavailable: no Python headers ({include}): eager calls launch from Python"
     built = "built" if _entry().is_file() else "built on first use"
-    return f"{built}, with {compiler}"
+    dlpack = hasattr(torch.Tensor, DLPACK_EXCHANGE_API)
+    reader = "DLPack's exchange API" if dlpack else "Python's C API"
+    return f"{built}, with {compiler}; tensors read through {reader}"
 
 
 def _load(path: Path) -> ModuleType:
