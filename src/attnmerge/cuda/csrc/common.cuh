@@ -92,6 +92,18 @@ __device__ __forceinline__ float max_nan(float a, float b) {
   return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
 }
 
+// The largest of two u32.
+__device__ __forceinline__ u32 max_u32(u32 a, u32 b) { return a > b ? a : b; }
+
+// The float32 bits of |x| at most, over v and in: |x|'s bits order like |x|, and a NaN's
+// above +inf's, so an integer maximum is max |x| with a NaN winning (some NaN's bits).
+template <int N>
+__device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) v = max_u32(v, float_bits(in[i]) & 0x7fffffffu);
+  return v;
+}
+
 // ---------------------------------------------------------------------------
 // Element types: how a value of each storage type becomes float and back.
 

@@ -210,24 +210,26 @@ __device__ __forceinline__ void sync_warps(int id, int threads) {
 #endif
 }
 
-// The maximum of v over the kLanes consecutive lanes of a group (NaN wins), in each of
-// them: xor shuffles within a warp; a group of several warps then exchanges each warp's
-// maximum through shared memory, behind a barrier over the group's warps only (blocks of
-// THREADS threads, at most 15 groups a block).
+// The maximum of v, float32 bits of |x| (max_abs_bits: NaN wins), over the kLanes
+// consecutive lanes of a group, in each of them: xor shuffles within a warp, an integer
+// maximum a step; a group of several warps then exchanges each warp's maximum through
+// shared memory, behind a barrier over the group's warps only (blocks of THREADS threads,
+// at most 15 groups a block).
 template <int kLanes, int THREADS = kBlockThreads>
-__device__ __forceinline__ float group_max(float v) {
+__device__ __forceinline__ u32 group_max_bits(u32 v) {
   static_assert(kLanes > 1 && (kLanes & (kLanes - 1)) == 0, "a power of two of lanes");
   constexpr int kWarpLanes = kLanes < kWarpSize ? kLanes : kWarpSize;
   const int first_lane = threadIdx.x % kWarpSize / kWarpLanes * kWarpLanes;
   const u32 mask = kWarpLanes == kWarpSize ? ~0u : ((1u << kWarpLanes) - 1u) << first_lane;
 #pragma unroll
   for (int m = 1; m < kWarpLanes; m <<= 1) {
-    v = max_nan(v, __shfl_xor_sync(mask, v, m, kWarpLanes));
+    // (shuffled as a float, which the tests' emulator exchanges: the bits are unchanged)
+    v = max_u32(v, float_bits(__shfl_xor_sync(mask, bits_float(v), m, kWarpLanes)));
   }
   if constexpr (kLanes > kWarpSize) {
     constexpr int kWarps = kLanes / kWarpSize;
     static_assert(THREADS / kLanes <= 15, "a named barrier a group");
-    __shared__ float warp_max[THREADS / kWarpSize];
+    __shared__ u32 warp_max[THREADS / kWarpSize];
     const int warp = threadIdx.x / kWarpSize;
     const int first_warp = warp / kWarps * kWarps;
     const int barrier = 1 + threadIdx.x / kLanes;
@@ -235,7 +237,7 @@ __device__ __forceinline__ float group_max(float v) {
     sync_warps(barrier, kLanes);
     v = warp_max[first_warp];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) v = max_nan(v, warp_max[first_warp + w]);
+    for (int w = 1; w < kWarps; ++w) v = max_u32(v, warp_max[first_warp + w]);
     sync_warps(barrier, kLanes);  // every read before the group's next chunk writes
   }
   return v;
@@ -309,10 +311,8 @@ struct FP8GroupStore {
   __device__ __forceinline__ void store(void* base, i64 offset, u32 col,
                                         const float (&in)[N]) const {
     static_assert(kGroup % N == 0, "a chunk lies within one group");
-    float amax = fabsf(in[0]);
-#pragma unroll
-    for (int i = 1; i < N; ++i) amax = max_nan(amax, fabsf(in[i]));
-    amax = group_max<kGroup / N, THREADS>(amax);
+    // max |x| of the group, some NaN where it holds one (max_nan then makes it the NaN).
+    const float amax = bits_float(group_max_bits<kGroup / N, THREADS>(max_abs_bits<N>(0u, in)));
     const float eps = __int_as_float(0x2edbe6ff);  // 1e-10 in float32 (FP8_GROUP_EPS)
     float scale = __fdiv_rn(max_nan(amax, eps), 448.0f);
     u32 exponent = 0;
@@ -333,9 +333,6 @@ struct FP8GroupStore {
     store_scaled_fp8<E, N>(static_cast<S*>(base) + offset, in, __fdiv_rn(1.0f, scale));
   }
 };
-
-// The largest of two u32.
-__device__ __forceinline__ u32 max_u32(u32 a, u32 b) { return a > b ? a : b; }
 
 // The minimum of a and b where a NaN in either wins (torch.minimum).
 __device__ __forceinline__ float min_nan(float a, float b) {

@@ -414,14 +414,6 @@ __device__ __forceinline__ void merge_each_chunk(const Rows& rows, const TokenCh
   }
 }
 
-// The float32 bits of |x| at most, over v and in (NaN above +inf: an integer maximum).
-template <int N>
-__device__ __forceinline__ u32 max_abs_bits(u32 v, const float (&in)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) v = max_u32(v, float_bits(in[i]) & 0x7fffffffu);
-  return v;
-}
-
 // One token of `heads` rows of `head_size` columns, merged by `rows` and stored by a
 // whole-token store (Store::kWholeTokens) from a block of THREADS threads (the token-tile
 // kernels: block b holds token b). The token's values are chunks of VEC columns of one row,
