@@ -597,10 +597,18 @@ def test_groups_of_whole_heads_are_the_reference_store(
     merged = float32_result(outputs, lses, kw)
     ue8m0 = layout == "ue8m0_packed" or head_size == 32
     fmt = FP8PerTokenGroup(group_size, ue8m0=ue8m0, layout=layout)
+    check_group_store(fmt, outputs, lses, kw, merged, device)
+
+
+def check_group_store(fmt, outputs, lses, kw, merged, device):
+    """The triton backend's store of ``fmt`` (given scales in a poisoned buffer, and amax)
+    against the reference store of ``merged``, its own float32 result: the FP8 codes, every
+    element of the buffer, amax's bits; then scales merge() allocates. The call's result."""
+    tokens, heads, head_size = merged.shape
     buffer, scales = poisoned_scales(fmt, tokens, heads, head_size, device)
     amax = torch.full((1,), 3.0e38, device=device)
     given = dataclasses.replace(fmt, scales=scales, amax=amax)
-    res = attnmerge.merge(outputs, lses, quant=given, backend="triton", **kw)
+    res = attnmerge.merge(outputs, lses, quant=given, backend="triton", return_lse=True, **kw)
     want_q, want_buffer, _ = reference_store(given, merged, buffer, scales)
     assert res.scales is scales
     assert_bits_equal(res.output.cpu(), want_q, "output")
@@ -611,6 +619,7 @@ def test_groups_of_whole_heads_are_the_reference_store(
     allocated = attnmerge.merge(outputs, lses, quant=fmt, backend="triton", **kw)
     assert_bits_equal(allocated.output.cpu(), want_q, "output (allocated scales)")
     assert_bits_equal(allocated.scales.cpu(), scales.cpu(), "allocated scales")
+    return res
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -638,23 +647,9 @@ def test_groups_spanning_heads_unevenly_are_the_reference_store(
     res32 = attnmerge.merge(
         outputs, lses, out_dtype=torch.float32, backend="triton", return_lse=True, **kw
     )
-    merged = res32.output.cpu()
     fmt = FP8PerTokenGroup(group_size, ue8m0=layout == "ue8m0_packed", layout=layout)
-    buffer, scales = poisoned_scales(fmt, tokens, heads, head_size, device)
-    amax = torch.full((1,), 3.0e38, device=device)
-    given = dataclasses.replace(fmt, scales=scales, amax=amax)
-    res = attnmerge.merge(outputs, lses, quant=given, backend="triton", return_lse=True, **kw)
-    want_q, want_buffer, _ = reference_store(given, merged, buffer, scales)
-    assert res.scales is scales
-    assert_bits_equal(res.output.cpu(), want_q, "output")
+    res = check_group_store(fmt, outputs, lses, kw, res32.output.cpu(), device)
     assert_bits_equal(res.lse.cpu(), res32.lse.cpu(), "output LSE")
-    assert_bits_equal(buffer.cpu(), want_buffer, "scales' buffer")
-    assert int_bits(buffer[:GUARD]).eq(POISON).all() and int_bits(buffer[-GUARD:]).eq(POISON).all()
-    assert torch.equal(int_bits(amax), int_bits(amax_reference(merged)))
-
-    allocated = attnmerge.merge(outputs, lses, quant=fmt, backend="triton", **kw)
-    assert_bits_equal(allocated.output.cpu(), want_q, "output (allocated scales)")
-    assert_bits_equal(allocated.scales.cpu(), scales.cpu(), "allocated scales")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -177,7 +177,7 @@ def fp8_group(
     # eps) / 448 (IEEE division), with UE8M0 rounded up to a power of two; q = x * (1 / s).
     # A NaN makes its group's amax and scale NaN. Groups lie within a head, or are whole
     # heads of a power-of-two HEAD_SIZE (BLOCK_D) in a token tile, whose heads go in order;
-    # rows of part of a head (merge_kernel.segment_groups) pass their tile as its groups,
+    # rows of part of a head (merge_kernel.segment_values) pass their tile as its groups,
     # one a row, as if a token were its groups as heads of GROUP values.
     ROWS: tl.constexpr = acc.shape[0]
     if GROUP > HEAD_SIZE:

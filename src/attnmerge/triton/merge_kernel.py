@@ -45,9 +45,9 @@ __all__ = [
     "runner_plan",
     "scale_ub_pointer",
     "segment_count",
-    "segment_groups",
     "segment_rows",
     "segment_tiles",
+    "segment_values",
     "store_without_values",
     "token_tiles",
     "zero_amax",
@@ -264,17 +264,32 @@ def segment_rows(
 
 
 @triton.jit
-def segment_groups(
+def segment_values(
     acc,
+    row_ok,
+    col_ok,
     num_rows,
+    operand_ptr,
+    amax_ptr,
+    scale_ub_ptr,
+    scales_stride_t,
+    scales_stride_g,
+    EPILOGUE: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     SEGMENT: tl.constexpr,
     GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    UE8M0_PACKED: tl.constexpr,
+    SCALE_UB: tl.constexpr,
+    AMAX: tl.constexpr,
 ):
-    # segment_rows' tile as its groups: the [groups, GROUP] values, each group's token,
-    # its index within the token and whether it exists, and the call's token count.
+    # The values to store of segment_rows' merged tile, and its amax with AMAX: the
+    # epilogue sees the tile as its [groups, GROUP] values, each group's token and index
+    # within the token, as if a token were its groups as heads of GROUP values.
+    if AMAX:
+        epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
     GROUP_ROWS: tl.constexpr = GROUP // SEGMENT
     UNIT_ROWS: tl.constexpr = HEAD_SIZE * GROUP // (SEGMENT * SEGMENT)
     PROGRAM_GROUPS: tl.constexpr = BLOCK_ROWS // UNIT_ROWS * UNIT_ROWS // GROUP_ROWS
@@ -282,10 +297,13 @@ def segment_groups(
     lanes = tl.arange(0, BLOCK_ROWS // GROUP_ROWS)
     groups = tl.program_id(0) * PROGRAM_GROUPS + lanes
     ok = (lanes < PROGRAM_GROUPS) & (groups < num_rows // GROUP_ROWS)
-    values = tl.reshape(acc, (BLOCK_ROWS // GROUP_ROWS, GROUP))
-    tok = (groups // TOKEN_GROUPS).to(tl.int64)
-    index = (groups % TOKEN_GROUPS).to(tl.int64)
-    return values, tok, index, ok, num_rows // (TOKEN_GROUPS * GROUP_ROWS)
+    values = EPILOGUE(
+        tl.reshape(acc, (BLOCK_ROWS // GROUP_ROWS, GROUP)), operand_ptr, scale_ub_ptr, 0.0,
+        (groups // TOKEN_GROUPS).to(tl.int64), (groups % TOKEN_GROUPS).to(tl.int64), ok,
+        num_rows // (TOKEN_GROUPS * GROUP_ROWS), scales_stride_t, scales_stride_g,
+        TOKEN_GROUPS, GROUP, GROUP, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+    )  # fmt: skip
+    return tl.reshape(values, (BLOCK_ROWS, SEGMENT))
 
 
 @triton.jit(do_not_specialize=["num_rows", "tokens_with_first"])
@@ -335,7 +353,7 @@ def _merge_two_kernel(
     col_ok = cols < HEAD_SIZE
     if SEGMENT > 0:
         # Groups that span heads unevenly: rows of SEGMENT (BLOCK_D) values of a head
-        # (segment_rows); the epilogue sees the tile as its groups.
+        # (segment_rows), stored as segment_values makes them.
         tok, head, first_col, row_ok, lse_ok = segment_rows(
             num_rows, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS, SEGMENT, GROUP
         )
@@ -346,18 +364,13 @@ def _merge_two_kernel(
             lse0_stride_h, lse0_stride_t, lse1_stride_h, lse1_stride_t,
             cols, col_ok, LSE_BASE_2,
         )  # fmt: skip
-        if AMAX:
-            epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
-        groups, group_tok, group, group_ok, num_tokens = segment_groups(
-            acc, num_rows, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS, SEGMENT, GROUP
-        )
-        values = EPILOGUE(
-            groups, operand_ptr, scale_ub_ptr, 0.0, group_tok, group, group_ok, num_tokens,
-            scales_stride_t, scales_stride_g,
-            NUM_HEADS * HEAD_SIZE // GROUP, GROUP, GROUP, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+        values = segment_values(
+            acc, row_ok, col_ok, num_rows, operand_ptr, amax_ptr, scale_ub_ptr,
+            scales_stride_t, scales_stride_g, EPILOGUE, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS,
+            SEGMENT, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB, AMAX,
         )  # fmt: skip
         _store_two_rows(
-            out_ptr + first_col, out_lse_ptr, tl.reshape(values, (BLOCK_ROWS, BLOCK_D)),
+            out_ptr + first_col, out_lse_ptr, values,
             m, total, empty, has_first, l1_given, tok, head, row_ok, lse_ok, cols, col_ok,
             out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
             LSE_BASE_2, WRITE_LSE,

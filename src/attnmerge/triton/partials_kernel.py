@@ -29,9 +29,9 @@ from .merge_kernel import (
     launch,
     scale_ub_pointer,
     segment_count,
-    segment_groups,
     segment_rows,
     segment_tiles,
+    segment_values,
     store_without_values,
     token_tiles,
     zero_amax,
@@ -334,7 +334,7 @@ def _merge_partials_kernel(
     num_tokens = num_rows // NUM_HEADS
     if SEGMENT > 0:
         # Groups that span heads unevenly: rows of SEGMENT (BLOCK_D) values of a head
-        # (merge_kernel.segment_rows); the epilogue sees the tile as its groups.
+        # (merge_kernel.segment_rows), stored as segment_values makes them.
         tok, head, first_col, row_ok, lse_ok = segment_rows(
             num_rows, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS, SEGMENT, GROUP
         )
@@ -345,18 +345,13 @@ def _merge_partials_kernel(
             lse_stride_k, lse_stride_h, lse_stride_t,
             cols, col_ok, BLOCK_ROWS, LSE_BASE_2, PACKED,
         )  # fmt: skip
-        if AMAX:
-            epilogues.reduce_amax(acc, row_ok[:, None] & col_ok[None, :], amax_ptr)
-        groups, group_tok, group, group_ok, num_tokens = segment_groups(
-            acc, num_rows, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS, SEGMENT, GROUP
-        )
-        values = EPILOGUE(
-            groups, operand_ptr, scale_ub_ptr, 0.0, group_tok, group, group_ok, num_tokens,
-            scales_stride_t, scales_stride_g,
-            NUM_HEADS * HEAD_SIZE // GROUP, GROUP, GROUP, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB,
+        values = segment_values(
+            acc, row_ok, col_ok, num_rows, operand_ptr, amax_ptr, scale_ub_ptr,
+            scales_stride_t, scales_stride_g, EPILOGUE, NUM_HEADS, HEAD_SIZE, BLOCK_ROWS,
+            SEGMENT, GROUP, UE8M0, UE8M0_PACKED, SCALE_UB, AMAX,
         )  # fmt: skip
         _store_partial_rows(
-            out_ptr + first_col, out_lse_ptr, tl.reshape(values, (BLOCK_ROWS, BLOCK_D)),
+            out_ptr + first_col, out_lse_ptr, values,
             m, total, empty, tok, head, row_ok, lse_ok, cols, col_ok,
             out_stride_t, out_stride_h, out_lse_stride_h, out_lse_stride_t,
             LSE_BASE_2, WRITE_LSE,
